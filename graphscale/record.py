@@ -27,47 +27,64 @@ Role = Literal["input", "hidden", "output", "vector", "fixed"]
 class AxisReplication:
     """How one width axis of a tensor maps from narrow to wide.
 
-    The axis is a concatenation of ``segments`` (a ``cat``/``split`` axis such as GPT-2's fused q|k|v has
-    several, a plain axis has one). Each segment is a row-major product of factors ``(size, multiplier)``,
-    outermost first: ``heads x head_dim`` with fixed heads is ``((12, 1), (64, 2))``. Replication repeats
-    every index of each grown factor ``multiplier`` times *adjacently* (``repeat_interleave``).
+    ``tree`` describes the axis as the engine resolved it: ``("atom", size, multiplier)`` for a plain
+    axis, ``("prod", (child, ...))`` for a row-major product (``heads x head_dim``, outermost first) and
+    ``("sum", (child, ...))`` for a concatenation (GPT-2's fused q|k|v, a rotary half split). Replication
+    repeats every index of each grown atom ``multiplier`` times *adjacently* (``repeat_interleave``), inside
+    whichever product or concatenation holds it.
     """
 
-    segments: tuple[tuple[tuple[int, int], ...], ...]
+    tree: tuple
 
     @staticmethod
     def atomic(size: int, multiplier: int) -> AxisReplication:
         """A plain axis of ``size`` whose every unit is copied ``multiplier`` times."""
-        return AxisReplication((((size, multiplier),),))
+        return AxisReplication(("atom", int(size), int(multiplier)))
 
     @property
     def narrow_size(self) -> int:
-        return sum(_prod(s for s, _ in seg) for seg in self.segments)
+        return _size(self.tree, wide=False)
 
     @property
     def wide_size(self) -> int:
-        return sum(_prod(s * m for s, m in seg) for seg in self.segments)
+        return _size(self.tree, wide=True)
 
     @property
     def multiplier(self) -> int:
-        """The axis's multiplier; every segment must grow by the same factor (checked at build time)."""
+        """The axis's multiplier (wide size over narrow size)."""
         return self.wide_size // self.narrow_size
 
     def index(self, device: torch.device | None = None) -> torch.Tensor:
         """Long tensor of length ``wide_size``: the narrow index each wide position copies."""
-        parts, offset = [], 0
-        for seg in self.segments:
-            sizes = [s for s, _ in seg]
-            idx = torch.arange(_prod(sizes), device=device).view(*sizes) if sizes else torch.zeros(1)
-            for dim, (_, mult) in enumerate(seg):
-                if mult != 1:
-                    idx = idx.repeat_interleave(mult, dim=dim)
-            parts.append(idx.reshape(-1) + offset)
-            offset += _prod(sizes)
-        return torch.cat(parts)
+        return _index(self.tree).to(device) if device is not None else _index(self.tree)
 
     def is_identity(self) -> bool:
-        return all(m == 1 for seg in self.segments for _, m in seg)
+        return self.wide_size == self.narrow_size
+
+
+def _size(tree: tuple, wide: bool) -> int:
+    kind = tree[0]
+    if kind == "atom":
+        return tree[1] * (tree[2] if wide else 1)
+    sizes = [_size(c, wide) for c in tree[1]]
+    return _prod(sizes) if kind == "prod" else sum(sizes)
+
+
+def _index(tree: tuple) -> torch.Tensor:
+    kind = tree[0]
+    if kind == "atom":
+        return torch.arange(tree[1]).repeat_interleave(tree[2])
+    if kind == "sum":
+        parts, offset = [], 0
+        for child in tree[1]:
+            parts.append(_index(child) + offset)
+            offset += _size(child, wide=False)
+        return torch.cat(parts)
+    # prod: mixed-radix combination of the children's maps, row-major over the wide grid
+    out = torch.zeros(1, dtype=torch.long)
+    for child in tree[1]:
+        out = (out[:, None] * _size(child, wide=False) + _index(child)[None, :]).reshape(-1)
+    return out
 
 
 @dataclass(frozen=True)
