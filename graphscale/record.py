@@ -92,8 +92,9 @@ class ParamScaling:
     """The derived rule of one wide parameter or buffer, relative to its source (see module doc).
 
     ``axes[i]`` is ``None`` for a fixed axis. ``fan_in_mult`` is ``m_in``, the product of multipliers of
-    the axes the consuming op contracts (``fan_in_axes``, e.g. ``(1,)`` for a Linear weight); ``copy_scale`` is ``c`` (``1/m_in`` times any compensation the
-    weight carries, e.g. ``k**-0.5`` for standard attention when the user's class fixes the formula).
+    the axes the consuming op contracts (``fan_in_axes``, e.g. ``(1,)`` for a Linear weight);
+    ``copy_scale`` is ``c`` (``1/m_in`` times any compensation the weight carries, e.g. ``k**-0.5`` for
+    standard attention when the user's class fixes the formula).
     """
 
     name: str

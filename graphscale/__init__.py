@@ -1,0 +1,30 @@
+"""graphscale: widen (μpscale) trained PyTorch models exactly, with μP scaling rules derived per parameter.
+
+Pipeline, one module per stage: :mod:`~graphscale.capture` (model -> fx graph) ->
+:mod:`~graphscale.infer` (rules -> width classes) -> :mod:`~graphscale.derive` (sympy scaling laws) ->
+:mod:`~graphscale.widen` (wide GraphModule + weights) -> :mod:`~graphscale.train` (μP optimizer, state
+transfer, noise, clipping) -> :mod:`~graphscale.verify` (equivalence checks) -> :mod:`~graphscale.cli`.
+
+Example:
+    >>> import graphscale, torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> wide = graphscale.widen(model, (torch.randn(3, 4),), multiplier=2)
+    >>> wide.get_submodule("0").out_features
+    16
+"""
+
+from graphscale.errors import (
+    GraphscaleError,
+    ModelSpecError,
+    MultiplierError,
+    TraceError,
+    UnsupportedOpError,
+    WidthConflictError,
+)
+from graphscale.plan import Plan, analyze
+from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+
+__all__ = [
+    "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
+    "TraceError", "UnsupportedOpError", "WideningRecord", "WidthConflictError", "analyze",
+]

@@ -1,0 +1,240 @@
+"""Dimensions and the relations between them: the small algebra that width inference solves.
+
+Every axis of every tensor in the graph is a *dimension* with a size. Rules relate dimensions by
+equality (``union``), row-major products (``prod``: ``d = heads x head_dim``) and concatenations
+(``concat``: GPT-2's fused ``3d = q | k | v``, a rotary half split). :meth:`DimSystem.resolve` closes the
+relations (merging equal dimensions, refining two different factorisations of one dimension into a common
+one) and returns each dimension as a tree over *atoms*: the dimensions that nothing splits further. Atoms
+are what a multiplier applies to.
+
+Example:
+    >>> ds = DimSystem()
+    >>> d, h, e = ds.new(64, "d"), ds.new(4, "heads"), ds.new(16, "head_dim")
+    >>> ds.prod(d, [h, e], "view")
+    >>> res = ds.resolve()
+    >>> res.tree(d)
+    ('prod', (('atom', 1), ('atom', 2)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graphscale.errors import WidthConflictError
+
+
+@dataclass
+class DimSystem:
+    """Union-find over dimensions plus product and concatenation relations (see module doc)."""
+
+    size: list[int] = field(default_factory=list)
+    origin: list[str] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    prods: list[tuple[int, list[int], str]] = field(default_factory=list)
+    sums: list[tuple[int, list[int], str]] = field(default_factory=list)
+    fixed: dict[int, str] = field(default_factory=dict)
+
+    def new(self, size: int, origin: str) -> int:
+        """A fresh dimension of ``size``; ``origin`` says where it came from (used in messages)."""
+        self.size.append(int(size))
+        self.origin.append(origin)
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, d: int) -> int:
+        root = d
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[d] != root:  # path compression keeps resolution linear in graph size
+            self.parent[d], d = root, self.parent[d]
+        return root
+
+    def union(self, a: int, b: int, why: str) -> None:
+        """Declare two dimensions equal; their sizes must agree."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            raise WidthConflictError(
+                f"{why}: dimension {self.origin[ra]} (size {self.size[ra]}) would have to equal "
+                f"{self.origin[rb]} (size {self.size[rb]}). A rule relates axes of different sizes; "
+                "check the rule for this op (graphscale.rules) or the op's arguments."
+            )
+        lo, hi = sorted((ra, rb))  # the older dimension stays root, so names follow the first use
+        self.parent[hi] = lo
+
+    def prod(self, target: int, factors: list[int], why: str) -> None:
+        """``target`` is the row-major flattening of ``factors`` (outermost first)."""
+        total = 1
+        for f in factors:
+            total *= self.size[f]
+        if total != self.size[target]:
+            raise WidthConflictError(f"{why}: {self.origin[target]} has size {self.size[target]}, "
+                                     f"not the product {total} of its factors")
+        self.prods.append((target, list(factors), why))
+
+    def concat(self, target: int, parts: list[int], why: str) -> None:
+        """``target`` is the concatenation of ``parts`` in order."""
+        if sum(self.size[p] for p in parts) != self.size[target]:
+            raise WidthConflictError(f"{why}: {self.origin[target]} has size {self.size[target]}, "
+                                     "not the sum of its parts")
+        self.sums.append((target, list(parts), why))
+
+    def fix(self, d: int, reason: str) -> None:
+        """Mark a dimension fixed by nature (batch, kernel window, lookup index, ...)."""
+        self.fixed.setdefault(d, reason)
+
+    def resolve(self) -> Resolution:
+        """Close all relations and return the atom tree of every dimension."""
+        for _ in range(10_000):
+            if not self._refine_once():
+                break
+        else:  # pragma: no cover - guards against a rule that keeps splitting
+            raise WidthConflictError("width inference did not converge: the shape relations cycle")
+        return Resolution(self)
+
+    # -- closing the relations -------------------------------------------------------------------------
+
+    def _defs(self) -> tuple[dict[int, list[list[int]]], dict[int, list[list[int]]]]:
+        prods: dict[int, list[list[int]]] = {}
+        for t, fs, _ in self.prods:
+            fs = [self.find(f) for f in fs if self.size[f] != 1]
+            if self.size[t] == 1:
+                continue
+            key = self.find(t)
+            if fs not in prods.setdefault(key, []):
+                prods[key].append(fs)
+        sums: dict[int, list[list[int]]] = {}
+        for t, ps, _ in self.sums:
+            ps = [self.find(p) for p in ps if self.size[p] != 0]
+            key = self.find(t)
+            if ps not in sums.setdefault(key, []):
+                sums[key].append(ps)
+        return prods, sums
+
+    def _refine_once(self) -> bool:
+        prods, sums = self._defs()
+        for root, defs in prods.items():
+            for fs in defs:
+                if len(fs) == 1 and fs[0] != root:
+                    self.union(root, fs[0], "a product with one factor")
+                    return True
+            if len(defs) > 1:
+                flat = [self._flatten(fs, prods, product=True) for fs in defs[:2]]
+                if self._align(flat[0], flat[1], product=True):
+                    return True
+        for root, defs in sums.items():
+            for ps in defs:
+                if len(ps) == 1 and ps[0] != root:
+                    self.union(root, ps[0], "a concatenation with one part")
+                    return True
+            if len(defs) > 1:
+                flat = [self._flatten(ps, sums, product=False) for ps in defs[:2]]
+                if self._align(flat[0], flat[1], product=False):
+                    return True
+            if root in prods and self._reconcile(root, prods[root][0], defs[0]):
+                return True
+        return False
+
+    def _flatten(self, pieces: list[int], defs: dict[int, list[list[int]]], product: bool) -> list[int]:
+        """Expand pieces through their first decomposition of the same kind, down to undivided pieces."""
+        out: list[int] = []
+        for p in pieces:
+            r = self.find(p)
+            if r in defs and defs[r] and r not in defs[r][0]:
+                out.extend(self._flatten(defs[r][0], defs, product))
+            elif not product or self.size[r] != 1:
+                out.append(r)
+        return out
+
+    def _align(self, a: list[int], b: list[int], product: bool) -> bool:
+        """Make two decompositions of one dimension agree, splitting the coarser pieces."""
+        a, b = list(a), list(b)
+        changed = False
+        while a and b:
+            x, y = self.find(a[0]), self.find(b[0])
+            sx, sy = self.size[x], self.size[y]
+            if sx == sy:
+                if x != y:
+                    self.union(x, y, "two decompositions of one dimension")
+                    changed = True
+                a.pop(0)
+                b.pop(0)
+                continue
+            small, big, rest_of_big = (x, y, b) if sx < sy else (y, x, a)
+            if product and self.size[big] % self.size[small]:
+                raise WidthConflictError(
+                    f"{self.origin[big]} (size {self.size[big]}) is split two incompatible ways "
+                    f"(one way starts with a factor of size {self.size[small]})")
+            rest_size = self.size[big] // self.size[small] if product else self.size[big] - self.size[small]
+            rest = self.new(rest_size, f"{self.origin[big]}/rest")
+            (self.prod if product else self.concat)(big, [small, rest], "refining a decomposition")
+            rest_of_big[0] = rest
+            (a if rest_of_big is b else b).pop(0)
+            return True
+        return changed
+
+    def _reconcile(self, root: int, factors: list[int], parts: list[int]) -> bool:
+        """A dimension both ``n x rest`` and ``p_1 | ... | p_n`` (equal parts): each ``p_i = rest``."""
+        outer, inner = factors[0], factors[1:]
+        if self.size[outer] != len(parts) or len({self.size[p] for p in parts}) != 1:
+            raise WidthConflictError(
+                f"{self.origin[root]} is both reshaped into {[self.size[f] for f in factors]} and "
+                f"concatenated from parts {[self.size[p] for p in parts]}; graphscale cannot relate the two")
+        rest = inner[0] if len(inner) == 1 else None
+        if rest is None:
+            rest = self.new(self.size[parts[0]], f"{self.origin[root]}/part")
+            self.prod(rest, inner, "a reshaped concatenation")
+        changed = False
+        for p in parts:
+            if self.find(p) != self.find(rest):
+                self.union(p, rest, "a reshaped concatenation")
+                changed = True
+        return changed
+
+
+class Resolution:
+    """The closed system: each dimension's atom tree (``("atom", r)``, ``("prod", ..)``, ``("sum", ..)``)."""
+
+    def __init__(self, ds: DimSystem) -> None:
+        self.ds = ds
+        self.prods, self.sums = ds._defs()
+        self._trees: dict[int, tuple] = {}
+
+    def root(self, d: int) -> int:
+        return self.ds.find(d)
+
+    def tree(self, d: int) -> tuple:
+        r = self.ds.find(d)
+        if r not in self._trees:
+            self._trees[r] = ("pending",)  # marks recursion so a cyclic definition is caught, not looped
+            if r in self.sums:
+                t = ("sum", tuple(self.tree(p) for p in self.sums[r][0]))
+            elif r in self.prods:
+                t = ("prod", tuple(self.tree(f) for f in self.prods[r][0]))
+            else:
+                t = ("atom", r)
+            if any(c == ("pending",) for c in _children(t)):
+                raise WidthConflictError(f"{self.ds.origin[r]} is defined in terms of itself")
+            self._trees[r] = t
+        return self._trees[r]
+
+    def atoms(self, d: int) -> list[int]:
+        """The atoms of a dimension, outermost first."""
+        return _leaves(self.tree(d))
+
+    def size(self, d: int) -> int:
+        return self.ds.size[self.ds.find(d)]
+
+
+def _children(t: tuple) -> tuple:
+    return t[1] if t[0] in ("sum", "prod") else ()
+
+
+def _leaves(t: tuple) -> list[int]:
+    if t[0] == "atom":
+        return [t[1]]
+    out: list[int] = []
+    for c in t[1]:
+        out.extend(_leaves(c))
+    return out

@@ -1,0 +1,271 @@
+"""The width-inference walk: run the captured graph once on the example inputs, apply each node's rule.
+
+One :class:`torch.fx.Interpreter` pass (like torch's ``ShapeProp``) computes every node's real value and,
+from its rule, a :class:`~graphscale.infer.values.Info` whose dimensions are related to its inputs'. The
+engine knows nothing about particular ops: it finds the rule (:mod:`graphscale.infer.rulebook`) and calls
+the rule's kind (:mod:`graphscale.infer.kinds`). An op with no rule stops the walk with an error that
+names the op, the node, its source line and how to add a rule.
+
+Example:
+    >>> walk = walk_graph(captured, RuleBook.load())  # doctest: +SKIP
+    >>> walk.info[node].dims  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphscale.errors import UnsupportedOpError
+from graphscale.infer.dims import DimSystem
+from graphscale.infer.rulebook import Rule, RuleBook
+from graphscale.infer.values import ArgLoc, Const, Info, Requests, SizeInfo, TensorInfo
+
+
+@dataclass
+class Walk:
+    """Everything the walk learned: dimensions, each node's info, the tensors' dims, the requests."""
+
+    ds: DimSystem
+    info: dict[str, Info]
+    tensor_dims: dict[str, tuple[int, ...]]  # parameter/buffer name -> its dims
+    tensor_shapes: dict[str, tuple[int, ...]]
+    is_param: dict[str, bool]
+    aliases: dict[str, str]  # tied names -> the canonical (first) name
+    requests: Requests
+    input_dims: list[int] = field(default_factory=list)
+    output_dims: list[int] = field(default_factory=list)
+    module_rules: dict[str, Rule] = field(default_factory=dict)  # call_module target -> its rule
+    node_rules: dict[str, Rule] = field(default_factory=dict)
+
+
+class OpContext:
+    """What a rule's kind sees of one node: its arguments (real and inferred) and the walk's state."""
+
+    def __init__(self, walker: _Walker, node: fx.Node, rule: Rule, result: Any,
+                 args: tuple, kwargs: dict, module: torch.nn.Module | None) -> None:
+        self.walker, self.node, self.rule, self.result = walker, node, rule, result
+        self.args, self.kwargs, self.module = args, kwargs, module
+        self.ds = walker.walk.ds
+        self.requests = walker.walk.requests
+
+    # -- arguments -------------------------------------------------------------------------------------
+
+    def locate(self, ref: str) -> ArgLoc | None:
+        """Where ``"name@pos"`` is in this call (keyword first), or None if absent."""
+        name, _, pos = ref.partition("@")
+        if name in self.node.kwargs:
+            return ("kw", name)
+        if pos and int(pos) < len(self.node.args):
+            return ("pos", int(pos))
+        return None
+
+    def value(self, ref: str, default: Any = None) -> Any:
+        """The real value of an argument (``"name@pos"``, ``"param:x"``, ``"attr:x"``, ``"varargs@i"``)."""
+        if ref.startswith(("param:", "buffer:", "attr:")):
+            return getattr(self.module, ref.split(":", 1)[1], default)
+        if ref.startswith("varargs@"):
+            i = int(ref.split("@")[1])
+            rest = self.args[i:]
+            return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], list | tuple | torch.Size) \
+                else list(rest)
+        loc = self.locate(ref)
+        if loc is None:
+            return default
+        return self.kwargs[loc[1]] if loc[0] == "kw" else self.args[loc[1]]
+
+    def info(self, ref: str) -> Info | None:
+        """The inferred info of an argument, ``None`` if the argument is absent."""
+        if ref.startswith(("param:", "buffer:")):
+            attr = ref.split(":", 1)[1]
+            t = getattr(self.module, attr, None)
+            if t is None:
+                return None
+            return self.walker.tensor_info(f"{self.node.target}.{attr}", t)
+        if ref.startswith("varargs@"):
+            i = int(ref.split("@")[1])
+            rest = self.node.args[i:]
+            if len(rest) == 1 and isinstance(rest[0], list | tuple):
+                rest = rest[0]
+            return tuple(self.walker.info_of(a) for a in rest)
+        loc = self.locate(ref)
+        if loc is None:
+            return None
+        raw = self.node.kwargs[loc[1]] if loc[0] == "kw" else self.node.args[loc[1]]
+        return self.walker.info_of(raw)
+
+    def raw(self, ref: str) -> Any:
+        """The argument as written in the graph (a Node, a literal, a list of those)."""
+        if ref.startswith("varargs@"):
+            i = int(ref.split("@")[1])
+            rest = self.node.args[i:]
+            return rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else rest
+        loc = self.locate(ref)
+        if loc is None:
+            return None
+        return self.node.kwargs[loc[1]] if loc[0] == "kw" else self.node.args[loc[1]]
+
+    # -- building results ------------------------------------------------------------------------------
+
+    def fresh(self, shape: tuple[int, ...], label: str | None = None) -> tuple[int, ...]:
+        label = label or self.node.name
+        return tuple(self.ds.new(s, f"{label}[{i}]") for i, s in enumerate(shape))
+
+    def where(self) -> str:
+        return describe_node(self.node)
+
+
+class _Walker(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, book: RuleBook, walk: Walk) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.book, self.walk = book, walk
+        self._by_id: dict[int, str] = {}
+        for name, p in gm.named_parameters(remove_duplicate=False):
+            self._register(name, p, True)
+        for name, b in gm.named_buffers(remove_duplicate=False):
+            self._register(name, b, False)
+
+    def _register(self, name: str, t: torch.Tensor, is_param: bool) -> None:
+        canonical = self._by_id.setdefault(id(t), name)
+        if canonical != name:
+            self.walk.aliases[name] = canonical
+            return
+        w = self.walk
+        w.tensor_dims[name] = tuple(w.ds.new(s, f"{name}[{i}]") for i, s in enumerate(t.shape))
+        w.tensor_shapes[name] = tuple(t.shape)
+        w.is_param[name] = is_param
+
+    def tensor_info(self, name: str, t: torch.Tensor) -> TensorInfo:
+        name = self._by_id.get(id(t), name)
+        if name not in self.walk.tensor_dims:  # a constant tensor attribute (export lifts some)
+            self._register(name, t, False)
+        dims = self.walk.tensor_dims[name]
+        return TensorInfo(dims, tuple(t.shape), (name, tuple(range(len(dims)))))
+
+    def info_of(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self.walk.info[a.name]
+        if isinstance(a, list | tuple):
+            return tuple(self.info_of(x) for x in a)
+        return Const(a)
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.walk.info[n.name] = self._infer(n, result)
+        return result
+
+    def _infer(self, n: fx.Node, result: Any) -> Info:
+        w = self.walk
+        if n.op == "placeholder":
+            return self._input_info(n.name, result)
+        if n.op == "get_attr":
+            if isinstance(result, torch.Tensor):
+                return self.tensor_info(str(n.target), result)
+            return Const(result)
+        if n.op == "output":
+            self._collect_outputs(self.info_of(n.args[0]))
+            return Const(None)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        module = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
+        rule = self._rule_for(n, module)
+        w.node_rules[n.name] = rule
+        if module is not None:
+            w.module_rules[str(n.target)] = rule
+        from graphscale.infer.kinds import KIND_HANDLERS  # kinds import this module's OpContext
+
+        info = KIND_HANDLERS[rule.kind](OpContext(self, n, rule, result, args, kwargs, module))
+        self._check(n, rule, info, result)
+        return info
+
+    def _check(self, n: fx.Node, rule: Rule, info: Any, result: Any) -> None:
+        """A rule whose dimensions disagree with the real shapes is a bug in the rule: say which."""
+        if isinstance(info, TensorInfo):
+            sizes = tuple(self.walk.ds.size[d] for d in info.dims)
+            if not isinstance(result, torch.Tensor) or sizes != tuple(result.shape):
+                raise UnsupportedOpError(
+                    f"rule {rule.name!r} ({rule.source}) gave {describe_node(n)} axes of sizes {sizes}, but "
+                    f"the op returned {getattr(result, 'shape', type(result).__name__)}; the rule does "
+                    "not describe this op correctly")
+        elif isinstance(info, tuple) and isinstance(result, list | tuple) and len(info) == len(result):
+            for i, r in zip(info, result):
+                self._check(n, rule, i, r)
+
+    def _input_info(self, name: str, value: Any) -> Info:
+        if isinstance(value, torch.Tensor):
+            dims = tuple(self.walk.ds.new(s, f"input {name}[{i}]") for i, s in enumerate(value.shape))
+            for d in dims:
+                self.walk.ds.fix(d, f"an axis of model input {name!r}")
+                self.walk.input_dims.append(d)
+            return TensorInfo(dims, tuple(value.shape))
+        if isinstance(value, list | tuple):
+            return tuple(self._input_info(f"{name}[{i}]", v) for i, v in enumerate(value))
+        return Const(value)
+
+    def _collect_outputs(self, info: Any) -> None:
+        if isinstance(info, TensorInfo):
+            self.walk.output_dims.extend(info.dims)
+        elif isinstance(info, tuple):
+            for i in info:
+                self._collect_outputs(i)
+        elif isinstance(info, dict):
+            for i in info.values():
+                self._collect_outputs(i)
+
+    def _rule_for(self, n: fx.Node, module: torch.nn.Module | None) -> Rule:
+        if n.op == "call_module":
+            rule = self.book.lookup_module(module)
+            what = f"module {type(module).__module__}.{type(module).__qualname__}"
+            target = f"module:{type(module).__module__}.{type(module).__qualname__}"
+        elif n.op == "call_method":
+            rule = self.book.lookup_method(str(n.target))
+            what, target = f"tensor method .{n.target}()", f"method:{n.target}"
+        else:
+            rule = self.book.lookup_function(n.target)
+            what, target = f"function {_fn_name(n.target)}", _fn_name(n.target)
+        if rule is None:
+            raise UnsupportedOpError(
+                f"no graphscale rule covers {what}, called at {describe_node(n)}. "
+                f"Add a rule for it: a [[rule]] table with targets = [\"{target}\"] and the kind that says "
+                "how it relates its inputs' axes to its outputs' (see rules/*.toml for examples), in a "
+                ".toml file passed as rules=... (API) or --rules (CLI)."
+            )
+        return rule
+
+
+def describe_node(n: fx.Node) -> str:
+    """``node 'linear_3' (model.py:41 in forward: y = self.fc(x))`` where the source line is known."""
+    trace = n.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    where = ""
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            where = f" ({lines[i].removeprefix('File ')}: {code})"
+            break
+    return f"node {n.name!r}{where}"
+
+
+def _fn_name(fn: Any) -> str:
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"aten.{fn._overloadpacket.__name__}.{fn._overloadname}"
+    mod = getattr(fn, "__module__", None) or ""
+    return f"{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}".lstrip(".")
+
+
+def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Walk:
+    """Run ``gm`` on ``flat_inputs`` (one per placeholder) and infer every node's dimensions."""
+    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
+    walker = _Walker(gm, book, walk)
+    with torch.no_grad():
+        walker.run(*flat_inputs, enable_io_processing=False)
+    return walk
+
+
+def size_info_of(value: Any, info: Any) -> Any:
+    """Size reads keep their dimension; anything else is a constant (helper for the ``size`` kind)."""
+    if isinstance(info, SizeInfo):
+        return info
+    return Const(value)

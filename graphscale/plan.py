@@ -1,0 +1,178 @@
+"""``graphscale.analyze``: capture -> infer -> derive, returned as a :class:`Plan` the user can read.
+
+Example:
+    >>> import graphscale, torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> plan = graphscale.analyze(model, (torch.randn(3, 4),))
+    >>> [c.name for c in plan.width_classes]
+    ['0.weight[0]']
+    >>> str(plan.rules["2.weight"].adam_lr)
+    '1/k1'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import sympy
+import torch
+
+from graphscale.capture import Captured, Tracer, capture
+from graphscale.derive import ScalingRule, derive_rules
+from graphscale.errors import MultiplierError, UnsupportedOpError
+from graphscale.infer.classes import Classes, HeadsPolicy, WidthClass, classify
+from graphscale.infer.dims import Resolution
+from graphscale.infer.engine import Walk, walk_graph
+from graphscale.infer.rulebook import RuleBook
+
+
+@dataclass
+class Plan:
+    """What graphscale inferred about a model: its width classes and every tensor's scaling rule.
+
+    ``classes`` lists width classes first, then the fixed classes that parameters carry; ``rules`` maps
+    each parameter and buffer name to its :class:`~graphscale.derive.ScalingRule`, whose expressions use
+    one symbol per width class (``plan.symbols``).
+    """
+
+    classes: list[WidthClass]
+    rules: dict[str, ScalingRule]
+    symbols: dict[str, sympy.Symbol]
+    frontend: str
+    captured: Captured
+    walk: Walk
+    resolution: Resolution
+    classification: Classes
+    heads: str
+    notes: list[str]
+
+    @property
+    def width_classes(self) -> list[WidthClass]:
+        return [c for c in self.classes if c.role == "width"]
+
+    def multipliers(self, multiplier: int | dict[str, int]) -> dict[str, int]:
+        """Resolve ``multiplier`` (an int for all classes, or per class name/member axis) per width class."""
+        names = [c.name for c in self.width_classes]
+        if isinstance(multiplier, dict):
+            out = {n: 1 for n in names}
+            for key, k in multiplier.items():
+                try:
+                    cls = self.classification.lookup(key)
+                except KeyError:
+                    raise MultiplierError(f"unknown width class {key!r}; the width classes are: "
+                                          f"{', '.join(names) or '(none)'}") from None
+                if cls.role != "width":
+                    raise MultiplierError(f"class {key!r} is fixed ({cls.reason}); it cannot be widened")
+                out[cls.name] = _check_k(k, key)
+            return out
+        k = _check_k(multiplier, "multiplier")
+        return {n: k for n in names}
+
+    def substitute(self, expr: sympy.Expr, multipliers: dict[str, int]) -> float:
+        return float(expr.subs({self.symbols[n]: k for n, k in multipliers.items()}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: classes, symbols and every tensor's laws as strings."""
+        return {
+            "frontend": self.frontend,
+            "heads": self.heads,
+            "classes": [dict(c.to_dict(), symbol=str(self.symbols.get(c.name, "")) or None)
+                        for c in self.classes],
+            "rules": {n: r.to_dict() for n, r in self.rules.items()},
+            "notes": self.notes,
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def __str__(self) -> str:
+        lines = [f"graphscale plan ({self.frontend} graph, heads={self.heads})", "", "width classes:"]
+        for c in self.width_classes:
+            detail = f"  [{c.reason}]" if c.reason else ""
+            lines.append(f"  {self.symbols[c.name]!s:<4} {c.name:<40} size {c.size:<6}"
+                         f" {len(c.members)} axes{detail}")
+        if not self.width_classes:
+            lines.append("  (none)")
+        lines += ["", "fixed classes carried by parameters:"]
+        for c in self.classes:
+            if c.role == "fixed":
+                lines.append(f"  {c.name:<45} size {c.size:<6} ({c.reason})")
+        lines += ["", "scaling rules (relative to the narrow model; c = copy scale, M = width multiplicity):"]
+        header = ["tensor", "role", "c", "M", "SGD lr", "Adam lr", "Adam eps", "wd (L2)", "wd (AdamW)",
+                  "init std"]
+        rows = []
+        for name, r in self.rules.items():
+            tied = f" (= {', '.join(r.aliases)})" if r.aliases else ""
+            rows.append([name + tied, r.role, *(str(x) for x in (r.copy_scale, r.total, r.sgd_lr, r.adam_lr,
+                                                              r.adam_eps, r.coupled_wd, r.decoupled_wd,
+                                                              r.init_std))])
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for row in rows:
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        for name, r in self.rules.items():
+            for node, factor in r.use_multipliers.items():
+                lines.append(f"  note: {name} is shared; its use at {node} gets an inserted "
+                             f"multiplier {factor}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _check_k(k: Any, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k or k < 1:
+        raise MultiplierError(f"{what} must be an integer >= 1, got {k!r}: widening copies each unit an "
+                              "integer number of times")
+    return int(k)
+
+
+def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "auto",
+            rules: str | Path | list[str | Path] | None = None, heads: HeadsPolicy = "fixed",
+            outputs: Literal["fixed", "width"] = "fixed") -> Plan:
+    """Capture ``model``, infer its width classes and derive every tensor's μP scaling rule.
+
+    ``rules`` adds the user's own rule files (a ``.toml`` file, a folder of them, or a list).
+    ``heads="grow"`` widens the head count instead of head_dim. ``outputs="width"`` lets the axes of the
+    model's outputs grow (a backbone whose output is its hidden state); by default they are fixed.
+
+    Example:
+        >>> plan = analyze(torch.nn.Linear(4, 2), (torch.randn(1, 4),))
+        >>> plan.width_classes
+        []
+    """
+    book = RuleBook.load(rules)
+    cap = capture(model, example_inputs, tracer, book)
+    walk = walk_graph(cap.gm, cap.flat_inputs, book)
+    res = walk.ds.resolve()
+    classes = classify(walk, res, heads=heads, outputs=outputs)
+    symbols = {c.name: sympy.Symbol(f"k{i + 1}", positive=True, integer=True)
+               for i, c in enumerate(classes.width)}
+    symbol_of = {c.atom: symbols[c.name] for c in classes.width}
+    derived = derive_rules(walk, res, classes, symbol_of)
+    notes = list(walk.requests.warnings)
+    if cap.fallback_reason:
+        notes.append(f"captured with torch.export because {cap.fallback_reason}")
+    plan = Plan(classes.width + classes.fixed, derived, symbols, cap.frontend, cap, walk, res, classes,
+                heads, notes)
+    _check_refusals(plan)
+    return plan
+
+
+def _check_refusals(plan: Plan) -> None:
+    """Ops that are not replication-invariant over an axis fail as soon as that axis is width."""
+    from graphscale.infer.engine import describe_node
+
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    width_atoms = {c.atom: c for c in plan.width_classes}
+    for r in plan.walk.requests.refusals:
+        hit = [width_atoms[a] for a in plan.resolution.atoms(r.dim) if a in width_atoms]
+        if hit:
+            raise UnsupportedOpError(
+                f"{describe_node(nodes[r.node])} is not replication-invariant over width class "
+                f"{hit[0].name!r}: {r.why}. Widening would change the function. Fix: make the op act over a "
+                "fixed axis, mark the class fixed, or add a rule that says how to compensate it.")
