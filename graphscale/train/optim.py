@@ -1,0 +1,231 @@
+"""μP optimizers for widened models: param groups in, param groups out, any optimizer class.
+
+A widened parameter is ``P' = c * E(P)`` and its gradient is ``g' = E(g) / (c M)`` (DESIGN.md §2). For the
+wide model's update to be ``c * E(ΔP)`` -- the narrow update, copied -- each hyperparameter that meets the
+gradient or the parameter on a non-homogeneous path needs one factor, relative to the width it was tuned at:
+
+============================  ===================  =========================================
+family                        hyperparameter       factor
+============================  ===================  =========================================
+SGD (incl. momentum/nesterov) ``lr``               ``c**2 * M``
+SGD, Adam (coupled L2)        ``weight_decay``     ``1 / (c**2 * M)``
+Adam, AdamW                   ``lr``               ``c``
+Adam, AdamW                   ``eps``              ``1 / (c * M)``
+AdamW (decoupled)             ``weight_decay``     ``1 / c``
+============================  ===================  =========================================
+
+Momentum, dampening, betas, nesterov and amsgrad need no factor: they act linearly on quantities that
+already carry the right scale. The functions here split every param group into sub-groups of parameters
+that share the same factors and hand them to the optimizer class unchanged, in the style of
+microsoft/mup's ``optim.py`` -- but, unlike its ``MuAdam``, they also scale ``eps`` and scale weight decay
+by the law of its coupling, which is what keeps a zero-noise widened model *exactly* equivalent in training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from graphscale.record import ParamScaling, WideningRecord
+from graphscale.train._common import OptimizerFamilyError, RecordError, resolve_record, scalings_for
+
+Family = Literal["sgd", "adam", "adamw"]
+FAMILIES: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+#: Key under which every param group built here records the factors it applied, so that code which sets
+#: ``group["lr"]`` itself (a hand-written schedule) can keep the μP ratio: ``group["lr"] = lr_t * f["lr"]``.
+FACTORS_KEY = "graphscale"
+
+
+def optimizer_family(
+    optimizer_cls: type, family: str | None = None, hparams: Mapping[str, Any] | None = None
+) -> Family:
+    """Which μP law an optimizer class follows: ``"sgd"``, ``"adam"`` (coupled L2) or ``"adamw"``.
+
+    Subclasses of :class:`torch.optim.SGD`, :class:`~torch.optim.Adam` and :class:`~torch.optim.AdamW` are
+    recognised (``Adam(decoupled_weight_decay=True)`` is AdamW). Any other class is refused, because a
+    wrong guess would train silently with the wrong factors; name its law with ``family=``.
+
+    Example:
+        >>> optimizer_family(torch.optim.AdamW)
+        'adamw'
+        >>> optimizer_family(torch.optim.RMSprop, family="adam")
+        'adam'
+    """
+    if family is not None:
+        if family not in FAMILIES:
+            raise OptimizerFamilyError(f"family must be one of {FAMILIES}, got {family!r}")
+        return family  # type: ignore[return-value]
+    hparams = hparams or {}
+    if isinstance(optimizer_cls, type):
+        # AdamW subclasses Adam in recent torch: test the more specific class first.
+        if issubclass(optimizer_cls, torch.optim.AdamW):
+            return "adamw"
+        if issubclass(optimizer_cls, torch.optim.Adam):
+            return "adamw" if hparams.get("decoupled_weight_decay", False) else "adam"
+        if issubclass(optimizer_cls, torch.optim.SGD):
+            return "sgd"
+    name = getattr(optimizer_cls, "__name__", repr(optimizer_cls))
+    raise OptimizerFamilyError(
+        f"graphscale does not know how {name} scales with width; pass family='sgd' (update proportional to "
+        "the gradient), 'adam' (update normalised entrywise, L2 weight decay added to the gradient) or "
+        "'adamw' (normalised, decoupled weight decay p <- p(1 - lr*wd)) if one of them is its law"
+    )
+
+
+def scaling_factors(scaling: ParamScaling, family: Family) -> dict[str, float]:
+    """The multiplicative factor on each hyperparameter for one parameter (see the module table).
+
+    Example:
+        >>> from graphscale.record import AxisReplication
+        >>> s = ParamScaling("w", "w", (4, 4), (8, 8), (AxisReplication.atomic(4, 2),) * 2,
+        ...                  copy_scale=0.5, total_mult=4, fan_in_mult=2, role="hidden")
+        >>> scaling_factors(s, "adam")
+        {'lr': 0.5, 'eps': 0.5, 'weight_decay': 1.0}
+    """
+    c, m = float(scaling.copy_scale), float(scaling.total_mult)
+    if family == "sgd":
+        return {"lr": c * c * m, "weight_decay": 1.0 / (c * c * m)}
+    if family == "adam":
+        return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0 / (c * c * m)}
+    if family == "adamw":
+        return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0 / c}
+    raise OptimizerFamilyError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def constructor_defaults(optimizer_cls: type) -> dict[str, Any]:
+    """The keyword defaults of ``optimizer_cls.__init__`` (e.g. AdamW's ``weight_decay=0.01``).
+
+    They matter: a hyperparameter the user leaves at its default (Adam's ``eps=1e-8``) still needs its
+    factor, so it is read here and written explicitly into every group.
+    """
+    try:
+        sig = inspect.signature(optimizer_cls.__init__)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return {}
+    return {
+        k: p.default for k, p in sig.parameters.items()
+        if p.default is not inspect.Parameter.empty and k not in ("self", "params")
+    }
+
+
+def mup_param_groups(
+    groups: Iterable[Mapping[str, Any]],
+    scalings: Mapping[int, ParamScaling],
+    *,
+    defaults: Mapping[str, Any],
+    family: Family | None = None,
+    optimizer_cls: type | None = None,
+) -> list[dict[str, Any]]:
+    """Split param groups into sub-groups of equal μP factors and scale their hyperparameters.
+
+    ``scalings`` maps ``id(param)`` to its :class:`ParamScaling`; ``defaults`` are the values a group
+    without its own ``lr``/``eps``/``weight_decay`` falls back to (the optimizer's constructor defaults
+    updated with the user's keywords). Every returned group carries its scaled ``lr`` (and ``eps``,
+    ``weight_decay`` where the family has them) explicitly, plus ``group["graphscale"]``: the factors used.
+    The order of parameters within each sub-group follows the input order.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> from graphscale.record import AxisReplication
+        >>> s = {id(p): ParamScaling(n, n, tuple(p.shape), tuple(p.shape), (None,) * p.ndim, 1.0, 1, 1)
+        ...      for n, p in lin.named_parameters()}
+        >>> [g["lr"] for g in mup_param_groups([{"params": list(lin.parameters())}], s,
+        ...                                     defaults={"lr": 0.1}, family="sgd")]
+        [0.1]
+    """
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        fam = family
+        if fam is None:
+            if optimizer_cls is None:
+                raise OptimizerFamilyError("mup_param_groups needs family= or optimizer_cls=")
+            # Adam's decoupled flag can be set per group, so the law is decided per group.
+            fam = optimizer_family(optimizer_cls, None, {**defaults, **settings})
+        subgroups: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
+        for p in group["params"]:
+            factors = scaling_factors(scalings[id(p)], fam)
+            key = tuple(sorted(factors.items()))
+            sub = subgroups.get(key)
+            if sub is None:
+                sub = dict(settings)
+                applied = {}
+                for hp, f in factors.items():
+                    value = settings.get(hp, defaults.get(hp))
+                    if value is None:
+                        if hp == "lr":
+                            raise OptimizerFamilyError("the optimizer needs lr= (it has no default)")
+                        continue  # e.g. a family='adam' class without eps: nothing to scale
+                    sub[hp] = value * f
+                    applied[hp] = f
+                sub[FACTORS_KEY] = applied
+                sub["params"] = []
+                subgroups[key] = sub
+            sub["params"].append(p)
+        out.extend(subgroups.values())
+    return out
+
+
+def mup_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer],
+    *,
+    params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]] | None = None,
+    record: WideningRecord | None = None,
+    base: nn.Module | Mapping[str, int] | None = None,
+    example_inputs: Any = None,
+    family: str | None = None,
+    **hparams: Any,
+) -> torch.optim.Optimizer:
+    """Build ``optimizer_cls`` over ``model`` with μP factors relative to the source (or base) width.
+
+    Hyperparameters (``lr``, ``eps``, ``weight_decay``, ...) are the ones tuned for the narrow model; each
+    parameter's group gets them times the factors of :func:`scaling_factors`, from the record:
+    ``model.graphscale`` by default, ``record=`` if given, or -- for a model built at full width from
+    scratch -- ``graphscale.relative_record(model, example_inputs, base)`` with ``base`` a smaller instance
+    of the same architecture (or a dict of width-class multipliers). ``params`` restricts or groups the
+    parameters (a list of tensors or of torch-style group dicts, each split further); by default all of
+    ``model.parameters()`` (tied parameters once). ``family`` names the law of an optimizer class that is
+    not a subclass of SGD, Adam or AdamW.
+
+    With zero noise, training the wide model with this optimizer reproduces the narrow model trained with
+    ``optimizer_cls(narrow.parameters(), **hparams)`` to rounding error, step after step.
+
+    Example:
+        >>> wide = graphscale.widen(model, (x,), multiplier=4)          # doctest: +SKIP
+        >>> opt = mup_optimizer(wide, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)  # doctest: +SKIP
+    """
+    record = resolve_record(model, record, base=base, example_inputs=example_inputs)
+    fam = optimizer_family(optimizer_cls, family, hparams) if family is not None else None
+    if fam is None:
+        optimizer_family(optimizer_cls, None, hparams)  # refuse an unknown class before doing any work
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    if params is None:
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    else:
+        items = list(params)
+        if items and isinstance(items[0], Mapping):
+            groups = [{**g, "params": _as_list(g["params"])} for g in items]  # type: ignore[index]
+        else:
+            groups = [{"params": items}]
+    used = [p for g in groups for p in g["params"]]
+    foreign = [f"tensor of shape {tuple(p.shape)}" for p in used if id(p) not in names]
+    if foreign:
+        raise RecordError(f"params= holds tensors that are not parameters of the model: {', '.join(foreign)}")
+    by_name = scalings_for(((names[id(p)], p) for p in used), record)
+    scalings = {id(p): by_name[names[id(p)]] for p in used}
+
+    defaults = {**constructor_defaults(optimizer_cls), **hparams}
+    new_groups = mup_param_groups(groups, scalings, defaults=defaults, family=fam,
+                                  optimizer_cls=optimizer_cls)
+    return optimizer_cls(new_groups, **hparams)
+
+
+def _as_list(params: Any) -> list[torch.Tensor]:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
