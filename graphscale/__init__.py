@@ -23,8 +23,9 @@ from graphscale.errors import (
 )
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+from graphscale.widen import widen
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
-    "TraceError", "UnsupportedOpError", "WideningRecord", "WidthConflictError", "analyze",
+    "TraceError", "UnsupportedOpError", "WideningRecord", "WidthConflictError", "analyze", "widen",
 ]

@@ -602,8 +602,7 @@ def _tensor_index(ctx: OpContext, info: TensorInfo, index: Any) -> Info:
                 ctx.requests.slices.append(SliceBounds(ctx.node.name, None, pos, got[1], got[0]))
             axis += 1
         elif isinstance(it, int):
-            ctx.requests.refusals.append(Refusal(ctx.node.name, info.dims[axis],
-                                                 "indexing one position of it"))
+            ctx.ds.fix(info.dims[axis], "an axis indexed at one position")
             axis += 1
         elif isinstance(it, torch.Tensor):
             ctx.ds.fix(info.dims[axis], "an axis indexed by a tensor")
@@ -643,7 +642,7 @@ def kind_select(ctx: OpContext) -> Info:
     info = ctx.info("input@0")
     assert isinstance(info, TensorInfo)
     d = _norm_dim(int(ctx.value(ctx.rule.get("dim", "dim@1"))), len(info.dims))
-    ctx.requests.refusals.append(Refusal(ctx.node.name, info.dims[d], "selecting one position of it"))
+    ctx.ds.fix(info.dims[d], "an axis indexed at one position")
     return TensorInfo(info.dims[:d] + info.dims[d + 1:], tuple(ctx.result.shape))
 
 

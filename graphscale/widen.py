@@ -1,0 +1,388 @@
+"""Widen: emit the wide model as a new ``GraphModule`` (or fill a larger model the user built).
+
+Every parameter and buffer is copied with adjacent repetition along its width axes and rescaled by its
+derived copy scale (``P' = c * E(P)``). The graph is then edited where a number in it depends on width:
+shape literals of width axes become wide literals, ints read off width axes keep their narrow value (so
+a scale computed from head_dim keeps its meaning), slices of width axes get wide bounds, SDPA's scale is
+divided by head_dim's multiplier, and a sum over a width axis that no parameter absorbs (``q @ k.T``,
+``x.sum(-1)``, a tied readout) gets an inserted ``1/k``. The source model is never modified: the wide
+module is built from new tensors and shallow clones of the leaf modules.
+
+Example:
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x = torch.randn(3, 4)
+    >>> wide = widen(model, (x,), multiplier=3)
+    >>> torch.allclose(wide(x), model(x), atol=1e-6), wide.get_submodule("2").in_features
+    (True, 24)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from graphscale.capture import Tracer
+from graphscale.derive import ScalingRule
+from graphscale.errors import MultiplierError, WidthConflictError
+from graphscale.infer.classes import HeadsPolicy
+from graphscale.infer.values import ArgLoc
+from graphscale.plan import Plan, analyze
+from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+
+
+class _Sizes:
+    """Numeric sizes and multipliers of dimensions under one choice of class multipliers."""
+
+    def __init__(self, plan: Plan, multipliers: dict[str, int]) -> None:
+        self.plan = plan
+        self.res = plan.resolution
+        self.atom_mult = {c.atom: multipliers[c.name] for c in plan.width_classes}
+
+    def record_tree(self, tree: tuple) -> tuple:
+        if tree[0] == "atom":
+            return ("atom", self.res.ds.size[tree[1]], self.atom_mult.get(tree[1], 1))
+        return (tree[0], tuple(self.record_tree(c) for c in tree[1]))
+
+    def axis(self, d: int) -> AxisReplication:
+        return AxisReplication(self.record_tree(self.res.tree(d)))
+
+    def mult(self, d: int) -> int:
+        return self.axis(d).multiplier
+
+    def wide(self, d: int) -> int:
+        return self.axis(d).wide_size
+
+
+def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[str, int] = 2, *,
+          tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
+          heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
+          noise: Any = None, seed: int = 0, plan: Plan | None = None) -> fx.GraphModule:
+    """Return a wide ``GraphModule`` computing the same function as ``model`` (exactly, without noise).
+
+    ``multiplier`` is an int for every width class or a dict from class name (or any member axis, such as
+    ``"fc1.weight[0]"``) to an int; classes not named keep their width. ``noise`` is a scheme from
+    :mod:`graphscale.train.noise` (applied after copying, seeded by ``seed``). The result carries
+    ``.graphscale``, a :class:`~graphscale.record.WideningRecord` with every tensor's source and rule;
+    ``print(wide.graphscale.summary())`` shows what was done.
+
+    Example:
+        >>> wide = widen(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
+        ...              (torch.randn(1, 2),), multiplier={"0.weight[0]": 3})
+        >>> tuple(wide.get_parameter("1.weight").shape)
+        (1, 12)
+    """
+    plan = plan or analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+    mults = plan.multipliers(multiplier)
+    sizes = _Sizes(plan, mults)
+    record = build_record(plan, sizes, mults)
+    gm = plan.captured.gm
+    state = _source_state(gm)
+    wide_tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, scaling in record.params.items():
+            if scaling.name != scaling.source and scaling.source in wide_tensors:
+                continue
+            canonical = plan.walk.aliases.get(name, name)
+            if canonical in wide_tensors:
+                wide_tensors[name] = wide_tensors[canonical]
+                continue
+            src = state[canonical]
+            t = scaling.widen(src.detach())
+            if isinstance(src, torch.nn.Parameter):
+                t = torch.nn.Parameter(t, requires_grad=src.requires_grad)
+            wide_tensors[canonical] = t
+            wide_tensors[name] = t
+    with warnings.catch_warnings():  # deep-copying an export graph's pytree codegen warns about LeafSpec
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    root = _wide_root(gm, graph, plan, sizes, wide_tensors)
+    _rewrite_graph(graph, plan, sizes, root)
+    wide = fx.GraphModule(root, graph, class_name=f"Wide{type(model).__name__}")
+    wide.graph.eliminate_dead_code()
+    wide.graph.lint()
+    wide.recompile()
+    wide.train(model.training)
+    wide.graphscale = record  # type: ignore[assignment]
+    if noise is not None:
+        gen = torch.Generator().manual_seed(seed)
+        noise.apply(wide, record, gen)
+        record.notes.append(f"noise: {noise!r} (seed {seed})")
+    return wide
+
+
+def build_record(plan: Plan, sizes: _Sizes, mults: dict[str, int]) -> WideningRecord:
+    """Numeric :class:`ParamScaling` for every tensor under ``mults`` (checks concatenations agree)."""
+    params: dict[str, ParamScaling] = {}
+    for name, rule in plan.rules.items():
+        dims = plan.walk.tensor_dims[name]
+        axes = []
+        for i, d in enumerate(dims):
+            ax = sizes.axis(d)
+            _check_uniform(name, i, ax.tree)
+            axes.append(None if ax.is_identity() else ax)
+        scaling = _scaling(plan, rule, name, name, tuple(axes), mults)
+        params[name] = scaling
+        for alias in rule.aliases:
+            params[alias] = _scaling(plan, rule, alias, alias, tuple(axes), mults)
+    return WideningRecord(params, dict(mults), plan.frontend, list(plan.notes))
+
+
+def _scaling(plan: Plan, rule: ScalingRule, name: str, source: str, axes: tuple, mults: dict[str, int]
+             ) -> ParamScaling:
+    wide_shape = tuple(a.wide_size if a is not None else s for a, s in zip(axes, rule.shape))
+    return ParamScaling(
+        name=name, source=source, narrow_shape=tuple(rule.shape), wide_shape=wide_shape, axes=axes,
+        copy_scale=plan.substitute(rule.copy_scale, mults), total_mult=round(plan.substitute(rule.total, mults)),
+        fan_in_mult=round(plan.substitute(rule.fan_in, mults)), fan_in_axes=rule.fan_in_axes,
+        is_buffer=rule.is_buffer, role=rule.role)
+
+
+def _check_uniform(name: str, axis: int, tree: tuple) -> None:
+    if tree[0] == "sum":
+        ms = {_tree_mult(c) for c in tree[1]}
+        if len(ms) > 1:
+            raise MultiplierError(
+                f"{name}[{axis}] concatenates parts that would grow by different multipliers {sorted(ms)}; "
+                "give the classes of its parts the same multiplier")
+    if tree[0] in ("sum", "prod"):
+        for c in tree[1]:
+            _check_uniform(name, axis, c)
+
+
+def _tree_mult(tree: tuple) -> int:
+    ax = AxisReplication(tree)
+    return ax.multiplier
+
+
+def _source_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for n, p in gm.named_parameters(remove_duplicate=False):
+        state[n] = p
+    for n, b in gm.named_buffers(remove_duplicate=False):
+        state[n] = b
+    for node in gm.graph.nodes:  # constant tensors that are neither parameters nor buffers
+        if node.op == "get_attr" and str(node.target) not in state:
+            val = _get_attr(gm, str(node.target))
+            if isinstance(val, torch.Tensor):
+                state[str(node.target)] = val
+    return state
+
+
+def _get_attr(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _wide_root(gm: fx.GraphModule, graph: fx.Graph, plan: Plan, sizes: _Sizes,
+               wide: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The attributes the wide graph needs: wide tensors and shallow clones of leaf modules."""
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op == "get_attr":
+            root[target] = wide.get(target, _get_attr(gm, target))
+        elif node.op == "call_module" and target not in root:
+            module = gm.get_submodule(target)
+            root[target] = _clone_module(module, target, plan, wide)
+    return root
+
+
+def _clone_module(module: torch.nn.Module, path: str, plan: Plan, wide: dict[str, torch.Tensor]
+                  ) -> torch.nn.Module:
+    """A new module object sharing nothing mutable with ``module``, holding the wide tensors."""
+    clone = module.__class__.__new__(module.__class__)
+    clone.__dict__ = dict(module.__dict__)
+    clone._parameters, clone._buffers, clone._modules = {}, {}, {}
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    clone._forward_hooks, clone._forward_pre_hooks = copy.copy(module._forward_hooks), \
+        copy.copy(module._forward_pre_hooks)
+    for name, p in module._parameters.items():
+        clone._parameters[name] = wide[f"{path}.{name}"] if p is not None else None
+    for name, b in module._buffers.items():
+        clone._buffers[name] = wide.get(f"{path}.{name}", b) if b is not None else None
+    for name, sub in module._modules.items():
+        clone._modules[name] = _clone_module(sub, f"{path}.{name}", plan, wide) if sub is not None else None
+    rule = plan.walk.module_rules.get(path)
+    for attr, spec in (rule.get("module_attrs", {}) if rule else {}).items():
+        value = _eval_attr(clone, spec)
+        if value is not None:
+            setattr(clone, attr, value)
+    return clone
+
+
+def _eval_attr(module: torch.nn.Module, spec: str) -> Any:
+    """Evaluate a rule's ``module_attrs`` entry (``"weight[1]"``, ``"weight.shape"``, ``"weight[1]*groups"``)."""
+    for alt in spec.split("|"):
+        value: Any = 1
+        ok = True
+        for factor in alt.split("*"):
+            factor = factor.strip()
+            if factor.endswith(".shape"):
+                t = getattr(module, factor.removesuffix(".shape"), None)
+                if t is None:
+                    ok = False
+                    break
+                return tuple(t.shape)
+            if "[" in factor:
+                tname, idx = factor[:-1].split("[")
+                t = getattr(module, tname, None)
+                if t is None:
+                    ok = False
+                    break
+                value *= int(t.shape[int(idx)])
+            else:
+                value *= int(getattr(module, factor))
+        if ok:
+            return value
+    return None
+
+
+# -- graph edits ------------------------------------------------------------------------------------------
+
+
+def _get_loc(node: fx.Node, loc: ArgLoc) -> Any:
+    return node.kwargs.get(loc[1]) if loc[0] == "kw" else node.args[loc[1]]  # type: ignore[index]
+
+
+def _set_loc(node: fx.Node, loc: ArgLoc, value: Any) -> None:
+    if loc[0] == "kw":
+        kwargs = dict(node.kwargs)
+        kwargs[loc[1]] = value  # type: ignore[index]
+        node.kwargs = kwargs
+    else:
+        args = list(node.args)
+        args[loc[1]] = value  # type: ignore[index]
+        node.args = tuple(args)
+
+
+def _mul_target(plan: Plan) -> Any:
+    return torch.ops.aten.mul.Tensor if plan.frontend == "export" else operator.mul
+
+
+def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, Any]) -> None:
+    nodes = {n.name: n for n in graph.nodes}
+    req = plan.walk.requests
+    for s in req.shapes:
+        node = nodes[s.node]
+        if s.varargs_from is not None:
+            entries = list(node.args[s.varargs_from:])
+        else:
+            raw = _get_loc(node, s.loc)
+            entries = _expand_size_node(graph, node, raw, len(s.entries)) if isinstance(raw, fx.Node) \
+                else list(raw) if isinstance(raw, list | tuple) else [raw]
+        changed = False
+        for k, d in s.entries:
+            if sizes.mult(d) != 1 and not (isinstance(entries[k], int) and entries[k] == -1):
+                entries[k] = sizes.wide(d)
+                changed = True
+        if not changed:
+            continue
+        if s.varargs_from is not None:
+            node.args = tuple(node.args[:s.varargs_from]) + tuple(entries)
+        else:
+            raw = _get_loc(node, s.loc)
+            _set_loc(node, s.loc, tuple(entries) if isinstance(raw, tuple) else
+                     entries if isinstance(raw, list | fx.Node) else entries[0])
+    for sc in req.scalars:
+        if sizes.mult(sc.dim) == 1:
+            continue
+        node = nodes[sc.node]
+        if sc.loc[0] == "attr":
+            setattr(root[str(node.target)], str(sc.loc[1]), sizes.wide(sc.dim))
+        else:
+            _set_loc(node, sc.loc, sizes.wide(sc.dim))
+    for sl in req.slices:
+        if sizes.mult(sl.part) == 1 and (sl.before is None or sizes.mult(sl.before) == 1):
+            continue
+        node = nodes[sl.node]
+        start = sizes.wide(sl.before) if sl.before is not None else 0
+        stop = start + sizes.wide(sl.part)
+        if sl.loc is not None:  # aten.slice(x, dim, start, end, step)
+            args = list(node.args) + [None] * max(0, 5 - len(node.args))
+            args[2], args[3] = start, stop
+            node.args = tuple(args[:max(len(node.args), 4)])
+        else:
+            index = node.args[1]
+            items = list(index) if isinstance(index, tuple) else [index]
+            old = items[sl.index_pos]
+            items[sl.index_pos] = slice(start, stop, old.step if isinstance(old, slice) else None)
+            node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
+    for at in req.scales:
+        m = sizes.mult(at.dim)
+        if m == 1:
+            continue
+        node = nodes[at.node]
+        old = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+        base = old if old is not None else 1.0 / math.sqrt(at.head_dim)
+        kwargs = dict(node.kwargs)
+        if len(node.args) > 6:
+            node.args = tuple(node.args[:6])
+        kwargs["scale"] = base / m
+        node.kwargs = kwargs
+    for om in req.multipliers:
+        m = math.prod(sizes.mult(d) for d in om.dims)
+        if m != 1:
+            _insert_after(graph, nodes[om.node], 1.0 / m, _mul_target(plan))
+    for use in req.uses:
+        name = plan.walk.aliases.get(use.param, use.param)
+        factor = plan.rules[name].use_multipliers.get(use.node)
+        if factor is None or use.operand is None:
+            continue
+        value = plan.substitute(factor, {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes})
+        if value != 1.0:
+            node = nodes[use.node]
+            operand = _get_loc(node, use.operand)
+            with graph.inserting_before(node):
+                scaled = graph.call_function(_mul_target(plan), (operand, value))
+            _set_loc(node, use.operand, scaled)
+    for node_name, d in req.size_reads.items():
+        node = nodes.get(node_name)
+        if node is not None and sizes.mult(d) != 1 and node.users:
+            narrow = sizes.res.ds.size[sizes.res.root(d)]
+            node.replace_all_uses_with(narrow)  # type: ignore[arg-type]
+    for node in graph.nodes:  # getitem on x.size() tuples that read a width axis
+        info = plan.walk.info.get(node.name)
+        if node.op == "call_function" and node.target is operator.getitem and node.users \
+                and _is_width_size(info, sizes):
+            node.replace_all_uses_with(info.value)  # type: ignore[union-attr,arg-type]
+
+
+def _is_width_size(info: Any, sizes: _Sizes) -> bool:
+    from graphscale.infer.values import SizeInfo
+
+    return isinstance(info, SizeInfo) and info.dim is not None and sizes.mult(info.dim) != 1
+
+
+def _expand_size_node(graph: fx.Graph, user: fx.Node, size_node: fx.Node, n: int) -> list[Any]:
+    """``view(x.size())``: split the size tuple into per-axis items so width entries can be replaced."""
+    with graph.inserting_before(user):
+        return [graph.call_function(operator.getitem, (size_node, k)) for k in range(n)]
+
+
+def _insert_after(graph: fx.Graph, node: fx.Node, factor: float, target: Any) -> None:
+    users = list(node.users)
+    with graph.inserting_after(node):
+        scaled = graph.call_function(target, (node, factor))
+    for u in users:
+        u.replace_input_with(node, scaled)
+
+
+def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
+    """Every tensor of ``large`` must have the wide shape the record derives (used by ``widen_into``)."""
+    state = dict(large.named_parameters(remove_duplicate=False))
+    state.update(dict(large.named_buffers(remove_duplicate=False)))
+    for name, s in record.params.items():
+        if name not in state:
+            raise WidthConflictError(f"the larger model has no tensor {name!r} (the small model has one)")
+        if tuple(state[name].shape) != s.wide_shape:
+            raise WidthConflictError(f"{name}: the larger model has shape {tuple(state[name].shape)}, widening "
+                                     f"the small one gives {s.wide_shape}")
