@@ -23,9 +23,10 @@ from graphscale.errors import (
 )
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+from graphscale.verify import VerifyReport, verify
 from graphscale.widen import widen
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
-    "TraceError", "UnsupportedOpError", "WideningRecord", "WidthConflictError", "analyze", "widen",
+    "TraceError", "UnsupportedOpError", "WideningRecord", "WidthConflictError", "analyze", "widen", "verify", "VerifyReport",
 ]

@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +47,18 @@ class Captured:
 class _BufferProxyTracer(fx.Tracer):
     # Buffers such as a causal mask are sliced by the traced sequence length: they must be proxies.
     proxy_buffer_attributes = True
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Run code that may update buffers in place (BatchNorm in train mode) without changing the model."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -118,7 +132,7 @@ def _capture_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
 
 
 def _capture_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), preserved_buffers(model):
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, args, kwargs, strict=False)
     gm = ep.module()

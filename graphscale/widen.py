@@ -139,8 +139,8 @@ def _scaling(plan: Plan, rule: ScalingRule, name: str, source: str, axes: tuple,
     wide_shape = tuple(a.wide_size if a is not None else s for a, s in zip(axes, rule.shape))
     return ParamScaling(
         name=name, source=source, narrow_shape=tuple(rule.shape), wide_shape=wide_shape, axes=axes,
-        copy_scale=plan.substitute(rule.copy_scale, mults), total_mult=round(plan.substitute(rule.total, mults)),
-        fan_in_mult=round(plan.substitute(rule.fan_in, mults)), fan_in_axes=rule.fan_in_axes,
+        copy_scale=plan.substitute(rule.copy_scale, mults),
+        total_mult=round(plan.substitute(rule.total, mults)), fan_in_mult=round(plan.substitute(rule.fan_in, mults)), fan_in_axes=rule.fan_in_axes,
         is_buffer=rule.is_buffer, role=rule.role)
 
 
@@ -220,7 +220,7 @@ def _clone_module(module: torch.nn.Module, path: str, plan: Plan, wide: dict[str
 
 
 def _eval_attr(module: torch.nn.Module, spec: str) -> Any:
-    """Evaluate a rule's ``module_attrs`` entry (``"weight[1]"``, ``"weight.shape"``, ``"weight[1]*groups"``)."""
+    """Evaluate a rule's ``module_attrs`` entry: ``"weight[1]"``, ``"weight.shape"``, ``"weight[1]*groups"``."""
     for alt in spec.split("|"):
         value: Any = 1
         ok = True
@@ -384,5 +384,5 @@ def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
         if name not in state:
             raise WidthConflictError(f"the larger model has no tensor {name!r} (the small model has one)")
         if tuple(state[name].shape) != s.wide_shape:
-            raise WidthConflictError(f"{name}: the larger model has shape {tuple(state[name].shape)}, widening "
-                                     f"the small one gives {s.wide_shape}")
+            raise WidthConflictError(f"{name}: the larger model has shape {tuple(state[name].shape)}, "
+                                     f"widening the small one gives {s.wide_shape}")

@@ -259,7 +259,9 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Wa
     """Run ``gm`` on ``flat_inputs`` (one per placeholder) and infer every node's dimensions."""
     walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
     walker = _Walker(gm, book, walk)
-    with torch.no_grad():
+    from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
+
+    with torch.no_grad(), preserved_buffers(gm):
         walker.run(*flat_inputs, enable_io_processing=False)
     return walk
 
