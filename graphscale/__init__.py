@@ -28,5 +28,6 @@ from graphscale.widen import widen
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
-    "TraceError", "UnsupportedOpError", "WideningRecord", "WidthConflictError", "analyze", "widen", "verify", "VerifyReport",
+    "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord", "WidthConflictError", "analyze",
+    "verify", "widen",
 ]

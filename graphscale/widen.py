@@ -140,7 +140,8 @@ def _scaling(plan: Plan, rule: ScalingRule, name: str, source: str, axes: tuple,
     return ParamScaling(
         name=name, source=source, narrow_shape=tuple(rule.shape), wide_shape=wide_shape, axes=axes,
         copy_scale=plan.substitute(rule.copy_scale, mults),
-        total_mult=round(plan.substitute(rule.total, mults)), fan_in_mult=round(plan.substitute(rule.fan_in, mults)), fan_in_axes=rule.fan_in_axes,
+        total_mult=round(plan.substitute(rule.total, mults)),
+        fan_in_mult=round(plan.substitute(rule.fan_in, mults)), fan_in_axes=rule.fan_in_axes,
         is_buffer=rule.is_buffer, role=rule.role)
 
 
@@ -220,7 +221,7 @@ def _clone_module(module: torch.nn.Module, path: str, plan: Plan, wide: dict[str
 
 
 def _eval_attr(module: torch.nn.Module, spec: str) -> Any:
-    """Evaluate a rule's ``module_attrs`` entry: ``"weight[1]"``, ``"weight.shape"``, ``"weight[1]*groups"``."""
+    """Evaluate a rule's ``module_attrs`` entry (``"weight[1]"``, ``"weight.shape"``, ``"a[1]*groups"``)."""
     for alt in spec.split("|"):
         value: Any = 1
         ok = True
