@@ -1,0 +1,536 @@
+"""Shared pieces of the graphscale examples: data loaders, training loop, the upscaling protocol, plots.
+
+Every script (``mlp_digits.py``, ``cnn_digits.py``, ``gpt_shakespeare.py``, ``hp_transfer.py``) describes
+its task as a :class:`Task` (how to build a model of a given width, draw a batch, and count FLOPs) and
+hands it to :func:`run_upscaling_experiment`, which runs the same protocol for all three:
+
+1. tune the base learning rate on a grid at width n/2 (cheap) and reuse it at width n (μP transfer);
+2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr and noise std on a grid;
+3. target upscaling n -> kn: train the width-n model, widen it with graphscale using the proxy's best
+   (lr, noise) *unchanged*, and keep training;
+4. baseline: a from-scratch μP model at width kn whose lr is tuned on a grid at the target width;
+5. report losses, steps to reach the scratch model's final val loss, and FLOPs (with the base model's).
+
+All graphscale calls live in the "graphscale adapters" section below, so the rest runs on plain torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+try:  # tqdm is a graphscale dependency; degrade to a plain range if it is missing.
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(it: Any, **_: Any) -> Any:  # type: ignore[no-redef]
+        return it
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = EXAMPLES_DIR / "results"
+LR_GRID_FACTOR = 2.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# graphscale adapters: the only place the examples touch graphscale.
+# ----------------------------------------------------------------------------------------------------
+
+def graphscale_available() -> bool:
+    """True when the graphscale API used by the examples (widen, mup_optimizer, noise) is importable."""
+    try:
+        import graphscale
+    except ImportError:
+        return False
+    return all(hasattr(graphscale, n) for n in ("widen", "mup_optimizer", "mup_init_", "noise"))
+
+
+def upscale(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], k: int, noise_std: float,
+            noise_kind: str = "gaussian", seed: int = 0) -> nn.Module:
+    """Widen ``model`` by ``k`` with graphscale (exact copy + rescale) and inject width-scaled noise."""
+    import graphscale
+
+    noise = None
+    if noise_std > 0:
+        noise = getattr(graphscale.noise, noise_kind)(noise_std)
+    # widen on a private copy: the source keeps being used (proxy grid) and must never share tensors.
+    return graphscale.widen(copy.deepcopy(model), example_inputs, multiplier=k, noise=noise, seed=seed)
+
+
+def mup_optimizer(model: nn.Module, lr: float, weight_decay: float, *, base: nn.Module | None = None,
+                  example_inputs: tuple[torch.Tensor, ...] | None = None) -> torch.optim.Optimizer:
+    """μP AdamW: relative to the narrow source for a widened model, or to ``base`` for a scratch model."""
+    import graphscale
+
+    kw: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), eps=1e-8)
+    if base is None:
+        return graphscale.mup_optimizer(model, torch.optim.AdamW, **kw)
+    return graphscale.mup_optimizer(model, torch.optim.AdamW, base=base, example_inputs=example_inputs, **kw)
+
+
+def mup_scratch_model(make: Callable[[int], nn.Module], width: int, base_width: int,
+                      example_inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[nn.Module, nn.Module]:
+    """A from-scratch model at ``width``, μP-initialised relative to a model of ``base_width``."""
+    import graphscale
+
+    torch.manual_seed(seed)
+    base = make(base_width)
+    model = make(width)
+    graphscale.mup_init_(model, example_inputs, base=base)
+    return model, base
+
+
+def plain_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with one lr for every tensor (standard parametrization; also μP for a model that is its own
+    base width)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95),
+                             eps=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks, training and evaluation
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """One learning problem: models by width, batches, fixed evaluation sets and a FLOP counter."""
+
+    name: str
+    make_model: Callable[[int], nn.Module]
+    get_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    train_eval: list[tuple[torch.Tensor, torch.Tensor]]
+    val_eval: list[tuple[torch.Tensor, torch.Tensor]]
+    example_inputs: tuple[torch.Tensor, ...]
+    flops_per_step: Callable[[nn.Module], float]
+    weight_decay: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss over fixed batches. The model stays in train mode (BatchNorm uses batch statistics),
+    matching the statistics it is trained with; GPT and MLP have no train/eval difference."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += float(task.loss_fn(model(x), y)) * len(x)
+        count += len(x)
+    return total / count
+
+
+@dataclass
+class Curve:
+    """A training run's record: eval points (step, train loss, val loss) and its FLOPs per step."""
+
+    label: str
+    lr: float
+    steps: list[int] = field(default_factory=list)
+    train: list[float] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+    flops_per_step: float = 0.0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_val(self) -> float:
+        return self.val[-1]
+
+    @property
+    def final_train(self) -> float:
+        return self.train[-1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(label=self.label, lr=self.lr, steps=self.steps, train_loss=self.train, val_loss=self.val,
+                    flops_per_step=self.flops_per_step, seconds=round(self.seconds, 2),
+                    final_train_loss=self.final_train, final_val_loss=self.final_val, **self.extra)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, *, label: str, lr: float,
+          eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True) -> Curve:
+    """Train for ``steps`` AdamW steps (linear warmup, then constant lr), evaluating every ``eval_every``.
+
+    Step 0 is evaluated before any update; the curve's last point is always ``steps``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    curve = Curve(label=label, lr=lr, flops_per_step=task.flops_per_step(model))
+    t0 = time.perf_counter()
+
+    def record(step: int) -> None:
+        curve.steps.append(step)
+        curve.train.append(evaluate(model, task, task.train_eval))
+        curve.val.append(evaluate(model, task, task.val_eval))
+
+    model.train()
+    record(0)
+    bar = tqdm(range(1, steps + 1), desc=label, leave=False, disable=not progress, mininterval=1.0)
+    for step in bar:
+        x, y = task.get_batch(gen)
+        loss = task.loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if not math.isfinite(loss.item()):
+            record(step)
+            break
+        if step % eval_every == 0 or step == steps:
+            record(step)
+            bar.set_postfix(val=f"{curve.val[-1]:.4f}")
+    curve.seconds = time.perf_counter() - t0
+    return curve
+
+
+def score(curve: Curve, last: int = 1) -> float:
+    """What a grid search minimises: the mean of the last ``last`` val evaluations (inf if diverged)."""
+    vals = curve.val[-last:]
+    out = sum(vals) / len(vals)
+    return out if math.isfinite(out) else float("inf")
+
+
+def lr_grid(center: float, points: int) -> list[float]:
+    """``points`` learning rates spaced by ``LR_GRID_FACTOR`` around ``center`` (center included)."""
+    lo = -(points // 2)
+    return [center * LR_GRID_FACTOR ** i for i in range(lo, lo + points)]
+
+
+def steps_to_reach(curve: Curve, target: float) -> int | None:
+    """First evaluated step at which the val loss is <= ``target`` (None if never)."""
+    for s, v in zip(curve.steps, curve.val):
+        if v <= target:
+            return s
+    return None
+
+
+def count_linear_conv_macs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> float:
+    """Multiply-accumulates per example of every Linear/Conv in one forward (hook-based, batch-averaged).
+
+    Training FLOPs per example are estimated as 6 * MACs (forward 2, backward 4), the analogue of
+    6 * params * tokens for a transformer.
+    """
+    total = [0.0]
+
+    def hook(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Linear):
+            total[0] += mod.weight.numel() * (out.numel() // out.shape[-1])
+        elif isinstance(mod, nn.Conv2d):
+            total[0] += mod.weight.numel() * out.shape[-1] * out.shape[-2] * out.shape[0]
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0] / example_inputs[0].shape[0]
+
+
+def n_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The upscaling protocol shared by the three experiments
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """Knobs of one run of the protocol (full and --quick settings are set by each script)."""
+
+    width: int  # n: the base width that is upscaled to k * n
+    k: int = 2
+    steps: int = 1000  # scratch budget at width k*n; the upscaled model also gets this many post-upscale
+    base_steps: int = 1000  # steps for the width-n (and n/2 proxy) base models
+    proxy_steps: int = 300  # post-upscale steps per proxy grid point (n/2 -> n)
+    eval_every: int = 50
+    warmup: int = 50
+    base_lr_center: float = 3e-3
+    base_lr_points: int = 3
+    scratch_lr_points: int = 4
+    post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
+    noise_stds: tuple[float, ...] = (0.0, 0.2, 0.5)
+    noise_kind: str = "gaussian"
+    max_extend: int = 2  # how many times an lr grid may grow past an edge optimum
+    seed: int = 0
+
+
+def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], label: str,
+            max_extend: int = 2) -> tuple[float, list[Curve]]:
+    """Grid search over ``grid``; if the best lr sits on an edge, extend that edge (at most
+    ``max_extend`` times) so the reported optimum is interior where possible."""
+    curves = {lr: make_run(lr) for lr in grid}
+    for _ in range(max_extend):
+        lrs = sorted(curves)
+        best = min(lrs, key=lambda lr: score(curves[lr]))
+        if best == lrs[0]:
+            new = best / LR_GRID_FACTOR
+        elif best == lrs[-1]:
+            new = best * LR_GRID_FACTOR
+        else:
+            break
+        print(f"  [{label}] best lr {best:.3g} on grid edge; extending to {new:.3g}")
+        curves[new] = make_run(new)
+    lrs = sorted(curves)
+    best = min(lrs, key=lambda lr: score(curves[lr]))
+    return best, [curves[lr] for lr in lrs]
+
+
+def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Run the protocol in the module doc, write ``results.json`` and plots to ``out``; return the dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    n, k = s.width, s.k
+    half = n // k
+    ex = task.example_inputs
+    report: dict[str, Any] = dict(task=task.name, settings=s.__dict__.copy(), widths=dict(proxy_base=half,
+                                  base=n, wide=k * n))
+    report["settings"]["post_lr_mults"] = list(s.post_lr_mults)
+    report["settings"]["noise_stds"] = list(s.noise_stds)
+
+    def fresh(width: int) -> nn.Module:
+        torch.manual_seed(s.seed)
+        return task.make_model(width)
+
+    # 1. base lr, tuned at width n/2 with plain AdamW (a model is its own μP base) and reused at n.
+    print(f"[{task.name}] 1/5 tuning base lr at width {half}")
+
+    def base_run(lr: float, width: int = half) -> Curve:
+        m = fresh(width)
+        return train(m, plain_optimizer(m, lr, task.weight_decay), task, s.base_steps, label=f"base{width}",
+                     lr=lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress)
+
+    base_lr, base_curves = tune_lr(task, base_run, lr_grid(s.base_lr_center, s.base_lr_points), "base lr",
+                                   s.max_extend)
+    report["base_lr"] = base_lr
+    report["base_lr_grid"] = {f"{c.lr:.4g}": score(c) for c in base_curves}
+
+    # 2. proxy upscaling n/2 -> n: sweep post-upscale lr and noise on the n/2 model trained with base_lr.
+    print(f"[{task.name}] 2/5 proxy upscaling {half} -> {n}: lr x noise grid")
+    proxy_base = fresh(half)
+    train(proxy_base, plain_optimizer(proxy_base, base_lr, task.weight_decay), task, s.base_steps,
+          label=f"proxy base {half}", lr=base_lr, eval_every=s.base_steps, warmup=s.warmup, seed=s.seed,
+          progress=progress)
+    proxy: dict[str, float] = {}
+    best_key, best_score = None, float("inf")
+    for mult in s.post_lr_mults:
+        for std in s.noise_stds:
+            lr = mult * base_lr
+            wide = upscale(proxy_base, ex, k, std, s.noise_kind, seed=s.seed)
+            c = train(wide, mup_optimizer(wide, lr, task.weight_decay), task, s.proxy_steps,
+                      label=f"proxy lr{lr:.2g} s{std}", lr=lr, eval_every=s.proxy_steps, warmup=s.warmup,
+                      seed=s.seed + 1, progress=progress)
+            proxy[f"lr_mult={mult:g},noise={std:g}"] = score(c)
+            if score(c) < best_score:
+                best_key, best_score = (mult, std), score(c)
+    assert best_key is not None, "every proxy run diverged"
+    post_mult, noise_std = best_key
+    post_lr = post_mult * base_lr
+    report["proxy_grid_final_val"] = proxy
+    report["transferred"] = dict(post_lr=post_lr, post_lr_mult=post_mult, noise_std=noise_std,
+                                 noise_kind=s.noise_kind)
+    print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise std {noise_std:g}")
+
+    # 3. target upscaling n -> kn with the transferred knobs.
+    print(f"[{task.name}] 3/5 base model at width {n}, then upscaling {n} -> {k * n}")
+    base = fresh(n)
+    base_curve = train(base, plain_optimizer(base, base_lr, task.weight_decay), task, s.base_steps,
+                       label=f"base {n}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
+                       progress=progress)
+    wide = upscale(base, ex, k, noise_std, s.noise_kind, seed=s.seed)
+    with torch.no_grad():
+        gap = float((wide(*ex) - base(*ex)).abs().max())
+    up_curve = train(wide, mup_optimizer(wide, post_lr, task.weight_decay), task, s.steps,
+                     label=f"upscaled {n}->{k * n}", lr=post_lr, eval_every=s.eval_every, warmup=s.warmup,
+                     seed=s.seed + 1, progress=progress)
+    up_curve.extra["max_output_change_at_upscale"] = gap
+
+    # 4. scratch baseline at kn, lr tuned on a grid at the target width.
+    print(f"[{task.name}] 4/5 scratch at width {k * n}: lr grid")
+
+    def scratch_run(lr: float) -> Curve:
+        m, b = mup_scratch_model(task.make_model, k * n, n, ex, s.seed)
+        return train(m, mup_optimizer(m, lr, task.weight_decay, base=b, example_inputs=ex), task, s.steps,
+                     label=f"scratch {k * n} lr{lr:.2g}", lr=lr, eval_every=s.eval_every, warmup=s.warmup,
+                     seed=s.seed + 1, progress=progress)
+
+    scratch_lr, scratch_curves = tune_lr(task, scratch_run, lr_grid(base_lr, s.scratch_lr_points), "scratch",
+                                         s.max_extend)
+    scratch = next(c for c in scratch_curves if c.lr == scratch_lr)
+
+    # 5. metrics.
+    print(f"[{task.name}] 5/5 metrics and plots")
+    target = scratch.final_val
+    reach = steps_to_reach(up_curve, target)
+    base_flops = base_curve.flops_per_step * s.base_steps
+    scratch_flops = scratch.flops_per_step * s.steps
+    up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
+    report.update(
+        scratch_lr=scratch_lr,
+        scratch_lr_grid={f"{c.lr:.4g}": score(c) for c in scratch_curves},
+        base=base_curve.as_dict(),
+        upscaled=up_curve.as_dict(),
+        scratch=scratch.as_dict(),
+        scratch_grid=[c.as_dict() for c in scratch_curves],
+        params=dict(base=n_params(base), wide=n_params(wide)),
+        comparison=dict(
+            scratch_final_val=target,
+            upscaled_final_val=up_curve.final_val,
+            scratch_final_train=scratch.final_train,
+            upscaled_final_train=up_curve.final_train,
+            upscaled_val_at_equal_steps_le_scratch=up_curve.final_val <= target,
+            upscaled_steps_to_scratch_final_val=reach,
+            upscaled_steps_fraction=None if reach is None else reach / s.steps,
+            scratch_flops=scratch_flops,
+            base_training_flops=base_flops,
+            upscaled_total_flops_to_reach=up_flops_at,
+            upscaled_flops_fraction=None if up_flops_at is None else up_flops_at / scratch_flops,
+            upscaled_total_flops_full=base_flops + up_curve.flops_per_step * s.steps,
+        ),
+        seconds=round(time.perf_counter() - t_start, 1),
+    )
+    save_json(report, out / "results.json")
+    plot_upscaling(report, out)
+    print_summary(report)
+    return report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """One-screen summary of an upscaling experiment."""
+    c = report["comparison"]
+    w = report["widths"]
+    print(f"\n== {report['task']}: base {w['base']} -> upscaled {w['wide']} vs scratch {w['wide']} ==")
+    t = report["transferred"]
+    print(f"  base lr {report['base_lr']:.3g}; transferred post-upscale lr {t['post_lr']:.3g},"
+          f" noise {t['noise_std']:g}; scratch lr {report['scratch_lr']:.3g}")
+    print(f"  final val  : upscaled {c['upscaled_final_val']:.4f}   scratch {c['scratch_final_val']:.4f}")
+    print(f"  final train: upscaled {c['upscaled_final_train']:.4f}   scratch {c['scratch_final_train']:.4f}")
+    frac = c["upscaled_steps_fraction"]
+    ff = c["upscaled_flops_fraction"]
+    print(f"  steps to scratch's final val: {c['upscaled_steps_to_scratch_final_val']}"
+          f" ({'never' if frac is None else f'{frac:.0%} of scratch'});"
+          f" FLOPs incl. base: {'n/a' if ff is None else f'{ff:.0%} of scratch'}")
+    print(f"  took {report['seconds']} s\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output: JSON, plots, CLI
+# ----------------------------------------------------------------------------------------------------
+
+def save_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as indented JSON (non-finite floats become null so the file stays valid JSON)."""
+    def clean(o: Any) -> Any:
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(obj), indent=1, allow_nan=False))
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_upscaling(report: dict[str, Any], out: Path) -> None:
+    """Val loss vs steps and vs FLOPs (base model's training included) for base, upscaled and scratch."""
+    plt = _plt()
+    base, up, sc = report["base"], report["upscaled"], report["scratch"]
+    base_flops = base["flops_per_step"] * base["steps"][-1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.plot(up["steps"], up["val_loss"], label=f"upscaled (lr {up['lr']:.2g})")
+    ax.plot(sc["steps"], sc["val_loss"], label=f"scratch, tuned lr {sc['lr']:.2g}")
+    for c in report["scratch_grid"]:
+        if c["lr"] != sc["lr"]:
+            ax.plot(c["steps"], c["val_loss"], color="gray", alpha=0.3, lw=0.8)
+    ax.axhline(report["comparison"]["scratch_final_val"], color="k", ls=":", lw=0.8)
+    ax.set_xlabel("steps at the wide width (post-upscale for upscaled)")
+    ax.set_ylabel("val loss")
+    ax.set_title(f"{report['task']}: val loss vs steps")
+    ax = axes[1]
+    ax.plot([s * base["flops_per_step"] for s in base["steps"]], base["val_loss"], label=f"base width "
+            f"{report['widths']['base']}", color="C2")
+    ax.plot([base_flops + s * up["flops_per_step"] for s in up["steps"]], up["val_loss"], label="upscaled "
+            "(incl. base training)", color="C0")
+    ax.plot([s * sc["flops_per_step"] for s in sc["steps"]], sc["val_loss"], label="scratch", color="C1")
+    ax.axhline(report["comparison"]["scratch_final_val"], color="k", ls=":", lw=0.8)
+    ax.set_xlabel("training FLOPs (estimate)")
+    ax.set_title("val loss vs FLOPs")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        lo = min(min(up["val_loss"]), min(sc["val_loss"]))
+        hi = max(sc["val_loss"][min(2, len(sc["val_loss"]) - 1)], up["val_loss"][0])
+        if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=90)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
+               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``[--quick] [--out DIR] [--threads N] [--no-progress]`` for every example, plus ``add_args``'s."""
+    p = argparse.ArgumentParser(description=doc)
+    if add_args is not None:
+        add_args(p)
+    p.add_argument("--quick", action="store_true", help="tiny settings (< 1 minute), for smoke tests")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / name, help="where results.json and plots go")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("GRAPHSCALE_EXAMPLES_THREADS", 2)))
+    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def require_graphscale() -> None:
+    """Fail with a clear message when graphscale's API is not there yet."""
+    if not graphscale_available():
+        raise SystemExit("graphscale.widen / mup_optimizer / mup_init_ / noise are not available: install "
+                         "graphscale (pip install -e .) from a version that has them")
+
+
+def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (offline): a fixed stratified 80/20 split, standardised with train stats.
+
+    Returns ``x_train, y_train, x_val, y_val`` with x of shape (N, 64), float32.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    xtr, xva, ytr, yva = train_test_split(d.data, d.target, test_size=0.2, random_state=seed,
+                                          stratify=d.target)
+    mean, std = xtr.mean(0), xtr.std(0)
+    std[std == 0] = 1.0
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
+    return f(xtr), torch.tensor(ytr), f(xva), torch.tensor(yva)
+
+
+def minibatcher(x: torch.Tensor, y: torch.Tensor, batch: int
+                ) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """Random minibatches (with replacement across batches) drawn with the caller's generator."""
+    def get(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        return x[idx], y[idx]
+
+    return get

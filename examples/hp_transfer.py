@@ -1,0 +1,213 @@
+"""Hyperparameter transfer across upscalings: sweep the post-upscale lr (grid spacing 2x) and the noise std
+for n->2n, 2n->4n and 4n->8n, and check whether the best grid point stays put.
+
+For each base width the narrow model is trained once (plain AdamW, the same lr at every width); then
+* graphscale: ``widen`` (copy + rescale + noise) and ``mup_optimizer`` (lr relative to the narrow model),
+  one run per lr of the grid (at a fixed noise std) and per noise std (at the grid's center lr);
+* control ("naive"): the narrow weights copied by hand with ``torch.repeat_interleave`` into a freshly
+  built wide model *without* the rescaling compensations, the same amount of hand-made noise, and plain
+  AdamW (standard parametrization: one lr for every tensor).
+
+Usage: ``python examples/hp_transfer.py [--quick] [--out DIR] [--tasks gpt,mlp]``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+import gpt_shakespeare  # noqa: E402
+import mlp_digits  # noqa: E402
+
+NAME = "hp_transfer"
+
+
+@dataclass
+class SweepSettings:
+    """One task's sweep."""
+
+    base_widths: tuple[int, ...]
+    base_steps: int
+    base_lr: float
+    post_steps: int
+    lrs: tuple[float, ...]
+    noise_std: float  # used for the lr sweeps (graphscale and naive)
+    noise_stds: tuple[float, ...]  # noise sweep at the center lr (graphscale)
+    eval_every: int
+    warmup: int
+    k: int = 2
+    seed: int = 0
+
+
+def naive_upscale(narrow: nn.Module, wide: nn.Module, k: int, noise_std: float, seed: int) -> nn.Module:
+    """Copy ``narrow`` into ``wide`` by hand: ``repeat_interleave`` along every axis that grew, no rescale.
+
+    Weights with two or more axes that grew in size also get ``N(0, noise_std^2 / fan_in)`` noise so the
+    copies can separate. ``wide`` must be a freshly built model of the same class at ``k`` times the width.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    src = narrow.state_dict()
+    with torch.no_grad():
+        for name, t in wide.state_dict().items():
+            v = src[name]
+            for dim in range(v.dim()):
+                if t.shape[dim] != v.shape[dim]:
+                    assert t.shape[dim] == k * v.shape[dim], f"{name}: axis {dim} did not grow by {k}"
+                    v = v.repeat_interleave(k, dim=dim)
+            if noise_std > 0 and v.is_floating_point() and v.dim() >= 2 and v.shape != src[name].shape:
+                v = v + noise_std / math.sqrt(v.shape[1]) * torch.randn(v.shape, generator=gen)
+            t.copy_(v)
+    return wide
+
+
+def sweep_task(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, Any]:
+    """Run the sweeps of one task; returns per-width losses and argmins."""
+    out: dict[str, Any] = dict(task=task.name, settings={**s.__dict__}, widths={})
+    center = s.lrs[len(s.lrs) // 2]
+    for n in s.base_widths:
+        label = f"{n}->{s.k * n}"
+        print(f"[{NAME}/{task.name}] base width {n}: train, then upscale {label}")
+        torch.manual_seed(s.seed)
+        base = task.make_model(n)
+        bc = C.train(base, C.plain_optimizer(base, s.base_lr, task.weight_decay), task, s.base_steps,
+                label=f"base {n}", lr=s.base_lr, eval_every=s.base_steps, warmup=s.warmup, seed=s.seed,
+                progress=progress)
+
+        def run(lr: float, std: float, naive: bool, n: int = n, base: nn.Module = base, label: str = label
+                ) -> float:
+            if naive:
+                torch.manual_seed(s.seed)
+                wide = naive_upscale(base, task.make_model(s.k * n), s.k, std, s.seed)
+                opt = C.plain_optimizer(wide, lr, task.weight_decay)
+            else:
+                wide = C.upscale(base, task.example_inputs, s.k, std, seed=s.seed)
+                opt = C.mup_optimizer(wide, lr, task.weight_decay)
+            name = f"{'naive' if naive else 'μP'} {label} lr{lr:.2g} s{std:g}"
+            c = C.train(wide, opt, task, s.post_steps, label=name, lr=lr, eval_every=s.eval_every,
+                        warmup=s.warmup, seed=s.seed + 1, progress=progress)
+            return C.score(c, last=2)
+
+        gs = {lr: run(lr, s.noise_std, False) for lr in s.lrs}
+        noise = {std: (gs[center] if std == s.noise_std else run(center, std, False)) for std in s.noise_stds}
+        naive = {lr: run(lr, s.noise_std, True) for lr in s.lrs}
+        out["widths"][label] = dict(
+            base_initial_val=bc.val[0],
+            base_final_val=bc.final_val,
+            graphscale_lr={f"{lr:.4g}": v for lr, v in gs.items()},
+            graphscale_noise={f"{std:g}": v for std, v in noise.items()},
+            naive_lr={f"{lr:.4g}": v for lr, v in naive.items()},
+            graphscale_best_lr=min(gs, key=gs.get),
+            graphscale_best_noise=min(noise, key=noise.get),
+            naive_best_lr=min(naive, key=naive.get),
+        )
+    w = out["widths"].values()
+    best = [d["graphscale_best_lr"] for d in w]
+    nbest = [d["naive_best_lr"] for d in w]
+    out["graphscale_argmin_stable"] = len(set(best)) == 1
+    out["graphscale_argmin_shift_grid_points"] = max(_grid_index(b, s.lrs) for b in best) - min(
+        _grid_index(b, s.lrs) for b in best)
+    out["naive_argmin_stable"] = len(set(nbest)) == 1
+    out["naive_argmin_shift_grid_points"] = max(_grid_index(b, s.lrs) for b in nbest) - min(
+        _grid_index(b, s.lrs) for b in nbest)
+    out["noise_argmin_stable"] = len({d["graphscale_best_noise"] for d in w}) == 1
+    return out
+
+
+def _grid_index(lr: float, grid: Sequence[float]) -> int:
+    return min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / lr)))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Loss vs lr per width (graphscale and naive) and loss vs noise std per width."""
+    plt = C._plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (label, d) in enumerate(result["widths"].items()):
+        for ax, key in ((axes[0], "graphscale_lr"), (axes[1], "naive_lr")):
+            xs = [float(x) for x in d[key]]
+            ys = [v if v is not None and math.isfinite(v) else float("nan") for v in d[key].values()]
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
+            j = min(range(len(ys)), key=lambda j: ys[j] if math.isfinite(ys[j]) else float("inf"))
+            ax.plot([xs[j]], [ys[j]], "*", color=f"C{i}", ms=14)
+        xs = [float(x) for x in d["graphscale_noise"]]
+        axes[2].plot(xs, list(d["graphscale_noise"].values()), "o-", color=f"C{i}", label=label)
+    axes[0].set_title(f"{result['task']}: graphscale widen + μP AdamW")
+    axes[1].set_title(f"{result['task']}: naive copy + plain AdamW (control)")
+    axes[2].set_title(f"{result['task']}: graphscale, noise std at lr {result['settings']['lrs'][2]:.2g}")
+    for ax in axes[:2]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("post-upscale learning rate")
+    axes[2].set_xlabel("noise std")
+    finite = [v for d in result["widths"].values() for v in d["graphscale_lr"].values()
+              if v is not None and math.isfinite(v)]
+    for ax in axes:
+        ax.set_ylabel("val loss after post-upscale training")
+        ax.legend(fontsize=8)
+    if finite:
+        lo, hi = min(finite), max(finite)
+        axes[0].set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def gpt_settings(quick: bool) -> tuple[C.Task, SweepSettings]:
+    """A small GPT (2 layers, 2 heads): the sweep is 39 post-upscale runs."""
+    if quick:
+        task = gpt_shakespeare.make_task(batch=8, block_size=16, n_head=2, eval_batches=1)
+        return task, SweepSettings(base_widths=(8, 16), base_steps=30, base_lr=1e-2, post_steps=10,
+                                   lrs=(2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2), noise_std=0.5, noise_stds=(0.5,),
+                                   eval_every=5, warmup=3)
+    task = gpt_shakespeare.make_task(batch=32, block_size=32, n_head=2, eval_batches=2)
+    return task, SweepSettings(base_widths=(8, 16, 32), base_steps=400, base_lr=8e-3, post_steps=150,
+                               lrs=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), noise_std=0.5,
+                               noise_stds=(0.0, 0.2, 0.5, 1.0), eval_every=25, warmup=10)
+
+
+def mlp_settings(quick: bool) -> tuple[C.Task, SweepSettings]:
+    """The digits MLP of ``mlp_digits.py``."""
+    task = mlp_digits.make_task()
+    if quick:
+        return task, SweepSettings(base_widths=(16, 32), base_steps=40, base_lr=3e-3, post_steps=20,
+                                   lrs=(7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2), noise_std=0.5, noise_stds=(0.5,),
+                                   eval_every=10, warmup=3)
+    return task, SweepSettings(base_widths=(32, 64, 128), base_steps=300, base_lr=2e-3, post_steps=300,
+                               lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3), noise_std=0.5,
+                               noise_stds=(0.0, 0.2, 0.5, 1.0), eval_every=25, warmup=10)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the sweeps; writes ``results.json`` and one ``<task>_lr.png`` per task to ``--out``."""
+    args = C.parse_args(argv, NAME, __doc__, lambda p: p.add_argument(
+        "--tasks", default="gpt,mlp", help="comma-separated subset of gpt,mlp"))
+    C.require_graphscale()
+    t0 = time.perf_counter()
+    report: dict[str, Any] = dict(tasks={})
+    builders = dict(gpt=gpt_settings, mlp=mlp_settings)
+    for name in args.tasks.split(","):
+        task, s = builders[name](args.quick)
+        r = sweep_task(task, s, progress=not args.no_progress)
+        report["tasks"][name] = r
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(r, args.out / f"{name}_lr.png")
+        per = list(r["widths"].values())
+        print(f"  {name}: graphscale best lr per width {[d['graphscale_best_lr'] for d in per]}"
+              f" (stable: {r['graphscale_argmin_stable']}); naive {[d['naive_best_lr'] for d in per]}"
+              f" (stable: {r['naive_argmin_stable']});"
+              f" best noise {[d['graphscale_best_noise'] for d in per]}")
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    C.save_json(report, args.out / "results.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()
