@@ -24,10 +24,10 @@ from graphscale.errors import (
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
 from graphscale.verify import VerifyReport, verify
-from graphscale.widen import widen
+from graphscale.widen import widen, widen_into
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
     "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord", "WidthConflictError", "analyze",
-    "verify", "widen",
+    "verify", "widen", "widen_into",
 ]

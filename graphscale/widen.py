@@ -22,13 +22,14 @@ import copy
 import math
 import operator
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer
+from graphscale.capture import Tracer, preserved_buffers
 from graphscale.derive import ScalingRule
 from graphscale.errors import MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
@@ -387,3 +388,187 @@ def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
         if tuple(state[name].shape) != s.wide_shape:
             raise WidthConflictError(f"{name}: the larger model has shape {tuple(state[name].shape)}, "
                                      f"widening the small one gives {s.wide_shape}")
+
+
+def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *,
+               tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
+               heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
+               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4) -> WideningRecord:
+    """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
+
+    Each class multiplier is read off the shapes (``large`` size / ``small`` size of the class's named
+    axis); a ratio that is not an integer, or any tensor whose shape does not match the widened one, is an
+    error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
+    wider head_dim is its own: ``attention="standard"`` (1/sqrt(head_dim): W_q and b_q get a further
+    ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), or ``"auto"``, which tries both and keeps the
+    one whose outputs match ``small`` on ``example_inputs`` (relative error <= ``rtol``). ``small`` is
+    never modified; ``large``'s parameters and buffers are overwritten in place. Returns the record, also
+    attached as ``large.graphscale``.
+
+    Example:
+        >>> small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> large = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(5, 3)
+        >>> widen_into(small, large, (x,)).multipliers
+        {'0.weight[0]': 2}
+    """
+    plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+    state = dict(large.named_parameters(remove_duplicate=False))
+    state.update(dict(large.named_buffers(remove_duplicate=False)))
+    mults = _multipliers_from_shapes(plan, state)
+    sizes = _Sizes(plan, mults)
+    record = build_record(plan, sizes, mults)
+    unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
+    for name in unused:  # e.g. HF's original_inv_freq: not part of the function; large keeps its own
+        record.params.pop(name, None)
+    check_shapes(large, record)
+    _compensate_shared_uses(plan, sizes, record)
+    source = _source_state(plan.captured.gm)
+    wide = {}
+    with torch.no_grad():
+        for name, s in record.params.items():
+            wide[name] = s.widen(source[plan.walk.aliases.get(name, name)].detach())
+    q_scales = _query_projections(plan, sizes)
+    candidates = {"standard": True, "mup": False}
+    order = ["standard", "mup"] if attention == "auto" else [attention]
+    if not q_scales:
+        order = order[:1]
+    errors: dict[str, float] = {}
+    args, kwargs = plan.captured.args, plan.captured.kwargs
+    with torch.no_grad(), preserved_buffers(small):
+        want = small(*args, **kwargs)
+    for choice in order:
+        with torch.no_grad():
+            for name, t in wide.items():
+                state[name].copy_(t)
+            if candidates[choice]:
+                for name, axis, lo, hi, m in q_scales:
+                    state[name].narrow(axis, lo, hi - lo).mul_(m ** -0.5)
+            with preserved_buffers(large):
+                got = large(*args, **kwargs)
+        errors[choice] = _max_rel(got, want)
+        if errors[choice] <= rtol:
+            record.notes.append(f"widen_into: attention={choice!r}, max relative output error "
+                                f"{errors[choice]:.2g}")
+            if candidates[choice]:
+                for name, axis, lo, hi, m in q_scales:
+                    s = record.params[name]
+                    if lo == 0 and hi == s.wide_shape[axis]:
+                        record.params[name] = replace(s, copy_scale=s.copy_scale * m ** -0.5)
+                    else:  # a fused q|k|v tensor: one copy scale cannot describe it; say so
+                        record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a "
+                                            f"further {m}**-0.5 that its copy scale does not show")
+                record.notes.append("widen_into: query projections carry a further k**-0.5 "
+                                    f"({', '.join(sorted({q[0] for q in q_scales}))})")
+            large.graphscale = record  # type: ignore[assignment]
+            return record
+    raise WidthConflictError(
+        "the larger model does not compute the same function after filling it "
+        f"(max relative output error {', '.join(f'{k}: {v:.3g}' for k, v in errors.items())}); its "
+        "architecture differs from the small model's beyond width, or its attention scale follows neither "
+        "1/sqrt(head_dim) nor 1/head_dim")
+
+
+def _compensate_shared_uses(plan: Plan, sizes: _Sizes, record: WideningRecord) -> None:
+    """A tied weight's extra factor (inserted as a multiplier by :func:`widen`) must live in weights here:
+    move it into the parameters of the op that produces the tied use's input (the final LayerNorm
+    before a tied readout), provided nothing else reads that op's output."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    params_of: dict[str, list[str]] = {}
+    for u in plan.walk.requests.uses:
+        params_of.setdefault(u.node, []).append(plan.walk.aliases.get(u.param, u.param))
+    mults = {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes}
+    for use in plan.walk.requests.uses:
+        name = plan.walk.aliases.get(use.param, use.param)
+        factor = plan.rules[name].use_multipliers.get(use.node)
+        if factor is None or use.operand is None:
+            continue
+        value = plan.substitute(factor, mults)
+        if value == 1.0:
+            continue
+        producer = _get_loc(nodes[use.node], use.operand)
+        while isinstance(producer, fx.Node) and producer.name not in params_of and len(producer.users) == 1 \
+                and producer.op in ("call_method", "call_function") and producer.args:
+            producer = producer.args[0]  # through views and casts
+        if not isinstance(producer, fx.Node) or producer.name not in params_of or len(producer.users) != 1:
+            raise WidthConflictError(
+                f"{name} is shared with {use.node}, which needs a further factor {factor} that widen_into "
+                "cannot put into any weight (the op feeding it has no parameters or other users); use "
+                "graphscale.widen, which inserts the factor into the graph")
+        for p in params_of[producer.name]:
+            for key in [p, *plan.rules[p].aliases]:
+                s = record.params[key]
+                record.params[key] = replace(s, copy_scale=s.copy_scale * value)
+        record.notes.append(f"widen_into: {', '.join(params_of[producer.name])} carry a further {factor} "
+                            f"for the shared use of {name} at {use.node}")
+
+
+def _max_rel(got: Any, want: Any) -> float:
+    import torch.utils._pytree as pytree
+
+    g = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    w = [t for t in pytree.tree_leaves(want) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(g) != len(w) or any(a.shape != b.shape for a, b in zip(g, w)):
+        return float("inf")
+    return max(((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
+               for a, b in zip(g, w))
+
+
+def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    mults: dict[str, int] = {}
+    for c in plan.width_classes:
+        name, _, rest = c.name.partition("[")
+        axis = int(rest.split("]")[0])
+        if name not in state:
+            raise WidthConflictError(f"the larger model has no tensor {name!r} to read class {c.name!r} from")
+        small_size, large_size = plan.walk.tensor_shapes[name][axis], state[name].shape[axis]
+        if large_size % small_size:
+            raise MultiplierError(f"{name}[{axis}]: the larger model's size {large_size} is not an integer "
+                                  f"multiple of the small model's {small_size}")
+        mults[c.name] = large_size // small_size
+    return mults
+
+
+def _query_projections(plan: Plan, sizes: _Sizes) -> list[tuple[str, int, int, int, int]]:
+    """For each attention whose head_dim grows: (tensor, axis, wide start, wide stop, multiplier) of the
+    query projection's output rows, found by walking back from the attention's query operand."""
+    from graphscale.infer.values import TensorInfo
+
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.walk.requests.scales]
+    contractions += [(m.node, m.dims[0]) for m in plan.walk.requests.multipliers
+                     if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2]
+    users_of_param = {}
+    for u in plan.walk.requests.uses:
+        users_of_param.setdefault(u.node, []).append(u.param)
+    out = []
+    for node_name, dim in contractions:
+        m = sizes.mult(dim)
+        if m == 1:
+            continue
+        node = nodes[node_name].args[0]
+        segment: tuple[int, int] | None = None
+        for _ in range(64):
+            if not isinstance(node, fx.Node):
+                break
+            if node.name in users_of_param:
+                info = plan.walk.info[node.name]
+                assert isinstance(info, TensorInfo)
+                out_root = sizes.res.root(info.dims[-1])
+                for pname in users_of_param[node.name]:
+                    pname = plan.walk.aliases.get(pname, pname)
+                    for ax, d in enumerate(plan.walk.tensor_dims[pname]):
+                        if sizes.res.root(d) == out_root:
+                            lo, hi = segment or (0, sizes.wide(d))
+                            out.append((pname, ax, lo, hi, m))
+                break
+            if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+                parts = plan.walk.info.get(node.args[0].name)
+                if isinstance(parts, tuple) and isinstance(node.args[1], int):
+                    k = node.args[1]
+                    part_dims = [p.dims[-1] for p in parts]
+                    lo = sum(sizes.wide(d) for d in part_dims[:k])
+                    segment = (lo, lo + sizes.wide(part_dims[k]))
+            tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+            node = tensor_args[0] if tensor_args else None
+    return out
