@@ -23,11 +23,20 @@ from graphscale.errors import (
 )
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+from graphscale.train import (
+    clip_grad_norm_,
+    coord_check,
+    mup_init_,
+    mup_optimizer,
+    transfer_optimizer_state,
+)
+from graphscale.train import noise as noise
 from graphscale.verify import VerifyReport, verify
-from graphscale.widen import widen, widen_into
+from graphscale.widen import relative_record, widen, widen_into
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
     "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord", "WidthConflictError", "analyze",
-    "verify", "widen", "widen_into",
+    "clip_grad_norm_", "coord_check", "mup_init_", "mup_optimizer", "noise", "relative_record",
+    "transfer_optimizer_state", "verify", "widen", "widen_into",
 ]

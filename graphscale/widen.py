@@ -572,3 +572,45 @@ def _query_projections(plan: Plan, sizes: _Sizes) -> list[tuple[str, int, int, i
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             node = tensor_args[0] if tensor_args else None
     return out
+
+
+def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.Module | dict[str, int], *,
+                    tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
+                    heads: HeadsPolicy = "fixed") -> WideningRecord:
+    """The scaling record of ``model`` relative to a narrower ``base``, for μP training from scratch.
+
+    ``base`` is a smaller instance of the same architecture (multipliers are read off the shapes, as in
+    :func:`widen_into`) or a dict from ``model``'s width-class names to multipliers (the base is then
+    ``model``'s widths divided by them). :func:`graphscale.mup_optimizer` and
+    :func:`graphscale.mup_init_` use it so that hyperparameters tuned at the base width transfer.
+
+    Example:
+        >>> small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> big = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> relative_record(big, (torch.randn(1, 3),), small)["2.weight"].fan_in_mult
+        4
+    """
+    if isinstance(base, torch.nn.Module):
+        plan = analyze(base, example_inputs, tracer=tracer, rules=rules, heads=heads)
+        state = dict(model.named_parameters(remove_duplicate=False))
+        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        mults = _multipliers_from_shapes(plan, state)
+        record = build_record(plan, _Sizes(plan, mults), mults)
+        unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
+        for name in unused:
+            record.params.pop(name, None)
+        check_shapes(model, record)
+        return record
+    plan = analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads)
+    mults = plan.multipliers(base)
+    for c in plan.width_classes:
+        if c.atom_size % mults[c.name]:
+            raise MultiplierError(f"class {c.name!r} has {c.atom_size} units per group, not divisible by its "
+                                  f"multiplier {mults[c.name]}")
+    record = build_record(plan, _Sizes(plan, mults), mults)
+    for name, s in record.params.items():  # the record was built as if model were the base: rescale shapes
+        narrow = tuple(n // (a.multiplier if a is not None else 1) for n, a in zip(s.narrow_shape, s.axes))
+        record.params[name] = replace(s, narrow_shape=narrow, wide_shape=s.narrow_shape,
+                                      axes=tuple(None for _ in s.axes))
+    record.notes.append("relative to a base given by multipliers: no narrow tensors, so no replication maps")
+    return record
