@@ -171,3 +171,56 @@ def test_coord_check_with_the_engine(tmp_path) -> None:
                       steps=3, hparams={"lr": 0.1}, out_dir=tmp_path)
     assert res.spread("mup") < 1e-9 < 1e-2 < res.spread("naive")
     assert (tmp_path / "coord_check.png").exists() and (tmp_path / "coord_check.json").exists()
+
+
+# ------------------------------------------------------------------------- base= path (from scratch)
+
+
+def _sequential_mlp(d_in: int, widths: tuple[int, ...], d_out: int, seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    dims = [d_in, *widths]
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    layers.append(torch.nn.Linear(dims[-1], d_out))
+    return torch.nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize("cls, hp", OPTIMIZERS, ids=["sgd", "adam", "adamw"])
+def test_base_path_gives_the_widening_laws(cls, hp) -> None:
+    """A plain model built at 3x width, loaded with the widened weights of a small one and optimised with
+    ``mup_optimizer(big, cls, base=small)``, trains exactly like the small one: the record from
+    ``relative_record`` carries the same factors as the widening's."""
+    small = _sequential_mlp(4, (5, 6), 2, seed=0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    wide = graphscale.widen(small, (x,), multiplier=3)
+    big = _sequential_mlp(4, (15, 18), 2, seed=1)
+    big.load_state_dict(dict(wide.named_parameters()))
+    data = (torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64))
+    narrow = copy.deepcopy(small)
+    worst = _run(narrow, big, cls(narrow.parameters(), **hp),
+                 mup_optimizer(big, cls, base=small, example_inputs=(x,), **hp), data, F.mse_loss, 40)
+    assert worst <= TOL
+    # a base given as class multipliers yields the same groups
+    by_module = mup_optimizer(big, cls, base=small, example_inputs=(x,), **hp)
+    classes = graphscale.relative_record(big, (x,), small).multipliers
+    by_dict = mup_optimizer(big, cls, base=dict(classes), example_inputs=(x,), **hp)
+    assert ([g["graphscale"] for g in by_module.param_groups]
+            == [g["graphscale"] for g in by_dict.param_groups])
+
+
+def test_mup_init_relative_to_a_base_module() -> None:
+    small = _sequential_mlp(64, (16, 16), 32, seed=0)
+    big = _sequential_mlp(64, (64, 64), 32, seed=1)
+    x = torch.randn(2, 64, dtype=torch.float64)
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.detach().pow(2).mean().sqrt())
+
+    mup_init_ = graphscale.mup_init_
+    mup_init_(big, (x,), base=small)
+    assert abs(rms(big[0].weight) / rms(small[0].weight) - 1) < 1e-9  # input: base std
+    assert abs(rms(big[2].weight) / rms(small[2].weight) - 0.5) < 1e-9  # hidden: m_in^-1/2
+    assert abs(rms(big[4].weight) / rms(small[4].weight) - 0.25) < 1e-9  # readout: 1/m_in
+    mup_init_(big, (x,), base=small, readout_zero=True)
+    assert float(big[4].weight.abs().max()) == 0.0
