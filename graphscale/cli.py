@@ -91,6 +91,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["tracer"] = args.tracer
     if args.heads is not None:
         opts["heads"] = args.heads
+    if getattr(args, "outputs", None) is not None:
+        opts["outputs"] = args.outputs
     if args.rules:
         missing = [r for r in args.rules if not Path(r).exists()]
         if missing:
@@ -170,7 +172,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     opts = _engine_options(args)
     model, inputs = _load_model(args)
     plan = graphscale.analyze(model, inputs, **opts)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else str(plan))
+    data = plan.to_dict()
+    text = str(plan)
+    if args.noise is not None:
+        from graphscale.train.noise import noise_from_spec
+
+        scheme = noise_from_spec(args.noise)
+        multiplier = parse_multiplier(args.multiplier)
+        wide = graphscale.widen(model, inputs, multiplier=multiplier, plan=plan)
+        formulas = {name: scheme.describe(s) for name, s in wide.graphscale.params.items()}
+        data["noise"] = {"scheme": args.noise, "multipliers": wide.graphscale.multipliers,
+                         "formulas": formulas}
+        w = max(len(n) for n in formulas)
+        text += f"\n\nnoise {args.noise} at multipliers {wide.graphscale.multipliers}:\n" + "\n".join(
+            f"  {n:<{w}}  {f}" for n, f in formulas.items())
+    print(json.dumps(data, indent=2) if args.json else text)
     return 0
 
 
@@ -203,7 +219,12 @@ def cmd_widen(args: argparse.Namespace) -> int:
             raise GraphscaleError(f"cannot load --checkpoint {args.checkpoint} into {args.model}: "
                                   f"{detail}") from e
     narrow_out = _outputs(model, inputs)
-    wide = graphscale.widen(model, inputs, multiplier=multiplier, **opts)
+    noise = None
+    if args.noise is not None:
+        from graphscale.train.noise import noise_from_spec
+
+        noise = noise_from_spec(args.noise)
+    wide = graphscale.widen(model, inputs, multiplier=multiplier, noise=noise, seed=args.seed, **opts)
     diff = _max_abs_diff(_outputs(wide, inputs), narrow_out)
     record = wide.graphscale
     metadata = {"graphscale.multipliers": json.dumps(record.multipliers), "graphscale.model": args.model}
@@ -228,7 +249,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.examples < 1:
             raise GraphscaleError(f"--examples must be at least 1, got {args.examples}")
         kwargs["max_examples"] = args.examples
-    multiplier = parse_multiplier(args.multiplier)
+    if args.steps:
+        import torch
+
+        kwargs["steps"] = args.steps
+        kwargs["optimizer"] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                               "adamw": torch.optim.AdamW}[args.optimizer]
+        extra = {"momentum": 0.9} if args.optimizer == "sgd" else {"eps": 1e-3}
+        kwargs["hparams"] = {"lr": args.lr} | extra
+    multiplier = parse_multiplier(args.multiplier) if args.multiplier else None
     model, inputs = _load_model(args)
     report = graphscale.verify(model, inputs, multiplier=multiplier, **kwargs)
     print(report)
@@ -290,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or copy heads (grow)")
     model.add_argument("--rules", action="append", metavar="PATH",
                        help="extra rule file or directory (repeatable)")
+    model.add_argument("--outputs", choices=["fixed", "width"], default=None,
+                       help="keep the model outputs' axes fixed (default) or let them grow (a backbone "
+                            "whose output is its hidden state)")
 
     mult = argparse.ArgumentParser(add_help=False)
     mult.add_argument("--multiplier", action="append", metavar="K|CLASS=K",
@@ -301,8 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Widen (μpscale) trained PyTorch models exactly, with derived μP scaling rules.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("explain", parents=[debug, model], help="show the width classes and scaling plan")
+    p = sub.add_parser("explain", parents=[debug, model, mult],
+                       help="show the width classes and scaling plan")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--noise", metavar="SCHEME[:S]",
+                   help="also show each tensor's noise formula: none, gaussian:STD, spectral:T, "
+                        "symmetric:STD")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("widen", parents=[debug, model, mult],
@@ -311,11 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="narrow weights (.safetensors) to load into MODEL before widening; never modified")
     p.add_argument("--out", metavar="FILE", required=True,
                    help="where to write the widened state dict (.safetensors, written atomically)")
+    p.add_argument("--noise", metavar="SCHEME[:S]",
+                   help="symmetry-breaking noise: none (default), gaussian:STD, spectral:T, symmetric:STD")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.set_defaults(func=cmd_widen)
 
     p = sub.add_parser("verify", parents=[debug, model, mult],
                        help="check that the widened model computes the same function")
     p.add_argument("--examples", type=int, metavar="N", help="number of property-based test examples")
+    p.add_argument("--steps", type=int, default=0, metavar="N",
+                   help="also train narrow and wide side by side for N steps and report the divergence")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adamw",
+                   help="optimizer for --steps (default adamw; eps 1e-3 for Adam, momentum 0.9 for SGD)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate for --steps (default 1e-2)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", parents=[debug],

@@ -56,6 +56,7 @@ class VerifyReport:
     nodes: dict[str, NodeError] = field(default_factory=dict)
     failure: str | None = None
     failing_example: dict[str, Any] | None = None
+    training: list[float] = field(default_factory=list)  # worst relative output divergence per step
 
     def worst(self, n: int = 5) -> list[NodeError]:
         return sorted(self.nodes.values(), key=lambda e: e.relative, reverse=True)[:n]
@@ -67,6 +68,9 @@ class VerifyReport:
         lines.append("worst nodes (error / (1 + max|activation|)):")
         for e in self.worst():
             lines.append(f"  {e.node:<40} {e.relative:.3g}")
+        if self.training:
+            lines.append(f"training ({len(self.training)} steps, zero noise, μP optimizer vs plain): worst "
+                         f"relative divergence {max(self.training):.3g} (step {_argmax(self.training) + 1})")
         if self.failure:
             lines.append(f"failure: {self.failure}")
         if self.failing_example:
@@ -177,11 +181,16 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
            max_examples: int = 20, dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32),
            choices: tuple[int, ...] = (1, 2, 3, 4), tolerance: dict[torch.dtype, float] | None = None,
            tracer: str = "auto", rules: Any = None, heads: str = "fixed", outputs: str = "fixed",
-           seed: int = 0, plan: Plan | None = None) -> VerifyReport:
+           seed: int = 0, plan: Plan | None = None, steps: int = 0,
+           optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+           hparams: dict[str, Any] | None = None) -> VerifyReport:
     """Check with Hypothesis that widening ``model`` is exact (see module doc); never raises on a mismatch.
 
     ``multiplier`` fixes the multipliers instead of drawing them. ``tolerance`` maps a dtype to the allowed
     max error relative to ``1 + max |activation|`` (defaults: 1e-10 for float64, 1e-5 for float32).
+    ``steps > 0`` also trains the narrow model and its zero-noise widening side by side for that many
+    steps with ``optimizer`` (plain vs :func:`graphscale.mup_optimizer`, float64) and reports the worst
+    divergence per step (:func:`verify_training`); it must stay within the float64 tolerance.
 
     Example:
         >>> verify(torch.nn.Linear(3, 2), (torch.randn(2, 3),), max_examples=2).examples
@@ -243,7 +252,65 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
         report.ok = False
         report.failure = str(e).splitlines()[0]
         report.failing_example = dict(last_failure)
+    if steps > 0:
+        report.training = verify_training(
+            model, example_inputs, steps=steps, optimizer=optimizer, hparams=hparams,
+            multiplier=multiplier or 2, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+        worst = max(report.training)
+        if worst > tol[torch.float64] * 10:  # 200 steps of float64 rounding, amplified by training
+            report.ok = False
+            report.failure = report.failure or (
+                f"training diverged: worst relative output divergence {worst:.3g} at step "
+                f"{_argmax(report.training) + 1} of {steps}")
     return report
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+def verify_training(model: torch.nn.Module, example_inputs: Any, *, steps: int = 10,
+                    optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                    hparams: dict[str, Any] | None = None, multiplier: int | dict[str, int] = 2,
+                    dtype: torch.dtype = torch.float64, seed: int = 0, **analyze_kw: Any) -> list[float]:
+    """Train the narrow model (plain ``optimizer``) and its zero-noise widening (``mup_optimizer``) side by
+    side on the same random batches; return the worst relative output divergence after each step.
+
+    The loss is a mean squared error against a fixed random target shaped like the output, so any model
+    with floating outputs can be checked. Dynamic equivalence (DESIGN.md §2) says the list stays at
+    rounding level; a plain optimizer on the wide model does not.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> max(verify_training(net, (torch.randn(4, 3),), steps=3)) < 1e-12
+        True
+    """
+    from graphscale.capture import normalize_inputs
+    from graphscale.train import mup_optimizer
+
+    hparams = dict(hparams or {"lr": 1e-2})
+    narrow = copy.deepcopy(model).to(dtype)
+    args, kwargs = normalize_inputs(_cast(example_inputs, dtype))
+    wide = widen(narrow, (args, kwargs), multiplier, **analyze_kw)
+    n_opt = optimizer(narrow.parameters(), **hparams)
+    w_opt = mup_optimizer(wide, optimizer, **hparams)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = narrow(*args, **kwargs)
+    target = torch.randn(out.shape, generator=gen, dtype=dtype)
+    divergence = []
+    for _ in range(steps):
+        batch = [torch.randn(a.shape, generator=gen, dtype=a.dtype) if isinstance(a, torch.Tensor)
+                 and a.is_floating_point() else a for a in args]
+        n_out, w_out = narrow(*batch, **kwargs), wide(*batch, **kwargs)
+        for opt, y in ((n_opt, n_out), (w_opt, w_out)):
+            opt.zero_grad()
+            ((y - target) ** 2).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            n_out, w_out = narrow(*batch, **kwargs), wide(*batch, **kwargs)
+            divergence.append(((w_out - n_out).abs().max() / (1 + n_out.abs().max())).item())
+    return divergence
 
 
 def _output_nodes(gm: fx.GraphModule) -> list[str]:
