@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ class Plan:
     classification: Classes
     heads: str
     notes: list[str]
+    _numeric: dict = field(default_factory=dict, repr=False)
 
     @property
     def width_classes(self) -> list[WidthClass]:
@@ -72,7 +73,12 @@ class Plan:
         return {n: k for n in names}
 
     def substitute(self, expr: sympy.Expr, multipliers: dict[str, int]) -> float:
-        return float(expr.subs({self.symbols[n]: k for n, k in multipliers.items()}))
+        """The numeric value of a derived expression under the given class multipliers."""
+        key = (expr, tuple(sorted(multipliers.items())))
+        if key not in self._numeric:  # many tensors share an expression; xreplace is much cheaper than subs
+            self._numeric[key] = float(expr.xreplace({self.symbols[n]: sympy.Integer(k)
+                                                      for n, k in multipliers.items()}))
+        return self._numeric[key]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: classes, symbols and every tensor's laws as strings."""

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +59,10 @@ class AxisReplication:
         """Long tensor of length ``wide_size``: the narrow index each wide position copies."""
         return _index(self.tree).to(device) if device is not None else _index(self.tree)
 
+    def plain_multiplier(self) -> int | None:
+        """``k`` when this axis is plain adjacent repetition of every index (``repeat_interleave(k)``)."""
+        return _plain_multiplier(self.tree)
+
     def is_identity(self) -> bool:
         return self.wide_size == self.narrow_size
 
@@ -70,6 +75,14 @@ def _size(tree: tuple, wide: bool) -> int:
     return _prod(sizes) if kind == "prod" else sum(sizes)
 
 
+@functools.lru_cache(maxsize=4096)
+def _plain_multiplier(tree: tuple) -> int | None:
+    n, wide = _size(tree, wide=False), _size(tree, wide=True)
+    k = wide // n
+    return k if torch.equal(_index(tree), torch.arange(n).repeat_interleave(k)) else None
+
+
+@functools.lru_cache(maxsize=4096)
 def _index(tree: tuple) -> torch.Tensor:
     kind = tree[0]
     if kind == "atom":
@@ -119,13 +132,18 @@ class ParamScaling:
         out = narrow
         for dim, axis in enumerate(self.axes):
             if axis is not None and not axis.is_identity():
-                out = out.index_select(dim, axis.index(out.device))
+                k = axis.plain_multiplier()
+                if k:
+                    out = out.repeat_interleave(k, dim=dim)
+                else:
+                    out = out.index_select(dim, axis.index(out.device))
         return out.clone() if out is narrow else out
 
     def widen(self, narrow: torch.Tensor) -> torch.Tensor:
         """``c * E(narrow)``: the wide value that keeps the function exact."""
-        wide = self.replicate(narrow)
-        return wide.mul_(self.copy_scale) if self.copy_scale != 1.0 and wide.is_floating_point() else wide
+        if self.copy_scale != 1.0 and narrow.is_floating_point():
+            narrow = narrow * self.copy_scale  # scale the narrow tensor: a pass over 1/M of the memory
+        return self.replicate(narrow)
 
     def collapse(self, wide: torch.Tensor) -> torch.Tensor:
         """Inverse view of :meth:`replicate`: the first copy of every group (for checks and reports)."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphscale.errors import UnsupportedOpError
+from graphscale.errors import GraphscaleError, UnsupportedOpError
 from graphscale.infer.dims import DimSystem
 from graphscale.infer.rulebook import Rule, RuleBook
 from graphscale.infer.values import ArgLoc, Const, Info, Requests, SizeInfo, TensorInfo
@@ -256,13 +256,29 @@ def _fn_name(fn: Any) -> str:
 
 
 def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Walk:
-    """Run ``gm`` on ``flat_inputs`` (one per placeholder) and infer every node's dimensions."""
-    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
-    walker = _Walker(gm, book, walk)
+    """Run ``gm`` on ``flat_inputs`` (one per placeholder) and infer every node's dimensions.
+
+    The walk needs shapes, not values, so it first runs under a fake-tensor mode (no arithmetic: cheap
+    for a 124M model); a graph that needs real values (data-dependent ops) is walked for real instead.
+    """
     from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
 
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
+        walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
+        with torch.no_grad(), preserved_buffers(gm), mode:
+            _Walker(gm, book, walk).run(*fake, enable_io_processing=False)
+        return walk
+    except GraphscaleError:
+        raise
+    except Exception:  # an op fake tensors cannot run (data-dependent): walk with the real values
+        pass
+    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
     with torch.no_grad(), preserved_buffers(gm):
-        walker.run(*flat_inputs, enable_io_processing=False)
+        _Walker(gm, book, walk).run(*flat_inputs, enable_io_processing=False)
     return walk
 
 
