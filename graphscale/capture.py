@@ -48,6 +48,10 @@ class _BufferProxyTracer(fx.Tracer):
     # Buffers such as a causal mask are sliced by the traced sequence length: they must be proxies.
     proxy_buffer_attributes = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True  # so errors can name the user's source line
+
 
 @contextlib.contextmanager
 def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:

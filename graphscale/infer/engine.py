@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,7 @@ class OpContext:
 class _Walker(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, book: RuleBook, walk: Walk) -> None:
         super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False  # our errors already name the node and its source line
         self.book, self.walk = book, walk
         self._by_id: dict[int, str] = {}
         for name, p in gm.named_parameters(remove_duplicate=False):
@@ -240,8 +242,9 @@ def describe_node(n: fx.Node) -> str:
     trace = n.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
     where = ""
+    torch_dir = os.path.dirname(torch.__file__)
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
+        if lines[i].startswith("File ") and torch_dir not in lines[i]:  # the user's frame, not fx's
             code = lines[i + 1] if i + 1 < len(lines) else ""
             where = f" ({lines[i].removeprefix('File ')}: {code})"
             break
