@@ -129,6 +129,16 @@ class ParamScaling:
 
     def replicate(self, narrow: torch.Tensor) -> torch.Tensor:
         """``E(narrow)``: copy every width index adjacently, no rescale. Returns a new tensor."""
+        plain = [a.plain_multiplier() if a is not None and not a.is_identity() else 1 for a in self.axes]
+        if all(plain) and len(plain) == narrow.dim():
+            # Every axis is plain repetition: one broadcast view and one copy (repeat_interleave per axis
+            # would write the tensor once per widened axis).
+            view_shape, expand_shape = [], []
+            for size, k in zip(narrow.shape, plain):
+                view_shape += [size, 1]
+                expand_shape += [size, k]
+            out = narrow.reshape(view_shape).expand(expand_shape).reshape(self.wide_shape)
+            return out if any(k > 1 for k in plain) else out.clone()  # reshape copied unless nothing grew
         out = narrow
         for dim, axis in enumerate(self.axes):
             if axis is not None and not axis.is_identity():
