@@ -119,10 +119,22 @@ def compare_activations(plan: Plan, multipliers: dict[str, int], narrow: dict[st
         if got.shape != expected.shape:
             out[name] = NodeError(name, float("inf"), 0.0)
             continue
-        err = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
-        scale = expected.double().abs().max().item() if expected.numel() else 0.0
+        err, scale = _max_error(got, expected)
         out[name] = NodeError(name, err, scale)
     return out
+
+
+def _max_error(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference (equal infinities and NaN in both count as equal; any other NaN is an infinite
+    error) and max finite |expected|."""
+    if not got.numel():
+        return 0.0, 0.0
+    g, e = got.double(), expected.double()
+    same = (g == e) | (torch.isnan(g) & torch.isnan(e))
+    diff = torch.where(same, torch.zeros_like(g), (g - e).abs())
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    finite = e[torch.isfinite(e)]
+    return diff.max().item(), finite.abs().max().item() if finite.numel() else 0.0
 
 
 def flat_variant(plan: Plan, values: list[Any]) -> list[Any]:
