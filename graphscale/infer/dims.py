@@ -113,28 +113,32 @@ class DimSystem:
         return prods, sums
 
     def _refine_once(self) -> bool:
+        """One pass over every decomposed dimension; True if anything changed (then pass again).
+
+        Each pass handles all dimensions, so the number of passes stays small and resolution is close to
+        linear in the graph size (a pass per change would make it quadratic).
+        """
         prods, sums = self._defs()
+        changed = False
         for root, defs in prods.items():
-            for fs in defs:
-                if len(fs) == 1 and fs[0] != root:
-                    self.union(root, fs[0], "a product with one factor")
-                    return True
-            if len(defs) > 1:
+            single = [fs[0] for fs in defs if len(fs) == 1 and self.find(fs[0]) != self.find(root)]
+            if single:
+                self.union(root, single[0], "a product with one factor")
+                changed = True
+            elif len(defs) > 1:
                 flat = [self._flatten(fs, prods, product=True) for fs in defs[:2]]
-                if self._align(flat[0], flat[1], product=True):
-                    return True
+                changed |= self._align(flat[0], flat[1], product=True)
         for root, defs in sums.items():
-            for ps in defs:
-                if len(ps) == 1 and ps[0] != root:
-                    self.union(root, ps[0], "a concatenation with one part")
-                    return True
-            if len(defs) > 1:
+            single = [ps[0] for ps in defs if len(ps) == 1 and self.find(ps[0]) != self.find(root)]
+            if single:
+                self.union(root, single[0], "a concatenation with one part")
+                changed = True
+            elif len(defs) > 1:
                 flat = [self._flatten(ps, sums, product=False) for ps in defs[:2]]
-                if self._align(flat[0], flat[1], product=False):
-                    return True
-            if root in prods and self._reconcile(root, prods[root][0], defs[0]):
-                return True
-        return False
+                changed |= self._align(flat[0], flat[1], product=False)
+            if root in prods:
+                changed |= self._reconcile(root, prods[root][0], defs[0])
+        return changed
 
     def _flatten(self, pieces: list[int], defs: dict[int, list[list[int]]], product: bool) -> list[int]:
         """Expand pieces through their first decomposition of the same kind, down to undivided pieces."""
