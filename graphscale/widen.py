@@ -345,6 +345,7 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, A
             operand = _get_loc(node, use.operand)
             with graph.inserting_before(node):
                 scaled = graph.call_function(_mul_target(plan), (operand, value))
+                scaled.meta["graphscale"] = "inserted multiplier (shared parameter)"
             _set_loc(node, use.operand, scaled)
     for node_name, d in req.size_reads.items():
         node = nodes.get(node_name)
@@ -372,8 +373,10 @@ def _expand_size_node(graph: fx.Graph, user: fx.Node, size_node: fx.Node, n: int
 
 def _insert_after(graph: fx.Graph, node: fx.Node, factor: float, target: Any) -> None:
     users = list(node.users)
+    node.meta["graphscale"] = f"compensated by the next node (x{factor:.6g})"
     with graph.inserting_after(node):
         scaled = graph.call_function(target, (node, factor))
+        scaled.meta["graphscale"] = "inserted multiplier"
     for u in users:
         u.replace_input_with(node, scaled)
 

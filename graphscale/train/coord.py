@@ -49,8 +49,10 @@ class RMSRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
+        # Nodes whose output widening deliberately rescales (a sum over a width axis, followed by the
+        # inserted 1/k) are not coordinates of the narrow model: widen marks them, and they are skipped.
         if n.op in ("call_function", "call_method", "call_module") and isinstance(result, torch.Tensor) \
-                and result.is_floating_point() and result.numel() > 0:
+                and result.is_floating_point() and result.numel() > 0 and "graphscale" not in n.meta:
             self.rms[n.name] = float(result.detach().double().pow(2).mean().sqrt())
         return result
 
@@ -136,6 +138,12 @@ def _default_widen(model: nn.Module, k: int, example_inputs: tuple) -> nn.Module
     return graphscale.widen(model, example_inputs, multiplier=k)
 
 
+def _trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+    from graphscale.capture import capture  # its fx tracer proxies buffers (causal-mask slicing)
+
+    return capture(model, inputs, tracer="fx").gm
+
+
 def _as_tuple(x: Any) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
@@ -182,13 +190,13 @@ def coord_check(
     result = CoordCheckResult(list(widths), steps, {m: {} for m in modes})
     for i, k in enumerate(widths):
         for mode in modes:
-            if k == 1:
+            if k == 1 and widen_fn is not _default_widen:
                 wide = copy.deepcopy(small)
                 wide.graphscale = identity_record(wide)
-            else:
+            else:  # graphscale.widen(..., multiplier=1) is the small model as a graph, with its record
                 wide = widen_fn(copy.deepcopy(small), k, inputs0)
             record = wide.graphscale
-            gm = wide if isinstance(wide, fx.GraphModule) else fx.symbolic_trace(wide)
+            gm = wide if isinstance(wide, fx.GraphModule) else _trace(wide, inputs0)
             # Optimise the traced module's parameters: symbolic_trace shares them with `wide`, and a
             # GraphModule built by widen is `wide` itself.
             opt = (mup_optimizer(gm, optimizer_cls, record=record, **hparams) if mode == "mup"
