@@ -56,14 +56,15 @@ class _BufferProxyTracer(fx.Tracer):
 @contextlib.contextmanager
 def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
     """Run code that may update buffers in place (BatchNorm in train mode) without changing the model."""
-    saved = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    # Restore every buffer: kernels such as batch_norm update running statistics in place without
+    # bumping the tensor's version counter, so "what changed" cannot be detected cheaply.
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for b, version, value in saved:
-                if b._version != version:  # only what was written in place needs restoring
-                    b.copy_(value)
+            for b, value in saved:
+                b.copy_(value)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:

@@ -105,6 +105,8 @@ def compare_activations(plan: Plan, multipliers: dict[str, int], narrow: dict[st
     """Each wide activation against the narrow one repeated along its width axes; errors by node."""
     sizes = _Sizes(plan, multipliers)
     skip = {m.node for m in plan.walk.requests.multipliers}
+    # Parameters are not activations: a wide parameter is c * E(P), not E(P).
+    skip |= {n.name for n in plan.captured.gm.graph.nodes if n.op == "get_attr"}
     out: dict[str, NodeError] = {}
     for name, a in narrow.items():
         info = plan.walk.info.get(name)

@@ -79,9 +79,6 @@ def test_user_rule_file_makes_op_work(tmp_path: Path) -> None:
     assert len(graphscale.analyze(model, (x,), tracer="fx", rules=folder).width_classes) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the UnsupportedOpError for torch.sinh suggests targets = "
-                   "[\"torch._VariableFunctionsClass.sinh\"], but a rule with that target does not match the "
-                   "node (only the public name torch.sinh does), so following the message's advice fails")
 def test_rule_with_the_suggested_target_works(tmp_path: Path) -> None:
     model = Around(torch.sinh)
     with pytest.raises(UnsupportedOpError) as info:

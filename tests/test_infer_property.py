@@ -258,12 +258,9 @@ def test_hf_width_axes(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# known engine bug
+# depthwise convolution: channels = groups x 1
 
 
-@pytest.mark.xfail(strict=True, reason="depthwise conv (groups == channels, in_channels per group 1): "
-                   "analyze raises WidthConflictError('0.weight[0] is defined in terms of itself'); "
-                   "kind_conv's product channels = groups x 1 resolves into a cycle")
 def test_depthwise_conv_infers() -> None:
     def make(c: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):

@@ -102,12 +102,16 @@ class DimSystem:
             if self.size[t] == 1:
                 continue
             key = self.find(t)
+            if fs == [key]:  # e.g. channels = groups x 1 once the size-1 factor is dropped: no relation
+                continue
             if fs not in prods.setdefault(key, []):
                 prods[key].append(fs)
         sums: dict[int, list[list[int]]] = {}
         for t, ps, _ in self.sums:
             ps = [self.find(p) for p in ps if self.size[p] != 0]
             key = self.find(t)
+            if ps == [key]:
+                continue
             if ps not in sums.setdefault(key, []):
                 sums[key].append(ps)
         return prods, sums

@@ -251,9 +251,21 @@ def describe_node(n: fx.Node) -> str:
     return f"node {n.name!r}{where}"
 
 
+_PUBLIC_NAMESPACES = ("torch", "torch.nn.functional", "torch.special", "torch.fft", "torch.linalg",
+                      "operator", "math", "builtins")
+
+
 def _fn_name(fn: Any) -> str:
+    """A target string a rule can use for ``fn``: its public name where one exists (``torch.sinh``)."""
     if isinstance(fn, torch._ops.OpOverload):
         return f"aten.{fn._overloadpacket.__name__}.{fn._overloadname}"
+    import importlib
+
+    for ns in _PUBLIC_NAMESPACES:
+        module = importlib.import_module(ns)
+        for name in dir(module):
+            if not name.startswith("_") and getattr(module, name, None) is fn:
+                return f"{ns}.{name}"
     mod = getattr(fn, "__module__", None) or ""
     return f"{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}".lstrip(".")
 
