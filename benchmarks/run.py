@@ -50,7 +50,6 @@ def analyze_scaling(quick: bool) -> list[dict]:
         model, inputs = _gpt(layers, d, 512, 64, 4)
         graphscale.analyze(model, inputs)  # warm-up (imports, rule loading)
         seconds = _time(lambda m=model, i=inputs: graphscale.analyze(m, i), repeat=2)
-        nodes = sum(1 for _ in torch.fx.symbolic_trace(model).graph.nodes) if False else None
         plan = graphscale.analyze(model, inputs)
         nodes = len(plan.captured.gm.graph.nodes)
         rows.append(

@@ -35,6 +35,7 @@ from torch import nn
 
 import graphscale
 from graphscale import zoo
+from graphscale.capture import preserved_buffers
 from graphscale.plan import Plan
 from graphscale.verify import compare_activations, flat_variant, run_recording
 
@@ -61,17 +62,11 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def restored_buffers(*modules: nn.Module) -> Iterator[None]:
-    """Put every buffer back afterwards (a train-mode BatchNorm forward updates its running statistics).
-
-    Not graphscale.capture.preserved_buffers: it misses BatchNorm's running stats (see
-    test_verify_leaves_train_mode_batchnorm_source_unchanged)."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
+    """Put every buffer of every module back afterwards (train-mode BatchNorm updates running stats)."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(preserved_buffers(m))
         yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
 
 
 def assert_wide_shapes(plan: Plan, mults: dict[str, int], model: nn.Module, wide: nn.Module) -> None:

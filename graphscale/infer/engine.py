@@ -23,7 +23,7 @@ import torch.fx as fx
 from graphscale.errors import GraphscaleError, UnsupportedOpError
 from graphscale.infer.dims import DimSystem
 from graphscale.infer.rulebook import Rule, RuleBook
-from graphscale.infer.values import ArgLoc, Const, Info, Requests, SizeInfo, TensorInfo
+from graphscale.infer.values import ArgLoc, Const, Info, Requests, TensorInfo
 
 
 @dataclass
@@ -296,9 +296,3 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Wa
         _Walker(gm, book, walk).run(*flat_inputs, enable_io_processing=False)
     return walk
 
-
-def size_info_of(value: Any, info: Any) -> Any:
-    """Size reads keep their dimension; anything else is a constant (helper for the ``size`` kind)."""
-    if isinstance(info, SizeInfo):
-        return info
-    return Const(value)

@@ -191,7 +191,7 @@ def kind_matmul(ctx: OpContext) -> Info:
     a, b = ctx.value("input@0"), ctx.value("other@1")
     if a.ndim == 0 or b.ndim == 0:
         raise UnsupportedOpError(f"{ctx.where()}: matmul of a 0-d tensor")
-    pa = ["m", "k"][2 - min(a.ndim, 2):] if a.ndim >= 2 else ["k"]
+    pa = ["m", "k"] if a.ndim >= 2 else ["k"]
     pb = ["k", "n"] if b.ndim >= 2 else ["k"]
     out = (["m"] if a.ndim >= 2 else []) + (["n"] if b.ndim >= 2 else [])
     lead_a = "... " if a.ndim > 2 else ""
@@ -258,7 +258,7 @@ def kind_elementwise(ctx: OpContext) -> Info:
             infos.append(i)
         elif isinstance(i, SizeInfo):
             sizes.append(i)
-    if ctx.rule.get("warn") and ctx.rule.get("warn_if_training", True) and _training(ctx):
+    if ctx.rule.get("warn") and _training(ctx):
         ctx.requests.warnings.append(f"{ctx.where()}: {ctx.rule.get('warn')}")
     result = ctx.result
     if not isinstance(result, torch.Tensor):
@@ -457,8 +457,6 @@ def kind_reduce(ctx: OpContext) -> Info:
             out_dims.append(info.dims[k])
     results = ctx.result if isinstance(ctx.result, tuple) else (ctx.result,)
     infos = tuple(TensorInfo(tuple(out_dims), tuple(r.shape)) for r in results)
-    if len(infos[0].dims) != infos[0].shape.__len__():
-        raise UnsupportedOpError(f"{ctx.where()}: reduction produced an unexpected shape")
     return infos if isinstance(ctx.result, tuple) else infos[0]
 
 
