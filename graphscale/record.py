@@ -172,8 +172,9 @@ class ParamScaling:
 class WideningRecord:
     """Attached to every widened module as ``module.graphscale``: one :class:`ParamScaling` per tensor.
 
-    ``multipliers`` maps width-class names to their integer multipliers; ``source_shapes`` holds the
-    narrow shapes so that a record can be checked against the module it is attached to.
+    ``multipliers`` maps width-class names to their integer multipliers; ``frontend`` says which
+    capture made the graph; ``notes`` collects what the user should know (noise applied, warnings,
+    compensations ``widen_into`` put into weights).
     """
 
     params: dict[str, ParamScaling]
