@@ -17,7 +17,6 @@ All graphscale calls live in the "graphscale adapters" section below, so the res
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -38,6 +37,7 @@ except ImportError:  # pragma: no cover
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = EXAMPLES_DIR / "results"
+API = ("widen", "mup_optimizer", "mup_init_", "relative_record", "noise")  # what the examples need
 LR_GRID_FACTOR = 2.0
 
 
@@ -51,42 +51,76 @@ def graphscale_available() -> bool:
         import graphscale
     except ImportError:
         return False
-    return all(hasattr(graphscale, n) for n in ("widen", "mup_optimizer", "mup_init_", "noise"))
+    return all(hasattr(graphscale, n) for n in API)
+
+
+_PLANS: dict[int, tuple[nn.Module, Any]] = {}
 
 
 def upscale(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], k: int, noise_std: float,
             noise_kind: str = "gaussian", seed: int = 0) -> nn.Module:
-    """Widen ``model`` by ``k`` with graphscale (exact copy + rescale) and inject width-scaled noise."""
+    """Widen ``model`` by ``k`` with graphscale (exact copy + rescale) and inject width-scaled noise.
+
+    The analysis (trace, width inference, scaling laws) is cached per source module, so a grid of
+    upscalings of one trained model pays for it once; graphscale never modifies the source.
+    """
     import graphscale
 
     noise = None
     if noise_std > 0:
         noise = getattr(graphscale.noise, noise_kind)(noise_std)
-    # widen on a private copy: the source keeps being used (proxy grid) and must never share tensors.
-    return graphscale.widen(copy.deepcopy(model), example_inputs, multiplier=k, noise=noise, seed=seed)
+    kw: dict[str, Any] = {}
+    if hasattr(graphscale, "analyze"):
+        cached = _PLANS.get(id(model))
+        if cached is None or cached[0] is not model:
+            cached = _PLANS[id(model)] = (model, graphscale.analyze(model, example_inputs))
+        kw["plan"] = cached[1]
+    return graphscale.widen(model, example_inputs, multiplier=k, noise=noise, seed=seed, **kw)
 
 
-def mup_optimizer(model: nn.Module, lr: float, weight_decay: float, *, base: nn.Module | None = None,
-                  example_inputs: tuple[torch.Tensor, ...] | None = None) -> torch.optim.Optimizer:
-    """μP AdamW: relative to the narrow source for a widened model, or to ``base`` for a scratch model."""
+_RECORDS: dict[tuple[str, int, int], Any] = {}
+
+
+def _scratch_record(model: nn.Module, base: nn.Module, example_inputs: tuple[torch.Tensor, ...], key: tuple
+                    ) -> Any:
+    """The μP record of ``model`` relative to ``base`` (computed once per architecture and widths)."""
+    import graphscale
+
+    if key not in _RECORDS:
+        _RECORDS[key] = graphscale.relative_record(model, example_inputs, base)
+    return _RECORDS[key]
+
+
+def relative_record_for(make: Callable[[int], nn.Module], width: int, base_width: int,
+                        example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """The μP record of a model of ``width`` relative to one of ``base_width`` (by parameter name)."""
+    model, base = make(width), make(base_width)
+    return _scratch_record(model, base, example_inputs, (type(model).__name__, width, base_width))
+
+
+def mup_optimizer(model: nn.Module, lr: float, weight_decay: float, *, record: Any = None
+                  ) -> torch.optim.Optimizer:
+    """μP AdamW relative to the narrow source (a widened model) or to the base of ``record`` (scratch)."""
     import graphscale
 
     kw: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), eps=1e-8)
-    if base is None:
+    if record is None:
         return graphscale.mup_optimizer(model, torch.optim.AdamW, **kw)
-    return graphscale.mup_optimizer(model, torch.optim.AdamW, base=base, example_inputs=example_inputs, **kw)
+    return graphscale.mup_optimizer(model, torch.optim.AdamW, record=record, **kw)
 
 
 def mup_scratch_model(make: Callable[[int], nn.Module], width: int, base_width: int,
-                      example_inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[nn.Module, nn.Module]:
-    """A from-scratch model at ``width``, μP-initialised relative to a model of ``base_width``."""
+                      example_inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[nn.Module, Any]:
+    """A from-scratch model at ``width``, μP-initialised relative to a fresh model of ``base_width``;
+    returns it with its record (for :func:`mup_optimizer`)."""
     import graphscale
 
     torch.manual_seed(seed)
     base = make(base_width)
     model = make(width)
-    graphscale.mup_init_(model, example_inputs, base=base)
-    return model, base
+    record = _scratch_record(model, base, example_inputs, (type(model).__name__, width, base_width))
+    graphscale.mup_init_(model, example_inputs, base=base, record=record)
+    return model, record
 
 
 def plain_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -154,10 +188,13 @@ class Curve:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, *, label: str, lr: float,
-          eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True) -> Curve:
+          eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True, keep_best: bool = False
+          ) -> Curve:
     """Train for ``steps`` AdamW steps (linear warmup, then constant lr), evaluating every ``eval_every``.
 
-    Step 0 is evaluated before any update; the curve's last point is always ``steps``.
+    Step 0 is evaluated before any update; the curve's last point is always ``steps``. With ``keep_best``
+    the model ends with the weights of its best evaluation (training "to its plateau", i.e. early
+    stopping), and ``curve.extra["best_step"]`` says which step that was.
     """
     gen = torch.Generator().manual_seed(seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -169,8 +206,16 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
         curve.train.append(evaluate(model, task, task.train_eval))
         curve.val.append(evaluate(model, task, task.val_eval))
 
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (float("inf"), 0, None)
+
+    def remember(step: int) -> None:
+        nonlocal best
+        if keep_best and curve.val[-1] < best[0]:
+            best = (curve.val[-1], step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
     model.train()
     record(0)
+    remember(0)
     bar = tqdm(range(1, steps + 1), desc=label, leave=False, disable=not progress, mininterval=1.0)
     for step in bar:
         x, y = task.get_batch(gen)
@@ -184,7 +229,11 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
             break
         if step % eval_every == 0 or step == steps:
             record(step)
+            remember(step)
             bar.set_postfix(val=f"{curve.val[-1]:.4f}")
+    if keep_best and best[2] is not None:
+        model.load_state_dict(best[2])
+        curve.extra["best_step"] = best[1]
     curve.seconds = time.perf_counter() - t0
     return curve
 
@@ -259,9 +308,11 @@ class Settings:
     base_lr_points: int = 3
     scratch_lr_points: int = 4
     post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
-    noise_stds: tuple[float, ...] = (0.0, 0.2, 0.5)
-    noise_kind: str = "gaussian"
+    noises: tuple[tuple[str, float], ...] = (("gaussian", 0.0), ("gaussian", 0.2), ("gaussian", 0.5))
     max_extend: int = 2  # how many times an lr grid may grow past an edge optimum
+    # from-scratch baselines: "mup" (μP init + μP AdamW relative to width n) and/or "sp" (the model's own
+    # init + plain AdamW); each gets its own lr grid and the best final val loss over all is "scratch".
+    scratch_parametrizations: tuple[str, ...] = ("mup",)
     seed: int = 0
 
 
@@ -296,7 +347,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     report: dict[str, Any] = dict(task=task.name, settings=s.__dict__.copy(), widths=dict(proxy_base=half,
                                   base=n, wide=k * n))
     report["settings"]["post_lr_mults"] = list(s.post_lr_mults)
-    report["settings"]["noise_stds"] = list(s.noise_stds)
+    report["settings"]["noises"] = [list(x) for x in s.noises]
 
     def fresh(width: int) -> nn.Module:
         torch.manual_seed(s.seed)
@@ -319,35 +370,36 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     print(f"[{task.name}] 2/5 proxy upscaling {half} -> {n}: lr x noise grid")
     proxy_base = fresh(half)
     train(proxy_base, plain_optimizer(proxy_base, base_lr, task.weight_decay), task, s.base_steps,
-          label=f"proxy base {half}", lr=base_lr, eval_every=s.base_steps, warmup=s.warmup, seed=s.seed,
-          progress=progress)
+          label=f"proxy base {half}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
+          progress=progress, keep_best=True)
     proxy: dict[str, float] = {}
     best_key, best_score = None, float("inf")
-    for mult in s.post_lr_mults:
-        for std in s.noise_stds:
-            lr = mult * base_lr
-            wide = upscale(proxy_base, ex, k, std, s.noise_kind, seed=s.seed)
-            c = train(wide, mup_optimizer(wide, lr, task.weight_decay), task, s.proxy_steps,
-                      label=f"proxy lr{lr:.2g} s{std}", lr=lr, eval_every=s.proxy_steps, warmup=s.warmup,
-                      seed=s.seed + 1, progress=progress)
-            proxy[f"lr_mult={mult:g},noise={std:g}"] = score(c)
-            if score(c) < best_score:
-                best_key, best_score = (mult, std), score(c)
+    grid = [(m, kind, std) for m in s.post_lr_mults for kind, std in s.noises]
+    for mult, kind, std in grid:
+        lr = mult * base_lr
+        wide = upscale(proxy_base, ex, k, std, kind, seed=s.seed)
+        c = train(wide, mup_optimizer(wide, lr, task.weight_decay), task, s.proxy_steps,
+                  label=f"proxy lr{lr:.2g} {kind}{std}", lr=lr, eval_every=s.proxy_steps, warmup=s.warmup,
+                  seed=s.seed + 1, progress=progress)
+        proxy[f"lr_mult={mult:g},noise={kind}:{std:g}"] = score(c)
+        if score(c) < best_score:
+            best_key, best_score = (mult, kind, std), score(c)
     assert best_key is not None, "every proxy run diverged"
-    post_mult, noise_std = best_key
+    post_mult, noise_kind, noise_std = best_key
     post_lr = post_mult * base_lr
     report["proxy_grid_final_val"] = proxy
     report["transferred"] = dict(post_lr=post_lr, post_lr_mult=post_mult, noise_std=noise_std,
-                                 noise_kind=s.noise_kind)
-    print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise std {noise_std:g}")
+                                 noise_kind=noise_kind)
+    print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise {noise_kind} {noise_std:g}")
 
     # 3. target upscaling n -> kn with the transferred knobs.
     print(f"[{task.name}] 3/5 base model at width {n}, then upscaling {n} -> {k * n}")
     base = fresh(n)
     base_curve = train(base, plain_optimizer(base, base_lr, task.weight_decay), task, s.base_steps,
                        label=f"base {n}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
-                       progress=progress)
-    wide = upscale(base, ex, k, noise_std, s.noise_kind, seed=s.seed)
+                       progress=progress, keep_best=True)
+    base_used = base_curve.extra["best_step"]  # the base model is upscaled at its best val point
+    wide = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)
     with torch.no_grad():
         gap = float((wide(*ex) - base(*ex)).abs().max())
     up_curve = train(wide, mup_optimizer(wide, post_lr, task.weight_decay), task, s.steps,
@@ -358,26 +410,38 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     # 4. scratch baseline at kn, lr tuned on a grid at the target width.
     print(f"[{task.name}] 4/5 scratch at width {k * n}: lr grid")
 
-    def scratch_run(lr: float) -> Curve:
-        m, b = mup_scratch_model(task.make_model, k * n, n, ex, s.seed)
-        return train(m, mup_optimizer(m, lr, task.weight_decay, base=b, example_inputs=ex), task, s.steps,
-                     label=f"scratch {k * n} lr{lr:.2g}", lr=lr, eval_every=s.eval_every, warmup=s.warmup,
-                     seed=s.seed + 1, progress=progress)
+    def scratch_run(lr: float, param: str) -> Curve:
+        if param == "mup":
+            m, rec = mup_scratch_model(task.make_model, k * n, n, ex, s.seed)
+            opt = mup_optimizer(m, lr, task.weight_decay, record=rec)
+        else:
+            m = fresh(k * n)
+            opt = plain_optimizer(m, lr, task.weight_decay)
+        c = train(m, opt, task, s.steps, label=f"scratch {param} {k * n} lr{lr:.2g}", lr=lr,
+                  eval_every=s.eval_every, warmup=s.warmup, seed=s.seed + 1, progress=progress)
+        c.extra["parametrization"] = param
+        return c
 
-    scratch_lr, scratch_curves = tune_lr(task, scratch_run, lr_grid(base_lr, s.scratch_lr_points), "scratch",
-                                         s.max_extend)
-    scratch = next(c for c in scratch_curves if c.lr == scratch_lr)
+    scratch_curves: list[Curve] = []
+    for param in s.scratch_parametrizations:
+        grid = lr_grid(base_lr, s.scratch_lr_points)
+        _, curves = tune_lr(task, lambda lr, p=param: scratch_run(lr, p), grid, f"scratch {param}",
+                            s.max_extend)
+        scratch_curves += curves
+    scratch = min(scratch_curves, key=score)
+    scratch_lr = scratch.lr
 
     # 5. metrics.
     print(f"[{task.name}] 5/5 metrics and plots")
     target = scratch.final_val
     reach = steps_to_reach(up_curve, target)
-    base_flops = base_curve.flops_per_step * s.base_steps
+    base_flops = base_curve.flops_per_step * base_used
     scratch_flops = scratch.flops_per_step * s.steps
     up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
     report.update(
         scratch_lr=scratch_lr,
-        scratch_lr_grid={f"{c.lr:.4g}": score(c) for c in scratch_curves},
+        scratch_lr_grid={f"{c.extra['parametrization']}:{c.lr:.4g}": score(c) for c in scratch_curves},
+        scratch_parametrization=scratch.extra["parametrization"],
         base=base_curve.as_dict(),
         upscaled=up_curve.as_dict(),
         scratch=scratch.as_dict(),
@@ -393,6 +457,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             upscaled_steps_fraction=None if reach is None else reach / s.steps,
             scratch_flops=scratch_flops,
             base_training_flops=base_flops,
+            base_steps_used=base_used,
             upscaled_total_flops_to_reach=up_flops_at,
             upscaled_flops_fraction=None if up_flops_at is None else up_flops_at / scratch_flops,
             upscaled_total_flops_full=base_flops + up_curve.flops_per_step * s.steps,
@@ -412,7 +477,8 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"\n== {report['task']}: base {w['base']} -> upscaled {w['wide']} vs scratch {w['wide']} ==")
     t = report["transferred"]
     print(f"  base lr {report['base_lr']:.3g}; transferred post-upscale lr {t['post_lr']:.3g},"
-          f" noise {t['noise_std']:g}; scratch lr {report['scratch_lr']:.3g}")
+          f" noise {t['noise_kind']} {t['noise_std']:g}; scratch lr {report['scratch_lr']:.3g}"
+          f" ({report['scratch_parametrization']})")
     print(f"  final val  : upscaled {c['upscaled_final_val']:.4f}   scratch {c['scratch_final_val']:.4f}")
     print(f"  final train: upscaled {c['upscaled_final_train']:.4f}   scratch {c['scratch_final_train']:.4f}")
     frac = c["upscaled_steps_fraction"]
@@ -455,13 +521,13 @@ def plot_upscaling(report: dict[str, Any], out: Path) -> None:
     """Val loss vs steps and vs FLOPs (base model's training included) for base, upscaled and scratch."""
     plt = _plt()
     base, up, sc = report["base"], report["upscaled"], report["scratch"]
-    base_flops = base["flops_per_step"] * base["steps"][-1]
+    base_flops = base["flops_per_step"] * base.get("best_step", base["steps"][-1])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     ax.plot(up["steps"], up["val_loss"], label=f"upscaled (lr {up['lr']:.2g})")
-    ax.plot(sc["steps"], sc["val_loss"], label=f"scratch, tuned lr {sc['lr']:.2g}")
+    ax.plot(sc["steps"], sc["val_loss"], label=f"scratch ({sc.get('parametrization')}), lr {sc['lr']:.2g}")
     for c in report["scratch_grid"]:
-        if c["lr"] != sc["lr"]:
+        if c is not sc and (c["lr"], c.get("parametrization")) != (sc["lr"], sc.get("parametrization")):
             ax.plot(c["steps"], c["val_loss"], color="gray", alpha=0.3, lw=0.8)
     ax.axhline(report["comparison"]["scratch_final_val"], color="k", ls=":", lw=0.8)
     ax.set_xlabel("steps at the wide width (post-upscale for upscaled)")
@@ -505,8 +571,8 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 def require_graphscale() -> None:
     """Fail with a clear message when graphscale's API is not there yet."""
     if not graphscale_available():
-        raise SystemExit("graphscale.widen / mup_optimizer / mup_init_ / noise are not available: install "
-                         "graphscale (pip install -e .) from a version that has them")
+        raise SystemExit(f"graphscale's API ({', '.join(API)}) is not available: install graphscale "
+                         "(pip install -e .) from a version that has it")
 
 
 def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -66,12 +66,13 @@ def settings(quick: bool) -> C.Settings:
     """Full settings (a few minutes on 2 cores) or --quick ones (seconds)."""
     if quick:
         return C.Settings(width=8, steps=40, base_steps=40, proxy_steps=20, eval_every=20, warmup=5,
-                          base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), noise_stds=(0.0, 0.5),
-                          max_extend=0,
+                          base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), max_extend=0,
+                          noises=(("gaussian", 0.0), ("gaussian", 0.5)),
                           base_lr_center=3e-3)
     return C.Settings(width=16, steps=400, base_steps=400, proxy_steps=200, eval_every=20, warmup=20,
                       base_lr_center=3e-3, base_lr_points=3, scratch_lr_points=4,
-                      post_lr_mults=(0.5, 1.0, 2.0), noise_stds=(0.0, 0.2, 0.5, 1.0))
+                      post_lr_mults=(0.5, 1.0, 2.0),
+                      noises=tuple(("gaussian", s) for s in (0.0, 0.2, 0.5, 1.0)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Hyperparameter transfer across upscalings: sweep the post-upscale lr (grid spacing 2x) and the noise std
 for n->2n, 2n->4n and 4n->8n, and check whether the best grid point stays put.
 
-For each base width the narrow model is trained once (plain AdamW, the same lr at every width); then
-* graphscale: ``widen`` (copy + rescale + noise) and ``mup_optimizer`` (lr relative to the narrow model),
+For each base width the narrow model is trained once (μP relative to the smallest base width, one lr for
+all widths); then
+* graphscale: ``widen`` (copy + rescale + noise) and ``mup_optimizer`` (μP, relative to the smallest width),
   one run per lr of the grid (at a fixed noise std) and per noise std (at the grid's center lr);
 * control ("naive"): the narrow weights copied by hand with ``torch.repeat_interleave`` into a freshly
   built wide model *without* the rescaling compensations, the same amount of hand-made noise, and plain
@@ -47,6 +48,10 @@ class SweepSettings:
     warmup: int
     k: int = 2
     seed: int = 0
+    # True: the bases are μP relative to the smallest base width (mup_init_ + μP AdamW) and the upscaled
+    # models keep μP relative to that width, so one lr is meant to fit every width (μTransfer).
+    # False: every base is a plain AdamW model and the post-upscale lr is relative to its own source.
+    mup_bases: bool = True
 
 
 def naive_upscale(narrow: nn.Module, wide: nn.Module, k: int, noise_std: float, seed: int) -> nn.Module:
@@ -77,29 +82,43 @@ def sweep_task(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, Any]
     for n in s.base_widths:
         label = f"{n}->{s.k * n}"
         print(f"[{NAME}/{task.name}] base width {n}: train, then upscale {label}")
-        torch.manual_seed(s.seed)
-        base = task.make_model(n)
-        bc = C.train(base, C.plain_optimizer(base, s.base_lr, task.weight_decay), task, s.base_steps,
-                label=f"base {n}", lr=s.base_lr, eval_every=s.base_steps, warmup=s.warmup, seed=s.seed,
-                progress=progress)
+        n0 = s.base_widths[0]
+        if s.mup_bases and n != n0:  # every base is μP relative to the smallest width, so one lr fits all
+            base, rec = C.mup_scratch_model(task.make_model, n, n0, task.example_inputs, s.seed)
+            base_opt = C.mup_optimizer(base, s.base_lr, task.weight_decay, record=rec)
+        else:
+            torch.manual_seed(s.seed)
+            base = task.make_model(n)
+            base_opt = C.plain_optimizer(base, s.base_lr, task.weight_decay)
+        bc = C.train(base, base_opt, task, s.base_steps, label=f"base {n}", lr=s.base_lr,
+                     eval_every=s.base_steps, warmup=s.warmup, seed=s.seed, progress=progress)
+        # post-upscale μP optimizer: relative to the smallest width as well (mup_bases), else to the source
+        wide_rec = C.relative_record_for(task.make_model, s.k * n, n0, task.example_inputs) if s.mup_bases \
+            else None
 
-        def run(lr: float, std: float, naive: bool, n: int = n, base: nn.Module = base, label: str = label
-                ) -> float:
+        def run(lr: float, std: float, naive: bool, n: int = n, base: nn.Module = base, label: str = label,
+                wide_rec: Any = wide_rec) -> tuple[float, float]:
             if naive:
                 torch.manual_seed(s.seed)
                 wide = naive_upscale(base, task.make_model(s.k * n), s.k, std, s.seed)
                 opt = C.plain_optimizer(wide, lr, task.weight_decay)
             else:
                 wide = C.upscale(base, task.example_inputs, s.k, std, seed=s.seed)
-                opt = C.mup_optimizer(wide, lr, task.weight_decay)
+                opt = C.mup_optimizer(wide, lr, task.weight_decay, record=wide_rec)
             name = f"{'naive' if naive else 'μP'} {label} lr{lr:.2g} s{std:g}"
             c = C.train(wide, opt, task, s.post_steps, label=name, lr=lr, eval_every=s.eval_every,
                         warmup=s.warmup, seed=s.seed + 1, progress=progress)
-            return C.score(c, last=2)
+            train_loss = c.train[-1] if math.isfinite(c.train[-1]) else float("inf")
+            return C.score(c, last=2), train_loss
 
-        gs = {lr: run(lr, s.noise_std, False) for lr in s.lrs}
-        noise = {std: (gs[center] if std == s.noise_std else run(center, std, False)) for std in s.noise_stds}
-        naive = {lr: run(lr, s.noise_std, True) for lr in s.lrs}
+        gs_both = {lr: run(lr, s.noise_std, False) for lr in s.lrs}
+        noise = {std: (gs_both[center] if std == s.noise_std else run(center, std, False))[0]
+                 for std in s.noise_stds}
+        naive_both = {lr: run(lr, s.noise_std, True) for lr in s.lrs}
+        gs = {lr: v[0] for lr, v in gs_both.items()}
+        naive = {lr: v[0] for lr, v in naive_both.items()}
+        gs_train = {lr: v[1] for lr, v in gs_both.items()}
+        naive_train = {lr: v[1] for lr, v in naive_both.items()}
         out["widths"][label] = dict(
             base_initial_val=bc.val[0],
             base_final_val=bc.final_val,
@@ -107,6 +126,10 @@ def sweep_task(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, Any]
             graphscale_noise={f"{std:g}": v for std, v in noise.items()},
             naive_lr={f"{lr:.4g}": v for lr, v in naive.items()},
             graphscale_best_lr=min(gs, key=gs.get),
+            graphscale_train_lr={f"{lr:.4g}": v for lr, v in gs_train.items()},
+            naive_train_lr={f"{lr:.4g}": v for lr, v in naive_train.items()},
+            graphscale_best_lr_by_train=min(gs_train, key=gs_train.get),
+            naive_best_lr_by_train=min(naive_train, key=naive_train.get),
             graphscale_best_noise=min(noise, key=noise.get),
             naive_best_lr=min(naive, key=naive.get),
         )
@@ -119,6 +142,8 @@ def sweep_task(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, Any]
     out["naive_argmin_stable"] = len(set(nbest)) == 1
     out["naive_argmin_shift_grid_points"] = max(_grid_index(b, s.lrs) for b in nbest) - min(
         _grid_index(b, s.lrs) for b in nbest)
+    out["graphscale_argmin_by_train_stable"] = len({d["graphscale_best_lr_by_train"] for d in w}) == 1
+    out["naive_argmin_by_train_stable"] = len({d["naive_best_lr_by_train"] for d in w}) == 1
     out["noise_argmin_stable"] = len({d["graphscale_best_noise"] for d in w}) == 1
     return out
 
@@ -161,16 +186,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def gpt_settings(quick: bool) -> tuple[C.Task, SweepSettings]:
-    """A small GPT (2 layers, 2 heads): the sweep is 39 post-upscale runs."""
+    """A small GPT (2 layers, 2 heads, context 32): the sweep is 36 post-upscale runs."""
     if quick:
         task = gpt_shakespeare.make_task(batch=8, block_size=16, n_head=2, eval_batches=1)
         return task, SweepSettings(base_widths=(8, 16), base_steps=30, base_lr=1e-2, post_steps=10,
                                    lrs=(2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2), noise_std=0.5, noise_stds=(0.5,),
                                    eval_every=5, warmup=3)
     task = gpt_shakespeare.make_task(batch=32, block_size=32, n_head=2, eval_batches=2)
-    return task, SweepSettings(base_widths=(8, 16, 32), base_steps=400, base_lr=8e-3, post_steps=150,
-                               lrs=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), noise_std=0.5,
-                               noise_stds=(0.0, 0.2, 0.5, 1.0), eval_every=25, warmup=10)
+    return task, SweepSettings(base_widths=(8, 16, 32), base_steps=300, base_lr=8e-3, post_steps=100,
+                               lrs=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), noise_std=0.05,
+                               noise_stds=(0.0, 0.05, 0.2), eval_every=25, warmup=10)
 
 
 def mlp_settings(quick: bool) -> tuple[C.Task, SweepSettings]:
@@ -180,8 +205,8 @@ def mlp_settings(quick: bool) -> tuple[C.Task, SweepSettings]:
         return task, SweepSettings(base_widths=(16, 32), base_steps=40, base_lr=3e-3, post_steps=20,
                                    lrs=(7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2), noise_std=0.5, noise_stds=(0.5,),
                                    eval_every=10, warmup=3)
-    return task, SweepSettings(base_widths=(32, 64, 128), base_steps=300, base_lr=2e-3, post_steps=300,
-                               lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3), noise_std=0.5,
+    return task, SweepSettings(base_widths=(32, 64, 128), base_steps=300, base_lr=1e-3, post_steps=200,
+                               lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3), noise_std=0.2,
                                noise_stds=(0.0, 0.2, 0.5, 1.0), eval_every=25, warmup=10)
 
 

@@ -51,12 +51,13 @@ def settings(quick: bool) -> C.Settings:
     """Full settings (a few minutes on 2 cores) or --quick ones (seconds)."""
     if quick:
         return C.Settings(width=32, steps=60, base_steps=60, proxy_steps=30, eval_every=20, warmup=5,
-                          base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), noise_stds=(0.0, 0.5),
-                          max_extend=0,
+                          base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), max_extend=0,
+                          noises=(("gaussian", 0.0), ("gaussian", 0.5)),
                           base_lr_center=3e-3)
-    return C.Settings(width=64, steps=600, base_steps=600, proxy_steps=300, eval_every=20, warmup=20,
+    return C.Settings(width=64, steps=400, base_steps=400, proxy_steps=200, eval_every=20, warmup=20,
                       base_lr_center=1e-3, base_lr_points=3, scratch_lr_points=4,
-                      post_lr_mults=(0.5, 1.0, 2.0), noise_stds=(0.0, 0.2, 0.5, 1.0))
+                      post_lr_mults=(0.5, 1.0, 2.0),
+                      noises=tuple(("gaussian", s) for s in (0.0, 0.2, 0.5, 1.0)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
