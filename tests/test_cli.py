@@ -115,7 +115,7 @@ def test_widen_plumbing(tmp_path, monkeypatch, capsys) -> None:
     assert rc == 0, capsys.readouterr().err
     assert _sha(ckpt) == before  # the input checkpoint is never modified
     model, multiplier, kwargs = calls[0]
-    assert multiplier == 3 and kwargs == {"heads": "grow"}
+    assert multiplier == 3 and kwargs == {"heads": "grow", "noise": None, "seed": 0}
     # the checkpoint's weights (seed 3), not the spec's defaults (seed 0), were loaded before widening
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), narrow.state_dict().values()))
     with safe_open(str(out), "pt") as f:
