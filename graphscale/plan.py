@@ -139,12 +139,14 @@ def _check_k(k: Any, what: str) -> int:
 
 def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "auto",
             rules: str | Path | list[str | Path] | None = None, heads: HeadsPolicy = "fixed",
-            outputs: Literal["fixed", "width"] = "fixed") -> Plan:
+            outputs: Literal["fixed", "width"] = "fixed", names: dict[str, str] | None = None) -> Plan:
     """Capture ``model``, infer its width classes and derive every tensor's μP scaling rule.
 
     ``rules`` adds the user's own rule files (a ``.toml`` file, a folder of them, or a list).
     ``heads="grow"`` widens the head count instead of head_dim. ``outputs="width"`` lets the axes of the
     model's outputs grow (a backbone whose output is its hidden state); by default they are fixed.
+    ``names`` renames classes (key: a class name or any member axis, value: the new name), e.g.
+    ``{"transformer.wte.weight[1]": "d_model"}``; multipliers can then use the new names.
 
     Example:
         >>> plan = analyze(torch.nn.Linear(4, 2), (torch.randn(1, 4),))
@@ -156,6 +158,12 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
     walk = walk_graph(cap.gm, cap.flat_inputs, book)
     res = walk.ds.resolve()
     classes = classify(walk, res, heads=heads, outputs=outputs)
+    for key, new in (names or {}).items():
+        try:
+            classes.lookup(key).name = new
+        except KeyError:
+            raise MultiplierError(f"names: no class {key!r}; the classes are "
+                                  f"{', '.join(c.name for c in classes.width + classes.fixed)}") from None
     symbols = {c.name: sympy.Symbol(f"k{i + 1}", positive=True, integer=True)
                for i, c in enumerate(classes.width)}
     symbol_of = {c.atom: symbols[c.name] for c in classes.width}

@@ -64,7 +64,8 @@ class _Sizes:
 def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[str, int] = 2, *,
           tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
           heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
-          noise: Any = None, seed: int = 0, plan: Plan | None = None) -> fx.GraphModule:
+          noise: Any = None, seed: int = 0, plan: Plan | None = None,
+          names: dict[str, str] | None = None) -> fx.GraphModule:
     """Return a wide ``GraphModule`` computing the same function as ``model`` (exactly, without noise).
 
     ``multiplier`` is an int for every width class or a dict from class name (or any member axis, such as
@@ -79,7 +80,8 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
         >>> tuple(wide.get_parameter("1.weight").shape)
         (1, 12)
     """
-    plan = plan or analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+    plan = plan or analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs,
+                           names=names)
     mults = plan.multipliers(multiplier)
     sizes = _Sizes(plan, mults)
     record = build_record(plan, sizes, mults)
