@@ -1,0 +1,72 @@
+"""widen_into: fill a wider model the user built (same class, larger config) with the exact widened weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import graphscale
+from graphscale import zoo
+
+
+def _double(model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.Module, tuple]:
+    return model.double(), tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+CASES = [
+    ("mlp", dict(widths=(50, 100, 200)), dict(widths=(500, 500, 800)), 1e-10),
+    ("gpt", dict(n_embd=32), dict(n_embd=64), 1e-10),
+    ("gpt", dict(n_embd=32, mup_attention=True), dict(n_embd=96, mup_attention=True), 1e-10),
+    ("hf_gpt2", dict(n_embd=64), dict(n_embd=128), 1e-10),
+    ("hf_bert", dict(hidden=64, intermediate=128), dict(hidden=128, intermediate=256), 1e-10),
+    ("hf_llama", dict(hidden=64, intermediate=128), dict(hidden=128, intermediate=256), 1e-6),
+]
+
+
+@pytest.mark.parametrize(("builder", "small_kw", "large_kw", "tol"), CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_widen_into_is_exact(builder: str, small_kw: dict, large_kw: dict, tol: float) -> None:
+    if builder.startswith("hf_"):
+        pytest.importorskip("transformers")
+    small, inputs = _double(*getattr(zoo, builder)(**small_kw))
+    large, _ = _double(*getattr(zoo, builder)(**large_kw))
+    before = copy.deepcopy(small.state_dict())
+    record = graphscale.widen_into(small, large, inputs)
+    assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())  # small untouched
+    with torch.no_grad():
+        assert _rel(large(*inputs), small(*inputs)) <= tol
+    assert large.graphscale is record and max(record.multipliers.values()) > 1
+
+
+def test_widen_into_multipliers_read_off_shapes_are_per_class() -> None:
+    small, inputs = zoo.mlp(widths=(50, 100, 200))
+    large, _ = zoo.mlp(widths=(500, 500, 800))
+    assert graphscale.widen_into(small, large, inputs).multipliers == \
+        {"0.weight[0]": 10, "2.weight[0]": 5, "4.weight[0]": 4}
+
+
+def test_widen_into_refuses_a_ratio_that_is_not_an_integer() -> None:
+    small, inputs = zoo.mlp(widths=(50, 100))
+    large, _ = zoo.mlp(widths=(75, 200))
+    with pytest.raises(graphscale.MultiplierError, match=r"0\.weight\[0\].*75.*not an integer multiple.*50"):
+        graphscale.widen_into(small, large, inputs)
+
+
+def test_widen_into_refuses_shapes_that_do_not_match() -> None:
+    small, inputs = zoo.mlp(widths=(8, 8), d_out=10)
+    large, _ = zoo.mlp(widths=(16, 16), d_out=12)  # a different output size is not a widening
+    with pytest.raises(graphscale.WidthConflictError, match=r"6\.weight|4\.weight|weight"):
+        graphscale.widen_into(small, large, inputs)
+
+
+def test_widen_into_refuses_a_different_architecture() -> None:
+    small, inputs = zoo.mlp(widths=(8, 8))
+    large, _ = zoo.mlp(widths=(16, 16, 16))
+    with pytest.raises(graphscale.GraphscaleError):
+        graphscale.widen_into(small, large, inputs)
