@@ -173,7 +173,7 @@ def settings(quick: bool) -> C.Settings:
                           base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), max_extend=0,
                           noises=(("gaussian", 0.0), ("symmetric", 0.5)),
                           base_lr_center=1e-2)
-    return C.Settings(width=32, steps=500, base_steps=500, proxy_steps=150, eval_every=25, warmup=20,
+    return C.Settings(width=32, steps=1200, base_steps=1200, proxy_steps=300, eval_every=50, warmup=20,
                       base_lr_center=8e-3, base_lr_points=3, scratch_lr_points=3, post_lr_mults=(0.5, 1.0),
                       noises=(("gaussian", 0.05), ("symmetric", 0.5)), scratch_parametrizations=("mup", "sp"))
 
