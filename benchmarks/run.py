@@ -12,6 +12,7 @@ Writes ``benchmarks/results/bench.json`` and ``bench.md`` (a Markdown table), an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -106,6 +107,11 @@ def analyze_124m(quick: bool) -> list[dict]:
     return rows
 
 
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _widen_child(mode: str, quick: bool) -> dict:
     """Runs in a subprocess: build the model, then widen it (graphscale) or copy it (baseline)."""
     import graphscale
@@ -114,7 +120,8 @@ def _widen_child(mode: str, quick: bool) -> dict:
     model, _ = _gpt(4, 256, 4096, 128, 4) if quick else _gpt(12, 768, 50257, 1024, 12)
     inputs = (torch.randint(0, 1000, (1, 64)),)
     source_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gc.collect()
+    rss0 = _current_rss()  # resident now (not the peak so far, which model construction may have set)
     t = time.perf_counter()
     if mode == "graphscale":
         wide = graphscale.widen(model, inputs, multiplier=2)

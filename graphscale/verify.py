@@ -238,7 +238,7 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
         p = plan_for(dtype)
         inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
         flat = flat_variant(p, inputs)
-        wide = widen(model, None, mults, plan=p)
+        wide = widen(p.captured.gm, None, mults, plan=p)
         n_out, n_acts = run_recording(p.captured.gm, flat)
         _, w_acts = run_recording(wide, flat)
         errors = compare_activations(p, mults, n_acts, w_acts)

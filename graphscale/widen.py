@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from graphscale.capture import Tracer, preserved_buffers
 from graphscale.derive import ScalingRule
-from graphscale.errors import MultiplierError, WidthConflictError
+from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.infer.values import ArgLoc
 from graphscale.plan import Plan, analyze
@@ -80,8 +80,15 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
         >>> tuple(wide.get_parameter("1.weight").shape)
         (1, 12)
     """
-    plan = plan or analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs,
-                           names=names)
+    if plan is None:
+        plan = analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs,
+                       names=names)
+    elif model is not None and model is not plan.captured.gm:
+        traced = {id(p) for p in plan.captured.gm.parameters()}
+        if any(id(p) not in traced for p in model.parameters()):
+            raise GraphscaleError("plan= was made from a different model than the one passed to widen: "
+                                  "the widened weights would be the plan's, not this model's. Analyze this "
+                                  "model (graphscale.analyze(model, inputs)) and pass that plan.")
     mults = plan.multipliers(multiplier)
     sizes = _Sizes(plan, mults)
     record = build_record(plan, sizes, mults)
@@ -406,9 +413,9 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
     wider head_dim is its own: ``attention="standard"`` (1/sqrt(head_dim): W_q and b_q get a further
     ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), or ``"auto"``, which tries both and keeps the
-    one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error). ``small`` is
-    never modified; ``large``'s parameters and buffers are overwritten in place. Returns the record, also
-    attached as ``large.graphscale``.
+    one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error).
+    ``small`` is never modified; ``large``'s parameters and buffers are overwritten in place. Returns the
+    record, also attached as ``large.graphscale``.
 
     Example:
         >>> small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))

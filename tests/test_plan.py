@@ -58,3 +58,12 @@ def test_outputs_width_lets_a_backbone_output_grow() -> None:
     assert len(graphscale.analyze(model, (x,)).width_classes) == 1  # the output axis stays fixed
     wide = graphscale.widen(model, (x,), 2, outputs="width")
     assert torch.allclose(wide(x), model(x).repeat_interleave(2, dim=-1), atol=1e-12, rtol=0)
+
+
+def test_widen_refuses_a_plan_made_from_another_model() -> None:
+    a, inputs = zoo.mlp(seed=1)
+    b, _ = zoo.mlp(seed=2)
+    plan = graphscale.analyze(a, inputs)
+    graphscale.widen(a, inputs, 2, plan=plan)  # the plan's own model: fine
+    with pytest.raises(graphscale.GraphscaleError, match="different model"):
+        graphscale.widen(b, inputs, 2, plan=plan)

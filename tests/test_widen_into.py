@@ -1,4 +1,4 @@
-"""widen_into: fill a wider model the user built (same class, larger config) with the exact widened weights."""
+"""widen_into: fill a wider model the user built (same class, larger config) with exact widened weights."""
 
 from __future__ import annotations
 
