@@ -222,12 +222,16 @@ def _clone_module(module: torch.nn.Module, path: str, plan: Plan, wide: dict[str
         clone._buffers[name] = wide.get(f"{path}.{name}", b) if b is not None else None
     for name, sub in module._modules.items():
         clone._modules[name] = _clone_module(sub, f"{path}.{name}", plan, wide) if sub is not None else None
-    rule = plan.walk.module_rules.get(path)
-    for attr, spec in (rule.get("module_attrs", {}) if rule else {}).items():
-        value = _eval_attr(clone, spec)
-        if value is not None:
-            setattr(clone, attr, value)
+    _set_module_attrs(clone, plan.walk.module_rules.get(path))
     return clone
+
+
+def _set_module_attrs(module: torch.nn.Module, rule: Any) -> None:
+    """Set the size attributes a rule names (``in_features``...) from the module's wide tensors."""
+    for attr, spec in (rule.get("module_attrs", {}) if rule else {}).items():
+        value = _eval_attr(module, spec)
+        if value is not None:
+            setattr(module, attr, value)
 
 
 def _eval_attr(module: torch.nn.Module, spec: str) -> Any:
@@ -308,7 +312,10 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, A
             continue
         node = nodes[sc.node]
         if sc.loc[0] == "attr":
-            setattr(root[str(node.target)], str(sc.loc[1]), sizes.wide(sc.dim))
+            module = root[str(node.target)]
+            setattr(module, str(sc.loc[1]), sizes.wide(sc.dim))
+            # attributes computed from it (Conv's in_channels = weight[1] * groups) follow
+            _set_module_attrs(module, plan.walk.module_rules.get(str(node.target)))
         else:
             _set_loc(node, sc.loc, sizes.wide(sc.dim))
     for sl in req.slices:

@@ -130,6 +130,8 @@ def _name(a: int, walk: Walk, res: Resolution, params: list[str], width: set[int
                 others = [res.ds.size[x] for x in leaves if x != a]
                 return (f"{name}[{i}]", res.size(d),
                         f"{' x '.join(map(str, others))} fixed x {res.ds.size[a]} growing")
+            if tree[0] == "sum" and set(leaves) == {a}:  # e.g. a rotary half split: parts of one class
+                return f"{name}[{i}]", res.size(d), f"{len(leaves)} parts of {res.ds.size[a]}"
     for name in params:
         for i, d in enumerate(walk.tensor_dims[name]):
             if a in _leaves(res.tree(d)):

@@ -576,17 +576,21 @@ def kind_getitem(ctx: OpContext) -> Info:
 
 
 def _tensor_index(ctx: OpContext, info: TensorInfo, index: Any) -> Info:
-    items = list(index) if isinstance(index, tuple) else [index]
-    n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
-    if Ellipsis in items:
-        k = items.index(Ellipsis)
-        items = items[:k] + [slice(None)] * (len(info.dims) - n_real) + items[k + 1:]
-    items += [slice(None)] * (len(info.dims) - sum(1 for it in items if it is not None))
+    written = list(index) if isinstance(index, tuple) else [index]
+    # (position in the index as written, item): Ellipsis and the implicit trailing ":" expand into full
+    # slices with no position, so a rewritten slice bound lands where the user wrote it
+    entries: list[tuple[int | None, Any]] = list(enumerate(written))
+    n_real = sum(1 for it in written if it is not None and it is not Ellipsis)
+    if Ellipsis in written:
+        k = written.index(Ellipsis)
+        entries = entries[:k] + [(None, slice(None))] * (len(info.dims) - n_real) + entries[k + 1:]
+    entries += [(None, slice(None))] * (len(info.dims) - sum(1 for _, it in entries if it is not None))
+    items = [it for _, it in entries]
     out_shape = tuple(ctx.result.shape)
     dims: list[int] = []
     axis = 0
     tensor_seen = False
-    for pos, it in enumerate(items):
+    for (pos, it) in entries:
         if it is None:
             dims.append(ctx.ds.new(1, f"{ctx.node.name} new axis"))
         elif isinstance(it, slice):

@@ -1,0 +1,86 @@
+"""Widening cases that need a graph edit of their own: slices of width axes written with an Ellipsis,
+sums over a width axis with no parameter to absorb them, sizes read at run time, depthwise convolution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import graphscale
+
+
+def _exact(model: nn.Module, x: torch.Tensor, k: int = 3) -> float:
+    model = model.double()
+    x = x.double()
+    wide = graphscale.widen(model, (x,), k)
+    with torch.no_grad():
+        return ((wide(x) - model(x)).abs().max() / (1 + model(x).abs().max())).item()
+
+
+class HalfSwap(nn.Module):
+    """Rotary-style halves of a width axis, sliced with literal bounds after an Ellipsis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        a, b = h[..., :4], h[..., 4:]
+        return self.out(torch.cat([-b, a], -1) * torch.tanh(h))
+
+
+class HiddenSum(nn.Module):
+    """A sum over hidden units (grows with the multiplier unless graphscale inserts 1/k)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        return self.out(h) + h.sum(-1, keepdim=True)
+
+
+class SizeViews(nn.Module):
+    """Shapes read off the tensor at run time (x.size()) and used to split hidden units into heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        b, t, c = h.size()
+        heads = h.view(b, t, 3, c // 3).softmax(dim=2)  # softmax over the fixed head axis: allowed
+        return self.out(heads.reshape(b, t, c))
+
+
+def test_ellipsis_slices_of_a_width_axis_get_wide_bounds() -> None:
+    assert _exact(HalfSwap(), torch.randn(2, 5, 4)) <= 1e-12
+
+
+def test_sum_over_a_width_axis_gets_an_inserted_multiplier() -> None:
+    model = HiddenSum()
+    plan = graphscale.analyze(model, (torch.randn(2, 4),))
+    assert [m.node for m in plan.walk.requests.multipliers] == ["sum_1"]
+    assert _exact(model, torch.randn(2, 4)) <= 1e-12
+
+
+def test_sizes_read_at_run_time_keep_batch_and_sequence_dynamic() -> None:
+    model = SizeViews().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    wide = graphscale.widen(model, (x,), 2)
+    other = torch.randn(3, 7, 4, dtype=torch.float64)  # another batch and sequence length
+    with torch.no_grad():
+        assert torch.allclose(wide(other), model(other), atol=1e-12, rtol=0)
+
+
+def test_depthwise_convolution_widens_its_groups() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(2, 1, 6, 6)
+    wide = graphscale.widen(model, (x,), 3)
+    conv = wide.get_submodule("2")
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (12, 12, 12)
+    assert _exact(model, x) <= 1e-12
