@@ -97,18 +97,14 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     wide_tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, scaling in record.params.items():
-            if scaling.name != scaling.source and scaling.source in wide_tensors:
-                continue
-            canonical = plan.walk.aliases.get(name, name)
-            if canonical in wide_tensors:
-                wide_tensors[name] = wide_tensors[canonical]
-                continue
-            src = state[canonical]
-            t = scaling.widen(src.detach())
-            if isinstance(src, torch.nn.Parameter):
-                t = torch.nn.Parameter(t, requires_grad=src.requires_grad)
-            wide_tensors[canonical] = t
-            wide_tensors[name] = t
+            canonical = plan.walk.aliases.get(name, name)  # tied names share one wide tensor
+            if canonical not in wide_tensors:
+                src = state[canonical]
+                t = scaling.widen(src.detach())
+                if isinstance(src, torch.nn.Parameter):
+                    t = torch.nn.Parameter(t, requires_grad=src.requires_grad)
+                wide_tensors[canonical] = t
+            wide_tensors[name] = wide_tensors[canonical]
     with warnings.catch_warnings():  # deep-copying an export graph's pytree codegen warns about LeafSpec
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
