@@ -331,6 +331,10 @@ class Settings:
     # from-scratch baselines: "mup" (μP init + μP AdamW relative to width n) and/or "sp" (the model's own
     # init + plain AdamW); each gets its own lr grid and the best final val loss over all is "scratch".
     scratch_parametrizations: tuple[str, ...] = ("mup",)
+    # AdamW decoupled weight decay grid (None: the task's single weight_decay, no tuning). With a grid,
+    # each wd is tuned like the lr, for every run: the base (lr, wd) at n/2, the post-upscale wd on the
+    # proxy (jointly with lr and noise; transferred unchanged to the target), scratch's (lr, wd) at kn.
+    weight_decays: tuple[float, ...] | None = None
     seed: int = 0
 
 
@@ -374,21 +378,32 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     # 1. base lr, tuned at width n/2 with plain AdamW (a model is its own μP base) and reused at n.
     print(f"[{task.name}] 1/5 tuning base lr at width {half}")
 
-    def base_run(lr: float, width: int = half) -> Curve:
+    wds = (task.weight_decay,) if s.weight_decays is None else tuple(s.weight_decays)
+
+    def base_run(lr: float, wd: float, width: int = half) -> Curve:
         m = fresh(width)
         steps = s.base_steps if s.base_lr_steps is None else s.base_lr_steps
-        return train(m, plain_optimizer(m, lr, task.weight_decay), task, steps, label=f"base{width}",
-                     lr=lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress)
+        c = train(m, plain_optimizer(m, lr, wd), task, steps, label=f"base{width} wd{wd:g}",
+                  lr=lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress)
+        c.extra["weight_decay"] = wd
+        return c
 
-    base_lr, base_curves = tune_lr(task, base_run, lr_grid(s.base_lr_center, s.base_lr_points), "base lr",
-                                   s.max_extend)
+    base_curves: list[Curve] = []
+    for wd in wds:
+        _, curves = tune_lr(task, lambda lr, wd=wd: base_run(lr, wd), lr_grid(s.base_lr_center,
+                            s.base_lr_points), f"base lr (wd {wd:g})", s.max_extend)
+        base_curves += curves
+    best_base = min(base_curves, key=score)
+    base_lr, base_wd = best_base.lr, best_base.extra["weight_decay"]
     report["base_lr"] = base_lr
-    report["base_lr_grid"] = {f"{c.lr:.4g}": score(c) for c in base_curves}
+    report["base_weight_decay"] = base_wd
+    report["base_lr_grid"] = {(f"{c.lr:.4g}" if s.weight_decays is None else
+                               f"{c.lr:.4g},wd={c.extra['weight_decay']:g}"): score(c) for c in base_curves}
 
     # 2. proxy upscaling n/2 -> n: sweep post-upscale lr and noise on the n/2 model trained with base_lr.
     print(f"[{task.name}] 2/5 proxy upscaling {half} -> {n}: lr x noise grid")
     proxy_base = fresh(half)
-    proxy_base_curve = train(proxy_base, plain_optimizer(proxy_base, base_lr, task.weight_decay), task,
+    proxy_base_curve = train(proxy_base, plain_optimizer(proxy_base, base_lr, base_wd), task,
                              s.base_steps, label=f"proxy base {half}", lr=base_lr, eval_every=s.eval_every,
                              warmup=s.warmup, seed=s.seed, progress=progress, keep_best=True,
                              patience=s.base_patience)
@@ -397,28 +412,30 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
                                 best_val=min(proxy_base_curve.val))
     proxy: dict[str, float] = {}
     best_key, best_score = None, float("inf")
-    grid = [(m, kind, std) for m in s.post_lr_mults for kind, std in s.noises]
-    for mult, kind, std in grid:
+    grid = [(m, kind, std, wd) for m in s.post_lr_mults for kind, std in s.noises for wd in wds]
+    for mult, kind, std, wd in grid:
         lr = mult * base_lr
         wide = upscale(proxy_base, ex, k, std, kind, seed=s.seed)
-        c = train(wide, mup_optimizer(wide, lr, task.weight_decay), task, s.proxy_steps,
-                  label=f"proxy lr{lr:.2g} {kind}{std}", lr=lr, eval_every=s.proxy_steps, warmup=s.warmup,
-                  seed=s.seed + 1, progress=progress)
-        proxy[f"lr_mult={mult:g},noise={kind}:{std:g}"] = score(c)
+        c = train(wide, mup_optimizer(wide, lr, wd), task, s.proxy_steps,
+                  label=f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}", lr=lr, eval_every=s.proxy_steps,
+                  warmup=s.warmup, seed=s.seed + 1, progress=progress)
+        key = f"lr_mult={mult:g},noise={kind}:{std:g}" + ("" if s.weight_decays is None else f",wd={wd:g}")
+        proxy[key] = score(c)
         if score(c) < best_score:
-            best_key, best_score = (mult, kind, std), score(c)
+            best_key, best_score = (mult, kind, std, wd), score(c)
     assert best_key is not None, "every proxy run diverged"
-    post_mult, noise_kind, noise_std = best_key
+    post_mult, noise_kind, noise_std, post_wd = best_key
     post_lr = post_mult * base_lr
     report["proxy_grid_final_val"] = proxy
     report["transferred"] = dict(post_lr=post_lr, post_lr_mult=post_mult, noise_std=noise_std,
-                                 noise_kind=noise_kind)
-    print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise {noise_kind} {noise_std:g}")
+                                 noise_kind=noise_kind, weight_decay=post_wd)
+    print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise {noise_kind} {noise_std:g},"
+          f" wd {post_wd:g}")
 
     # 3. target upscaling n -> kn with the transferred knobs.
     print(f"[{task.name}] 3/5 base model at width {n}, then upscaling {n} -> {k * n}")
     base = fresh(n)
-    base_curve = train(base, plain_optimizer(base, base_lr, task.weight_decay), task, s.base_steps,
+    base_curve = train(base, plain_optimizer(base, base_lr, base_wd), task, s.base_steps,
                        label=f"base {n}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
                        progress=progress, keep_best=True, patience=s.base_patience)
     base_used = base_curve.extra["best_step"]  # the base model is upscaled at its best val point
@@ -426,7 +443,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     wide = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)
     with torch.no_grad():
         gap = float((wide(*ex) - base(*ex)).abs().max())
-    up_curve = train(wide, mup_optimizer(wide, post_lr, task.weight_decay), task, s.steps,
+    up_curve = train(wide, mup_optimizer(wide, post_lr, post_wd), task, s.steps,
                      label=f"upscaled {n}->{k * n}", lr=post_lr, eval_every=s.eval_every, warmup=s.warmup,
                      seed=s.seed + 1, progress=progress)
     up_curve.extra["max_output_change_at_upscale"] = gap
@@ -434,24 +451,26 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     # 4. scratch baseline at kn, lr tuned on a grid at the target width.
     print(f"[{task.name}] 4/5 scratch at width {k * n}: lr grid")
 
-    def scratch_run(lr: float, param: str) -> Curve:
+    def scratch_run(lr: float, param: str, wd: float) -> Curve:
         if param == "mup":
             m, rec = mup_scratch_model(task.make_model, k * n, n, ex, s.seed)
-            opt = mup_optimizer(m, lr, task.weight_decay, record=rec)
+            opt = mup_optimizer(m, lr, wd, record=rec)
         else:
             m = fresh(k * n)
-            opt = plain_optimizer(m, lr, task.weight_decay)
-        c = train(m, opt, task, s.steps, label=f"scratch {param} {k * n} lr{lr:.2g}", lr=lr,
+            opt = plain_optimizer(m, lr, wd)
+        c = train(m, opt, task, s.steps, label=f"scratch {param} {k * n} lr{lr:.2g} wd{wd:g}", lr=lr,
                   eval_every=s.eval_every, warmup=s.warmup, seed=s.seed + 1, progress=progress)
         c.extra["parametrization"] = param
+        c.extra["weight_decay"] = wd
         return c
 
     scratch_curves: list[Curve] = []
     for param in s.scratch_parametrizations:
-        grid = lr_grid(base_lr, s.scratch_lr_points)
-        _, curves = tune_lr(task, lambda lr, p=param: scratch_run(lr, p), grid, f"scratch {param}",
-                            s.max_extend)
-        scratch_curves += curves
+        for wd in wds:
+            grid = lr_grid(base_lr, s.scratch_lr_points)
+            _, curves = tune_lr(task, lambda lr, p=param, wd=wd: scratch_run(lr, p, wd), grid,
+                                f"scratch {param} wd {wd:g}", s.max_extend)
+            scratch_curves += curves
     scratch = min(scratch_curves, key=score)
     scratch_lr = scratch.lr
 
@@ -464,7 +483,10 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
     report.update(
         scratch_lr=scratch_lr,
-        scratch_lr_grid={f"{c.extra['parametrization']}:{c.lr:.4g}": score(c) for c in scratch_curves},
+        scratch_lr_grid={f"{c.extra['parametrization']}:{c.lr:.4g}" + (
+            "" if s.weight_decays is None else f",wd={c.extra['weight_decay']:g}"): score(c)
+            for c in scratch_curves},
+        scratch_weight_decay=scratch.extra["weight_decay"],
         scratch_parametrization=scratch.extra["parametrization"],
         base=base_curve.as_dict(),
         upscaled=up_curve.as_dict(),
@@ -504,6 +526,9 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"  base lr {report['base_lr']:.3g}; transferred post-upscale lr {t['post_lr']:.3g},"
           f" noise {t['noise_kind']} {t['noise_std']:g}; scratch lr {report['scratch_lr']:.3g}"
           f" ({report['scratch_parametrization']})")
+    if report["settings"].get("weight_decays") is not None:
+        print(f"  weight decay: base {report['base_weight_decay']:g}, transferred post-upscale"
+              f" {t['weight_decay']:g}, scratch {report['scratch_weight_decay']:g}")
     print(f"  final val  : upscaled {c['upscaled_final_val']:.4f}   scratch {c['scratch_final_val']:.4f}")
     print(f"  final train: upscaled {c['upscaled_final_train']:.4f}   scratch {c['scratch_final_train']:.4f}")
     frac = c["upscaled_steps_fraction"]
@@ -591,6 +616,32 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args
+
+
+def add_regularization_args(p: argparse.ArgumentParser) -> None:
+    """``--weight-decay-grid`` and ``--proxy-noises`` (the MLP/CNN digits options)."""
+    p.add_argument("--weight-decay-grid", default=None, metavar="WD,WD,...",
+                   help="AdamW decoupled weight decay grid, tuned for every run like the lr (base at n/2, "
+                        "post-upscale on the proxy, scratch at the target), e.g. 0,0.1,1,10; results go to "
+                        "<out>/weight_decay unless --out is given")
+    p.add_argument("--proxy-noises", default=None, metavar="KIND:STD,...",
+                   help="proxy noise grid instead of the script's, e.g. "
+                        "gaussian:0,gaussian:0.5,symmetric:0.5")
+
+
+def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Settings:
+    """Settings with the ``add_regularization_args`` options applied (and the default ``--out`` moved)."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if args.weight_decay_grid:
+        changes["weight_decays"] = tuple(float(x) for x in args.weight_decay_grid.split(","))
+        if args.out == RESULTS_DIR / name:
+            args.out = RESULTS_DIR / name / "weight_decay"
+    if args.proxy_noises:
+        changes["noises"] = tuple((kind, float(std)) for kind, std in
+                                  (x.split(":") for x in args.proxy_noises.split(",")))
+    return replace(s, **changes)
 
 
 def require_graphscale() -> None:

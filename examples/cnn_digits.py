@@ -1,6 +1,7 @@
 """Upscale a residual CNN with BatchNorm on digits (1x8x8 images) with graphscale vs a tuned scratch model.
 
-Usage: ``python examples/cnn_digits.py [--quick] [--out DIR]``. See ``_common.py`` for the protocol.
+Usage: ``python examples/cnn_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10]
+[--proxy-noises gaussian:0.5,symmetric:0.5]``. See ``_common.py`` for the protocol.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def settings(quick: bool) -> C.Settings:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the experiment; returns the results dict (also written to ``--out``/results.json)."""
-    args = C.parse_args(argv, NAME, __doc__)
+    args = C.parse_args(argv, NAME, __doc__, C.add_regularization_args)
     C.require_graphscale()
-    return C.run_upscaling_experiment(make_task(), settings(args.quick), args.out,
+    s = C.apply_regularization(settings(args.quick), args, NAME)
+    return C.run_upscaling_experiment(make_task(), s, args.out,
                                       progress=not args.no_progress)
 
 
