@@ -33,7 +33,7 @@ from graphscale.capture import Tracer, preserved_buffers
 from graphscale.derive import ScalingRule
 from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
-from graphscale.infer.values import ArgLoc
+from graphscale.infer.values import ArgLoc, SizeInfo
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
 
@@ -153,7 +153,7 @@ def _scaling(plan: Plan, rule: ScalingRule, name: str, source: str, axes: tuple,
 
 def _check_uniform(name: str, axis: int, tree: tuple) -> None:
     if tree[0] == "sum":
-        ms = {_tree_mult(c) for c in tree[1]}
+        ms = {AxisReplication(c).multiplier for c in tree[1]}
         if len(ms) > 1:
             raise MultiplierError(
                 f"{name}[{axis}] concatenates parts that would grow by different multipliers {sorted(ms)}; "
@@ -161,11 +161,6 @@ def _check_uniform(name: str, axis: int, tree: tuple) -> None:
     if tree[0] in ("sum", "prod"):
         for c in tree[1]:
             _check_uniform(name, axis, c)
-
-
-def _tree_mult(tree: tuple) -> int:
-    ax = AxisReplication(tree)
-    return ax.multiplier
 
 
 def _source_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -359,22 +354,12 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, A
                 scaled = graph.call_function(_mul_target(plan), (operand, value))
                 scaled.meta["graphscale"] = "inserted multiplier (shared parameter)"
             _set_loc(node, use.operand, scaled)
-    for node_name, d in req.size_reads.items():
-        node = nodes.get(node_name)
-        if node is not None and sizes.mult(d) != 1 and node.users:
-            narrow = sizes.res.ds.size[sizes.res.root(d)]
-            node.replace_all_uses_with(narrow)  # type: ignore[arg-type]
-    for node in graph.nodes:  # getitem on x.size() tuples that read a width axis
+    # Ints read off a width axis (x.size(-1), x.shape[2], aten.sym_size) keep their narrow value, so
+    # arithmetic on them (a scale 1/sqrt(head_dim)) means what it meant; shape arguments were rewritten above.
+    for node in list(graph.nodes):
         info = plan.walk.info.get(node.name)
-        if node.op == "call_function" and node.target is operator.getitem and node.users \
-                and _is_width_size(info, sizes):
-            node.replace_all_uses_with(info.value)  # type: ignore[union-attr,arg-type]
-
-
-def _is_width_size(info: Any, sizes: _Sizes) -> bool:
-    from graphscale.infer.values import SizeInfo
-
-    return isinstance(info, SizeInfo) and info.dim is not None and sizes.mult(info.dim) != 1
+        if isinstance(info, SizeInfo) and info.dim is not None and sizes.mult(info.dim) != 1 and node.users:
+            node.replace_all_uses_with(info.value)  # type: ignore[arg-type]
 
 
 def _expand_size_node(graph: fx.Graph, user: fx.Node, size_node: fx.Node, n: int) -> list[Any]:

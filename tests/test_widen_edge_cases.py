@@ -84,3 +84,22 @@ def test_depthwise_convolution_widens_its_groups() -> None:
     conv = wide.get_submodule("2")
     assert (conv.groups, conv.in_channels, conv.out_channels) == (12, 12, 12)
     assert _exact(model, x) <= 1e-12
+
+
+class RuntimeScale(nn.Module):
+    """Attention whose scale is computed from a size read at run time (q.size(-1) ** -0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x), self.k(x)
+        att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+        return self.out(att.softmax(-1))
+
+
+def test_sizes_read_off_a_width_axis_keep_their_narrow_value_in_arithmetic() -> None:
+    # Without freezing q.size(-1) to its narrow value the scale would shrink by sqrt(k) on top of the
+    # inserted 1/k, and the softmax would see different logits.
+    assert _exact(RuntimeScale(), torch.randn(2, 5, 4)) <= 1e-12

@@ -680,9 +680,7 @@ def kind_size(ctx: OpContext) -> Info:
         return Const(ctx.result)
     d = ctx.value(ctx.rule.get("dim", "dim@1")) if attr is None else None
     if isinstance(ctx.result, int) and d is not None:
-        dim = info.dims[_norm_dim(int(d), len(info.dims))]
-        ctx.requests.size_reads[ctx.node.name] = dim
-        return SizeInfo(ctx.result, dim)
+        return SizeInfo(ctx.result, info.dims[_norm_dim(int(d), len(info.dims))])
     if isinstance(ctx.result, tuple | list | torch.Size):
         return tuple(SizeInfo(int(s), dm) for s, dm in zip(ctx.result, info.dims))
     return Const(ctx.result)

@@ -133,5 +133,4 @@ class Requests:
     multipliers: list[OutputMultiplier] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     uses: list[ParamUse] = field(default_factory=list)
-    size_reads: dict[str, int] = field(default_factory=dict)  # node -> dim it reads (frozen if width)
     warnings: list[str] = field(default_factory=list)
