@@ -5,11 +5,15 @@ its task as a :class:`Task` (how to build a model of a given width, draw a batch
 hands it to :func:`run_upscaling_experiment`, which runs the same protocol for all three:
 
 1. tune the base learning rate on a grid at width n/2 (cheap) and reuse it at width n (μP transfer);
-2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr and noise std on a grid;
+2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr and noise std on a grid
+   (each point trained ``proxy_steps``; an optimum on the lr grid's edge extends it);
 3. target upscaling n -> kn: train the width-n model, widen it with graphscale using the proxy's best
    (lr, noise) *unchanged*, and keep training;
 4. baseline: a from-scratch μP model at width kn whose lr is tuned on a grid at the target width;
 5. report losses, steps to reach the scratch model's final val loss, and FLOPs (with the base model's).
+
+"Final" losses are the mean of the last ``Settings.final_window`` evaluations everywhere (grid scores
+included), and crossings read the same trailing mean: a constant-lr run fluctuates between evaluations.
 
 All graphscale calls live in the "graphscale adapters" section below, so the rest runs on plain torch.
 """
@@ -189,7 +193,7 @@ class Curve:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, *, label: str, lr: float,
           eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True, keep_best: bool = False,
-          patience: int = 0) -> Curve:
+          patience: int = 0, eval_from: int = 0) -> Curve:
     """Train for ``steps`` AdamW steps (linear warmup, then constant lr), evaluating every ``eval_every``.
 
     Step 0 is evaluated before any update; the curve's last point is ``steps`` unless training stopped
@@ -197,6 +201,8 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
     plateau", i.e. early stopping), and ``curve.extra["best_step"]`` says which step that was; with
     ``patience > 0`` as well, training stops once ``patience`` evaluations in a row have not improved on
     the best val loss (``curve.extra["steps_trained"]`` is always the number of updates made).
+    Evaluations before step ``eval_from`` (other than step 0) are skipped, for grid runs scored on their
+    last few evaluations only.
     """
     gen = torch.Generator().manual_seed(seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -235,7 +241,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
         if not math.isfinite(loss.item()):
             record(step)
             break
-        if step % eval_every == 0 or step == steps:
+        if (step % eval_every == 0 and step >= eval_from) or step == steps:
             record(step)
             remember(step)
             bar.set_postfix(val=f"{curve.val[-1]:.4f}")
@@ -259,15 +265,23 @@ def score(curve: Curve, last: int = 1) -> float:
     return out if math.isfinite(out) else float("inf")
 
 
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start): a constant-lr curve
+    fluctuates from one evaluation to the next, so final losses and crossings are read off this."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(values))]
+
+
 def lr_grid(center: float, points: int) -> list[float]:
     """``points`` learning rates spaced by ``LR_GRID_FACTOR`` around ``center`` (center included)."""
     lo = -(points // 2)
     return [center * LR_GRID_FACTOR ** i for i in range(lo, lo + points)]
 
 
-def steps_to_reach(curve: Curve, target: float) -> int | None:
-    """First evaluated step at which the val loss is <= ``target`` (None if never)."""
-    for s, v in zip(curve.steps, curve.val):
+def steps_to_reach(curve: Curve, target: float, window: int = 1) -> int | None:
+    """First evaluated step at which the val loss (trailing mean over ``window`` evaluations) is <=
+    ``target`` (None if never)."""
+    for s, v in zip(curve.steps, trailing_mean(curve.val, window)):
         if v <= target:
             return s
     return None
@@ -319,7 +333,8 @@ class Settings:
     # train all base_steps); either way the base is widened at its best val evaluation
     base_patience: int = 0
     base_lr_steps: int | None = None  # steps per point of the base lr grid at n/2 (None: base_steps)
-    proxy_steps: int = 300  # post-upscale steps per proxy grid point (n/2 -> n)
+    # post-upscale steps per proxy grid point (n/2 -> n); None: ``steps``, the target's horizon
+    proxy_steps: int | None = None
     eval_every: int = 50
     warmup: int = 50
     base_lr_center: float = 3e-3
@@ -328,6 +343,11 @@ class Settings:
     post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
     noises: tuple[tuple[str, float], ...] = (("gaussian", 0.0), ("gaussian", 0.2), ("gaussian", 0.5))
     max_extend: int = 2  # how many times an lr grid may grow past an edge optimum
+    # "final" losses (grid scores, the comparison, its target) are the mean of the last final_window
+    # evaluations, and "steps to reach" reads the same trailing mean: for a small fixed val set (digits),
+    # where single evaluations of a constant-lr run fluctuate by more than the differences measured. A
+    # trailing mean lags a curve that is still falling, so a task with a large val set should use 1.
+    final_window: int = 3
     # from-scratch baselines: "mup" (μP init + μP AdamW relative to width n) and/or "sp" (the model's own
     # init + plain AdamW); each gets its own lr grid and the best final val loss over all is "scratch".
     scratch_parametrizations: tuple[str, ...] = ("mup",)
@@ -339,13 +359,14 @@ class Settings:
 
 
 def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], label: str,
-            max_extend: int = 2) -> tuple[float, list[Curve]]:
-    """Grid search over ``grid``; if the best lr sits on an edge, extend that edge (at most
-    ``max_extend`` times) so the reported optimum is interior where possible."""
+            max_extend: int = 2, last: int = 1) -> tuple[float, list[Curve]]:
+    """Grid search over ``grid`` scored on the mean of the last ``last`` evaluations; if the best lr sits
+    on an edge, extend that edge (at most ``max_extend`` times) so the reported optimum is interior where
+    possible."""
     curves = {lr: make_run(lr) for lr in grid}
     for _ in range(max_extend):
         lrs = sorted(curves)
-        best = min(lrs, key=lambda lr: score(curves[lr]))
+        best = min(lrs, key=lambda lr: score(curves[lr], last))
         if best == lrs[0]:
             new = best / LR_GRID_FACTOR
         elif best == lrs[-1]:
@@ -355,7 +376,7 @@ def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], l
         print(f"  [{label}] best lr {best:.3g} on grid edge; extending to {new:.3g}")
         curves[new] = make_run(new)
     lrs = sorted(curves)
-    best = min(lrs, key=lambda lr: score(curves[lr]))
+    best = min(lrs, key=lambda lr: score(curves[lr], last))
     return best, [curves[lr] for lr in lrs]
 
 
@@ -370,6 +391,11 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
                                   base=n, wide=k * n))
     report["settings"]["post_lr_mults"] = list(s.post_lr_mults)
     report["settings"]["noises"] = [list(x) for x in s.noises]
+    proxy_steps = s.steps if s.proxy_steps is None else s.proxy_steps
+    window = s.final_window
+
+    def final(curve: Curve) -> float:  # the protocol's "final" loss of a run (also what grids minimise)
+        return score(curve, window)
 
     def fresh(width: int) -> nn.Module:
         torch.manual_seed(s.seed)
@@ -391,14 +417,14 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     base_curves: list[Curve] = []
     for wd in wds:
         _, curves = tune_lr(task, lambda lr, wd=wd: base_run(lr, wd), lr_grid(s.base_lr_center,
-                            s.base_lr_points), f"base lr (wd {wd:g})", s.max_extend)
+                            s.base_lr_points), f"base lr (wd {wd:g})", s.max_extend, window)
         base_curves += curves
-    best_base = min(base_curves, key=score)
+    best_base = min(base_curves, key=final)
     base_lr, base_wd = best_base.lr, best_base.extra["weight_decay"]
     report["base_lr"] = base_lr
     report["base_weight_decay"] = base_wd
     report["base_lr_grid"] = {(f"{c.lr:.4g}" if s.weight_decays is None else
-                               f"{c.lr:.4g},wd={c.extra['weight_decay']:g}"): score(c) for c in base_curves}
+                               f"{c.lr:.4g},wd={c.extra['weight_decay']:g}"): final(c) for c in base_curves}
 
     # 2. proxy upscaling n/2 -> n: sweep post-upscale lr and noise on the n/2 model trained with base_lr.
     print(f"[{task.name}] 2/5 proxy upscaling {half} -> {n}: lr x noise grid")
@@ -411,20 +437,35 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
                                 steps_trained=proxy_base_curve.extra["steps_trained"],
                                 best_val=min(proxy_base_curve.val))
     proxy: dict[str, float] = {}
-    best_key, best_score = None, float("inf")
-    grid = [(m, kind, std, wd) for m in s.post_lr_mults for kind, std in s.noises for wd in wds]
-    for mult, kind, std, wd in grid:
+    scores: dict[tuple[float, str, float, float], float] = {}
+
+    def proxy_run(mult: float, kind: str, std: float, wd: float) -> None:
         lr = mult * base_lr
         wide = upscale(proxy_base, ex, k, std, kind, seed=s.seed)
-        c = train(wide, mup_optimizer(wide, lr, wd), task, s.proxy_steps,
-                  label=f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}", lr=lr, eval_every=s.proxy_steps,
-                  warmup=s.warmup, seed=s.seed + 1, progress=progress)
+        c = train(wide, mup_optimizer(wide, lr, wd), task, proxy_steps,
+                  label=f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}", lr=lr, eval_every=s.eval_every,
+                  warmup=s.warmup, seed=s.seed + 1, progress=progress,
+                  eval_from=proxy_steps - (window - 1) * s.eval_every)
         key = f"lr_mult={mult:g},noise={kind}:{std:g}" + ("" if s.weight_decays is None else f",wd={wd:g}")
-        proxy[key] = score(c)
-        if score(c) < best_score:
-            best_key, best_score = (mult, kind, std, wd), score(c)
-    assert best_key is not None, "every proxy run diverged"
-    post_mult, noise_kind, noise_std, post_wd = best_key
+        proxy[key] = scores[(mult, kind, std, wd)] = final(c)
+
+    for mult in s.post_lr_mults:
+        for kind, std in s.noises:
+            for wd in wds:
+                proxy_run(mult, kind, std, wd)
+    # like the other lr grids, an optimum on the edge of the lr multiples extends the grid (with the best
+    # noise and wd only: a coordinate step, to keep the proxy cheap)
+    for _ in range(s.max_extend):
+        mult, kind, std, wd = min(scores, key=scores.__getitem__)
+        mults = sorted({m for m, *_ in scores})
+        if mult not in (mults[0], mults[-1]) or len(mults) < 2:
+            break
+        new = mult / LR_GRID_FACTOR if mult == mults[0] else mult * LR_GRID_FACTOR
+        print(f"  [proxy] best post-upscale lr x{mult:g} on grid edge; extending to x{new:g}")
+        proxy_run(new, kind, std, wd)
+    if not any(math.isfinite(v) for v in scores.values()):
+        raise RuntimeError("every proxy run diverged")
+    post_mult, noise_kind, noise_std, post_wd = min(scores, key=scores.__getitem__)
     post_lr = post_mult * base_lr
     report["proxy_grid_final_val"] = proxy
     report["transferred"] = dict(post_lr=post_lr, post_lr_mult=post_mult, noise_std=noise_std,
@@ -469,22 +510,22 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         for wd in wds:
             grid = lr_grid(base_lr, s.scratch_lr_points)
             _, curves = tune_lr(task, lambda lr, p=param, wd=wd: scratch_run(lr, p, wd), grid,
-                                f"scratch {param} wd {wd:g}", s.max_extend)
+                                f"scratch {param} wd {wd:g}", s.max_extend, window)
             scratch_curves += curves
-    scratch = min(scratch_curves, key=score)
+    scratch = min(scratch_curves, key=final)
     scratch_lr = scratch.lr
 
     # 5. metrics.
     print(f"[{task.name}] 5/5 metrics and plots")
-    target = scratch.final_val
-    reach = steps_to_reach(up_curve, target)
+    target = final(scratch)
+    reach = steps_to_reach(up_curve, target, window)
     base_flops = base_curve.flops_per_step * base_trained  # in full, the steps after its best included
     scratch_flops = scratch.flops_per_step * s.steps
     up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
     report.update(
         scratch_lr=scratch_lr,
         scratch_lr_grid={f"{c.extra['parametrization']}:{c.lr:.4g}" + (
-            "" if s.weight_decays is None else f",wd={c.extra['weight_decay']:g}"): score(c)
+            "" if s.weight_decays is None else f",wd={c.extra['weight_decay']:g}"): final(c)
             for c in scratch_curves},
         scratch_weight_decay=scratch.extra["weight_decay"],
         scratch_parametrization=scratch.extra["parametrization"],
@@ -494,12 +535,17 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         scratch_grid=[c.as_dict() for c in scratch_curves],
         params=dict(base=n_params(base), wide=n_params(wide)),
         comparison=dict(
+            final_window=window,
             scratch_final_val=target,
-            upscaled_final_val=up_curve.final_val,
-            scratch_final_train=scratch.final_train,
-            upscaled_final_train=up_curve.final_train,
-            upscaled_val_at_equal_steps_le_scratch=up_curve.final_val <= target,
+            upscaled_final_val=final(up_curve),
+            scratch_final_train=sum(scratch.train[-window:]) / len(scratch.train[-window:]),
+            upscaled_final_train=sum(up_curve.train[-window:]) / len(up_curve.train[-window:]),
+            scratch_last_val=scratch.final_val,
+            upscaled_last_val=up_curve.final_val,
+            upscaled_val_at_equal_steps_le_scratch=final(up_curve) <= target,
             upscaled_steps_to_scratch_final_val=reach,
+            # the same crossing against scratch's single last evaluation (= the above when final_window=1)
+            upscaled_steps_to_scratch_last_val=steps_to_reach(up_curve, scratch.final_val),
             upscaled_steps_fraction=None if reach is None else reach / s.steps,
             scratch_flops=scratch_flops,
             base_training_flops=base_flops,
@@ -619,11 +665,18 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 
 def add_regularization_args(p: argparse.ArgumentParser) -> None:
-    """``--weight-decay-grid`` and ``--proxy-noises`` (the MLP/CNN digits options)."""
+    """``--seed``, ``--augment``, ``--weight-decay-grid`` and ``--proxy-noises`` (the MLP/CNN digits
+    options)."""
     p.add_argument("--weight-decay-grid", default=None, metavar="WD,WD,...",
                    help="AdamW decoupled weight decay grid, tuned for every run like the lr (base at n/2, "
                         "post-upscale on the proxy, scratch at the target), e.g. 0,0.1,1,10; results go to "
                         "<out>/weight_decay unless --out is given")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed (initialisation, batches, noise; the data split stays fixed); a "
+                        "non-zero seed's results go to <out>/seed<N> unless --out is given")
+    p.add_argument("--augment", action="store_true",
+                   help="train every model on the training images and their translations by one pixel "
+                        "(9x the data); results go to <out>/augment unless --out is given")
     p.add_argument("--proxy-noises", default=None, metavar="KIND:STD,...",
                    help="proxy noise grid instead of the script's, e.g. "
                         "gaussian:0,gaussian:0.5,symmetric:0.5")
@@ -634,10 +687,18 @@ def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Se
     from dataclasses import replace
 
     changes: dict[str, Any] = {}
+    default_out = args.out == RESULTS_DIR / name
+    variant = []  # the default --out gets a subfolder per option, so runs never overwrite each other
+    if args.augment:
+        variant.append("augment")
     if args.weight_decay_grid:
         changes["weight_decays"] = tuple(float(x) for x in args.weight_decay_grid.split(","))
-        if args.out == RESULTS_DIR / name:
-            args.out = RESULTS_DIR / name / "weight_decay"
+        variant.append("weight_decay")
+    if args.seed:
+        changes["seed"] = args.seed
+        variant.append(f"seed{args.seed}")
+    if default_out and variant:
+        args.out = RESULTS_DIR / name / "_".join(variant)
     if args.proxy_noises:
         changes["noises"] = tuple((kind, float(std)) for kind, std in
                                   (x.split(":") for x in args.proxy_noises.split(",")))
@@ -651,10 +712,14 @@ def require_graphscale() -> None:
                          "(pip install -e .) from a version that has it")
 
 
-def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_data(seed: int = 0, augment: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's digits (offline): a fixed stratified 80/20 split, standardised with train stats.
 
-    Returns ``x_train, y_train, x_val, y_val`` with x of shape (N, 64), float32.
+    Returns ``x_train, y_train, x_val, y_val`` with x of shape (N, 64), float32. With ``augment``,
+    ``x_train`` holds every training image in its 9 translations by up to one pixel (the vacated border
+    is background, 0), in blocks of N: index ``j * N + i`` is image i shifted the j-th way, j = 0 unshifted
+    (so ``x_train[:N]`` is the plain training set either way).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -665,7 +730,13 @@ def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     mean, std = xtr.mean(0), xtr.std(0)
     std[std == 0] = 1.0
     f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return f(xtr), torch.tensor(ytr), f(xva), torch.tensor(yva)
+    y_train = torch.tensor(ytr)
+    if augment:
+        padded = torch.nn.functional.pad(torch.tensor(xtr).view(-1, 8, 8), (1, 1, 1, 1))
+        offsets = [(1, 1)] + [(a, b) for a in range(3) for b in range(3) if (a, b) != (1, 1)]
+        shifted = [padded[:, a:a + 8, b:b + 8].reshape(-1, 64) for a, b in offsets]
+        return f(torch.cat(shifted).numpy()), y_train.repeat(9), f(xva), torch.tensor(yva)
+    return f(xtr), y_train, f(xva), torch.tensor(yva)
 
 
 def minibatcher(x: torch.Tensor, y: torch.Tensor, batch: int

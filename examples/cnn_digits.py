@@ -1,7 +1,7 @@
 """Upscale a residual CNN with BatchNorm on digits (1x8x8 images) with graphscale vs a tuned scratch model.
 
-Usage: ``python examples/cnn_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10]
-[--proxy-noises gaussian:0.5,symmetric:0.5]``. See ``_common.py`` for the protocol.
+Usage: ``python examples/cnn_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10] [--augment]
+[--seed N] [--proxy-noises gaussian:0.5,symmetric:0.5]``. See ``_common.py`` for the protocol.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class CNN(nn.Module):
         return self.readout(h.mean(dim=(2, 3)))
 
 
-def make_task(batch: int = 64, seed: int = 0) -> C.Task:
+def make_task(batch: int = 64, seed: int = 0, augment: bool = False) -> C.Task:
     """Digits reshaped to (N, 1, 8, 8) after per-pixel standardisation."""
-    xtr, ytr, xva, yva = C.digits_data(seed)
+    xtr, ytr, xva, yva = C.digits_data(seed, augment)
     xtr, xva = xtr.view(-1, 1, 8, 8), xva.view(-1, 1, 8, 8)
     ex = (xtr[:batch],)
     return C.Task(
@@ -66,7 +66,7 @@ def make_task(batch: int = 64, seed: int = 0) -> C.Task:
 def settings(quick: bool) -> C.Settings:
     """Full settings (a few minutes on 2 cores) or --quick ones (seconds)."""
     if quick:
-        return C.Settings(width=8, steps=40, base_steps=40, proxy_steps=20, eval_every=20, warmup=5,
+        return C.Settings(width=8, steps=40, base_steps=40, eval_every=20, warmup=5, final_window=1,
                           base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), max_extend=0,
                           noises=(("gaussian", 0.0), ("gaussian", 0.5)),
                           base_lr_center=3e-3)
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = C.parse_args(argv, NAME, __doc__, C.add_regularization_args)
     C.require_graphscale()
     s = C.apply_regularization(settings(args.quick), args, NAME)
-    return C.run_upscaling_experiment(make_task(), s, args.out,
+    return C.run_upscaling_experiment(make_task(augment=args.augment), s, args.out,
                                       progress=not args.no_progress)
 
 

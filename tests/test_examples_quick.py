@@ -23,7 +23,8 @@ UPSCALING_KEYS = {"task", "settings", "widths", "base_lr", "transferred", "scrat
                   "scratch", "scratch_grid", "params", "comparison", "proxy_grid_final_val"}
 COMPARISON_KEYS = {"scratch_final_val", "upscaled_final_val", "scratch_final_train", "upscaled_final_train",
                    "upscaled_steps_to_scratch_final_val", "scratch_flops", "base_training_flops",
-                   "upscaled_total_flops_full", "upscaled_flops_fraction", "upscaled_steps_fraction"}
+                   "upscaled_total_flops_full", "upscaled_flops_fraction", "upscaled_steps_fraction",
+                   "final_window", "upscaled_steps_to_scratch_last_val"}
 CURVE_KEYS = {"steps", "train_loss", "val_loss", "lr", "flops_per_step", "final_val_loss", "final_train_loss"}
 
 
@@ -56,9 +57,11 @@ def _finite(xs: list[float | None]) -> bool:
     return all(x is not None and math.isfinite(x) for x in xs)
 
 
-@pytest.mark.parametrize("name", ["mlp_digits", "cnn_digits", "gpt_shakespeare"])
-def test_upscaling_example_quick(name: str, tmp_path: Path) -> None:
-    r = _run(name, tmp_path)
+@pytest.mark.parametrize(("name", "extra"), [("mlp_digits", ()), ("cnn_digits", ()), ("gpt_shakespeare", ()),
+                                           ("mlp_digits", ("--augment",))],
+                         ids=["mlp", "cnn", "gpt", "mlp-augment"])
+def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Path) -> None:
+    r = _run(name, tmp_path, *extra)
     assert UPSCALING_KEYS <= r.keys()
     assert COMPARISON_KEYS <= r["comparison"].keys()
     for key in ("base", "upscaled", "scratch"):
@@ -94,3 +97,43 @@ def test_hp_transfer_quick(tmp_path: Path) -> None:
             assert min(v for v in gs if v is not None) < d["base_initial_val"], (name, label)
             assert d["graphscale_best_lr"] in t["settings"]["lrs"]
         assert (tmp_path / "hp_transfer" / f"{name}_lr.png").stat().st_size > 0
+
+
+def test_augmented_digits_hold_every_one_pixel_translation_of_the_training_images() -> None:
+    pytest.importorskip("sklearn")
+    import _common as C
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y, xv, yv = C.digits_data()
+    xa, ya, xva, yva = C.digits_data(augment=True)
+    n = len(x)
+    assert xa.shape == (9 * n, 64) and torch.equal(ya, y.repeat(9))
+    assert torch.equal(xa[:n], x) and torch.equal(xva, xv) and torch.equal(yva, yv)  # block 0: unshifted
+    # Back to raw pixels (the split and statistics digits_data documents), then match each block of N
+    # against the 9 translations by at most one pixel with a blank (0) border.
+    d = load_digits()
+    raw = train_test_split(d.data, d.target, test_size=0.2, random_state=0, stratify=d.target)[0]
+    mean, std = torch.tensor(raw.mean(0)), torch.tensor(raw.std(0))
+    std[std == 0] = 1.0
+    padded = torch.nn.functional.pad(torch.tensor(raw).view(-1, 8, 8), (1, 1, 1, 1))
+    found = set()
+    for j in range(9):
+        block = xa[j * n:(j + 1) * n].double() * std + mean
+        matches = [(a, b) for a in range(3) for b in range(3)
+                   if torch.allclose(block, padded[:, a:a + 8, b:b + 8].reshape(-1, 64), atol=1e-4)]
+        assert len(matches) == 1, (j, matches)
+        found.add(matches[0])
+    assert found == {(a, b) for a in range(3) for b in range(3)} and (1, 1) in found
+
+
+def test_final_losses_and_crossings_read_a_trailing_mean() -> None:
+    import _common as C
+
+    assert C.trailing_mean([4.0, 2.0, 3.0, 1.0], 3) == [4.0, 3.0, 3.0, 2.0]
+    curve = C.Curve(label="c", lr=1.0, steps=[0, 10, 20, 30], val=[4.0, 2.0, 3.0, 1.0])
+    assert C.steps_to_reach(curve, 2.0) == 10  # a single lucky evaluation counts with window 1 ...
+    assert C.steps_to_reach(curve, 2.0, window=3) == 30  # ... not with a trailing mean over 3
+    assert C.steps_to_reach(curve, 0.5, window=3) is None
+    assert C.score(curve, 3) == 2.0
