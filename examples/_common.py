@@ -4,7 +4,8 @@ Every script (``mlp_digits.py``, ``cnn_digits.py``, ``gpt_shakespeare.py``, ``hp
 its task as a :class:`Task` (how to build a model of a given width, draw a batch, and count FLOPs) and
 hands it to :func:`run_upscaling_experiment`, which runs the same protocol for all three:
 
-1. tune the base learning rate on a grid at width n/2 (cheap) and reuse it at width n (μP transfer);
+1. tune the base learning rate on a grid at width n/2 (cheap) and reuse it at width n (both bases are
+   plain AdamW models, so this is not a μP transfer: see examples/README.md);
 2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr and noise std on a grid
    (each point trained ``proxy_steps``; an optimum on the lr grid's edge extends it);
 3. target upscaling n -> kn: train the width-n model, widen it with graphscale using the proxy's best
@@ -333,6 +334,10 @@ class Settings:
     # train all base_steps); either way the base is widened at its best val evaluation
     base_patience: int = 0
     base_lr_steps: int | None = None  # steps per point of the base lr grid at n/2 (None: base_steps)
+    # True: the width-n base gets its own lr grid at width n (an existing family member, trained well at
+    # its width) instead of reusing the n/2 lr, which in standard parametrization is too high at width n;
+    # the post-upscale lr is then the proxy's multiple of *this* lr. Only the chosen run's FLOPs count.
+    tune_base_at_width: bool = False
     # post-upscale steps per proxy grid point (n/2 -> n); None: ``steps``, the target's horizon
     proxy_steps: int | None = None
     eval_every: int = 50
@@ -475,10 +480,29 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
 
     # 3. target upscaling n -> kn with the transferred knobs.
     print(f"[{task.name}] 3/5 base model at width {n}, then upscaling {n} -> {k * n}")
-    base = fresh(n)
-    base_curve = train(base, plain_optimizer(base, base_lr, base_wd), task, s.base_steps,
-                       label=f"base {n}", lr=base_lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed,
-                       progress=progress, keep_best=True, patience=s.base_patience)
+    trained: dict[float, tuple[nn.Module, Curve]] = {}
+
+    def base_n_run(lr: float) -> Curve:
+        m = fresh(n)
+        label = f"base {n}" + (f" lr{lr:.2g}" if s.tune_base_at_width else "")
+        c = train(m, plain_optimizer(m, lr, base_wd), task, s.base_steps, label=label, lr=lr,
+                  eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress, keep_best=True,
+                  patience=s.base_patience)
+        trained[lr] = (m, c)
+        return c
+
+    if s.tune_base_at_width:
+        base_n_lr, curves = tune_lr(task, base_n_run, lr_grid(base_lr, s.base_lr_points), f"base lr at {n}",
+                                    s.max_extend, window)
+        report["base_n_lr_grid"] = {f"{c.lr:.4g}": final(c) for c in curves}
+        post_lr = post_mult * base_n_lr
+        report["transferred"]["post_lr"] = post_lr
+        print(f"  width-{n} base lr {base_n_lr:.3g}; post-upscale lr x{post_mult:g} of it: {post_lr:.3g}")
+    else:
+        base_n_lr = base_lr
+        base_n_run(base_lr)
+    report["base_n_lr"] = base_n_lr
+    base, base_curve = trained[base_n_lr]
     base_used = base_curve.extra["best_step"]  # the base model is upscaled at its best val point
     base_trained = base_curve.extra["steps_trained"]  # ... but every step it trained is paid for
     wide = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)

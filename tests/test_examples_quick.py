@@ -58,8 +58,9 @@ def _finite(xs: list[float | None]) -> bool:
 
 
 @pytest.mark.parametrize(("name", "extra"), [("mlp_digits", ()), ("cnn_digits", ()), ("gpt_shakespeare", ()),
-                                           ("mlp_digits", ("--augment",))],
-                         ids=["mlp", "cnn", "gpt", "mlp-augment"])
+                                           ("mlp_digits", ("--augment",)),
+                                           ("gpt_shakespeare", ("--tune-base-at-width",))],
+                         ids=["mlp", "cnn", "gpt", "mlp-augment", "gpt-tune-base-at-width"])
 def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Path) -> None:
     r = _run(name, tmp_path, *extra)
     assert UPSCALING_KEYS <= r.keys()
@@ -81,6 +82,11 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
     if t["noise_std"] == 0 or t["noise_kind"] == "symmetric":  # these widenings preserve the function
         assert r["upscaled"]["max_output_change_at_upscale"] < 1e-3
     assert (tmp_path / name / "val_loss.png").stat().st_size > 0
+    if "--tune-base-at-width" in extra:  # the width-n base got its own grid, and the post lr follows it
+        assert r["base_n_lr"] in [float(x) for x in r["base_n_lr_grid"]]
+        assert math.isclose(t["post_lr"], t["post_lr_mult"] * r["base_n_lr"])
+    else:
+        assert r["base_n_lr"] == r["base_lr"]
 
 
 def test_hp_transfer_quick(tmp_path: Path) -> None:
