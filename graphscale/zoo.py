@@ -115,13 +115,14 @@ def mlp(widths: tuple[int, ...] = (50, 100, 200), d_in: int = 16, d_out: int = 1
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv+BN layers with a residual; a strided 1x1 conv+BN projection when the shape changes."""
+    """Two 3x3 conv+BN layers with a residual; a strided 1x1 conv+BN projection when the shape changes.
+    ``groups`` splits the second conv into channel groups (ResNeXt-style)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False, groups=groups)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()

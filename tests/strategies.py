@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
+from graphscale.zoo import BasicBlock
+
 Example = tuple[nn.Module, tuple[Any, ...]]
 Scale = int | Sequence[int]
 
@@ -151,25 +153,6 @@ class CNNArch:
     seed: int
 
 
-class ResidualBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, grouped: bool) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.act = nn.ReLU()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False, groups=2 if grouped else 1)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act(out + self.shortcut(x))
-
-
 class CNN(nn.Module):
     def __init__(self, arch: CNNArch, k: int) -> None:
         super().__init__()
@@ -179,7 +162,7 @@ class CNN(nn.Module):
         blocks = []
         for b in arch.blocks:
             c_out = c if b.out_channels is None else b.out_channels * k
-            blocks.append(ResidualBlock(c, c_out, b.stride, b.grouped))
+            blocks.append(BasicBlock(c, c_out, b.stride, groups=2 if b.grouped else 1))
             c = c_out
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
