@@ -441,7 +441,6 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     report["proxy_base"] = dict(best_step=proxy_base_curve.extra["best_step"],
                                 steps_trained=proxy_base_curve.extra["steps_trained"],
                                 best_val=min(proxy_base_curve.val))
-    proxy: dict[str, float] = {}
     scores: dict[tuple[float, str, float, float], float] = {}
 
     def proxy_run(mult: float, kind: str, std: float, wd: float) -> None:
@@ -451,8 +450,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
                   label=f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}", lr=lr, eval_every=s.eval_every,
                   warmup=s.warmup, seed=s.seed + 1, progress=progress,
                   eval_from=proxy_steps - (window - 1) * s.eval_every)
-        key = f"lr_mult={mult:g},noise={kind}:{std:g}" + ("" if s.weight_decays is None else f",wd={wd:g}")
-        proxy[key] = scores[(mult, kind, std, wd)] = final(c)
+        scores[(mult, kind, std, wd)] = final(c)
 
     for mult in s.post_lr_mults:
         for kind, std in s.noises:
@@ -472,7 +470,9 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         raise RuntimeError("every proxy run diverged")
     post_mult, noise_kind, noise_std, post_wd = min(scores, key=scores.__getitem__)
     post_lr = post_mult * base_lr
-    report["proxy_grid_final_val"] = proxy
+    report["proxy_grid_final_val"] = {
+        f"lr_mult={m:g},noise={kd}:{sd:g}" + ("" if s.weight_decays is None else f",wd={w:g}"): v
+        for (m, kd, sd, w), v in scores.items()}
     report["transferred"] = dict(post_lr=post_lr, post_lr_mult=post_mult, noise_std=noise_std,
                                  noise_kind=noise_kind, weight_decay=post_wd)
     print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise {noise_kind} {noise_std:g},"
