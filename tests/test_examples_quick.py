@@ -59,8 +59,9 @@ def _finite(xs: list[float | None]) -> bool:
 
 @pytest.mark.parametrize(("name", "extra"), [("mlp_digits", ()), ("cnn_digits", ()), ("gpt_shakespeare", ()),
                                            ("mlp_digits", ("--augment",)),
-                                           ("gpt_shakespeare", ("--tune-base-at-width",))],
-                         ids=["mlp", "cnn", "gpt", "mlp-augment", "gpt-tune-base-at-width"])
+                                           ("gpt_shakespeare", ("--reuse-base-lr",)),
+                                           ("mlp_digits", ("--schedule", "cosine"))],
+                         ids=["mlp", "cnn", "gpt", "mlp-augment", "gpt-reuse-base-lr", "mlp-cosine"])
 def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Path) -> None:
     r = _run(name, tmp_path, *extra)
     assert UPSCALING_KEYS <= r.keys()
@@ -82,20 +83,29 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
     if t["noise_std"] == 0 or t["noise_kind"] == "symmetric":  # these widenings preserve the function
         assert r["upscaled"]["max_output_change_at_upscale"] < 1e-3
     assert (tmp_path / name / "val_loss.png").stat().st_size > 0
-    if "--tune-base-at-width" in extra:  # the width-n base got its own grid, and the post lr follows it
+    if "--reuse-base-lr" in extra:
+        assert r["base_n_lr"] == r["base_lr"] and "base_n_lr_grid" not in r
+    else:  # the width-n base got its own grid, and the post-upscale lr follows it
         assert r["base_n_lr"] in [float(x) for x in r["base_n_lr_grid"]]
         assert math.isclose(t["post_lr"], t["post_lr_mult"] * r["base_n_lr"])
-    else:
-        assert r["base_n_lr"] == r["base_lr"]
+    assert r["settings"]["schedule"] == ("cosine" if "cosine" in extra else "constant")
 
 
 def test_hp_transfer_quick(tmp_path: Path) -> None:
-    r = _run("hp_transfer", tmp_path)
+    r = _run("hp_transfer", tmp_path, "--seeds", "0,1")
     assert set(r["tasks"]) == {"gpt", "mlp"}
     for name, t in r["tasks"].items():
         assert {"graphscale_argmin_stable", "naive_argmin_stable", "widths", "settings"} <= t.keys()
-        assert len(t["widths"]) >= 2
+        assert len(t["widths"]) >= 2 and t["settings"]["seeds"] == [0, 1]
         for label, d in t["widths"].items():
+            # the argmin is taken on the mean over seeds, whose own runs differ (other init and batches)
+            runs = [d["per_seed"][seed]["graphscale_lr"] for seed in ("0", "1")]
+            assert runs[0] != runs[1], label
+            for lr, v in d["graphscale_lr"].items():
+                assert v == pytest.approx((runs[0][lr] + runs[1][lr]) / 2), (label, lr)
+            finite = {lr: (math.inf if v is None else v) for lr, v in d["graphscale_lr"].items()}
+            assert f"{d['graphscale_best_lr']:.4g}" == min(finite, key=finite.__getitem__), label
+            assert len(d["graphscale_best_lr_per_seed"]) == 2
             gs = list(d["graphscale_lr"].values())
             assert len(gs) == len(t["settings"]["lrs"]), label
             assert any(v is not None and math.isfinite(v) for v in gs), label
@@ -143,3 +153,35 @@ def test_final_losses_and_crossings_read_a_trailing_mean() -> None:
     assert C.steps_to_reach(curve, 2.0, window=3) == 30  # ... not with a trailing mean over 3
     assert C.steps_to_reach(curve, 0.5, window=3) is None
     assert C.score(curve, 3) == 2.0
+
+
+def test_lr_schedules_warm_up_linearly_then_hold_or_decay_to_the_cosine_floor() -> None:
+    import _common as C
+
+    steps, warmup = 100, 10
+    for schedule in C.SCHEDULES:
+        f = [C.lr_factor(i, steps, warmup, schedule) for i in range(steps)]
+        assert f[:warmup] == pytest.approx([(i + 1) / warmup for i in range(warmup)])
+        if schedule == "constant":
+            assert f[warmup:] == [1.0] * (steps - warmup)
+        else:  # monotone from 1 down to the floor, half way at the middle of the decay
+            assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))
+            assert f[warmup] == 1.0 and f[-1] == pytest.approx(C.COSINE_FLOOR, abs=1e-3)
+            assert C.lr_factor(55, steps, warmup, schedule) == pytest.approx((1 + C.COSINE_FLOOR) / 2)
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
+        C.lr_factor(0, steps, warmup, "linear")
+
+
+def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite_each_other() -> None:
+    import _common as C
+
+    def out_for(*argv: str) -> tuple[Path, Any]:
+        args = C.parse_args(list(argv), "mlp_digits", None, C.add_regularization_args)
+        s = C.apply_regularization(C.Settings(width=8), args, "mlp_digits")
+        return args.out, s
+
+    assert out_for() == (C.RESULTS_DIR / "mlp_digits", C.Settings(width=8))
+    out, s = out_for("--reuse-base-lr", "--schedule", "cosine", "--augment", "--seed", "2")
+    assert out == C.RESULTS_DIR / "mlp_digits/reuse_base_lr/cosine/augment_seed2"
+    assert (s.tune_base_at_width, s.schedule, s.seed) == (False, "cosine", 2)
+    assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
