@@ -366,6 +366,11 @@ class Settings:
     # lr schedule of every run (bases, proxy, upscaled, scratch): linear warmup, then "constant" or
     # "cosine" (decay to COSINE_FLOOR x the peak lr over the run's own steps)
     schedule: str = "constant"
+    # decay schedules only: the upscaled model also trains with its schedule compressed to these fractions
+    # of the budget (one run each from the same widened base), because a decayed run's loss half way says
+    # little about what a run of half the length reaches; the shortest horizon whose final val reaches
+    # scratch's is then the "steps to reach" that counts
+    horizon_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     # post-upscale steps per proxy grid point (n/2 -> n); None: ``steps``, the target's horizon
     proxy_steps: int | None = None
     eval_every: int = 50
@@ -573,6 +578,17 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     print(f"[{task.name}] 5/5 metrics and plots")
     target = final(scratch)
     reach = steps_to_reach(up_curve, target, window)
+    by_horizon: dict[int, float] = {}
+    if s.schedule != "constant":
+        for frac in s.horizon_fractions:
+            h = round(frac * s.steps)
+            wide_h = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)
+            by_horizon[h] = final(train(
+                wide_h, mup_optimizer(wide_h, post_lr, post_wd), task, h, label=f"upscaled, {h}-step run",
+                lr=post_lr, eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1,
+                progress=progress, eval_from=h - (window - 1) * s.eval_every))
+        by_horizon[s.steps] = final(up_curve)
+    shortest = min((h for h, v in by_horizon.items() if v <= target), default=None)
     base_flops = base_curve.flops_per_step * base_trained  # in full, the steps after its best included
     scratch_flops = scratch.flops_per_step * s.steps
     up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
@@ -608,6 +624,13 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             upscaled_total_flops_to_reach=up_flops_at,
             upscaled_flops_fraction=None if up_flops_at is None else up_flops_at / scratch_flops,
             upscaled_total_flops_full=base_flops + up_curve.flops_per_step * s.steps,
+            # decay schedules: final val of the upscaled model trained with each shorter schedule, and the
+            # shortest one that reaches scratch's final val (with its FLOPs, base included)
+            upscaled_final_val_by_horizon={str(h): v for h, v in sorted(by_horizon.items())},
+            upscaled_shortest_horizon_to_scratch_final_val=shortest,
+            upscaled_shortest_horizon_fraction=None if shortest is None else shortest / s.steps,
+            upscaled_shortest_horizon_flops_fraction=None if shortest is None else (
+                base_flops + up_curve.flops_per_step * shortest) / scratch_flops,
         ),
         seconds=round(time.perf_counter() - t_start, 1),
     )
@@ -636,6 +659,11 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"  steps to scratch's final val: {c['upscaled_steps_to_scratch_final_val']}"
           f" ({'never' if frac is None else f'{frac:.0%} of scratch'});"
           f" FLOPs incl. base: {'n/a' if ff is None else f'{ff:.0%} of scratch'}")
+    if c.get("upscaled_final_val_by_horizon"):
+        h = c["upscaled_shortest_horizon_to_scratch_final_val"]
+        hf = c["upscaled_shortest_horizon_flops_fraction"]
+        print(f"  final val by schedule length: {c['upscaled_final_val_by_horizon']}; shortest reaching"
+              f" scratch's final val: {'none' if h is None else f'{h} steps, {hf:.0%} of scratch FLOPs'}")
     print(f"  took {report['seconds']} s\n")
 
 

@@ -9,7 +9,8 @@ lr for all widths); then
   built wide model *without* the rescaling compensations, the same amount of hand-made noise, and plain
   AdamW (standard parametrization: one lr for every tensor).
 
-With several ``--seeds`` the loss at each grid point is averaged over the seeds before the argmin is taken.
+The loss at each grid point is averaged over the seeds (default 0, 1, 2) before the argmin is taken:
+neighbouring lrs differ by less than one seed's noise.
 
 Usage: ``python examples/hp_transfer.py [--quick] [--out DIR] [--tasks gpt,mlp] [--post-steps N]
 [--lrs 2e-3,4e-3,...] [--seeds 0,1,2]``.
@@ -256,9 +257,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.add_argument("--tasks", default="gpt,mlp", help="comma-separated subset of gpt,mlp")
         p.add_argument("--post-steps", type=int, default=None,
                        help="post-upscale steps of every sweep run (default: GPT 100, MLP 200)")
-        p.add_argument("--seeds", default="0", metavar="SEED,SEED,...",
-                       help="training seeds; the loss at each lr is averaged over them before the argmin "
-                            "(each seed's argmin is reported too)")
+        p.add_argument("--seeds", default=None, metavar="SEED,SEED,...",
+                       help="training seeds (default 0,1,2; --quick: 0); the loss at each lr is averaged "
+                            "over them before the argmin (each seed's argmin is reported too)")
         p.add_argument("--lrs", default=None, metavar="LR,LR,...",
                        help="the lr grid of every task instead of its own (the noise sweep runs at its "
                             "middle lr)")
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             s = dataclasses.replace(s, post_steps=args.post_steps)
         if args.lrs:
             s = dataclasses.replace(s, lrs=tuple(float(x) for x in args.lrs.split(",")))
-        seeds = tuple(int(x) for x in args.seeds.split(","))
+        seeds = tuple(int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(","))
         r = sweep_task(task, s, progress=not args.no_progress, seeds=seeds)
         report["tasks"][name] = r
         args.out.mkdir(parents=True, exist_ok=True)

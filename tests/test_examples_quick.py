@@ -89,6 +89,15 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
         assert r["base_n_lr"] in [float(x) for x in r["base_n_lr_grid"]]
         assert math.isclose(t["post_lr"], t["post_lr_mult"] * r["base_n_lr"])
     assert r["settings"]["schedule"] == ("cosine" if "cosine" in extra else "constant")
+    c, steps = r["comparison"], r["settings"]["steps"]
+    by_horizon = {int(h): v for h, v in c["upscaled_final_val_by_horizon"].items()}
+    if "cosine" in extra:  # one extra upscaled run per shorter schedule, and the full run itself
+        assert sorted(by_horizon) == [round(f * steps) for f in r["settings"]["horizon_fractions"]] + [steps]
+        assert by_horizon[steps] == c["upscaled_final_val"] and _finite(list(by_horizon.values()))
+        reaching = [h for h, v in by_horizon.items() if v <= c["scratch_final_val"]]
+        assert c["upscaled_shortest_horizon_to_scratch_final_val"] == (min(reaching) if reaching else None)
+    else:  # with a constant lr the full run's curve already says where it crosses
+        assert by_horizon == {} and c["upscaled_shortest_horizon_to_scratch_final_val"] is None
 
 
 def test_hp_transfer_quick(tmp_path: Path) -> None:
