@@ -377,6 +377,10 @@ class Settings:
     warmup: int = 50
     base_lr_center: float = 3e-3
     base_lr_points: int = 3
+    # the width-n base's lr grid (tune_base_at_width): lr_grid's points around the n/2 lr, 4 spanning /4 ..
+    # x2, because in standard parametrization the best lr falls with width, and on a noisy 3-point grid
+    # centred on the n/2 lr one lucky point can end the search above the optimum
+    base_n_lr_points: int = 4
     scratch_lr_points: int = 4
     post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
     noises: tuple[tuple[str, float], ...] = (("gaussian", 0.0), ("gaussian", 0.2), ("gaussian", 0.5))
@@ -526,8 +530,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         return c
 
     if s.tune_base_at_width:
-        base_n_lr, curves = tune_lr(task, base_n_run, lr_grid(base_lr, s.base_lr_points), f"base lr at {n}",
-                                    s.max_extend, window)
+        base_n_lr, curves = tune_lr(task, base_n_run, lr_grid(base_lr, s.base_n_lr_points),
+                                    f"base lr at {n}", s.max_extend, window)
         report["base_n_lr_grid"] = {f"{c.lr:.4g}": final(c) for c in curves}
         post_lr = post_mult * base_n_lr
         report["transferred"]["post_lr"] = post_lr

@@ -68,7 +68,8 @@ def settings(quick: bool) -> C.Settings:
     """Full settings (a few minutes on 2 cores) or --quick ones (seconds)."""
     if quick:
         return C.Settings(width=8, steps=40, base_steps=40, eval_every=20, warmup=5, final_window=1,
-                          base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), max_extend=0,
+                          base_lr_points=2, base_n_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,),
+                          max_extend=0,
                           noises=(("gaussian", 0.0), ("gaussian", 0.5)),
                           base_lr_center=3e-3)
     return C.Settings(width=16, steps=400, base_steps=400, proxy_steps=200, eval_every=20, warmup=20,

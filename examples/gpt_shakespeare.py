@@ -180,7 +180,8 @@ def settings(quick: bool) -> C.Settings:
     """Full settings (n = 32 -> 64, a few minutes on 2 free cores) or --quick ones (under a minute)."""
     if quick:
         return C.Settings(width=16, steps=40, base_steps=40, eval_every=20, warmup=5, final_window=1,
-                          base_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,), max_extend=0,
+                          base_lr_points=2, base_n_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,),
+                          max_extend=0,
                           noises=(("gaussian", 0.0), ("symmetric", 0.5)),
                           base_lr_center=1e-2)
     # the proxy trains a quarter of the budget after upscaling (--proxy-steps 1200: all of it); final

@@ -85,8 +85,9 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
     assert (tmp_path / name / "val_loss.png").stat().st_size > 0
     if "--reuse-base-lr" in extra:
         assert r["base_n_lr"] == r["base_lr"] and "base_n_lr_grid" not in r
-    else:  # the width-n base got its own grid, and the post-upscale lr follows it
+    else:  # the width-n base got its own grid, reaching below the n/2 lr, and the post-upscale lr follows it
         assert r["base_n_lr"] in [float(x) for x in r["base_n_lr_grid"]]
+        assert min(float(x) for x in r["base_n_lr_grid"]) < r["base_lr"]
         assert math.isclose(t["post_lr"], t["post_lr_mult"] * r["base_n_lr"])
     assert r["settings"]["schedule"] == ("cosine" if "cosine" in extra else "constant")
     c, steps = r["comparison"], r["settings"]["steps"]
