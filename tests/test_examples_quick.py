@@ -195,3 +195,31 @@ def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite
     assert out == C.RESULTS_DIR / "mlp_digits/reuse_base_lr/cosine/augment_seed2"
     assert (s.tune_base_at_width, s.schedule, s.seed) == (False, "cosine", 2)
     assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
+
+
+def test_seed_summary_reads_the_mean_upscaled_curve_against_the_mean_scratch_final() -> None:
+    import seed_summary
+
+    def report(seed: int, up_val: list[float], scratch_final: float, **settings: Any) -> dict[str, Any]:
+        return dict(settings=dict(seed=seed, steps=200, **settings),
+                    upscaled=dict(steps=[0, 100, 200], val_loss=up_val, flops_per_step=10.0),
+                    comparison=dict(final_window=1, scratch_final_val=scratch_final, scratch_flops=4000.0,
+                                    base_training_flops=1000.0,
+                                    upscaled_final_val_by_horizon={"100": up_val[1] + 0.5, "200": up_val[2]}))
+
+    # seed 0 alone crosses its scratch (1.0) at step 100, seed 1 its own (2.0) at step 0; the means (2.5,
+    # 1.5, 1.0 against 1.5) cross at step 100, not at the earlier of the two
+    runs = [report(0, [3.0, 1.0, 0.5], 1.0), report(1, [2.0, 2.0, 1.5], 2.0)]
+    s = seed_summary.seed_summary(runs)
+    assert s["scratch_final_val"] == 1.5 and s["upscaled_final_val"] == 1.0
+    assert s["upscaled_steps_to_scratch_final_val"] == 100 and s["upscaled_steps_fraction"] == 0.5
+    assert s["upscaled_flops_fraction"] == (1000.0 + 10.0 * 100) / 4000.0
+    # by schedule length: the 100-step runs end at 1.5 / 2.5 (mean 2.0 > 1.5), so only 200 steps reach it
+    assert s["upscaled_final_val_by_horizon"] == {"100": 2.0, "200": 1.0}
+    assert s["upscaled_shortest_horizon_to_scratch_final_val"] == 200
+    assert s["settings_not_recorded_by_every_run"] == []
+    with pytest.raises(ValueError, match=r"differ in more than their seed \(schedule\)"):
+        seed_summary.seed_summary([report(0, [3.0, 1.0, 0.5], 1.0, schedule="cosine"),
+                                   report(1, [2.0, 2.0, 1.5], 2.0, schedule="constant")])
+    partial = seed_summary.seed_summary([report(0, [3.0, 1.0, 0.5], 1.0, schedule="cosine"), runs[1]])
+    assert partial["settings_not_recorded_by_every_run"] == ["schedule"]
