@@ -479,15 +479,29 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     report["proxy_base"] = dict(best_step=proxy_base_curve.extra["best_step"],
                                 steps_trained=proxy_base_curve.extra["steps_trained"],
                                 best_val=min(proxy_base_curve.val))
+    def train_upscaled(source: nn.Module, lr: float, kind: str, std: float, wd: float, steps: int, label: str,
+                       scored_only: bool = True) -> tuple[nn.Module, Curve]:
+        """Widen ``source`` x k with (kind, std) noise and train it with μP AdamW. ``scored_only`` (grid
+        runs) skips the evaluations before the last ``window``; a full run instead also records how far
+        the noise moved the outputs (the exact widening alone moves them by rounding only)."""
+        wide = upscale(source, ex, k, std, kind, seed=s.seed)
+        gap = None
+        if not scored_only:
+            with torch.no_grad():
+                gap = float((wide(*ex) - source(*ex)).abs().max())
+        c = train(wide, mup_optimizer(wide, lr, wd), task, steps, label=label, lr=lr, eval_every=s.eval_every,
+                  warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1, progress=progress,
+                  eval_from=steps - (window - 1) * s.eval_every if scored_only else 0)
+        if gap is not None:
+            c.extra["max_output_change_at_upscale"] = gap
+        return wide, c
+
     scores: dict[tuple[float, str, float, float], float] = {}
 
     def proxy_run(mult: float, kind: str, std: float, wd: float) -> None:
         lr = mult * base_lr
-        wide = upscale(proxy_base, ex, k, std, kind, seed=s.seed)
-        c = train(wide, mup_optimizer(wide, lr, wd), task, proxy_steps,
-                  label=f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}", lr=lr, eval_every=s.eval_every,
-                  warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1, progress=progress,
-                  eval_from=proxy_steps - (window - 1) * s.eval_every)
+        _, c = train_upscaled(proxy_base, lr, kind, std, wd, proxy_steps,
+                              f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}")
         scores[(mult, kind, std, wd)] = final(c)
 
     for mult in s.post_lr_mults:
@@ -543,13 +557,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     base, base_curve = trained[base_n_lr]
     base_used = base_curve.extra["best_step"]  # the base model is upscaled at its best val point
     base_trained = base_curve.extra["steps_trained"]  # ... but every step it trained is paid for
-    wide = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)
-    with torch.no_grad():
-        gap = float((wide(*ex) - base(*ex)).abs().max())
-    up_curve = train(wide, mup_optimizer(wide, post_lr, post_wd), task, s.steps,
-                     label=f"upscaled {n}->{k * n}", lr=post_lr, eval_every=s.eval_every, warmup=s.warmup,
-                     schedule=s.schedule, seed=s.seed + 1, progress=progress)
-    up_curve.extra["max_output_change_at_upscale"] = gap
+    wide, up_curve = train_upscaled(base, post_lr, noise_kind, noise_std, post_wd, s.steps,
+                                    f"upscaled {n}->{k * n}", scored_only=False)
 
     # 4. scratch baseline at kn, lr tuned on a grid at the target width.
     print(f"[{task.name}] 4/5 scratch at width {k * n}: lr grid")
@@ -586,16 +595,18 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     if s.schedule != "constant":
         for frac in s.horizon_fractions:
             h = round(frac * s.steps)
-            wide_h = upscale(base, ex, k, noise_std, noise_kind, seed=s.seed)
-            by_horizon[h] = final(train(
-                wide_h, mup_optimizer(wide_h, post_lr, post_wd), task, h, label=f"upscaled, {h}-step run",
-                lr=post_lr, eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1,
-                progress=progress, eval_from=h - (window - 1) * s.eval_every))
+            by_horizon[h] = final(train_upscaled(base, post_lr, noise_kind, noise_std, post_wd, h,
+                                                 f"upscaled, {h}-step run")[1])
         by_horizon[s.steps] = final(up_curve)
     shortest = min((h for h, v in by_horizon.items() if v <= target), default=None)
     base_flops = base_curve.flops_per_step * base_trained  # in full, the steps after its best included
     scratch_flops = scratch.flops_per_step * s.steps
-    up_flops_at = None if reach is None else base_flops + up_curve.flops_per_step * reach
+
+    def upscaled_flops(post_steps: int | None) -> float | None:  # base training included
+        return None if post_steps is None else base_flops + up_curve.flops_per_step * post_steps
+
+    up_flops_at = upscaled_flops(reach)
+    shortest_flops = upscaled_flops(shortest)
     report.update(
         scratch_lr=scratch_lr,
         scratch_lr_grid={f"{c.extra['parametrization']}:{c.lr:.4g}" + (
@@ -627,14 +638,14 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             base_steps_trained=base_trained,
             upscaled_total_flops_to_reach=up_flops_at,
             upscaled_flops_fraction=None if up_flops_at is None else up_flops_at / scratch_flops,
-            upscaled_total_flops_full=base_flops + up_curve.flops_per_step * s.steps,
+            upscaled_total_flops_full=upscaled_flops(s.steps),
             # decay schedules: final val of the upscaled model trained with each shorter schedule, and the
             # shortest one that reaches scratch's final val (with its FLOPs, base included)
             upscaled_final_val_by_horizon={str(h): v for h, v in sorted(by_horizon.items())},
             upscaled_shortest_horizon_to_scratch_final_val=shortest,
             upscaled_shortest_horizon_fraction=None if shortest is None else shortest / s.steps,
-            upscaled_shortest_horizon_flops_fraction=None if shortest is None else (
-                base_flops + up_curve.flops_per_step * shortest) / scratch_flops,
+            upscaled_shortest_horizon_flops_fraction=None if shortest_flops is None else (
+                shortest_flops / scratch_flops),
         ),
         seconds=round(time.perf_counter() - t_start, 1),
     )
