@@ -122,6 +122,12 @@ def test_hp_transfer_quick(tmp_path: Path) -> None:
             assert d["base_final_val"] < d["base_initial_val"], (name, label)
             assert min(v for v in gs if v is not None) < d["base_initial_val"], (name, label)
             assert d["graphscale_best_lr"] in t["settings"]["lrs"]
+            fitted = d["graphscale_fitted_best_lr"]  # within half a grid step of the argmin; none at an edge
+            if d["graphscale_best_lr"] in (min(t["settings"]["lrs"]), max(t["settings"]["lrs"])):
+                assert fitted is None
+            else:
+                assert abs(math.log2(fitted / d["graphscale_best_lr"])) <= 0.5 + 1e-9
+        assert "graphscale_fitted_shift_grid_steps" in t and "naive_fitted_shift_grid_steps" in t
         assert (tmp_path / "hp_transfer" / f"{name}_lr.png").stat().st_size > 0
 
 
@@ -223,3 +229,22 @@ def test_seed_summary_reads_the_mean_upscaled_curve_against_the_mean_scratch_fin
                                    report(1, [2.0, 2.0, 1.5], 2.0, schedule="constant")])
     partial = seed_summary.seed_summary([report(0, [3.0, 1.0, 0.5], 1.0, schedule="cosine"), runs[1]])
     assert partial["settings_not_recorded_by_every_run"] == ["schedule"]
+
+
+def test_fitted_optimum_moves_with_the_losses_where_the_argmin_flips() -> None:
+    import hp_transfer as H
+
+    grid = [0.004, 0.008, 0.016, 0.032]
+    # a symmetric valley puts the vertex on the argmin; tilting it moves the vertex towards the lower side
+    assert H.fitted_optimum(dict(zip(grid, [3.0, 2.0, 1.0, 2.0]))) == pytest.approx(0.016)
+    lo = H.fitted_optimum(dict(zip(grid, [3.0, 1.5, 1.0, 2.0])))
+    assert lo is not None and 0.008 * 2 ** 0.5 < lo < 0.016
+    # two near-tied neighbours: the argmin flips between them, the vertex barely moves
+    a = H.fitted_optimum(dict(zip(grid, [3.0, 1.001, 1.0, 3.0])))
+    b = H.fitted_optimum(dict(zip(grid, [3.0, 1.0, 1.001, 3.0])))
+    assert a is not None and b is not None and abs(math.log2(a / b)) < 0.01
+    # an argmin on the grid's edge, or a diverged neighbour, has no vertex
+    assert H.fitted_optimum(dict(zip(grid, [1.0, 2.0, 3.0, 4.0]))) is None
+    assert H.fitted_optimum(dict(zip(grid, [3.0, 2.0, 1.0, math.inf]))) is None
+    assert H._spread_in_grid_steps([0.01, 0.02, 0.04], grid) == pytest.approx(2.0)
+    assert H._spread_in_grid_steps([0.01, None], grid) is None
