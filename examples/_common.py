@@ -6,8 +6,8 @@ hands it to :func:`run_upscaling_experiment`, which runs the same protocol for a
 
 1. tune the base learning rate on a grid at width n/2 (the proxy's small model);
 2. proxy upscaling n/2 -> n: train the n/2 model, then sweep the post-upscale lr (as a multiple of the
-   base lr) and noise std on a grid (each point trained ``proxy_steps``; an optimum on the lr grid's edge
-   extends it);
+   base lr) and noise std on a grid (each point trained ``proxy_steps``; an optimum on the edge of the
+   lr multiples, or of its noise kind's stds, extends that axis);
 3. target upscaling n -> kn: train the width-n model with its own lr tuned on a grid at width n (it stands
    for an existing, well-trained family member; ``tune_base_at_width=False`` reuses the n/2 lr instead,
    which is not a μP transfer since both bases are plain AdamW), widen it with graphscale using the
@@ -48,6 +48,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = EXAMPLES_DIR / "results"
 API = ("widen", "mup_optimizer", "mup_init_", "relative_record", "noise")  # what the examples need
 LR_GRID_FACTOR = 2.0
+NOISE_GRID_FACTOR = 2.0  # the proxy's noise std grid grows by this factor past an edge optimum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,7 +385,11 @@ class Settings:
     scratch_lr_points: int = 4
     post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
     noises: tuple[tuple[str, float], ...] = (("gaussian", 0.0), ("gaussian", 0.2), ("gaussian", 0.5))
-    max_extend: int = 2  # how many times an lr grid may grow past an edge optimum
+    max_extend: int = 2  # how many times an lr grid (or the proxy's noise grid) may grow past an edge optimum
+    # the proxy's noise grid grows past an edge optimum too (std x2 or /2, within the best noise kind), like
+    # the lr grids: a proxy whose best std is its largest has not found the noise it is meant to transfer.
+    # False (--fixed-noise-grid): the fixed noise grid, as every run before this setting existed had it
+    extend_noise_grid: bool = True
     # "final" losses (grid scores, the comparison, its target) are the mean of the last final_window
     # evaluations, and "steps to reach" reads the same trailing mean: for a small fixed val set (digits),
     # where single evaluations of a constant-lr run fluctuate by more than the differences measured. A
@@ -420,6 +425,39 @@ def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], l
     lrs = sorted(curves)
     best = min(lrs, key=lambda lr: score(curves[lr], last))
     return best, [curves[lr] for lr in lrs]
+
+
+ProxyPoint = tuple[float, str, float, float]  # (post-upscale lr multiple, noise kind, noise std, wd)
+
+
+def proxy_grid_extension(scores: dict[ProxyPoint, float], extensions: dict[str, int], max_extend: int,
+                         extend_noise: bool = True) -> tuple[str, ProxyPoint] | None:
+    """The proxy grid's next point, or None when its optimum is interior (or the extensions are spent).
+
+    An optimum on the edge of the lr multiples adds the next multiple past it ("lr"); otherwise one on the
+    edge of its noise kind's stds (a kind with at least two) adds the next std past it ("noise"; never
+    below 0), with the other knobs at their best. ``extensions`` counts what each axis has added so far.
+
+    >>> scores = {(1.0, "gaussian", 0.0, 0.0): 0.9, (1.0, "gaussian", 0.5, 0.0): 0.8,
+    ...           (0.5, "gaussian", 0.5, 0.0): 0.85, (2.0, "gaussian", 0.5, 0.0): 0.95}
+    >>> proxy_grid_extension(scores, {"lr": 0, "noise": 0}, max_extend=2)
+    ('noise', (1.0, 'gaussian', 1.0, 0.0))
+    """
+    mult, kind, std, wd = min(scores, key=scores.__getitem__)
+    mults = sorted({m for m, *_ in scores})
+    stds = sorted({sd for _, kd, sd, _ in scores if kd == kind})
+    if extensions["lr"] < max_extend and len(mults) >= 2 and mult in (mults[0], mults[-1]):
+        new = mult / LR_GRID_FACTOR if mult == mults[0] else mult * LR_GRID_FACTOR
+        return "lr", (new, kind, std, wd)
+    if (extend_noise and extensions["noise"] < max_extend and len(stds) >= 2
+            and (std == stds[-1] or (std == stds[0] and std > 0))):
+        new = std * NOISE_GRID_FACTOR if std == stds[-1] else std / NOISE_GRID_FACTOR
+        return "noise", (mult, kind, new, wd)
+    return None
+
+
+def _proxy_point(point: ProxyPoint, axis: str) -> str:
+    return f"post-upscale lr x{point[0]:g}" if axis == "lr" else f"noise {point[1]} {point[2]:g}"
 
 
 def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -496,7 +534,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             c.extra["max_output_change_at_upscale"] = gap
         return wide, c
 
-    scores: dict[tuple[float, str, float, float], float] = {}
+    scores: dict[ProxyPoint, float] = {}
 
     def proxy_run(mult: float, kind: str, std: float, wd: float) -> None:
         lr = mult * base_lr
@@ -508,16 +546,17 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         for kind, std in s.noises:
             for wd in wds:
                 proxy_run(mult, kind, std, wd)
-    # like the other lr grids, an optimum on the edge of the lr multiples extends the grid (with the best
-    # noise and wd only: a coordinate step, to keep the proxy cheap)
-    for _ in range(s.max_extend):
-        mult, kind, std, wd = min(scores, key=scores.__getitem__)
-        mults = sorted({m for m, *_ in scores})
-        if mult not in (mults[0], mults[-1]) or len(mults) < 2:
-            break
-        new = mult / LR_GRID_FACTOR if mult == mults[0] else mult * LR_GRID_FACTOR
-        print(f"  [proxy] best post-upscale lr x{mult:g} on grid edge; extending to x{new:g}")
-        proxy_run(new, kind, std, wd)
+    # like the other lr grids, an optimum on the edge of the lr multiples extends the grid, and then one on
+    # the edge of its noise kind's stds extends those (each with the other knobs at their best only: a
+    # coordinate step, to keep the proxy cheap); each axis grows at most max_extend times
+    extensions = {"lr": 0, "noise": 0}
+    while (step := proxy_grid_extension(scores, extensions, s.max_extend, s.extend_noise_grid)) is not None:
+        axis, point = step
+        extensions[axis] += 1
+        best = min(scores, key=scores.__getitem__)
+        print(f"  [proxy] best {_proxy_point(best, axis)} on grid edge;"
+              f" extending to {_proxy_point(point, axis)}")
+        proxy_run(*point)
     if not any(math.isfinite(v) for v in scores.values()):
         raise RuntimeError("every proxy run diverged")
     post_mult, noise_kind, noise_std, post_wd = min(scores, key=scores.__getitem__)
@@ -762,7 +801,8 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """``--reuse-base-lr`` and ``--schedule`` (options of the protocol every upscaling example shares)."""
+    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid`` and ``--proxy-steps`` (options of the
+    protocol every upscaling example shares)."""
     p.add_argument("--reuse-base-lr", action="store_true",
                    help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
                         "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
@@ -772,6 +812,14 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
                         f"{COSINE_FLOOR:g}x over the run's own steps (the control for the lower post-upscale "
                         "lr acting like a decay); a cosine run's results go to <out>/cosine unless --out is "
                         "given")
+    p.add_argument("--fixed-noise-grid", action="store_true",
+                   help="do not extend the proxy's noise grid past an edge optimum (the protocol of the "
+                        "results that predate the extension); results go to <out>/fixed_noise_grid unless "
+                        "--out is given")
+    p.add_argument("--proxy-steps", type=int, default=None,
+                   help="post-upscale steps of each proxy grid run (default: the script's); the scratch "
+                        "budget trains the proxy for the horizon its lr and noise are used for; results go "
+                        "to <out>/proxy_full_horizon (or <out>/proxy_steps<N>) unless --out is given")
 
 
 def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, variant: Sequence[str] = ()
@@ -787,8 +835,16 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= "reuse_base_lr"
         if args.schedule != "constant":
             out /= args.schedule
+        if args.proxy_steps is not None:
+            out /= "proxy_full_horizon" if args.proxy_steps == s.steps else f"proxy_steps{args.proxy_steps}"
+        if args.fixed_noise_grid:
+            out /= "fixed_noise_grid"
         args.out = out / "_".join(variant) if variant else out
-    return replace(s, tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule)
+    changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
+                                   extend_noise_grid=not args.fixed_noise_grid)
+    if args.proxy_steps is not None:
+        changes["proxy_steps"] = args.proxy_steps
+    return replace(s, **changes)
 
 
 def add_regularization_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """Upscale a residual CNN with BatchNorm on digits (1x8x8 images) with graphscale vs a tuned scratch model.
 
 Usage: ``python examples/cnn_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10] [--augment]
-[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-noises gaussian:0.5,symmetric:0.5]``.
+[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-steps N]
+[--proxy-noises gaussian:0.5,symmetric:0.5]``.
 See ``_common.py`` for the protocol.
 """
 

@@ -207,9 +207,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="max steps of the width-n and n/2 bases (default: the scratch budget)")
     p.add_argument("--base-patience", type=int, default=None,
                    help="stop a base after this many evaluations without a better val loss (0: never)")
-    p.add_argument("--proxy-steps", type=int, default=None,
-                   help="post-upscale steps of each proxy grid run (default 300, a quarter of the scratch "
-                        "budget; 1200 trains the proxy for the horizon the transferred lr is used for)")
     p.add_argument("--seed", type=int, default=0,
                    help="training seed (initialisation, batches, noise; the eval windows stay fixed); a "
                         "non-zero seed's results go to <out>/seed<N> unless --out is given")
@@ -229,8 +226,6 @@ def apply_args(s: C.Settings, args: argparse.Namespace) -> C.Settings:
     if changes.get("base_steps", s.base_steps) != s.base_steps:
         changes["base_lr_steps"] = s.base_steps  # the base lr grid keeps its budget (and the scratch grid
         # its centre), so only the two bases' training length changes
-    if args.proxy_steps is not None:
-        changes["proxy_steps"] = args.proxy_steps
     if args.post_lr_mults:
         changes["post_lr_mults"] = tuple(float(x) for x in args.post_lr_mults.split(","))
     if args.seed:

@@ -1,7 +1,8 @@
 """Upscale an MLP on scikit-learn digits with graphscale and compare with a tuned from-scratch model.
 
 Usage: ``python examples/mlp_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10] [--augment]
-[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-noises gaussian:0.5,symmetric:0.5]``.
+[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-steps N]
+[--proxy-noises gaussian:0.5,symmetric:0.5]``.
 See ``_common.py`` for the protocol.
 """
 

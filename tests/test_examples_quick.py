@@ -231,6 +231,41 @@ def test_seed_summary_reads_the_mean_upscaled_curve_against_the_mean_scratch_fin
     assert partial["settings_not_recorded_by_every_run"] == ["schedule"]
 
 
+def test_proxy_grid_extends_the_lr_first_then_the_noise_of_the_best_kind() -> None:
+    import _common as C
+
+    def grid(best: tuple[float, str, float, float]) -> dict[tuple[float, str, float, float], float]:
+        points = [(m, kind, sd, 0.0) for m in (0.5, 1.0, 2.0)
+                  for kind, sd in (("gaussian", 0.05), ("symmetric", 0.5), ("symmetric", 1.0))]
+        return {p: (0.1 if p == best else 1.0) for p in points}
+
+    fresh = {"lr": 0, "noise": 0}
+    # an lr multiple on the edge is extended before the noise, whatever the noise
+    assert C.proxy_grid_extension(grid((2.0, "symmetric", 1.0, 0.0)), fresh, 2) == (
+        "lr", (4.0, "symmetric", 1.0, 0.0))
+    assert C.proxy_grid_extension(grid((0.5, "symmetric", 0.5, 0.0)), fresh, 2) == (
+        "lr", (0.25, "symmetric", 0.5, 0.0))
+    # interior lr, largest std of its kind: double it; smallest (non-zero) std: halve it
+    assert C.proxy_grid_extension(grid((1.0, "symmetric", 1.0, 0.0)), fresh, 2) == (
+        "noise", (1.0, "symmetric", 2.0, 0.0))
+    assert C.proxy_grid_extension(grid((1.0, "symmetric", 0.5, 0.0)), fresh, 2) == (
+        "noise", (1.0, "symmetric", 0.25, 0.0))
+    # a kind with a single std is not a grid to extend; interior optima end the search
+    assert C.proxy_grid_extension(grid((1.0, "gaussian", 0.05, 0.0)), fresh, 2) is None
+    # std 0 is the lower bound; the switch and the budget stop the noise axis
+    zero = {(1.0, "gaussian", 0.0, 0.0): 0.1, (1.0, "gaussian", 0.5, 0.0): 0.2,
+            (0.5, "gaussian", 0.0, 0.0): 0.3, (2.0, "gaussian", 0.0, 0.0): 0.3}
+    assert C.proxy_grid_extension(zero, fresh, 2) is None
+    edge = grid((1.0, "symmetric", 1.0, 0.0))
+    assert C.proxy_grid_extension(edge, fresh, 2, extend_noise=False) is None
+    assert C.proxy_grid_extension(edge, {"lr": 0, "noise": 2}, 2) is None
+    # a spent lr budget leaves the lr on its edge and moves on to the noise; both spent: done
+    both_edges = grid((2.0, "symmetric", 0.5, 0.0))
+    assert C.proxy_grid_extension(both_edges, {"lr": 2, "noise": 0}, 2) == (
+        "noise", (2.0, "symmetric", 0.25, 0.0))
+    assert C.proxy_grid_extension(both_edges, {"lr": 2, "noise": 2}, 2) is None
+
+
 def test_fitted_optimum_moves_with_the_losses_where_the_argmin_flips() -> None:
     import hp_transfer as H
 
