@@ -29,7 +29,7 @@ def seed_summary(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     >>> runs = [json.loads((d / "results.json").read_text()) for d in dirs]  # one folder per --seed
     >>> seed_summary(runs)["upscaled_steps_fraction"]  # GPT, constant lr, seeds 0-2
-    0.20833333333333334
+    0.25
 
     Settings a run does not record (it predates them) are left out of the check that the runs differ only
     in their seed, and listed under ``settings_not_recorded_by_every_run``.

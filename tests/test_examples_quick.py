@@ -234,7 +234,7 @@ def test_seed_summary_reads_the_mean_upscaled_curve_against_the_mean_scratch_fin
 def test_proxy_grid_extends_the_lr_first_then_the_noise_of_the_best_kind() -> None:
     import _common as C
 
-    def grid(best: tuple[float, str, float, float]) -> dict[tuple[float, str, float, float], float]:
+    def grid(best: C.ProxyPoint) -> dict[C.ProxyPoint, float]:
         points = [(m, kind, sd, 0.0) for m in (0.5, 1.0, 2.0)
                   for kind, sd in (("gaussian", 0.05), ("symmetric", 0.5), ("symmetric", 1.0))]
         return {p: (0.1 if p == best else 1.0) for p in points}
