@@ -385,7 +385,10 @@ class Settings:
     scratch_lr_points: int = 4
     post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
     noises: tuple[tuple[str, float], ...] = (("gaussian", 0.0), ("gaussian", 0.2), ("gaussian", 0.5))
-    max_extend: int = 2  # how many times an lr grid (or the proxy's noise grid) may grow past an edge optimum
+    # how many times an lr grid (or the proxy's noise grid) may grow past an edge optimum: a search goes on
+    # until its optimum is interior, and this cap only stops one whose loss never turns; a grid still
+    # on an edge when it stops is named in results.json's grid_optima_on_edge
+    max_extend: int = 6
     # the proxy's noise grid grows past an edge optimum too (std x2 or /2, within the best noise kind), like
     # the lr grids: a proxy whose best std is its largest has not found the noise it is meant to transfer.
     # False (--fixed-noise-grid): the fixed noise grid, as every run before this setting existed had it
@@ -406,53 +409,77 @@ class Settings:
 
 
 def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], label: str,
-            max_extend: int = 2, last: int = 1) -> tuple[float, list[Curve]]:
+            max_extend: int = 2, last: int = 1,
+            on_edge: list[str] | None = None) -> tuple[float, list[Curve]]:
     """Grid search over ``grid`` scored on the mean of the last ``last`` evaluations; if the best lr sits
     on an edge, extend that edge (at most ``max_extend`` times) so the reported optimum is interior where
-    possible."""
+    possible. A search that stops with its optimum still on an edge appends ``label`` to ``on_edge``."""
     curves = {lr: make_run(lr) for lr in grid}
-    for _ in range(max_extend):
+
+    def next_lr() -> tuple[float, float | None]:
         lrs = sorted(curves)
         best = min(lrs, key=lambda lr: score(curves[lr], last))
         if best == lrs[0]:
-            new = best / LR_GRID_FACTOR
-        elif best == lrs[-1]:
-            new = best * LR_GRID_FACTOR
-        else:
+            return best, best / LR_GRID_FACTOR
+        return best, (best * LR_GRID_FACTOR if best == lrs[-1] else None)
+
+    for _ in range(max_extend):
+        best, new = next_lr()
+        if new is None:
             break
         print(f"  [{label}] best lr {best:.3g} on grid edge; extending to {new:.3g}")
         curves[new] = make_run(new)
-    lrs = sorted(curves)
-    best = min(lrs, key=lambda lr: score(curves[lr], last))
-    return best, [curves[lr] for lr in lrs]
+    best, new = next_lr()
+    if new is not None:
+        print(f"  [{label}] best lr {best:.3g} is still on the grid edge after {max_extend} extensions")
+        if on_edge is not None:
+            on_edge.append(label)
+    return best, [curves[lr] for lr in sorted(curves)]
 
 
 ProxyPoint = tuple[float, str, float, float]  # (post-upscale lr multiple, noise kind, noise std, wd)
+
+
+def proxy_edge_points(scores: dict[ProxyPoint, float]) -> dict[str, ProxyPoint]:
+    """Per axis ("lr", "noise") whose optimum sits on its grid's edge, the next point past that edge.
+
+    The lr multiples form one grid; the noise grid is the best kind's stds (a kind with at least two, and
+    never below 0). The other knobs stay at their best.
+
+    >>> scores = {(1.0, "gaussian", 0.0, 0.0): 0.9, (1.0, "gaussian", 0.5, 0.0): 0.8,
+    ...           (0.5, "gaussian", 0.5, 0.0): 0.85, (2.0, "gaussian", 0.5, 0.0): 0.95}
+    >>> proxy_edge_points(scores)
+    {'noise': (1.0, 'gaussian', 1.0, 0.0)}
+    """
+    mult, kind, std, wd = min(scores, key=scores.__getitem__)
+    mults = sorted({m for m, *_ in scores})
+    stds = sorted({sd for _, kd, sd, _ in scores if kd == kind})
+    edges: dict[str, ProxyPoint] = {}
+    if len(mults) >= 2 and mult in (mults[0], mults[-1]):
+        edges["lr"] = (mult / LR_GRID_FACTOR if mult == mults[0] else mult * LR_GRID_FACTOR, kind, std, wd)
+    if len(stds) >= 2 and (std == stds[-1] or (std == stds[0] and std > 0)):
+        edges["noise"] = (mult, kind, std * NOISE_GRID_FACTOR if std == stds[-1] else std / NOISE_GRID_FACTOR,
+                          wd)
+    return edges
 
 
 def proxy_grid_extension(scores: dict[ProxyPoint, float], extensions: dict[str, int], max_extend: int,
                          extend_noise: bool = True) -> tuple[str, ProxyPoint] | None:
     """The proxy grid's next point, or None when its optimum is interior (or the extensions are spent).
 
-    An optimum on the edge of the lr multiples adds the next multiple past it ("lr"); otherwise one on the
-    edge of its noise kind's stds (a kind with at least two) adds the next std past it ("noise"; never
-    below 0), with the other knobs at their best. ``extensions`` counts what each axis has added so far.
+    An optimum on the edge of the lr multiples is extended first ("lr"), then one on the edge of its noise
+    kind's stds ("noise"), as :func:`proxy_edge_points` finds them. ``extensions`` counts what each axis
+    has added so far; an axis stops at ``max_extend``.
 
     >>> scores = {(1.0, "gaussian", 0.0, 0.0): 0.9, (1.0, "gaussian", 0.5, 0.0): 0.8,
     ...           (0.5, "gaussian", 0.5, 0.0): 0.85, (2.0, "gaussian", 0.5, 0.0): 0.95}
     >>> proxy_grid_extension(scores, {"lr": 0, "noise": 0}, max_extend=2)
     ('noise', (1.0, 'gaussian', 1.0, 0.0))
     """
-    mult, kind, std, wd = min(scores, key=scores.__getitem__)
-    mults = sorted({m for m, *_ in scores})
-    stds = sorted({sd for _, kd, sd, _ in scores if kd == kind})
-    if extensions["lr"] < max_extend and len(mults) >= 2 and mult in (mults[0], mults[-1]):
-        new = mult / LR_GRID_FACTOR if mult == mults[0] else mult * LR_GRID_FACTOR
-        return "lr", (new, kind, std, wd)
-    if (extend_noise and extensions["noise"] < max_extend and len(stds) >= 2
-            and (std == stds[-1] or (std == stds[0] and std > 0))):
-        new = std * NOISE_GRID_FACTOR if std == stds[-1] else std / NOISE_GRID_FACTOR
-        return "noise", (mult, kind, new, wd)
+    edges = proxy_edge_points(scores)
+    for axis in ("lr", "noise") if extend_noise else ("lr",):
+        if axis in edges and extensions[axis] < max_extend:
+            return axis, edges[axis]
     return None
 
 
@@ -485,6 +512,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     print(f"[{task.name}] 1/5 tuning base lr at width {half}")
 
     wds = (task.weight_decay,) if s.weight_decays is None else tuple(s.weight_decays)
+    on_edge: list[str] = []  # grids whose optimum is still on an edge when their search stops
 
     def base_run(lr: float, wd: float, width: int = half) -> Curve:
         m = fresh(width)
@@ -498,7 +526,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     base_curves: list[Curve] = []
     for wd in wds:
         _, curves = tune_lr(task, lambda lr, wd=wd: base_run(lr, wd), lr_grid(s.base_lr_center,
-                            s.base_lr_points), f"base lr (wd {wd:g})", s.max_extend, window)
+                            s.base_lr_points), f"base lr (wd {wd:g})", s.max_extend, window, on_edge)
         base_curves += curves
     best_base = min(base_curves, key=final)
     base_lr, base_wd = best_base.lr, best_base.extra["weight_decay"]
@@ -559,6 +587,9 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         proxy_run(*point)
     if not any(math.isfinite(v) for v in scores.values()):
         raise RuntimeError("every proxy run diverged")
+    for axis in proxy_edge_points(scores):
+        print(f"  [proxy] best {axis} is still on its grid edge after {extensions[axis]} extensions")
+        on_edge.append(f"proxy {axis}")
     post_mult, noise_kind, noise_std, post_wd = min(scores, key=scores.__getitem__)
     post_lr = post_mult * base_lr
     report["proxy_grid_final_val"] = {
@@ -584,7 +615,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
 
     if s.tune_base_at_width:
         base_n_lr, curves = tune_lr(task, base_n_run, lr_grid(base_lr, s.base_n_lr_points),
-                                    f"base lr at {n}", s.max_extend, window)
+                                    f"base lr at {n}", s.max_extend, window, on_edge)
         report["base_n_lr_grid"] = {f"{c.lr:.4g}": final(c) for c in curves}
         post_lr = post_mult * base_n_lr
         report["transferred"]["post_lr"] = post_lr
@@ -621,7 +652,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         for wd in wds:
             grid = lr_grid(base_lr, s.scratch_lr_points)
             _, curves = tune_lr(task, lambda lr, p=param, wd=wd: scratch_run(lr, p, wd), grid,
-                                f"scratch {param} wd {wd:g}", s.max_extend, window)
+                                f"scratch {param} wd {wd:g}", s.max_extend, window, on_edge)
             scratch_curves += curves
     scratch = min(scratch_curves, key=final)
     scratch_lr = scratch.lr
@@ -658,6 +689,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         scratch=scratch.as_dict(),
         scratch_grid=[c.as_dict() for c in scratch_curves],
         params=dict(base=n_params(base), wide=n_params(wide)),
+        grid_optima_on_edge=on_edge,
         comparison=dict(
             final_window=window,
             scratch_final_val=target,

@@ -20,7 +20,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 UPSCALING_KEYS = {"task", "settings", "widths", "base_lr", "transferred", "scratch_lr", "base", "upscaled",
-                  "scratch", "scratch_grid", "params", "comparison", "proxy_grid_final_val"}
+                  "scratch", "scratch_grid", "params", "comparison", "proxy_grid_final_val",
+                  "grid_optima_on_edge"}
 COMPARISON_KEYS = {"scratch_final_val", "upscaled_final_val", "scratch_final_train", "upscaled_final_train",
                    "upscaled_steps_to_scratch_final_val", "scratch_flops", "base_training_flops",
                    "upscaled_total_flops_full", "upscaled_flops_fraction", "upscaled_steps_fraction",
@@ -66,6 +67,12 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
     r = _run(name, tmp_path, *extra)
     assert UPSCALING_KEYS <= r.keys()
     assert COMPARISON_KEYS <= r["comparison"].keys()
+    # --quick never extends a grid (max_extend 0) and its base and scratch lr grids have two points, so
+    # their optima are on an edge and must be named
+    on_edge = r["grid_optima_on_edge"]
+    assert any(g.startswith("base lr (wd") for g in on_edge), on_edge
+    assert {f"scratch {p}" for p in r["settings"]["scratch_parametrizations"]} <= {
+        g.rsplit(" wd", 1)[0] for g in on_edge}, on_edge
     for key in ("base", "upscaled", "scratch"):
         curve = r[key]
         assert CURVE_KEYS <= curve.keys(), key
@@ -264,6 +271,47 @@ def test_proxy_grid_extends_the_lr_first_then_the_noise_of_the_best_kind() -> No
     assert C.proxy_grid_extension(both_edges, {"lr": 2, "noise": 0}, 2) == (
         "noise", (2.0, "symmetric", 0.25, 0.0))
     assert C.proxy_grid_extension(both_edges, {"lr": 2, "noise": 2}, 2) is None
+
+
+def test_proxy_edge_points_name_every_axis_whose_optimum_is_on_an_edge() -> None:
+    import _common as C
+
+    points = [(m, "symmetric", sd, 0.0) for m in (0.5, 1.0, 2.0) for sd in (0.5, 1.0, 2.0)]
+
+    def edges(best: C.ProxyPoint) -> dict[str, C.ProxyPoint]:
+        return C.proxy_edge_points({p: (0.1 if p == best else 1.0) for p in points})
+
+    assert edges((1.0, "symmetric", 1.0, 0.0)) == {}
+    assert edges((2.0, "symmetric", 2.0, 0.0)) == {"lr": (4.0, "symmetric", 2.0, 0.0),
+                                                   "noise": (2.0, "symmetric", 4.0, 0.0)}
+    assert edges((0.5, "symmetric", 1.0, 0.0)) == {"lr": (0.25, "symmetric", 1.0, 0.0)}
+    assert edges((1.0, "symmetric", 0.5, 0.0)) == {"noise": (1.0, "symmetric", 0.25, 0.0)}
+
+
+def test_tune_lr_extends_until_the_optimum_is_interior_or_names_the_grid_left_on_an_edge() -> None:
+    import _common as C
+
+    def run_with_optimum(best_lr: float) -> Any:
+        def make_run(lr: float) -> C.Curve:
+            made.append(lr)
+            return C.Curve(label=f"lr{lr:g}", lr=lr, val=[abs(math.log2(lr / best_lr))])
+        return make_run
+
+    grid = [1e-3, 2e-3, 4e-3]
+    made: list[float] = []
+    on_edge: list[str] = []
+    # the optimum lies three grid steps past the top edge: three extensions reach it and one more brackets it
+    best, curves = C.tune_lr(None, run_with_optimum(3.2e-2), grid, "far", max_extend=6, on_edge=on_edge)
+    assert best == pytest.approx(3.2e-2) and on_edge == []
+    assert [c.lr for c in curves] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2])
+    # with too few extensions the search stops on the edge, and says so
+    made.clear()
+    best, _ = C.tune_lr(None, run_with_optimum(3.2e-2), grid, "far", max_extend=2, on_edge=on_edge)
+    assert best == pytest.approx(1.6e-2) and on_edge == ["far"] and len(made) == 5
+    # an interior optimum is never extended
+    made.clear()
+    best, _ = C.tune_lr(None, run_with_optimum(2e-3), grid, "near", max_extend=6, on_edge=on_edge)
+    assert best == pytest.approx(2e-3) and on_edge == ["far"] and len(made) == 3
 
 
 def test_fitted_optimum_moves_with_the_losses_where_the_argmin_flips() -> None:
