@@ -409,7 +409,7 @@ class Settings:
 
 
 def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], label: str,
-            max_extend: int = 2, last: int = 1,
+            max_extend: int = 6, last: int = 1,
             on_edge: list[str] | None = None) -> tuple[float, list[Curve]]:
     """Grid search over ``grid`` scored on the mean of the last ``last`` evaluations; if the best lr sits
     on an edge, extend that edge (at most ``max_extend`` times) so the reported optimum is interior where
@@ -833,8 +833,8 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid`` and ``--proxy-steps`` (options of the
-    protocol every upscaling example shares)."""
+    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps`` and ``--max-extend``
+    (options of the protocol every upscaling example shares)."""
     p.add_argument("--reuse-base-lr", action="store_true",
                    help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
                         "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
@@ -852,6 +852,10 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
                    help="post-upscale steps of each proxy grid run (default: the script's); the scratch "
                         "budget trains the proxy for the horizon its lr and noise are used for; results go "
                         "to <out>/proxy_full_horizon (or <out>/proxy_steps<N>) unless --out is given")
+    p.add_argument("--max-extend", type=int, default=None, metavar="N",
+                   help="how many times each grid may grow past an edge optimum (default: the script's, 6 "
+                        "in the full runs; 2 reproduces the results that predate that default); results go "
+                        "to <out>/max_extend<N> unless --out is given")
 
 
 def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, variant: Sequence[str] = ()
@@ -871,11 +875,15 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= "proxy_full_horizon" if args.proxy_steps == s.steps else f"proxy_steps{args.proxy_steps}"
         if args.fixed_noise_grid:
             out /= "fixed_noise_grid"
+        if args.max_extend is not None:
+            out /= f"max_extend{args.max_extend}"
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
     if args.proxy_steps is not None:
         changes["proxy_steps"] = args.proxy_steps
+    if args.max_extend is not None:
+        changes["max_extend"] = args.max_extend
     return replace(s, **changes)
 
 

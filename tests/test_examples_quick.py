@@ -207,6 +207,9 @@ def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite
     out, s = out_for("--reuse-base-lr", "--schedule", "cosine", "--augment", "--seed", "2")
     assert out == C.RESULTS_DIR / "mlp_digits/reuse_base_lr/cosine/augment_seed2"
     assert (s.tune_base_at_width, s.schedule, s.seed) == (False, "cosine", 2)
+    out, s = out_for("--fixed-noise-grid", "--max-extend", "2")  # how the older results are reproduced
+    assert out == C.RESULTS_DIR / "mlp_digits/fixed_noise_grid/max_extend2"
+    assert (s.extend_noise_grid, s.max_extend) == (False, 2)
     assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
 
 
