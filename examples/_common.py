@@ -769,7 +769,9 @@ def save_json(obj: Any, path: Path) -> None:
         return o
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(obj), indent=1, allow_nan=False))
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never a half-written results file
+    tmp.write_text(json.dumps(clean(obj), indent=1, allow_nan=False))
+    tmp.replace(path)
 
 
 def _plt() -> Any:
