@@ -133,6 +133,19 @@ def mup_scratch_model(make: Callable[[int], nn.Module], width: int, base_width: 
     return model, record
 
 
+def mup_family_member(task: Task, width: int, smallest: int, lr: float, seed: int
+                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A fresh member of a μP family relative to width ``smallest``, with its optimizer: the smallest is
+    its own μP base (plain AdamW), any other gets ``mup_init_`` + μP AdamW relative to it, so one lr fits
+    every width."""
+    if width == smallest:
+        torch.manual_seed(seed)
+        model = task.make_model(width)
+        return model, plain_optimizer(model, lr, task.weight_decay)
+    model, record = mup_scratch_model(task.make_model, width, smallest, task.example_inputs, seed)
+    return model, mup_optimizer(model, lr, task.weight_decay, record=record)
+
+
 def plain_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with one lr for every tensor (standard parametrization; also μP for a model that is its own
     base width)."""

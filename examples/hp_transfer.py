@@ -90,13 +90,8 @@ def sweep_one_seed(task: C.Task, s: SweepSettings, progress: bool) -> dict[str, 
         label = f"{n}->{s.k * n}"
         print(f"[{NAME}/{task.name}] seed {s.seed}, base width {n}: train, then upscale {label}")
         n0 = s.base_widths[0]
-        if s.mup_bases and n != n0:  # every base is μP relative to the smallest width, so one lr fits all
-            base, rec = C.mup_scratch_model(task.make_model, n, n0, task.example_inputs, s.seed)
-            base_opt = C.mup_optimizer(base, s.base_lr, task.weight_decay, record=rec)
-        else:
-            torch.manual_seed(s.seed)
-            base = task.make_model(n)
-            base_opt = C.plain_optimizer(base, s.base_lr, task.weight_decay)
+        # every base is μP relative to the smallest width, so one lr fits all (else each is its own base)
+        base, base_opt = C.mup_family_member(task, n, n0 if s.mup_bases else n, s.base_lr, s.seed)
         bc = C.train(base, base_opt, task, s.base_steps, label=f"base {n}", lr=s.base_lr,
                      eval_every=s.base_steps, warmup=s.warmup, seed=s.seed, progress=progress)
         # post-upscale μP optimizer: relative to the smallest width as well (mup_bases), else to the source

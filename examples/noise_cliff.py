@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import gpt_shakespeare  # noqa: E402
@@ -42,13 +40,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     runs: dict[str, dict[str, Any]] = {}
     for n in widths:
-        if n == n0:  # the smallest width is its own μP base: plain AdamW
-            torch.manual_seed(seed)
-            base = task.make_model(n)
-            opt = C.plain_optimizer(base, lr, task.weight_decay)
-        else:
-            base, rec = C.mup_scratch_model(task.make_model, n, n0, ex, seed)
-            opt = C.mup_optimizer(base, lr, task.weight_decay, record=rec)
+        base, opt = C.mup_family_member(task, n, n0, lr, seed)
         C.train(base, opt, task, base_steps, label=f"base {n}", lr=lr, eval_every=base_steps, warmup=10,
                 seed=seed, progress=not args.no_progress)
         wide_rec = C.relative_record_for(task.make_model, k * n, n0, ex)
@@ -58,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         label=f"{n}->{k * n} symmetric {std:g}", lr=lr, eval_every=eval_every, warmup=10,
                         seed=seed + 1, progress=not args.no_progress)
             jump = max(c.val[1:]) - c.val[0]
-            runs[f"{n}->{k * n}"] = runs.get(f"{n}->{k * n}", {}) | {
-                f"{std:g}": dict(steps=c.steps, val_loss=c.val, jump=jump)}
+            runs.setdefault(f"{n}->{k * n}", {})[f"{std:g}"] = dict(steps=c.steps, val_loss=c.val, jump=jump)
             print(f"  {n}->{k * n} symmetric std {std:g}: val {c.val[0]:.3f} at widening, "
                   f"largest rise {jump:+.3f}, {c.val[-1]:.3f} after {post_steps} steps")
     report = dict(task="gpt (hp_transfer's)", lr=lr, k=k, seed=seed, base_steps=base_steps,
