@@ -3,9 +3,9 @@
 The GPT of ``hp_transfer.py`` (2 layers, 2 heads, context 32) is trained as a μP family relative to its
 smallest width (one lr for every width), each base is widened x2 by graphscale with symmetric noise of
 each std, and trained a few steps with μP AdamW at that same lr. Symmetric noise leaves the function
-exact at widening, so the val loss at step 0 is the base's; the "jump" is how far the val loss rises
-above it in the post-upscale run. If graphscale's 1/sqrt(fan_in) noise scaling transfers, the std at
-which the jump appears is the same at every width.
+exact at widening (up to float32 rounding, which grows with the std), so the val loss at step 0 is the
+base's; the "jump" is how far the val loss rises above it in the post-upscale run. If graphscale's
+1/sqrt(fan_in) noise scaling transfers, the std at which the jump appears is the same at every width.
 
 Usage: ``python examples/noise_cliff.py [--quick] [--out DIR]`` (full: ~40 s on 2 cores).
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-import gpt_shakespeare  # noqa: E402
+import hp_transfer  # noqa: E402
 
 NAME = "noise_cliff"
 
@@ -29,12 +29,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the sweep; returns the results dict (also written to ``--out``/results.json)."""
     args = C.parse_args(argv, NAME, __doc__)
     C.require_graphscale()
+    task, _ = hp_transfer.gpt_settings(args.quick)  # the same GPT and data as the hp-transfer sweep
     if args.quick:
-        task = gpt_shakespeare.make_task(batch=8, block_size=16, n_head=2, eval_batches=1)
         widths, stds, base_steps, post_steps, eval_every = (8, 16), (1.0, 4.0), 20, 10, 5
     else:
-        task = gpt_shakespeare.make_task(batch=32, block_size=32, n_head=2, eval_batches=16,
-                                         train_eval_batches=2)
         widths, stds, base_steps, post_steps, eval_every = (16, 32, 64), (2.0, 4.0, 8.0, 16.0), 300, 100, 25
     lr, k, seed, n0, ex = 8e-3, 2, 0, widths[0], task.example_inputs
     t_start = time.perf_counter()
