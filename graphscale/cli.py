@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--noise", metavar="SCHEME[:S]",
                    help="also show each tensor's noise formula: none, gaussian:STD, spectral:T, "
-                        "symmetric:STD")
+                        "symmetric:STD, or gaussian_relative:STD / symmetric_relative:STD (STD times "
+                        "each weight's RMS)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("widen", parents=[debug, model, mult],
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", required=True,
                    help="where to write the widened state dict (.safetensors, written atomically)")
     p.add_argument("--noise", metavar="SCHEME[:S]",
-                   help="symmetry-breaking noise: none (default), gaussian:STD, spectral:T, symmetric:STD")
+                   help="symmetry-breaking noise: none (default), gaussian:STD, spectral:T, symmetric:STD, "
+                        "gaussian_relative:STD, symmetric_relative:STD (STD times each weight's RMS)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.set_defaults(func=cmd_widen)
 

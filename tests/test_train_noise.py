@@ -18,10 +18,12 @@ from graphscale.train.noise import (
     center_copies,
     fan_in_wide,
     gaussian,
+    gaussian_relative,
     noise_from_spec,
     none,
     spectral,
     symmetric,
+    symmetric_relative,
     weight_kind,
 )
 
@@ -143,11 +145,12 @@ def test_gaussian_std_on_conv_uses_kernel_fan_in() -> None:
     assert abs(float(e.std()) * math.sqrt(32 * 9) - 1) < 0.1
 
 
+@pytest.mark.parametrize("scheme", [symmetric(0.5), symmetric_relative(0.5)], ids=["absolute", "relative"])
 @pytest.mark.parametrize("k", [2, 3])
-def test_symmetric_noise_is_exact_at_injection_and_copies_separate(k: int) -> None:
+def test_symmetric_noise_is_exact_at_injection_and_copies_separate(k: int, scheme: NoiseScheme) -> None:
     narrow, wide = _wide(k=k, d_in=5, n=6, compensated=True)
     before = copy.deepcopy(wide)
-    symmetric(0.5).apply(wide, wide.graphscale, _gen())
+    scheme.apply(wide, wide.graphscale, _gen())
     x = torch.randn(32, 5, dtype=torch.float64, generator=_gen(3))
     assert float((wide(x) - narrow(x)).detach().abs().max()) <= 1e-12
     e = _injected(before, wide)
@@ -199,14 +202,68 @@ def test_center_copies_handles_uneven_segments() -> None:
     assert float(sums.abs().max()) < 1e-14
 
 
+def _scaled(module: nn.Module, factor: float) -> nn.Module:
+    """A copy of a widened module with every parameter times ``factor`` (a base trained to another scale)."""
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(factor)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_relative_noise_std_is_std_times_the_weights_rms(k: int) -> None:
+    std = 0.3
+    narrow, wide = _wide(k=k)
+    for scheme, spread in ((gaussian_relative(std), 1.0), (symmetric_relative(std), math.sqrt(1 - 1 / k))):
+        w = copy.deepcopy(wide)
+        scheme.apply(w, w.graphscale, _gen())
+        e = _injected(wide, w)
+        # gaussian: input and hidden weights; symmetric: hidden and readout (those with a contracted width)
+        names = ("0.weight", "2.weight", "4.weight") if isinstance(scheme, GaussianNoise) else (
+            "2.weight", "4.weight", "6.weight")
+        for name in names:
+            rms = float(narrow.get_parameter(name).detach().pow(2).mean().sqrt())
+            assert abs(float(e[name].std()) / (spread * std * rms) - 1) < 0.1, (scheme, name)
+    assert "(0.3*rms(W))^2" in symmetric_relative(std).describe(wide.graphscale.params["2.weight"])
+    assert "(0.3*rms(W))^2" in gaussian_relative(std).describe(wide.graphscale.params["0.weight"])
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_relative_noise_follows_the_weights_scale_and_absolute_noise_does_not(relative: bool) -> None:
+    """Scaling the base by 5 scales a relative perturbation by 5 (same draw); an absolute one stays put."""
+    _, wide = _wide()
+    big = _scaled(wide, 5.0)
+    scheme = symmetric(0.5) if not relative else symmetric_relative(0.5)
+    w1, w5 = copy.deepcopy(wide), copy.deepcopy(big)
+    scheme.apply(w1, w1.graphscale, _gen())
+    scheme.apply(w5, w5.graphscale, _gen())
+    e1, e5 = _injected(wide, w1), _injected(big, w5)
+    for name in ("2.weight", "4.weight", "6.weight"):
+        assert float(e1[name].abs().max()) > 1e-3
+        want = 5.0 * e1[name] if relative else e1[name]
+        assert torch.allclose(e5[name], want, rtol=1e-9, atol=1e-12), name
+
+
+def test_relative_noise_leaves_an_all_zero_weight_alone() -> None:
+    _, wide = _wide()
+    with torch.no_grad():
+        wide[2].weight.zero_()
+    before = copy.deepcopy(wide)
+    symmetric_relative(0.5).apply(wide, wide.graphscale, _gen())
+    assert torch.equal(wide[2].weight, before[2].weight) and not torch.equal(wide[4].weight, before[4].weight)
+
+
 def test_noise_from_spec_and_protocol() -> None:
     assert noise_from_spec("gaussian:0.5") == GaussianNoise(0.5)
+    assert noise_from_spec("symmetric_relative:0.25") == symmetric_relative(0.25)
+    assert noise_from_spec("gaussian_relative:0.1") == GaussianNoise(0.1, relative=True)
     assert noise_from_spec("none") == none() and noise_from_spec(None) == none()
     assert noise_from_spec("symmetric:1e-2") == symmetric(0.01)
     for bad in ("gaussian", "laplace:1", "spectral:x"):
         with pytest.raises(ValueError):
             noise_from_spec(bad)
-    for scheme in (none(), gaussian(1), spectral(1), symmetric(1)):
+    for scheme in (none(), gaussian(1), spectral(1), symmetric(1), symmetric_relative(1)):
         assert isinstance(scheme, NoiseScheme)
         with pytest.raises(AttributeError):
             scheme.std = 2  # type: ignore[misc]  # frozen

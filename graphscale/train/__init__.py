@@ -14,10 +14,12 @@ from graphscale.train.noise import (
     SpectralNoise,
     SymmetricNoise,
     gaussian,
+    gaussian_relative,
     noise_from_spec,
     none,
     spectral,
     symmetric,
+    symmetric_relative,
 )
 from graphscale.train.optim import mup_optimizer, mup_param_groups, optimizer_family, scaling_factors
 from graphscale.train.state import transfer_optimizer_state
@@ -33,11 +35,13 @@ __all__ = [
     "clip_grad_norm_",
     "coord_check",
     "gaussian",
+    "gaussian_relative",
     "mup_init_",
     "noise_from_spec",
     "none",
     "spectral",
     "symmetric",
+    "symmetric_relative",
     "mup_optimizer",
     "mup_param_groups",
     "optimizer_family",

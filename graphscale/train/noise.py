@@ -20,7 +20,15 @@ Which tensors get noise is decided from the record alone, by :func:`weight_kind`
 Noise is added *inside* the copy scale: ``W' = c * (E(W) + e)``, which for a plain hidden weight
 (``c = 1/m_in``) is the reference's ``(E(W) + e) / m_in`` and for an input weight (``c = 1``) its
 ``E(W) + e``; a weight that also carries a compensation (attention's ``k**-0.5``) keeps the same relative
-noise. ``e`` has standard deviation ``std / sqrt(fan_in_wide)`` (see :func:`fan_in_wide`).
+noise. ``e`` has standard deviation ``std / sqrt(fan_in_wide)`` (see :func:`fan_in_wide`): the scale of a
+fresh μP init, whatever the trained weight's scale is.
+
+The ``relative`` variants (:func:`gaussian_relative`, :func:`symmetric_relative`) give ``e`` standard
+deviation ``std * rms(W)`` instead, the root mean square of the narrow tensor's own entries. Training
+moves a weight's scale far from its init (a small GPT trained with AdamW at lr 0.032 ends ~35x its init
+RMS, at 0.008 ~12x), and a fixed absolute std then means a very different perturbation; so when the
+proxy and the target bases were trained differently (each at its own tuned lr), the std that transfers
+is the relative one (examples/README.md, "Noise relative to the weight's scale").
 """
 
 from __future__ import annotations
@@ -112,6 +120,22 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _noise_std(p: torch.Tensor, s: ParamScaling, std: float, relative: bool) -> float:
+    """The standard deviation of ``e`` for the tensor ``p`` (which holds ``c E(W)`` when noise is applied).
+
+    Absolute: ``std / sqrt(fan_in_wide)``. Relative: ``std * rms(W)``, read off ``p`` as
+    ``rms(c E(W)) / |c|`` (every entry of ``W`` has the same number of copies, so ``E`` keeps the RMS).
+    """
+    if not relative:
+        return std / math.sqrt(fan_in_wide(s))
+    c = abs(float(s.copy_scale))
+    return std * float(p.detach().double().pow(2).mean().sqrt()) / c
+
+
+def _std_expr(std: float, s: ParamScaling, relative: bool) -> str:
+    return f"({_fmt(std)}*rms(W))^2" if relative else f"({_fmt(std)})^2/{fan_in_wide(s)}"
+
+
 @dataclass(frozen=True)
 class NoNoise:
     """No perturbation: the wide model stays exactly equivalent (and its copies never separate)."""
@@ -129,15 +153,17 @@ class GaussianNoise:
     """The reference MLP's noise: ``W' = c (E(W) + e)``, ``e ~ N(0, std**2 / fan_in_wide)``.
 
     Hidden and input weights only (for an input weight ``fan_in_wide`` is ``d_in``); see the module doc.
+    With ``relative``, ``e ~ N(0, (std * rms(W))**2)`` instead (the module doc says why).
     """
 
     std: float
+    relative: bool = False
 
     def apply(self, module: nn.Module, record: WideningRecord, generator: torch.Generator) -> None:
         with torch.no_grad():
             for p, s in _named_scalings(module, record):
                 if weight_kind(s) in ("hidden", "input") and self.std != 0:
-                    e = _randn(tuple(p.shape), p, generator) * (self.std / math.sqrt(fan_in_wide(s)))
+                    e = _randn(tuple(p.shape), p, generator) * _noise_std(p, s, self.std, self.relative)
                     p.add_(e, alpha=float(s.copy_scale))
 
     def describe(self, scaling: ParamScaling) -> str:
@@ -145,7 +171,7 @@ class GaussianNoise:
         if kind not in ("hidden", "input"):
             return f"W' = {_copy_expr(scaling, 'E(W)')} (no noise: {kind or 'vector/fixed'})"
         return (f"W' = {_copy_expr(scaling, 'E(W) + e')}, "
-                f"e ~ N(0, ({_fmt(self.std)})^2/{fan_in_wide(scaling)})")
+                f"e ~ N(0, {_std_expr(self.std, scaling, self.relative)})")
 
 
 @dataclass(frozen=True)
@@ -216,16 +242,18 @@ class SymmetricNoise:
     variance ``(1 - 1/k) std**2 / fan_in_wide`` for groups of ``k``. Exact up to rounding: the cancelling
     sum loses precision as ``std`` grows, so in float32 a large std moves the outputs measurably
     (examples/README.md, "Limits": 2e-4 at std 8 on a trained small GPT, 0.25 on an untrained one).
+    With ``relative``, ``z ~ N(0, (std * rms(W))**2)`` instead (the module doc says why).
     """
 
     std: float
+    relative: bool = False
 
     def apply(self, module: nn.Module, record: WideningRecord, generator: torch.Generator) -> None:
         with torch.no_grad():
             for p, s in _named_scalings(module, record):
                 if weight_kind(s) is None or not _width_fan_in_axes(s) or self.std == 0:
                     continue
-                e = _randn(tuple(p.shape), p, generator) * (self.std / math.sqrt(fan_in_wide(s)))
+                e = _randn(tuple(p.shape), p, generator) * _noise_std(p, s, self.std, self.relative)
                 p.add_(center_copies(e, s), alpha=float(s.copy_scale))
 
     def describe(self, scaling: ParamScaling) -> str:
@@ -234,7 +262,7 @@ class SymmetricNoise:
             return f"W' = {_copy_expr(scaling, 'E(W)')} (no noise: no contracted width axis)"
         return (f"W' = {_copy_expr(scaling, 'E(W) + e')}, e = z - mean of z over each group of copies "
                 f"along axis {', '.join(map(str, axes))}, "
-                f"z ~ N(0, ({_fmt(self.std)})^2/{fan_in_wide(scaling)})")
+                f"z ~ N(0, {_std_expr(self.std, scaling, self.relative)})")
 
 
 def none() -> NoNoise:
@@ -253,9 +281,19 @@ def gaussian(std: float) -> GaussianNoise:
     Example:
         >>> wide = graphscale.widen(model, (x,), multiplier=2, noise=gaussian(0.5), seed=0)  # doctest: +SKIP
         >>> gaussian(0.5)
-        GaussianNoise(std=0.5)
+        GaussianNoise(std=0.5, relative=False)
     """
     return GaussianNoise(float(std))
+
+
+def gaussian_relative(std: float) -> GaussianNoise:
+    """Gaussian noise like :func:`gaussian`, with std ``std`` times each weight's own RMS.
+
+    Example:
+        >>> gaussian_relative(0.1)
+        GaussianNoise(std=0.1, relative=True)
+    """
+    return GaussianNoise(float(std), relative=True)
 
 
 def spectral(t: float) -> SpectralNoise:
@@ -273,19 +311,35 @@ def symmetric(std: float) -> SymmetricNoise:
 
     Example:
         >>> symmetric(0.5)
-        SymmetricNoise(std=0.5)
+        SymmetricNoise(std=0.5, relative=False)
     """
     return SymmetricNoise(float(std))
 
 
+def symmetric_relative(std: float) -> SymmetricNoise:
+    """Zero-sum noise like :func:`symmetric`, with std ``std`` times each weight's own RMS.
+
+    The knob to transfer from a proxy whose base was trained at another lr than the target's: a trained
+    weight's scale follows its training, and the perturbation it tolerates follows its scale.
+
+    Example:
+        >>> noise = symmetric_relative(0.25)
+        >>> wide = graphscale.widen(model, (x,), multiplier=2, noise=noise)  # doctest: +SKIP
+        >>> symmetric_relative(0.25)
+        SymmetricNoise(std=0.25, relative=True)
+    """
+    return SymmetricNoise(float(std), relative=True)
+
+
 def noise_from_spec(spec: str | NoiseScheme | None) -> NoiseScheme:
-    """Parse ``"none"``, ``"gaussian:0.5"``, ``"spectral:0.1"`` or ``"symmetric:0.5"`` (for a CLI flag).
+    """Parse ``"none"``, ``"gaussian:0.5"``, ``"spectral:0.1"``, ``"symmetric:0.5"``, or a relative
+    ``"gaussian_relative:0.1"`` / ``"symmetric_relative:0.25"`` (for a CLI flag).
 
     A scheme object passes through; ``None`` means no noise.
 
     Example:
         >>> noise_from_spec("gaussian:0.25")
-        GaussianNoise(std=0.25)
+        GaussianNoise(std=0.25, relative=False)
     """
     if spec is None:
         return NoNoise()
@@ -294,7 +348,8 @@ def noise_from_spec(spec: str | NoiseScheme | None) -> NoiseScheme:
             raise TypeError(f"not a noise scheme (needs apply and describe): {spec!r}")
         return spec
     name, _, arg = spec.strip().partition(":")
-    makers = {"gaussian": gaussian, "spectral": spectral, "symmetric": symmetric}
+    makers = {"gaussian": gaussian, "spectral": spectral, "symmetric": symmetric,
+              "gaussian_relative": gaussian_relative, "symmetric_relative": symmetric_relative}
     if name == "none" and not arg:
         return NoNoise()
     if name not in makers or not arg:
