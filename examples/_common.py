@@ -397,7 +397,12 @@ class Settings:
     base_n_lr_points: int = 4
     scratch_lr_points: int = 4
     post_lr_mults: tuple[float, ...] = (0.5, 1.0, 2.0)  # post-upscale lr = mult * base lr
-    noises: tuple[tuple[str, float], ...] = (("gaussian", 0.0), ("gaussian", 0.2), ("gaussian", 0.5))
+    # (graphscale.noise kind, std); the *_relative kinds scale each weight's noise by its own RMS, so the
+    # std the proxy finds still means the same perturbation on a target base trained at another lr
+    noises: tuple[tuple[str, float], ...] = (("gaussian_relative", 0.0), ("gaussian_relative", 0.2),
+                                             ("gaussian_relative", 0.5))
+    # the absolute-noise grid every run had before the relative kinds (--absolute-noise reproduces those)
+    absolute_noises: tuple[tuple[str, float], ...] | None = None
     # how many times an lr grid (or the proxy's noise grid) may grow past an edge optimum: a search goes on
     # until its optimum is interior, and this cap only stops one whose loss never turns; a grid still
     # on an edge when it stops is named in results.json's grid_optima_on_edge
@@ -848,8 +853,8 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps`` and ``--max-extend``
-    (options of the protocol every upscaling example shares)."""
+    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps``, ``--max-extend`` and
+    ``--absolute-noise`` (options of the protocol every upscaling example shares)."""
     p.add_argument("--reuse-base-lr", action="store_true",
                    help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
                         "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
@@ -871,6 +876,10 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
                    help="how many times each grid may grow past an edge optimum (default: the script's, 6 "
                         "in the full runs; 2 reproduces the results that predate that default); results go "
                         "to <out>/max_extend<N> unless --out is given")
+    p.add_argument("--absolute-noise", action="store_true",
+                   help="the proxy's noise grid in absolute stds (std/sqrt(fan_in)), as every run had "
+                        "before the default became relative to each weight's RMS; results go to "
+                        "<out>/absolute_noise unless --out is given")
 
 
 def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, variant: Sequence[str] = ()
@@ -892,6 +901,8 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= "fixed_noise_grid"
         if args.max_extend is not None:
             out /= f"max_extend{args.max_extend}"
+        if args.absolute_noise:
+            out /= "absolute_noise"
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
@@ -899,6 +910,12 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
         changes["proxy_steps"] = args.proxy_steps
     if args.max_extend is not None:
         changes["max_extend"] = args.max_extend
+    if args.absolute_noise:
+        if s.absolute_noises is None:
+            raise SystemExit(f"{name}: --absolute-noise: this script has no absolute noise grid")
+        if getattr(args, "proxy_noises", None):
+            raise SystemExit(f"{name}: give --proxy-noises or --absolute-noise, not both")
+        changes["noises"] = s.absolute_noises
     return replace(s, **changes)
 
 
@@ -918,7 +935,8 @@ def add_regularization_args(p: argparse.ArgumentParser) -> None:
                         "(9x the data); results go to <out>/augment unless --out is given")
     p.add_argument("--proxy-noises", default=None, metavar="KIND:STD,...",
                    help="proxy noise grid instead of the script's, e.g. "
-                        "gaussian:0,gaussian:0.5,symmetric:0.5")
+                        "gaussian_relative:0,gaussian_relative:0.5,symmetric_relative:0.5 (any "
+                        "graphscale.noise kind)")
 
 
 def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Settings:

