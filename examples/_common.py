@@ -903,6 +903,8 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= f"max_extend{args.max_extend}"
         if args.absolute_noise:
             out /= "absolute_noise"
+        if getattr(args, "proxy_noises", None):  # e.g. proxy_noises_gaussian_relative0_symmetric_relative1
+            out /= "proxy_noises_" + args.proxy_noises.replace(":", "").replace(",", "_")
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
@@ -936,7 +938,8 @@ def add_regularization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-noises", default=None, metavar="KIND:STD,...",
                    help="proxy noise grid instead of the script's, e.g. "
                         "gaussian_relative:0,gaussian_relative:0.5,symmetric_relative:0.5 (any "
-                        "graphscale.noise kind)")
+                        "graphscale.noise kind); results go to <out>/proxy_noises_<the grid without ':' "
+                        "and ','> unless --out is given")
 
 
 def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Settings:
