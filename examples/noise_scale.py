@@ -105,34 +105,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   seconds=round(time.perf_counter() - t_start))
     C.save_json(report, args.out / "results.json")
     plot(report, args.out / "noise_scale.png")
-    print("val above the zero-noise run at the first evaluation after widening (relative std in brackets)")
     keys = list(next(iter(runs.values()))["noise"])[1:]
-    print(f"{'base':<14}{'rms/init':>9}" + "".join(f"{k:>26}" for k in keys))
-    for label, r in runs.items():
-        cells = "".join(f"{r['noise'][k]['jump']:>+18.3f} [{r['noise'][k]['relative_std']:5.2f}]"
-                        for k in keys)
-        print(f"{label:<14}{r['rms_growth']:>9.1f}{cells}")
+    for field, what in (("jump", "at the first evaluation after widening"),
+                        ("final_vs_zero_noise", f"after {post_steps} steps")):
+        print(f"val above the zero-noise run {what} (relative std in brackets)")
+        print(f"{'base':<14}{'rms/init':>9}" + "".join(f"{k:>26}" for k in keys))
+        for label, r in runs.items():
+            cells = "".join(f"{r['noise'][k][field]:>+18.3f} [{r['noise'][k]['relative_std']:5.2f}]"
+                            for k in keys)
+            print(f"{label:<14}{r['rms_growth']:>9.1f}{cells}")
     return report
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Jump vs the relative std, one marker per base, absolute-noise runs hollow."""
+    """Val above the zero-noise run vs the relative std, at the first evaluation and at the end; one colour
+    per base, absolute-noise runs hollow (placed at the relative std they amount to on that base)."""
     plt = C._plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (label, r) in enumerate(report["runs"].items()):
-        color = f"C{i}"
-        for run in r["noise"].values():
-            if run["std"] == 0:
-                continue
-            absolute = not run["kind"].endswith("_relative")
-            ax.scatter(run["relative_std"], run["jump"], color=color, marker="o" if absolute else "s",
-                       facecolors="none" if absolute else color,
-                       label=f"{label} ({r['rms_growth']:.0f}x init RMS)" if not absolute else None)
-    ax.set_xscale("log")
-    ax.set_xlabel("relative noise std (std * rms(W); absolute stds converted, hollow)")
-    ax.set_ylabel("val above zero-noise run, first eval")
-    ax.set_title(f"GPT seed {report['seed']}, {report['schedule']}: noise tolerated vs weight scale")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, field, what in ((axes[0], "jump", "first evaluation after widening"),
+                            (axes[1], "final_vs_zero_noise", f"after {report['post_steps']} steps")):
+        for i, (label, r) in enumerate(report["runs"].items()):
+            for j, run in enumerate(x for x in r["noise"].values() if x["std"] != 0):
+                absolute = not run["kind"].endswith("_relative")
+                ax.scatter(run["relative_std"], run[field], color=f"C{i}", marker="o" if absolute else "s",
+                           facecolors="none" if absolute else f"C{i}",
+                           label=f"{label} ({r['rms_growth']:.0f}x init RMS)" if j == 0 else None)
+        ax.axhline(0.0, color="0.7", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("relative noise std (absolute stds converted: hollow)")
+        ax.set_ylabel(f"val above the zero-noise run, {what}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"GPT seed {report['seed']}, {report['schedule']}: "
+                 "the noise a base tolerates vs its weights' scale")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
