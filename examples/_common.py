@@ -76,9 +76,8 @@ def upscale(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], k: int, 
     """
     import graphscale
 
-    noise = None
-    if noise_std > 0:
-        noise = getattr(graphscale.noise, noise_kind)(noise_std)
+    # graphscale's own spec parser: a kind it does not know fails here, naming the kinds it has
+    noise = graphscale.noise.noise_from_spec(f"{noise_kind}:{noise_std!r}") if noise_std > 0 else None
     kw: dict[str, Any] = {}
     if hasattr(graphscale, "analyze"):
         cached = _PLANS.get(id(model))
@@ -889,6 +888,7 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
     overwrites another's results."""
     from dataclasses import replace
 
+    proxy_noises = getattr(args, "proxy_noises", None)  # a digits option only
     if args.out == RESULTS_DIR / name:
         out = RESULTS_DIR / name
         if args.reuse_base_lr:
@@ -903,8 +903,8 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= f"max_extend{args.max_extend}"
         if args.absolute_noise:
             out /= "absolute_noise"
-        if getattr(args, "proxy_noises", None):  # e.g. proxy_noises_gaussian_relative0_symmetric_relative1
-            out /= "proxy_noises_" + args.proxy_noises.replace(":", "").replace(",", "_")
+        if proxy_noises:  # e.g. proxy_noises_gaussian_relative0_symmetric_relative1
+            out /= "proxy_noises_" + proxy_noises.replace(":", "").replace(",", "_")
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
@@ -915,7 +915,7 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
     if args.absolute_noise:
         if s.absolute_noises is None:
             raise SystemExit(f"{name}: --absolute-noise: this script has no absolute noise grid")
-        if getattr(args, "proxy_noises", None):
+        if proxy_noises:
             raise SystemExit(f"{name}: give --proxy-noises or --absolute-noise, not both")
         changes["noises"] = s.absolute_noises
     return replace(s, **changes)

@@ -211,6 +211,15 @@ def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite
     out, s = out_for("--fixed-noise-grid", "--max-extend", "2")  # how the older results are reproduced
     assert out == C.RESULTS_DIR / "mlp_digits/fixed_noise_grid/max_extend2"
     assert (s.extend_noise_grid, s.max_extend) == (False, 2)
+    absolute = C.Settings(width=8, absolute_noises=(("gaussian", 0.5),))
+    args = C.parse_args(["--absolute-noise", "--seed", "1"], "mlp_digits", None, C.add_regularization_args)
+    s = C.apply_regularization(absolute, args, "mlp_digits")
+    assert args.out == C.RESULTS_DIR / "mlp_digits/absolute_noise/seed1" and s.noises == (("gaussian", 0.5),)
+    with pytest.raises(SystemExit, match="no absolute noise grid"):
+        out_for("--absolute-noise")
+    out, s = out_for("--proxy-noises", "symmetric_relative:0.5,gaussian_relative:0", "--augment")
+    assert out == C.RESULTS_DIR / "mlp_digits/proxy_noises_symmetric_relative0.5_gaussian_relative0/augment"
+    assert s.noises == (("symmetric_relative", 0.5), ("gaussian_relative", 0.0))
     assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
 
 
