@@ -13,7 +13,8 @@ hands it to :func:`run_upscaling_experiment`, which runs the same protocol for a
    which is not a μP transfer since both bases are plain AdamW), widen it with graphscale using the
    proxy's best (lr multiple, noise) *unchanged*, and keep training;
 4. baseline: a from-scratch μP model at width kn whose lr is tuned on a grid at the target width;
-5. report losses, steps to reach the scratch model's final val loss, and FLOPs (with the base model's).
+5. report losses, steps to reach the scratch model's final val loss, and FLOPs (with the base model's);
+   with ``Settings.repeats`` > 1, also both chosen recipes rerun with fresh seeds, compared on their means.
 
 "Final" losses are the mean of the last ``Settings.final_window`` evaluations everywhere (grid scores
 included), and crossings read the same trailing mean: a constant-lr run fluctuates between evaluations.
@@ -422,7 +423,20 @@ class Settings:
     # each wd is tuned like the lr, for every run: the base (lr, wd) at n/2, the post-upscale wd on the
     # proxy (jointly with lr and noise; transferred unchanged to the target), scratch's (lr, wd) at kn.
     weight_decays: tuple[float, ...] | None = None
+    # the two chosen recipes are each run this many times in all (1: once), the reruns with fresh seeds
+    # for what is random once the arms part: the upscaled model's noise draw and batches (from the same
+    # trained base), scratch's init and batches. Where one run's final val is noisy (digits), the scratch
+    # run its grid picked is partly its grid's luckiest draw, picked and reported on the same val set; the
+    # reruns' means compare the recipes without that bias.
+    repeats: int = 1
     seed: int = 0
+
+
+REPEAT_SEED_STRIDE = 1000  # Settings.repeats: rerun r of a --seed S run uses seed S + 1000 r
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], label: str,
@@ -521,8 +535,8 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     def final(curve: Curve) -> float:  # the protocol's "final" loss of a run (also what grids minimise)
         return score(curve, window)
 
-    def fresh(width: int) -> nn.Module:
-        torch.manual_seed(s.seed)
+    def fresh(width: int, seed: int = s.seed) -> nn.Module:
+        torch.manual_seed(seed)
         return task.make_model(width)
 
     # 1. base lr, tuned at width n/2 with plain AdamW (a model is its own μP base) and reused at n.
@@ -563,17 +577,18 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
                                 steps_trained=proxy_base_curve.extra["steps_trained"],
                                 best_val=min(proxy_base_curve.val))
     def train_upscaled(source: nn.Module, lr: float, kind: str, std: float, wd: float, steps: int, label: str,
-                       scored_only: bool = True) -> tuple[nn.Module, Curve]:
+                       scored_only: bool = True, seed: int = s.seed) -> tuple[nn.Module, Curve]:
         """Widen ``source`` x k with (kind, std) noise and train it with μP AdamW. ``scored_only`` (grid
         runs) skips the evaluations before the last ``window``; a full run instead also records how far
-        the noise moved the outputs (the exact widening alone moves them by rounding only)."""
-        wide = upscale(source, ex, k, std, kind, seed=s.seed)
+        the noise moved the outputs (the exact widening alone moves them by rounding only). ``seed``
+        draws the noise (and, plus one, the batches)."""
+        wide = upscale(source, ex, k, std, kind, seed=seed)
         gap = None
         if not scored_only:
             with torch.no_grad():
                 gap = float((wide(*ex) - source(*ex)).abs().max())
         c = train(wide, mup_optimizer(wide, lr, wd), task, steps, label=label, lr=lr, eval_every=s.eval_every,
-                  warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1, progress=progress,
+                  warmup=s.warmup, schedule=s.schedule, seed=seed + 1, progress=progress,
                   eval_from=steps - (window - 1) * s.eval_every if scored_only else 0)
         if gap is not None:
             c.extra["max_output_change_at_upscale"] = gap
@@ -650,15 +665,15 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     # 4. scratch baseline at kn, lr tuned on a grid at the target width.
     print(f"[{task.name}] 4/5 scratch at width {k * n}: lr grid")
 
-    def scratch_run(lr: float, param: str, wd: float) -> Curve:
+    def scratch_run(lr: float, param: str, wd: float, seed: int = s.seed) -> Curve:
         if param == "mup":
-            m, rec = mup_scratch_model(task.make_model, k * n, n, ex, s.seed)
+            m, rec = mup_scratch_model(task.make_model, k * n, n, ex, seed)
             opt = mup_optimizer(m, lr, wd, record=rec)
         else:
-            m = fresh(k * n)
+            m = fresh(k * n, seed)
             opt = plain_optimizer(m, lr, wd)
         c = train(m, opt, task, s.steps, label=f"scratch {param} {k * n} lr{lr:.2g} wd{wd:g}", lr=lr,
-                  eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=s.seed + 1,
+                  eval_every=s.eval_every, warmup=s.warmup, schedule=s.schedule, seed=seed + 1,
                   progress=progress)
         c.extra["parametrization"] = param
         c.extra["weight_decay"] = wd
@@ -686,6 +701,14 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
                                                  f"upscaled, {h}-step run")[1])
         by_horizon[s.steps] = final(up_curve)
     shortest = min((h for h, v in by_horizon.items() if v <= target), default=None)
+    # reruns of both chosen recipes (repeat 0 is the run above); REPEAT_SEED_STRIDE keeps their seeds clear of
+    # every seed a --seed run uses (seed, seed + 1)
+    seeds = [s.seed + REPEAT_SEED_STRIDE * r for r in range(1, s.repeats)]
+    up_repeats = [final(up_curve)] + [final(train_upscaled(
+        base, post_lr, noise_kind, noise_std, post_wd, s.steps, f"upscaled, rerun seed {r}", seed=r)[1])
+        for r in seeds]
+    scratch_repeats = [target] + [final(scratch_run(scratch_lr, scratch.extra["parametrization"],
+                                                     scratch.extra["weight_decay"], seed=r)) for r in seeds]
     base_flops = base_curve.flops_per_step * base_trained  # in full, the steps after its best included
     scratch_flops = scratch.flops_per_step * s.steps
 
@@ -734,6 +757,13 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
             upscaled_shortest_horizon_fraction=None if shortest is None else shortest / s.steps,
             upscaled_shortest_horizon_flops_fraction=None if shortest_flops is None else (
                 shortest_flops / scratch_flops),
+            # Settings.repeats: each chosen recipe's final val over its runs (the first is the run above)
+            repeat_seeds=[s.seed, *seeds],
+            upscaled_final_val_repeats=up_repeats,
+            scratch_final_val_repeats=scratch_repeats,
+            upscaled_final_val_mean=_mean(up_repeats),
+            scratch_final_val_mean=_mean(scratch_repeats),
+            upscaled_mean_le_scratch_mean=_mean(up_repeats) <= _mean(scratch_repeats),
         ),
         seconds=round(time.perf_counter() - t_start, 1),
     )
@@ -767,6 +797,12 @@ def print_summary(report: dict[str, Any]) -> None:
         hf = c["upscaled_shortest_horizon_flops_fraction"]
         print(f"  final val by schedule length: {c['upscaled_final_val_by_horizon']}; shortest reaching"
               f" scratch's final val: {'none' if h is None else f'{h} steps, {hf:.0%} of scratch FLOPs'}")
+    if len(c.get("repeat_seeds", [])) > 1:
+        def runs(xs: Sequence[float]) -> str:
+            return ", ".join(f"{x:.4f}" for x in xs)
+        print(f"  {len(c['repeat_seeds'])} runs of each recipe (seeds {c['repeat_seeds']}): final val mean"
+              f" upscaled {c['upscaled_final_val_mean']:.4f} ({runs(c['upscaled_final_val_repeats'])}),"
+              f" scratch {c['scratch_final_val_mean']:.4f} ({runs(c['scratch_final_val_repeats'])})")
     print(f"  took {report['seconds']} s\n")
 
 
@@ -852,8 +888,8 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps``, ``--max-extend`` and
-    ``--absolute-noise`` (options of the protocol every upscaling example shares)."""
+    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps``, ``--max-extend``,
+    ``--absolute-noise`` and ``--repeats`` (options of the protocol every upscaling example shares)."""
     p.add_argument("--reuse-base-lr", action="store_true",
                    help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
                         "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
@@ -879,6 +915,10 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
                    help="the proxy's noise grid in absolute stds (std/sqrt(fan_in)), as every run had "
                         "before the default became relative to each weight's RMS; results go to "
                         "<out>/absolute_noise unless --out is given")
+    p.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="run each chosen recipe (upscaled, scratch) N times in all, the reruns with fresh "
+                        "seeds, and compare their means (default: the script's, 4 for the digits, 1 for the "
+                        "GPT); results go to <out>/repeats<N> unless --out is given or N is the default")
 
 
 def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, variant: Sequence[str] = ()
@@ -905,6 +945,8 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= "absolute_noise"
         if proxy_noises:  # e.g. proxy_noises_gaussian_relative0_symmetric_relative1
             out /= "proxy_noises_" + proxy_noises.replace(":", "").replace(",", "_")
+        if args.repeats is not None and args.repeats != s.repeats:
+            out /= f"repeats{args.repeats}"
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
@@ -912,6 +954,11 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
         changes["proxy_steps"] = args.proxy_steps
     if args.max_extend is not None:
         changes["max_extend"] = args.max_extend
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise SystemExit(f"{name}: --repeats counts the chosen run itself, so it must be >= 1"
+                             f" (got {args.repeats})")
+        changes["repeats"] = args.repeats
     if args.absolute_noise:
         if s.absolute_noises is None:
             raise SystemExit(f"{name}: --absolute-noise: this script has no absolute noise grid")

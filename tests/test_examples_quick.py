@@ -107,6 +107,17 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
         assert c["upscaled_shortest_horizon_to_scratch_final_val"] == (min(reaching) if reaching else None)
     else:  # with a constant lr the full run's curve already says where it crosses
         assert by_horizon == {} and c["upscaled_shortest_horizon_to_scratch_final_val"] is None
+    # Settings.repeats: the chosen run is the first of each recipe's runs; the reruns draw fresh seeds, so
+    # none of them repeats the chosen run's numbers
+    n = r["settings"]["repeats"]
+    assert c["repeat_seeds"][0] == r["settings"]["seed"] and len(set(c["repeat_seeds"])) == n
+    assert n == (1 if name == "gpt_shakespeare" else 2)  # the quick digits rerun once, the quick GPT not
+    for arm in ("upscaled", "scratch"):
+        runs = c[f"{arm}_final_val_repeats"]
+        assert len(runs) == n and _finite(runs) and runs[0] == c[f"{arm}_final_val"]
+        assert len(set(runs)) == n, f"a {arm} rerun reproduced another run exactly (same seed?): {runs}"
+        assert math.isclose(c[f"{arm}_final_val_mean"], sum(runs) / n)
+    assert c["upscaled_mean_le_scratch_mean"] == (c["upscaled_final_val_mean"] <= c["scratch_final_val_mean"])
 
 
 def test_hp_transfer_quick(tmp_path: Path) -> None:
@@ -220,6 +231,12 @@ def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite
     out, s = out_for("--proxy-noises", "symmetric_relative:0.5,gaussian_relative:0", "--augment")
     assert out == C.RESULTS_DIR / "mlp_digits/proxy_noises_symmetric_relative0.5_gaussian_relative0/augment"
     assert s.noises == (("symmetric_relative", 0.5), ("gaussian_relative", 0.0))
+    out, s = out_for("--repeats", "3", "--seed", "1")
+    assert out == C.RESULTS_DIR / "mlp_digits/repeats3/seed1" and s.repeats == 3
+    # the script's own number of runs changes no folder: it is the default run
+    assert out_for("--repeats", str(C.Settings(width=8).repeats)) == out_for()
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        out_for("--repeats", "0")
     assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
 
 
