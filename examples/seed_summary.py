@@ -20,10 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def seed_summary(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The seed-mean comparison of several runs of one experiment (same settings but the seed).
 
@@ -44,18 +40,18 @@ def seed_summary(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("the upscaled runs were evaluated at different steps (one stopped early?)")
     window = reports[0]["comparison"]["final_window"]
     budget = reports[0]["settings"]["steps"]
-    target = _mean([r["comparison"]["scratch_final_val"] for r in reports])
-    up_val = [_mean(v) for v in zip(*[r["upscaled"]["val_loss"] for r in reports])]
+    target = C.mean([r["comparison"]["scratch_final_val"] for r in reports])
+    up_val = [C.mean(v) for v in zip(*[r["upscaled"]["val_loss"] for r in reports])]
     curve = C.Curve(label="seed mean", lr=0.0, steps=steps, val=up_val)
     reach = C.steps_to_reach(curve, target, window)
-    base_flops = _mean([r["comparison"]["base_training_flops"] for r in reports])
+    base_flops = C.mean([r["comparison"]["base_training_flops"] for r in reports])
     scratch_flops = reports[0]["comparison"]["scratch_flops"]
     per_step = reports[0]["upscaled"]["flops_per_step"]
 
     def flops_fraction(s: int | None) -> float | None:
         return None if s is None else (base_flops + per_step * s) / scratch_flops
 
-    by_horizon = {h: _mean([r["comparison"]["upscaled_final_val_by_horizon"][h] for r in reports])
+    by_horizon = {h: C.mean([r["comparison"]["upscaled_final_val_by_horizon"][h] for r in reports])
                   for h in reports[0]["comparison"].get("upscaled_final_val_by_horizon", {})}
     shortest = min((int(h) for h, v in by_horizon.items() if v <= target), default=None)
     return dict(
