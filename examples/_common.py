@@ -16,6 +16,9 @@ hands it to :func:`run_upscaling_experiment`, which runs the same protocol for a
 5. report losses, steps to reach the scratch model's final val loss, and FLOPs (with the base model's);
    with ``Settings.repeats`` > 1, also both chosen recipes rerun with fresh seeds, compared on their means.
 
+With ``Settings.grid_seeds`` > 1 the two grids that pick a recipe (the proxy's lr x noise grid and
+scratch's lr grid) score each point on the mean final val of that many seeds instead of one.
+
 "Final" losses are the mean of the last ``Settings.final_window`` evaluations everywhere (grid scores
 included), and crossings read the same trailing mean: a constant-lr run fluctuates between evaluations.
 Every run uses the same lr schedule (``Settings.schedule``): linear warmup, then constant or a cosine
@@ -429,10 +432,18 @@ class Settings:
     # run its grid picked is partly its grid's luckiest draw, picked and reported on the same val set; the
     # reruns' means compare the recipes without that bias.
     repeats: int = 1
+    # the two grids that choose a recipe, the proxy's (lr multiple, noise) and scratch's lr, score each
+    # point on the mean final val over this many seeds (1: one run per point). A one-run grid on a noisy
+    # val set picks partly on luck (a poor recipe can win one draw); the mean picks on the recipe. The
+    # base grids stay one run each: they pick a trained model, which is then used as it is.
+    grid_seeds: int = 1
     seed: int = 0
 
 
 REPEAT_SEED_STRIDE = 1000  # Settings.repeats: rerun r of a --seed S run uses seed S + 1000 r
+# Settings.grid_seeds: grid run j of a --seed S run uses seed S + 100 j, so j < 10 never meets a rerun's
+GRID_SEED_STRIDE = 100
+MAX_GRID_SEEDS = REPEAT_SEED_STRIDE // GRID_SEED_STRIDE
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -445,16 +456,18 @@ def mean(xs: Sequence[float]) -> float:
 
 
 def tune_lr(task: Task, make_run: Callable[[float], Curve], grid: list[float], label: str,
-            max_extend: int = 6, last: int = 1,
-            on_edge: list[str] | None = None) -> tuple[float, list[Curve]]:
-    """Grid search over ``grid`` scored on the mean of the last ``last`` evaluations; if the best lr sits
-    on an edge, extend that edge (at most ``max_extend`` times) so the reported optimum is interior where
-    possible. A search that stops with its optimum still on an edge appends ``label`` to ``on_edge``."""
+            max_extend: int = 6, last: int = 1, on_edge: list[str] | None = None,
+            key: Callable[[Curve], float] | None = None) -> tuple[float, list[Curve]]:
+    """Grid search over ``grid`` scored on the mean of the last ``last`` evaluations (or on ``key`` of
+    each run's curve); if the best lr sits on an edge, extend that edge (at most ``max_extend`` times) so
+    the reported optimum is interior where possible. A search that stops with its optimum still on an edge
+    appends ``label`` to ``on_edge``."""
     curves = {lr: make_run(lr) for lr in grid}
+    key_of = key if key is not None else (lambda c: score(c, last))
 
     def next_lr() -> tuple[float, float | None]:
         lrs = sorted(curves)
-        best = min(lrs, key=lambda lr: score(curves[lr], last))
+        best = min(lrs, key=lambda lr: key_of(curves[lr]))
         if best == lrs[0]:
             return best, best / LR_GRID_FACTOR
         return best, (best * LR_GRID_FACTOR if best == lrs[-1] else None)
@@ -544,6 +557,9 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         torch.manual_seed(seed)
         return task.make_model(width)
 
+    # Settings.grid_seeds: the seeds of a recipe grid point's further runs (its first run uses s.seed)
+    grid_seeds = [s.seed + GRID_SEED_STRIDE * j for j in range(1, s.grid_seeds)]
+
     # 1. base lr, tuned at width n/2 with plain AdamW (a model is its own μP base) and reused at n.
     print(f"[{task.name}] 1/5 tuning base lr at width {half}")
 
@@ -600,12 +616,16 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         return wide, c
 
     scores: dict[ProxyPoint, float] = {}
+    proxy_runs: dict[ProxyPoint, list[float]] = {}  # each point's final val per grid seed
 
     def proxy_run(mult: float, kind: str, std: float, wd: float) -> None:
         lr = mult * base_lr
-        _, c = train_upscaled(proxy_base, lr, kind, std, wd, proxy_steps,
-                              f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}")
-        scores[(mult, kind, std, wd)] = final(c)
+        point = (mult, kind, std, wd)
+        proxy_runs[point] = [final(train_upscaled(proxy_base, lr, kind, std, wd, proxy_steps,
+                                                  f"proxy lr{lr:.2g} {kind}{std} wd{wd:g}"
+                                                  + (f" seed {g}" if g != s.seed else ""), seed=g)[1])
+                             for g in [s.seed, *grid_seeds]]
+        scores[point] = mean(proxy_runs[point])
 
     for mult in s.post_lr_mults:
         for kind, std in s.noises:
@@ -629,9 +649,14 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         on_edge.append(f"proxy {axis}")
     post_mult, noise_kind, noise_std, post_wd = min(scores, key=scores.__getitem__)
     post_lr = post_mult * base_lr
-    report["proxy_grid_final_val"] = {
-        f"lr_mult={m:g},noise={kd}:{sd:g}" + ("" if s.weight_decays is None else f",wd={w:g}"): v
-        for (m, kd, sd, w), v in scores.items()}
+
+    def proxy_key(point: ProxyPoint) -> str:
+        m, kd, sd, w = point
+        return f"lr_mult={m:g},noise={kd}:{sd:g}" + ("" if s.weight_decays is None else f",wd={w:g}")
+
+    report["proxy_grid_final_val"] = {proxy_key(pt): v for pt, v in scores.items()}  # the grid seeds' mean
+    if grid_seeds:
+        report["proxy_grid_final_val_by_seed"] = {proxy_key(pt): v for pt, v in proxy_runs.items()}
     report["transferred"] = dict(post_lr=post_lr, post_lr_mult=post_mult, noise_std=noise_std,
                                  noise_kind=noise_kind, weight_decay=post_wd)
     print(f"  proxy best: post-upscale lr {post_lr:.3g} (x{post_mult:g}), noise {noise_kind} {noise_std:g},"
@@ -684,14 +709,26 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
         c.extra["weight_decay"] = wd
         return c
 
+    def scratch_point(lr: float, param: str, wd: float) -> Curve:
+        """A grid point: the run with s.seed (kept as the point's curve), and with grid_seeds > 1 the
+        further seeds' final vals beside it, which the grid's score averages."""
+        c = scratch_run(lr, param, wd)
+        if grid_seeds:
+            c.extra["grid_seed_final_vals"] = [final(c)] + [final(scratch_run(lr, param, wd, seed=g))
+                                                            for g in grid_seeds]
+        return c
+
+    def scratch_score(c: Curve) -> float:  # what scratch's grid minimises: the grid seeds' mean
+        return mean(c.extra["grid_seed_final_vals"]) if grid_seeds else final(c)
+
     scratch_curves: list[Curve] = []
     for param in s.scratch_parametrizations:
         for wd in wds:
             grid = lr_grid(base_lr, s.scratch_lr_points)
-            _, curves = tune_lr(task, lambda lr, p=param, wd=wd: scratch_run(lr, p, wd), grid,
-                                f"scratch {param} wd {wd:g}", s.max_extend, window, on_edge)
+            _, curves = tune_lr(task, lambda lr, p=param, wd=wd: scratch_point(lr, p, wd), grid,
+                                f"scratch {param} wd {wd:g}", s.max_extend, window, on_edge, scratch_score)
             scratch_curves += curves
-    scratch = min(scratch_curves, key=final)
+    scratch = min(scratch_curves, key=scratch_score)
     scratch_lr = scratch.lr
 
     # 5. metrics.
@@ -725,7 +762,7 @@ def run_upscaling_experiment(task: Task, s: Settings, out: Path, progress: bool 
     report.update(
         scratch_lr=scratch_lr,
         scratch_lr_grid={f"{c.extra['parametrization']}:{c.lr:.4g}" + (
-            "" if s.weight_decays is None else f",wd={c.extra['weight_decay']:g}"): final(c)
+            "" if s.weight_decays is None else f",wd={c.extra['weight_decay']:g}"): scratch_score(c)
             for c in scratch_curves},
         scratch_weight_decay=scratch.extra["weight_decay"],
         scratch_parametrization=scratch.extra["parametrization"],
@@ -786,7 +823,9 @@ def print_summary(report: dict[str, Any]) -> None:
     t = report["transferred"]
     print(f"  base lr {report['base_lr']:.3g}; transferred post-upscale lr {t['post_lr']:.3g},"
           f" noise {t['noise_kind']} {t['noise_std']:g}; scratch lr {report['scratch_lr']:.3g}"
-          f" ({report['scratch_parametrization']})")
+          f" ({report['scratch_parametrization']})"
+          + (f"; grids scored on {report['settings']['grid_seeds']} seeds" if report["settings"].get(
+              "grid_seeds", 1) > 1 else ""))
     if report["settings"].get("weight_decays") is not None:
         print(f"  weight decay: base {report['base_weight_decay']:g}, transferred post-upscale"
               f" {t['weight_decay']:g}, scratch {report['scratch_weight_decay']:g}")
@@ -894,7 +933,8 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
     """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps``, ``--max-extend``,
-    ``--absolute-noise`` and ``--repeats`` (options of the protocol every upscaling example shares)."""
+    ``--absolute-noise``, ``--repeats`` and ``--grid-seeds`` (options of the protocol every upscaling
+    example shares)."""
     p.add_argument("--reuse-base-lr", action="store_true",
                    help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
                         "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
@@ -924,6 +964,11 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
                    help="run each chosen recipe (upscaled, scratch) N times in all, the reruns with fresh "
                         "seeds, and compare their means (default: the script's, 4 for the digits, 1 for the "
                         "GPT); results go to <out>/repeats<N> unless --out is given or N is the default")
+    p.add_argument("--grid-seeds", type=int, default=None, metavar="N",
+                   help="score each point of the two grids that pick a recipe (the proxy's lr x noise, "
+                        f"scratch's lr) on the mean final val of N seeds (1 to {MAX_GRID_SEEDS}; default: "
+                        "the script's, 1); results go to <out>/grid_seeds<N> unless --out is given or N is "
+                        "the default")
 
 
 def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, variant: Sequence[str] = ()
@@ -952,6 +997,10 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             out /= "proxy_noises_" + proxy_noises.replace(":", "").replace(",", "_")
         if args.repeats is not None and args.repeats != s.repeats:
             out /= f"repeats{args.repeats}"
+        if args.grid_seeds is not None and args.grid_seeds != s.grid_seeds:
+            out /= f"grid_seeds{args.grid_seeds}"
+        if getattr(args, "width", None) not in (None, s.width):  # a digits option
+            out /= f"width{args.width}"
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
@@ -964,6 +1013,12 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
             raise SystemExit(f"{name}: --repeats counts the chosen run itself, so it must be >= 1"
                              f" (got {args.repeats})")
         changes["repeats"] = args.repeats
+    if args.grid_seeds is not None:
+        if not 1 <= args.grid_seeds <= MAX_GRID_SEEDS:
+            raise SystemExit(f"{name}: --grid-seeds counts the runs per grid point, from 1 to"
+                             f" {MAX_GRID_SEEDS} (its seeds must stay clear of --repeats' reruns);"
+                             f" got {args.grid_seeds}")
+        changes["grid_seeds"] = args.grid_seeds
     if args.absolute_noise:
         if s.absolute_noises is None:
             raise SystemExit(f"{name}: --absolute-noise: this script has no absolute noise grid")
@@ -974,8 +1029,8 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
 
 
 def add_regularization_args(p: argparse.ArgumentParser) -> None:
-    """``--seed``, ``--augment``, ``--weight-decay-grid`` and ``--proxy-noises`` (the MLP/CNN digits
-    options), plus the protocol options."""
+    """``--seed``, ``--augment``, ``--weight-decay-grid``, ``--proxy-noises`` and ``--width`` (the
+    MLP/CNN digits options), plus the protocol options."""
     add_protocol_args(p)
     p.add_argument("--weight-decay-grid", default=None, metavar="WD,WD,...",
                    help="AdamW decoupled weight decay grid, tuned for every run like the lr (base at n/2, "
@@ -992,6 +1047,10 @@ def add_regularization_args(p: argparse.ArgumentParser) -> None:
                         "gaussian_relative:0,gaussian_relative:0.5,symmetric_relative:0.5 (any "
                         "graphscale.noise kind); results go to <out>/proxy_noises_<the grid without ':' "
                         "and ','> unless --out is given")
+    p.add_argument("--width", type=int, default=None, metavar="N",
+                   help="base width n instead of the script's (the proxy upscales n/2 -> n, the target "
+                        "n -> 2n, scratch trains at 2n); results go to <out>/width<N> unless --out is "
+                        "given or N is the default")
 
 
 def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Settings:
@@ -1012,7 +1071,11 @@ def apply_regularization(s: Settings, args: argparse.Namespace, name: str) -> Se
     if args.proxy_noises:
         changes["noises"] = tuple((kind, float(std)) for kind, std in
                                   (x.split(":") for x in args.proxy_noises.split(",")))
-    return apply_protocol_args(replace(s, **changes), args, name, variant)
+    if args.width is not None and (args.width < 2 * s.k or args.width % s.k):
+        raise SystemExit(f"{name}: --width {args.width}: the proxy's base has width n/{s.k}, so n must be"
+                         f" a multiple of {s.k} and at least {2 * s.k}")
+    s = apply_protocol_args(replace(s, **changes), args, name, variant)  # nests width<N> by the script's n
+    return s if args.width is None else replace(s, width=args.width)
 
 
 def require_graphscale() -> None:

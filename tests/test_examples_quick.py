@@ -120,6 +120,32 @@ def test_upscaling_example_quick(name: str, extra: tuple[str, ...], tmp_path: Pa
     assert c["upscaled_mean_le_scratch_mean"] == (c["upscaled_final_val_mean"] <= c["scratch_final_val_mean"])
 
 
+def test_grid_seeds_score_each_recipe_grid_point_on_the_mean_of_its_seeds(tmp_path: Path) -> None:
+    # the proxy's and scratch's grids pick on the mean over the grid seeds; the base grids stay one run
+    r = _run("mlp_digits", tmp_path, "--grid-seeds", "2")
+    assert r["settings"]["grid_seeds"] == 2
+    by_seed, proxy = r["proxy_grid_final_val_by_seed"], r["proxy_grid_final_val"]
+    assert by_seed.keys() == proxy.keys() and len(proxy) >= 2
+    for point, runs in by_seed.items():
+        assert len(runs) == 2 and _finite(runs) and proxy[point] == pytest.approx(sum(runs) / 2, rel=1e-12)
+        assert runs[0] != runs[1], f"proxy point {point}: both grid seeds gave {runs[0]} (seed not passed?)"
+    t = r["transferred"]
+    assert min(proxy, key=proxy.__getitem__) == f"lr_mult={t['post_lr_mult']:g},noise={t['noise_kind']}:" \
+        f"{t['noise_std']:g}"
+    grid = {f"{c['parametrization']}:{c['lr']:.4g}": c for c in r["scratch_grid"]}
+    assert grid.keys() == r["scratch_lr_grid"].keys()
+    for key, c in grid.items():
+        runs = c["grid_seed_final_vals"]
+        assert len(runs) == 2 and runs[0] == c["final_val_loss"] and runs[0] != runs[1]  # final_window 1
+        assert r["scratch_lr_grid"][key] == pytest.approx(sum(runs) / 2, rel=1e-12)
+    best = min(r["scratch_lr_grid"], key=r["scratch_lr_grid"].__getitem__)
+    assert grid[best]["lr"] == r["scratch_lr"]
+    # the chosen scratch run, the comparison's target, is that grid point's first seed
+    target = r["comparison"]["scratch_final_val"]
+    assert r["scratch"]["final_val_loss"] == target == grid[best]["final_val_loss"]
+    assert "grid_seed_final_vals" not in r["base"] and len(r["base_lr_grid"]) == 2
+
+
 def test_hp_transfer_quick(tmp_path: Path) -> None:
     r = _run("hp_transfer", tmp_path, "--seeds", "0,1")
     assert set(r["tasks"]) == {"gpt", "mlp"}
@@ -237,6 +263,18 @@ def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite
     assert out_for("--repeats", str(C.Settings(width=8).repeats)) == out_for()
     with pytest.raises(SystemExit, match="must be >= 1"):
         out_for("--repeats", "0")
+    out, s = out_for("--grid-seeds", "3", "--augment")
+    assert out == C.RESULTS_DIR / "mlp_digits/grid_seeds3/augment" and s.grid_seeds == 3
+    assert out_for("--grid-seeds", str(C.Settings(width=8).grid_seeds)) == out_for()
+    out, s = out_for("--width", "32", "--seed", "1")
+    assert out == C.RESULTS_DIR / "mlp_digits/width32/seed1" and s.width == 32
+    assert out_for("--width", "8") == out_for()  # the script's own width is the default run
+    for bad in ("3", "2"):  # the proxy's base is n/2 wide: n must be even and at least 4
+        with pytest.raises(SystemExit, match=f"--width {bad}: the proxy's base has width n/2"):
+            out_for("--width", bad)
+    for bad in ("0", str(C.MAX_GRID_SEEDS + 1)):  # past the cap, grid seeds would meet the reruns' seeds
+        with pytest.raises(SystemExit, match="--grid-seeds counts the runs per grid point"):
+            out_for("--grid-seeds", bad)
     assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
 
 
