@@ -411,6 +411,12 @@ def test_tune_lr_extends_until_the_optimum_is_interior_or_names_the_grid_left_on
     made.clear()
     best, _ = C.tune_lr(None, run_with_optimum(2e-3), grid, "near", max_extend=6, on_edge=on_edge)
     assert best == pytest.approx(2e-3) and on_edge == ["far"] and len(made) == 3
+    # a key (--grid-seeds: the mean over seeds) decides both the optimum and where the grid extends: here
+    # the curve's own loss says 2e-3 (interior), the key says 4e-3 and beyond, so the grid grows upward
+    made.clear()
+    best, _ = C.tune_lr(None, run_with_optimum(2e-3), grid, "keyed", max_extend=6, on_edge=on_edge,
+                        key=lambda c: abs(math.log2(c.lr / 8e-3)))
+    assert best == pytest.approx(8e-3) and made == pytest.approx(grid + [8e-3, 1.6e-2])
 
 
 def test_fitted_optimum_moves_with_the_losses_where_the_argmin_flips() -> None:
