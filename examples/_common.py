@@ -444,6 +444,11 @@ REPEAT_SEED_STRIDE = 1000  # Settings.repeats: rerun r of a --seed S run uses se
 # Settings.grid_seeds: grid run j of a --seed S run uses seed S + 100 j, so j < 10 never meets a rerun's
 GRID_SEED_STRIDE = 100
 MAX_GRID_SEEDS = REPEAT_SEED_STRIDE // GRID_SEED_STRIDE
+# --base-plateau ("train the small model ... to its plateau", the issue's other setting): the width-n and
+# n/2 bases may train up to PLATEAU_FACTOR x the scratch budget and stop after PLATEAU_PATIENCE evaluations
+# without a better val loss
+PLATEAU_FACTOR = 3
+PLATEAU_PATIENCE = 6
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -932,13 +937,20 @@ def parse_args(argv: Sequence[str] | None, name: str, doc: str | None,
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """``--reuse-base-lr``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps``, ``--max-extend``,
-    ``--absolute-noise``, ``--repeats`` and ``--grid-seeds`` (options of the protocol every upscaling
-    example shares)."""
+    """``--reuse-base-lr``, ``--base-plateau``, ``--schedule``, ``--fixed-noise-grid``, ``--proxy-steps``,
+    ``--max-extend``, ``--absolute-noise``, ``--repeats`` and ``--grid-seeds`` (options of the protocol
+    every upscaling example shares)."""
     p.add_argument("--reuse-base-lr", action="store_true",
                    help="train the width-n base at the lr tuned at n/2 instead of tuning it at width n (the "
                         "protocol before base tuning became the default); results go to <out>/reuse_base_lr "
                         "unless --out is given")
+    p.add_argument("--base-plateau", action="store_true",
+                   help=f"train the width-n and n/2 bases to their plateau: up to {PLATEAU_FACTOR}x the "
+                        f"scratch budget, stopping after {PLATEAU_PATIENCE} evaluations without a better val "
+                        "loss (the n/2 base lr grid keeps the scratch budget, so the proxy's lr and the "
+                        "grids centred on it stay those of the default run; the width-n base's own lr grid "
+                        "trains each point to its plateau); results go to "
+                        "<out>/base_plateau unless --out is given")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="lr schedule of every run after warmup: constant, or cosine decay to "
                         f"{COSINE_FLOOR:g}x over the run's own steps (the control for the lower post-upscale "
@@ -983,6 +995,8 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
         out = RESULTS_DIR / name
         if args.reuse_base_lr:
             out /= "reuse_base_lr"
+        if args.base_plateau:
+            out /= "base_plateau"
         if args.schedule != "constant":
             out /= args.schedule
         if args.proxy_steps is not None:
@@ -1004,6 +1018,9 @@ def apply_protocol_args(s: Settings, args: argparse.Namespace, name: str, varian
         args.out = out / "_".join(variant) if variant else out
     changes: dict[str, Any] = dict(tune_base_at_width=not args.reuse_base_lr, schedule=args.schedule,
                                    extend_noise_grid=not args.fixed_noise_grid)
+    if args.base_plateau:  # the bases train longer; the n/2 lr grid, which centres the others, does not
+        changes.update(base_steps=PLATEAU_FACTOR * s.steps, base_patience=PLATEAU_PATIENCE,
+                       base_lr_steps=s.base_steps if s.base_lr_steps is None else s.base_lr_steps)
     if args.proxy_steps is not None:
         changes["proxy_steps"] = args.proxy_steps
     if args.max_extend is not None:

@@ -173,10 +173,6 @@ def make_task(batch: int = 32, block_size: int = 64, n_layer: int = 2, n_head: i
     )
 
 
-PLATEAU_FACTOR = 3  # --base-plateau: the bases may train up to 3x the scratch budget ...
-PLATEAU_PATIENCE = 6  # ... and stop after 6 evaluations (300 steps in the full run) without a better val
-
-
 def settings(quick: bool) -> C.Settings:
     """Full settings (n = 32 -> 64, a few minutes on 2 free cores) or --quick ones (under a minute)."""
     if quick:
@@ -200,42 +196,44 @@ def settings(quick: bool) -> C.Settings:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    """Protocol options: how long the small bases train, and the proxy's post-upscale lr grid."""
+    """Protocol options (``--base-plateau`` among them): how long the small bases train, and the proxy's
+    post-upscale lr grid."""
     C.add_protocol_args(p)
-    p.add_argument("--base-plateau", action="store_true",
-                   help=f"train the width-n and n/2 bases to their plateau: up to {PLATEAU_FACTOR}x the "
-                        f"scratch budget, stopping after {PLATEAU_PATIENCE} evaluations without a better val "
-                        "loss "
-                        "(the base lr is still tuned at n/2 for the scratch budget)")
     p.add_argument("--base-steps", type=int, default=None,
-                   help="max steps of the width-n and n/2 bases (default: the scratch budget)")
+                   help="max steps of the width-n and n/2 bases (default: the scratch budget); results go "
+                        "to <out>/base_steps<N> unless --out is given")
     p.add_argument("--base-patience", type=int, default=None,
-                   help="stop a base after this many evaluations without a better val loss (0: never)")
+                   help="stop a base after this many evaluations without a better val loss (0: never); "
+                        "results go to <out>/base_patience<P> unless --out is given")
     p.add_argument("--seed", type=int, default=0,
                    help="training seed (initialisation, batches, noise; the eval windows stay fixed); a "
                         "non-zero seed's results go to <out>/seed<N> unless --out is given")
     p.add_argument("--post-lr-mults", type=str, default=None,
-                   help="comma-separated post-upscale lr multiples of the base lr tried on the proxy")
+                   help="comma-separated post-upscale lr multiples of the base lr tried on the proxy; "
+                        "results go to <out>/post_lr_mults<the multiples joined by _> unless --out is given")
 
 
 def apply_args(s: C.Settings, args: argparse.Namespace) -> C.Settings:
     """The settings with the command line's protocol options applied (the scratch baseline is untouched)."""
+    budget = s.base_steps
+    mults = args.post_lr_mults.replace(",", "_") if args.post_lr_mults else None
+    options = (("base_steps", args.base_steps), ("base_patience", args.base_patience),
+               ("post_lr_mults", mults), ("seed", args.seed or None))
+    variant = [f"{flag}{n}" for flag, n in options if n is not None]  # each option's results in their folder
+    s = C.apply_protocol_args(s, args, NAME, variant)  # --base-plateau among them
     changes: dict[str, Any] = {}
-    if args.base_plateau:
-        changes.update(base_steps=PLATEAU_FACTOR * s.steps, base_patience=PLATEAU_PATIENCE)
     if args.base_steps is not None:
         changes["base_steps"] = args.base_steps
     if args.base_patience is not None:
         changes["base_patience"] = args.base_patience
-    if changes.get("base_steps", s.base_steps) != s.base_steps:
-        changes["base_lr_steps"] = s.base_steps  # the base lr grid keeps its budget (and the scratch grid
-        # its centre), so only the two bases' training length changes
+    if changes.get("base_steps", s.base_steps) != budget:
+        changes["base_lr_steps"] = budget  # the base lr grid keeps its budget (and the scratch grid its
+        # centre), so only the two bases' training length changes
     if args.post_lr_mults:
         changes["post_lr_mults"] = tuple(float(x) for x in args.post_lr_mults.split(","))
     if args.seed:
         changes["seed"] = args.seed
-    return C.apply_protocol_args(dataclasses.replace(s, **changes), args, NAME,
-                                 [f"seed{args.seed}"] if args.seed else [])
+    return dataclasses.replace(s, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Upscale an MLP on scikit-learn digits with graphscale and compare with a tuned from-scratch model.
 
 Usage: ``python examples/mlp_digits.py [--quick] [--out DIR] [--weight-decay-grid 0,0.1,1,10] [--augment]
-[--seed N] [--reuse-base-lr] [--schedule cosine] [--proxy-steps N] [--absolute-noise]
+[--seed N] [--reuse-base-lr] [--base-plateau] [--schedule cosine] [--proxy-steps N] [--absolute-noise]
 [--repeats N] [--grid-seeds N] [--width N]
 [--proxy-noises gaussian_relative:0.5,symmetric_relative:0.5]``.
 See ``_common.py`` for the protocol.

@@ -232,6 +232,34 @@ def test_lr_schedules_warm_up_linearly_then_hold_or_decay_to_the_cosine_floor() 
         C.lr_factor(0, steps, warmup, "linear")
 
 
+def test_training_to_the_plateau_stops_patience_evaluations_after_the_best_and_keeps_its_weights() -> None:
+    import _common as C
+    import torch
+    from torch import nn
+
+    # one weight w, trained towards 2 on the train set; the val set is best at w = 0.5, so the val loss falls,
+    # then rises for good once w passes 0.5
+    x = torch.ones(4, 1)
+    task = C.Task(name="toy", make_model=lambda n: nn.Linear(1, 1, bias=False),
+                  get_batch=lambda gen: (x, 2 * x), loss_fn=nn.functional.mse_loss, train_eval=[(x, 2 * x)],
+                  val_eval=[(x, 0.5 * x)], example_inputs=(x,), flops_per_step=lambda m: 1.0)
+
+    def run(patience: int) -> tuple[nn.Module, C.Curve]:
+        model = task.make_model(1)
+        nn.init.zeros_(model.weight)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        return model, C.train(model, opt, task, 200, label="toy", lr=0.05, eval_every=2, progress=False,
+                              keep_best=True, patience=patience)
+
+    model, curve = run(patience=3)
+    best = curve.extra["best_step"]
+    assert curve.val[curve.steps.index(best)] == min(curve.val) and 0 < best < 40
+    assert curve.extra["steps_trained"] == curve.steps[-1] == best + 3 * 2  # three stale evaluations
+    assert C.evaluate(model, task, task.val_eval) == pytest.approx(min(curve.val))  # the best weights
+    _, full = run(patience=0)  # no patience: every step is trained, and still the best weights kept
+    assert full.extra["steps_trained"] == 200 and full.extra["best_step"] == best
+
+
 def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite_each_other() -> None:
     import _common as C
 
@@ -274,7 +302,37 @@ def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite
     for bad in ("0", str(C.MAX_GRID_SEEDS + 1)):  # past the cap, grid seeds would meet the reruns' seeds
         with pytest.raises(SystemExit, match="--grid-seeds counts the runs per grid point"):
             out_for("--grid-seeds", bad)
+    out, s = out_for("--base-plateau", "--augment")  # the bases' lr grids keep the budget; the bases do not
+    assert out == C.RESULTS_DIR / "mlp_digits/base_plateau/augment"
+    budget = C.Settings(width=8).steps
+    assert (s.base_steps, s.base_patience, s.base_lr_steps) == (C.PLATEAU_FACTOR * budget, C.PLATEAU_PATIENCE,
+                                                                budget)
     assert out_for("--out", "elsewhere", "--reuse-base-lr")[0] == Path("elsewhere")  # an explicit --out wins
+
+
+def test_gpt_base_plateau_lengthens_the_bases_only_and_base_steps_overrides_its_length() -> None:
+    import _common as C
+    import gpt_shakespeare as G
+
+    def settings_for(*argv: str) -> tuple[Path, Any]:
+        args = C.parse_args(list(argv), G.NAME, None, G.add_args)
+        s = G.apply_args(G.settings(quick=False), args)
+        return args.out, s
+
+    default = G.settings(quick=False)
+    out, s = settings_for("--base-plateau", "--seed", "1")
+    assert out == C.RESULTS_DIR / G.NAME / "base_plateau/seed1" and s.seed == 1
+    assert (s.base_steps, s.base_patience, s.base_lr_steps) == (C.PLATEAU_FACTOR * default.steps,
+                                                                C.PLATEAU_PATIENCE, default.base_steps)
+    _, s = settings_for("--base-plateau", "--base-steps", "2000")
+    assert (s.base_steps, s.base_patience, s.base_lr_steps) == (2000, C.PLATEAU_PATIENCE, default.base_steps)
+    out, s = settings_for("--base-steps", "600", "--seed", "2")  # shorter bases without stopping early
+    assert out == C.RESULTS_DIR / G.NAME / "base_steps600_seed2"
+    assert (s.base_steps, s.base_patience, s.base_lr_steps) == (600, 0, default.base_steps)
+    out, s = settings_for("--post-lr-mults", "0.125,0.25", "--base-patience", "3")
+    assert out == C.RESULTS_DIR / G.NAME / "base_patience3_post_lr_mults0.125_0.25"
+    assert s.post_lr_mults == (0.125, 0.25) and s.base_patience == 3
+    assert settings_for() == (C.RESULTS_DIR / G.NAME, default)  # no option: the committed results' folder
 
 
 def test_seed_summary_reads_the_mean_upscaled_curve_against_the_mean_scratch_final() -> None:
