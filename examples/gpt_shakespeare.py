@@ -224,11 +224,10 @@ def apply_args(s: C.Settings, args: argparse.Namespace) -> C.Settings:
     changes: dict[str, Any] = {}
     if args.base_steps is not None:
         changes["base_steps"] = args.base_steps
+        if args.base_steps != budget:  # the base lr grid keeps its budget (and the other grids their
+            changes["base_lr_steps"] = budget  # centre), so only the two bases' training length changes
     if args.base_patience is not None:
         changes["base_patience"] = args.base_patience
-    if changes.get("base_steps", s.base_steps) != budget:
-        changes["base_lr_steps"] = budget  # the base lr grid keeps its budget (and the scratch grid its
-        # centre), so only the two bases' training length changes
     if args.post_lr_mults:
         changes["post_lr_mults"] = tuple(float(x) for x in args.post_lr_mults.split(","))
     if args.seed:
