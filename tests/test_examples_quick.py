@@ -256,8 +256,9 @@ def test_training_to_the_plateau_stops_patience_evaluations_after_the_best_and_k
     assert curve.val[curve.steps.index(best)] == min(curve.val) and 0 < best < 40
     assert curve.extra["steps_trained"] == curve.steps[-1] == best + 3 * 2  # three stale evaluations
     assert C.evaluate(model, task, task.val_eval) == pytest.approx(min(curve.val))  # the best weights
-    _, full = run(patience=0)  # no patience: every step is trained, and still the best weights kept
+    full_model, full = run(patience=0)  # no patience: every step is trained, and still the best weights kept
     assert full.extra["steps_trained"] == 200 and full.extra["best_step"] == best
+    assert C.evaluate(full_model, task, task.val_eval) == pytest.approx(min(full.val))
 
 
 def test_protocol_options_move_the_default_output_folder_so_runs_never_overwrite_each_other() -> None:
