@@ -1,17 +1,30 @@
 """The ``graphscale`` command: explain, widen and verify a model, or run the demo.
 
-MODEL is a model spec (see :func:`graphscale.zoo.load_model_spec`): a built-in name (``mlp``, ``cnn``,
-``gpt``, ``gpt-sdpa``, ``mha``, ``hf-gpt2``, ``hf-llama``, ``hf-bert``), ``path/to/file.py:callable`` or
+MODEL is a model spec (see :mod:`graphscale.cli.spec`): a built-in name (``mlp``, ``cnn``, ``gpt``,
+``gpt-sdpa``, ``mha``, ``hf-gpt2``, ``hf-llama``, ``hf-bert``), optionally with builder arguments
+(``gpt:n_embd=128``), ``path/to/file.py:callable`` (**the file is executed**) or
 ``package.module:callable``; with ``--hf`` it is a Hugging Face config JSON file or a directory holding
-``config.json`` (the model is built from the config, no weights are downloaded).
+``config.json`` (the model is built from the config, no weights are downloaded, no code from the directory
+runs).
+
+``widen --into LARGER`` fills the user's larger model (a spec like MODEL, or with ``--hf`` a larger config)
+with :func:`graphscale.widen_into` and writes its state dict: it loads strictly into that class and computes
+the narrow model's function. Without ``--into`` the file holds graphscale's wide GraphModule's weights,
+marked ``graphscale.format = graphmodule``; read it with :func:`graphscale.load_widened` (see
+:mod:`graphscale.cli.widened`).
+
+Files: ``--out`` may not name any input (checkpoint, model file, rules, HF config directory, through
+symlinks and hard links); an existing ``--out`` needs ``--force``; the write is atomic and gets the umask's
+mode; SIGTERM removes the partial file; temporary files of killed runs are removed on the next run.
 
 Errors that graphscale raises on purpose are printed as one line on stderr with exit status 2 (``--debug``
-shows the traceback). ``verify`` and ``demo`` exit with status 1 when a check fails.
+shows the traceback). ``verify`` and ``demo`` exit with status 1 when a check fails; SIGTERM exits 143.
 
 Example:
     $ graphscale explain gpt
     $ graphscale widen gpt --multiplier 2 --checkpoint small.safetensors --out wide.safetensors
-    $ graphscale widen mlp --multiplier hidden0=3 --multiplier hidden1=2 --out wide.safetensors
+    $ graphscale widen gpt --checkpoint small.safetensors --into gpt:n_embd=128 --out large.safetensors
+    $ graphscale widen mlp --multiplier hidden0=3 --multiplier hidden1=2 --out wide.safetensors --force
     $ graphscale verify hf-llama --examples 20
     $ graphscale explain --hf path/to/config.json --json
 """
@@ -21,16 +34,30 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
+from graphscale.cli.files import (
+    Terminated,
+    check_out,
+    describe_os_error,
+    note,
+    remove_stale_temps,
+    sigterm_raises,
+    write_safetensors_atomic,
+)
+from graphscale.cli.widened import FORMAT_GRAPHMODULE, FORMAT_MODULE
 from graphscale.errors import GraphscaleError, MultiplierError
 
-__all__ = ["main", "parse_multiplier", "write_safetensors_atomic"]
+__all__ = ["main", "parse_multiplier", "parse_noise", "write_safetensors_atomic"]
+
+EXIT_SIGTERM = 128 + 15
+EXIT_SIGPIPE = 128 + 13
+EXIT_INTERRUPT = 128 + 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,12 +103,50 @@ def parse_multiplier(values: list[str] | None, default: int = 2) -> int | dict[s
     return plain[0] if plain else named
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
-    from graphscale import zoo
+_NOISE_KINDS = ("gaussian", "spectral", "symmetric", "gaussian_relative", "symmetric_relative")
 
-    if args.hf:
-        return zoo.hf_from_config(args.model)
-    return zoo.load_model_spec(args.model)
+
+def parse_noise(text: str | None) -> Any:
+    """Turn a ``--noise`` value into a noise scheme (``None`` for no noise), refusing what is not a scheme.
+
+    ``none``, or ``KIND:VALUE`` with KIND one of gaussian, spectral, symmetric, gaussian_relative,
+    symmetric_relative and VALUE a finite number >= 0. Anything else (``foo:1``, ``gaussian:nan``,
+    ``gaussian:-1``, ``gaussian:inf``) raises :class:`~graphscale.errors.GraphscaleError`.
+
+    Example:
+        >>> parse_noise("gaussian:0.5"), parse_noise("none")
+        (GaussianNoise(std=0.5, relative=False), None)
+        >>> parse_noise("gaussian:nan")
+        Traceback (most recent call last):
+        ...
+        graphscale.errors.GraphscaleError: --noise 'gaussian:nan': 'nan' must be a finite number >= 0
+    """
+    if text is None:
+        return None
+    name, sep, arg = text.strip().partition(":")
+    if name == "none" and not sep:
+        return None
+    if name not in _NOISE_KINDS:
+        raise GraphscaleError(f"--noise {text!r}: unknown scheme {name!r}; expected none or KIND:VALUE with "
+                              f"KIND one of {', '.join(_NOISE_KINDS)}")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise GraphscaleError(f"--noise {text!r}: {arg!r} is not a number (use {name}:VALUE)") from None
+    if not math.isfinite(value) or value < 0:
+        raise GraphscaleError(f"--noise {text!r}: {arg!r} must be a finite number >= 0")
+    from graphscale.train.noise import noise_from_spec
+
+    try:
+        return noise_from_spec(f"{name}:{value!r}")
+    except (ValueError, TypeError) as e:
+        raise GraphscaleError(f"--noise {text!r}: {e}") from e
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
+    from graphscale.cli import spec
+
+    return spec.load(args.model, hf=args.hf)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,49 +166,6 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def write_safetensors_atomic(module: Any, out: str | os.PathLike[str],
-                             metadata: dict[str, str] | None = None) -> None:
-    """Write ``module``'s state dict to ``out`` in safetensors format, atomically.
-
-    The tensors go to a temporary file in the destination directory, which is flushed to disk and then
-    renamed over ``out``: readers see the old file or the complete new one, never a partial write. Tensors
-    that share memory (tied weights) are stored once, as ``safetensors.torch.save_model`` does; read the
-    file back with ``safetensors.torch.load_model``.
-
-    Example:
-        >>> import torch, tempfile, os
-        >>> d = tempfile.mkdtemp()
-        >>> write_safetensors_atomic(torch.nn.Linear(2, 3), os.path.join(d, "w.safetensors"))
-        >>> sorted(os.listdir(d))
-        ['w.safetensors']
-    """
-    from safetensors.torch import save_model
-
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        save_model(module, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(out.parent if str(out.parent) else ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def _max_abs_diff(a: Any, b: Any) -> float:
     import torch
 
@@ -154,11 +176,138 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     raise GraphscaleError(f"cannot compare model outputs of types {type(a).__name__} and {type(b).__name__}")
 
 
+def _max_abs(a: Any) -> float:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return a.double().abs().max().item() if a.numel() else 0.0
+    return max((_max_abs(x) for x in a), default=0.0)
+
+
 def _outputs(model: Any, inputs: tuple[Any, ...]) -> Any:
     import torch
 
     with torch.no_grad():
         return model(*inputs)
+
+
+def _input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """Every file ``widen`` reads, as ``(what, path)``: none of them may be ``--out``."""
+    from graphscale.cli.spec import spec_files
+
+    files: list[tuple[str, Path]] = []
+    if args.checkpoint is not None:
+        files.append(("the --checkpoint", Path(args.checkpoint)))
+    files += [(f"MODEL {args.model}", f) for f in spec_files(args.model, hf=args.hf)]
+    if args.into is not None:
+        files += [(f"--into {args.into}", f) for f in spec_files(args.into, hf=args.hf)]
+    for r in args.rules or []:
+        p = Path(r)
+        found = sorted(p.rglob("*")) if p.is_dir() else [p]
+        files += [(f"--rules {r}", f) for f in found if f.is_file()]
+    return files
+
+
+def _nonfinite(module: Any) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` that hold a NaN or an infinity."""
+    import torch
+
+    bad = []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t.detach()).all()):
+            bad.append(name)
+    return bad
+
+
+def _refuse_nonfinite(module: Any, what: str, hint: str) -> None:
+    bad = _nonfinite(module)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise GraphscaleError(f"{what} holds NaN or infinite values ({shown}); {hint}")
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: let the allocation itself decide
+
+
+def _bytes(n: int) -> str:
+    if n >= 1 << 70:  # an absurd multiplier: the order of magnitude says enough
+        return f"10^{len(str(n)) - 1} bytes"
+    for unit, size in (("EB", 1 << 60), ("PB", 1 << 50), ("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:,} bytes"
+
+
+def wide_bytes(plan: Any, multipliers: dict[str, int], element_size: int) -> int:
+    """Bytes the wide model's tensors take under ``multipliers``, from the plan alone (nothing allocated).
+
+    Each tensor grows by its derived total multiplier ``M`` (exact integer arithmetic, so an absurd
+    multiplier gives an absurd number rather than an overflow).
+
+    Example:
+        >>> import graphscale, torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> plan = graphscale.analyze(model, (torch.randn(3, 4),))
+        >>> wide_bytes(plan, plan.multipliers(2), 4)  # (4*16 + 16 + 16*2 + 2) float32 numbers
+        456
+    """
+    import sympy
+
+    subs = {plan.symbols[n]: sympy.Integer(k) for n, k in multipliers.items()}
+    total = 0
+    for rule in plan.rules.values():
+        numel = math.prod(rule.shape)
+        total += numel * int(sympy.ceiling(rule.total.xreplace(subs)))
+    return total * element_size
+
+
+def _check_fits(plan: Any, multipliers: dict[str, int], model: Any) -> None:
+    tensors = [*model.parameters(), *model.buffers()]
+    size = max((t.element_size() for t in tensors), default=4)
+    need = wide_bytes(plan, multipliers, size)
+    have = _available_memory()
+    if need > have:
+        raise MultiplierError(f"--multiplier {multipliers}: the wide model needs about {_bytes(need)} of "
+                              f"tensors, and {_bytes(have)} of memory is available; use a smaller multiplier")
+
+
+def _check_into_multipliers(args: argparse.Namespace, got: dict[str, int]) -> None:
+    """With --into the multipliers come from the larger model's shapes; a given --multiplier must agree."""
+    if not args.multiplier:
+        return
+    want = parse_multiplier(args.multiplier)
+    if isinstance(want, int):
+        wrong = {c: k for c, k in got.items() if k != want}
+    else:
+        unknown = [c for c in want if c not in got]
+        if unknown:
+            raise MultiplierError(f"--multiplier: unknown width class {unknown[0]!r}; the classes are "
+                                  f"{', '.join(got)}")
+        wrong = {c: got[c] for c, k in want.items() if got[c] != k}
+    if wrong:
+        raise MultiplierError(f"--multiplier {' '.join(args.multiplier)} disagrees with --into {args.into}, "
+                              f"whose shapes give {got}; drop --multiplier or build the larger model to "
+                              "match")
+
+
+def _write(module: Any, out: Path, metadata: dict[str, str]) -> None:
+    try:
+        write_safetensors_atomic(module, out, metadata)
+    except OSError as e:  # read-only directory, full disk, quota, ...
+        kept = "the existing file is unchanged" if out.exists() else "nothing was written"
+        raise GraphscaleError(f"cannot write --out {out}: {describe_os_error(e)}; {kept}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,15 +319,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import graphscale
 
     opts = _engine_options(args)
+    scheme = parse_noise(args.noise) if args.noise is not None else None
     model, inputs = _load_model(args)
     plan = graphscale.analyze(model, inputs, **opts)
     data = plan.to_dict()
     text = str(plan)
     if args.noise is not None:
-        from graphscale.train.noise import noise_from_spec
+        from graphscale.train.noise import NoNoise
 
-        scheme = noise_from_spec(args.noise)
+        scheme = scheme if scheme is not None else NoNoise()
         multiplier = parse_multiplier(args.multiplier)
+        mults = plan.multipliers(multiplier)
+        _check_fits(plan, mults, model)
         wide = graphscale.widen(model, inputs, multiplier=multiplier, plan=plan)
         formulas = {name: scheme.describe(s) for name, s in wide.graphscale.params.items()}
         data["noise"] = {"scheme": args.noise, "multipliers": wide.graphscale.multipliers,
@@ -191,25 +343,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_widen(args: argparse.Namespace) -> int:
-    """Widen MODEL (optionally loaded from a narrow checkpoint) and write the wide state dict."""
+    """Widen MODEL (optionally loaded from a narrow checkpoint) and write the wide state dict.
+
+    Without --into: graphscale's wide GraphModule's state dict (format ``graphmodule``). With --into: the
+    larger model's state dict, filled by :func:`graphscale.widen_into` (format ``module``).
+    """
     import safetensors.torch
+    import torch
 
     import graphscale
 
-    out = Path(args.out)
-    if args.checkpoint is not None:
-        ckpt = Path(args.checkpoint)
-        if not ckpt.is_file():
-            raise GraphscaleError(f"--checkpoint {ckpt}: no such file")
-        if out.resolve() == ckpt.resolve() or (out.exists() and os.path.samefile(out, ckpt)):
-            raise GraphscaleError(f"--out {out} is the checkpoint itself; refusing to overwrite the input")
-    if not out.parent.resolve().is_dir():
-        raise GraphscaleError(f"--out {out}: directory {out.parent} does not exist")
-    if out.is_dir():
-        raise GraphscaleError(f"--out {out} is a directory; give a file name")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise GraphscaleError(f"--checkpoint {args.checkpoint}: no such file")
+    out = check_out(args.out, _input_files(args), args.force)
+    parent = out.parent if str(out.parent) else Path(".")
+    for stale in remove_stale_temps(parent):
+        note(f"removed {stale}, a partial file left by a graphscale run that was killed")
+    if not os.access(parent, os.W_OK):
+        raise GraphscaleError(f"cannot write --out {out}: directory {parent} is not writable")
     multiplier = parse_multiplier(args.multiplier)
+    noise = parse_noise(args.noise)
     opts = _engine_options(args)
     model, inputs = _load_model(args)  # built fresh from the spec: no caller's object is mutated
+    out = check_out(out, _input_files(args), args.force)  # a module:callable spec's file is known now
     if args.checkpoint is not None:
         try:
             safetensors.torch.load_model(model, args.checkpoint, strict=True)
@@ -218,25 +374,54 @@ def cmd_widen(args: argparse.Namespace) -> int:
             detail = detail[:500] + (" ..." if len(detail) > 500 else "") or type(e).__name__
             raise GraphscaleError(f"cannot load --checkpoint {args.checkpoint} into {args.model}: "
                                   f"{detail}") from e
+        if not args.allow_nonfinite:
+            _refuse_nonfinite(model, f"--checkpoint {args.checkpoint}",
+                              "widening would copy them; pass --allow-nonfinite to widen it anyway")
     narrow_out = _outputs(model, inputs)
-    noise = None
-    if args.noise is not None:
-        from graphscale.train.noise import noise_from_spec
-
-        noise = noise_from_spec(args.noise)
-    wide = graphscale.widen(model, inputs, multiplier=multiplier, noise=noise, seed=args.seed, **opts)
-    diff = _max_abs_diff(_outputs(wide, inputs), narrow_out)
-    record = wide.graphscale
-    metadata = {"graphscale.multipliers": json.dumps(record.multipliers), "graphscale.model": args.model}
+    metadata = {"graphscale.source": args.model, "graphscale.model": args.model,
+                "graphscale.hf": "true" if args.hf else "false"}
     if args.checkpoint is not None:
         metadata["graphscale.checkpoint"] = str(args.checkpoint)
-    write_safetensors_atomic(wide, out, metadata)
+    if args.into is not None:
+        from graphscale.cli import spec
+
+        wide, _ = spec.load(args.into, hf=args.hf)
+        out = check_out(out, _input_files(args), args.force)
+        record = graphscale.widen_into(model, wide, inputs, **opts)
+        _check_into_multipliers(args, record.multipliers)
+        if noise is not None:
+            noise.apply(wide, record, torch.Generator().manual_seed(args.seed))
+            record.notes.append(f"noise: {noise!r} (seed {args.seed})")
+        metadata |= {"graphscale.format": FORMAT_MODULE, "graphscale.into": args.into}
+    else:
+        plan = graphscale.analyze(model, inputs, **opts)
+        _check_fits(plan, plan.multipliers(multiplier), model)
+        wide = graphscale.widen(model, inputs, multiplier=multiplier, noise=noise, seed=args.seed, plan=plan)
+        record = wide.graphscale
+        options = {k: v for k, v in opts.items() if k != "rules"}
+        metadata |= {"graphscale.format": FORMAT_GRAPHMODULE, "graphscale.options": json.dumps(options)}
+        if opts.get("rules"):
+            metadata["graphscale.rules"] = json.dumps(opts["rules"])
+    metadata["graphscale.multipliers"] = json.dumps(record.multipliers)
+    wide_out = _outputs(wide, inputs)
+    diff = _max_abs_diff(wide_out, narrow_out)
+    if not args.allow_nonfinite:
+        _refuse_nonfinite(wide, "the widened model", "nothing was written (pass --allow-nonfinite to write "
+                          "it anyway)")
+    _write(wide, out, metadata)
     n_narrow = sum(p.numel() for p in model.parameters())
     n_wide = sum(p.numel() for p in wide.parameters())
-    print(f"widened {args.model} with multipliers {record.multipliers}: "
+    what = f"into {args.into}" if args.into is not None else "with"
+    print(f"widened {args.model} {what} multipliers {record.multipliers}: "
           f"{n_narrow:,} -> {n_wide:,} parameters")
-    print(f"max |wide - narrow| on the example inputs: {diff:.3g}")
+    scale = _max_abs(narrow_out)
+    rel = diff / scale if scale > 0 else diff
+    print(f"max |wide - narrow| on the example inputs: {diff:.3g} (relative {rel:.3g})")
     print(f"wrote {out}")
+    if args.into is None:
+        note(f"{out} holds graphscale's wide GraphModule's weights: load them with "
+             f"graphscale.load_widened({args.model!r}, {str(out)!r}). Loaded into your own class "
+             "(safetensors.torch.load_model) they compute a different function; for that, use --into LARGER.")
     return 0
 
 
@@ -308,10 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("model", metavar="MODEL",
-                       help="built-in name, path/to/file.py:callable or package.module:callable "
-                            "(with --hf: a config JSON file or a directory with config.json)")
+                       help="built-in name (optionally with builder arguments: gpt:n_embd=128), "
+                            "path/to/file.py:callable (this EXECUTES the file: name only files you trust) or "
+                            "package.module:callable (with --hf: a config JSON file or a directory with "
+                            "config.json; no code from it runs, a config with an auto_map is refused)")
     model.add_argument("--hf", action="store_true",
-                       help="MODEL is a Hugging Face config file or directory")
+                       help="MODEL (and --into) is a Hugging Face config file or directory")
     model.add_argument("--tracer", choices=["auto", "fx", "export"], default=None,
                        help="graph capture frontend (default: auto)")
     model.add_argument("--heads", choices=["fixed", "grow"], default=None,
@@ -347,10 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="FILE",
                    help="narrow weights (.safetensors) to load into MODEL before widening; never modified")
     p.add_argument("--out", metavar="FILE", required=True,
-                   help="where to write the widened state dict (.safetensors, written atomically)")
+                   help="where to write the widened state dict (.safetensors, written atomically with the "
+                        "umask's mode); may not name an input")
+    p.add_argument("--into", metavar="LARGER",
+                   help="your larger model, a spec like MODEL (gpt:n_embd=128, file.py:build_large; with "
+                        "--hf a larger config): fill it with graphscale.widen_into (scales folded into the "
+                        "weights) and write ITS state dict, which loads strictly into your class. Without "
+                        "--into the file holds graphscale's wide GraphModule: read it with "
+                        "graphscale.load_widened")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="widen a checkpoint holding NaN or infinite values (refused by default)")
     p.add_argument("--noise", metavar="SCHEME[:S]",
                    help="symmetry-breaking noise: none (default), gaussian:STD, spectral:T, symmetric:STD, "
-                        "gaussian_relative:STD, symmetric_relative:STD (STD times each weight's RMS)")
+                        "gaussian_relative:STD, symmetric_relative:STD (STD times each weight's RMS); "
+                        "STD a finite number >= 0")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.set_defaults(func=cmd_widen)
 
@@ -380,12 +578,34 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with sigterm_raises():
+            status = int(args.func(args))
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return status
     except GraphscaleError as e:
         if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"graphscale: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `graphscale explain gpt | head`: the reader left; stop quietly like other tools
+        _silence_stdout()
+        return EXIT_SIGPIPE
+    except Terminated:
+        print("graphscale: terminated by SIGTERM; any partial output was removed", file=sys.stderr)
+        return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        print("graphscale: interrupted; any partial output was removed", file=sys.stderr)
+        return EXIT_INTERRUPT
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file descriptor
+        pass
 
 
 if __name__ == "__main__":
