@@ -89,6 +89,22 @@ def test_into_float64_exact(tmp_path, capsys) -> None:
         assert _rel(user_model(*inputs), model(*inputs)) <= 1e-10
 
 
+def test_into_hf_config(tmp_path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    for name, width in (("small", 16), ("large", 32)):
+        transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=width, n_layer=1, n_head=2,
+                                bos_token_id=19, eos_token_id=19,
+                                architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / name)
+    out = tmp_path / "large.safetensors"
+    assert cli.main(["widen", "--hf", str(tmp_path / "small"), "--into", str(tmp_path / "large"),
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+    model, inputs = zoo.hf_from_config(tmp_path / "small")
+    user_model, _ = zoo.hf_from_config(tmp_path / "large", seed=5)
+    safetensors.torch.load_model(user_model, str(out), strict=True)
+    with torch.no_grad():
+        assert _rel(user_model(*inputs), model(*inputs)) <= 1e-6
+
+
 def test_into_refuses_a_disagreeing_multiplier(tmp_path, capsys) -> None:
     rc = cli.main(["widen", "gpt:n_embd=32,n_layer=1", "--into", "gpt:n_embd=64,n_layer=1",
                    "--multiplier", "3", "--out", str(tmp_path / "w.safetensors")])
@@ -164,6 +180,13 @@ def test_absurd_multiplier_is_refused_before_allocating(tmp_path, capsys, k) -> 
     assert cli.main(["widen", MLP, "--multiplier", k, "--out", str(out)]) == 2
     line = _one_line_error(capsys)
     assert "memory is available" in line and not out.exists()
+
+
+def test_absurd_multiplier_is_refused_by_verify_and_explain(capsys) -> None:
+    assert cli.main(["verify", MLP, "--multiplier", "99999999999999999999", "--examples", "2"]) == 2
+    assert "memory is available" in _one_line_error(capsys)
+    assert cli.main(["explain", MLP, "--multiplier", "99999999999999999999", "--noise", "gaussian:0.1"]) == 2
+    assert "memory is available" in _one_line_error(capsys)
 
 
 def test_wide_bytes_matches_the_widened_model() -> None:

@@ -444,6 +444,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         kwargs["hparams"] = {"lr": args.lr} | extra
     multiplier = parse_multiplier(args.multiplier) if args.multiplier else None
     model, inputs = _load_model(args)
+    if multiplier is not None:  # refuse a wide model that cannot fit before verify allocates it
+        plan = graphscale.analyze(model, inputs, **_engine_options(args))
+        _check_fits(plan, plan.multipliers(multiplier), model)
     report = graphscale.verify(model, inputs, multiplier=multiplier, **kwargs)
     print(report)
     return 0 if report.ok else 1
