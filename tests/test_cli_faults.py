@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from graphscale import cli
+from graphscale.cli.files import temp_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "mlp"  # small (28k parameters): these tests are about files, not widening
-TEMP = re.compile(r"^\..+\.graphscale-(\d+)-\w+\.tmp$")
+TEMP = re.compile(r"^\..+\.graphscale-(\d+)-[A-Za-z0-9-]*\.\w+\.tmp$")
 
 
 def _sha(path: Path) -> str:
@@ -189,7 +190,7 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path
     child.communicate(timeout=60)  # reaped: its pid is dead
     assert tmp.exists() and TEMP.match(tmp.name) and int(TEMP.match(tmp.name)[1]) == child.pid
     # a live process's temp file (this one's) and a file that only looks similar are not touched
-    live = work / f".x.safetensors.graphscale-{os.getpid()}-abc123.tmp"
+    live = work / (temp_prefix("x.safetensors") + "abc123.tmp")
     live.write_bytes(b"mid-write in a live process")
     other = work / ".notes.tmp"
     other.write_bytes(b"not graphscale's")

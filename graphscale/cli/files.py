@@ -3,11 +3,12 @@
 - :func:`check_out` refuses an ``--out`` that is one of the command's inputs (through symlinks and hard
   links), an existing file without ``--force``, or a directory.
 - :func:`write_safetensors_atomic` writes to a temporary file in the destination directory, named
-  ``.<out name>.graphscale-<pid>-<random>.tmp``, fsyncs it, gives it the mode a new file gets under the
+  ``.<out name>.graphscale-<pid>-<host>.<random>.tmp``, fsyncs it, gives it the mode a new file gets under the
   umask (``0666 & ~umask``), and renames it over ``--out``: readers see the old file or the new one.
 - :func:`sigterm_raises` turns SIGTERM into an exception, so the writer's cleanup removes its temporary file.
 - :func:`remove_stale_temps` removes the temporary files of graphscale processes that no longer run
-  (killed with SIGKILL, or a machine crash): only names of that pattern, only when that pid is dead.
+  (killed with SIGKILL, or a machine crash): only names of that pattern, only when written on this host
+  (a shared directory may hold another machine's live write) and only when that pid is dead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -25,10 +27,25 @@ from typing import Any
 
 from graphscale.errors import GraphscaleError
 
-__all__ = ["Terminated", "check_out", "remove_stale_temps", "sigterm_raises", "umask_mode",
+__all__ = ["Terminated", "check_out", "remove_stale_temps", "sigterm_raises", "temp_prefix", "umask_mode",
            "write_safetensors_atomic"]
 
-_TEMP = re.compile(r"^\..+\.graphscale-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+_TEMP = re.compile(r"^\..+\.graphscale-(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]*)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _host() -> str:
+    """This machine's name, reduced to the characters a temporary file's name uses here."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+
+
+def temp_prefix(out: str | os.PathLike[str]) -> str:
+    """The name prefix of ``out``'s temporary file: ``.<name>.graphscale-<pid>-<host>.``.
+
+    Example:
+        >>> temp_prefix("w.safetensors").startswith(f".w.safetensors.graphscale-{os.getpid()}-")
+        True
+    """
+    return f".{Path(out).name}.graphscale-{os.getpid()}-{_host()}."
 
 
 class Terminated(BaseException):
@@ -92,16 +109,19 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete graphscale's temporary files in ``directory`` whose writing process is dead; return them.
 
-    Only regular files named ``.<name>.graphscale-<pid>-<random>.tmp`` whose ``<pid>`` runs no process
-    are removed (a live pid's file may be mid-write).
+    Only regular files named ``.<name>.graphscale-<pid>-<host>.<random>.tmp`` written on this host whose
+    ``<pid>`` runs no process are removed (a live pid's file may be mid-write; another host's pids are not
+    ours to judge).
 
     Example:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
-        >>> _ = (d / ".w.safetensors.graphscale-999999999-abc.tmp").write_bytes(b"partial")
-        >>> _ = (d / f".w.safetensors.graphscale-{os.getpid()}-abc.tmp").write_bytes(b"mine")
-        >>> [p.name for p in remove_stale_temps(d)], len(os.listdir(d))
-        (['.w.safetensors.graphscale-999999999-abc.tmp'], 1)
+        >>> dead = f".w.safetensors.graphscale-999999999-{_host()}.abc.tmp"
+        >>> _ = (d / dead).write_bytes(b"partial")
+        >>> _ = (d / (temp_prefix("w.safetensors") + "abc.tmp")).write_bytes(b"this process: alive")
+        >>> _ = (d / ".w.safetensors.graphscale-999999999-otherhost.abc.tmp").write_bytes(b"elsewhere")
+        >>> [p.name for p in remove_stale_temps(d)] == [dead], len(os.listdir(d))
+        (True, 2)
     """
     removed = []
     try:
@@ -110,7 +130,7 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
         return removed
     for name in names:
         match = _TEMP.match(name)
-        if match is None or _pid_alive(int(match["pid"])):
+        if match is None or match["host"] != _host() or _pid_alive(int(match["pid"])):
             continue
         path = Path(directory) / name
         try:
@@ -167,7 +187,7 @@ def write_safetensors_atomic(module: Any, out: str | os.PathLike[str],
                              metadata: dict[str, str] | None = None) -> None:
     """Write ``module``'s state dict to ``out`` in safetensors format, atomically.
 
-    The tensors go to a temporary file ``.<name>.graphscale-<pid>-<random>.tmp`` in the destination
+    The tensors go to a temporary file ``.<name>.graphscale-<pid>-<host>.<random>.tmp`` in the destination
     directory, which is flushed to disk, given mode ``0666 & ~umask`` (what a plain ``open`` would create)
     and then renamed over ``out``: readers see the old file or the complete new one, never a partial write.
     On any error, or SIGTERM under :func:`sigterm_raises`, the temporary file is removed and ``out`` is
@@ -186,7 +206,7 @@ def write_safetensors_atomic(module: Any, out: str | os.PathLike[str],
 
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.graphscale-{os.getpid()}-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=temp_prefix(out), suffix=".tmp")
     try:
         os.close(fd)
         fd = -1
