@@ -105,6 +105,23 @@ def test_into_hf_config(tmp_path, capsys) -> None:
         assert _rel(user_model(*inputs), model(*inputs)) <= 1e-6
 
 
+def test_into_a_model_that_computes_something_else_is_refused(tmp_path, capsys) -> None:
+    spec = tmp_path / "pair.py"
+    spec.write_text(textwrap.dedent("""
+        import torch
+        def small():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), \\
+                torch.randn(5, 3)
+        def other():  # wider, but a different activation: no filling computes small's function
+            return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)), \\
+                torch.randn(5, 3)
+    """))
+    out = tmp_path / "w.safetensors"
+    assert cli.main(["widen", f"{spec}:small", "--into", f"{spec}:other", "--out", str(out)]) == 2
+    assert "does not compute the same function" in _one_line_error(capsys) and not out.exists()
+
+
 def test_into_refuses_a_disagreeing_multiplier(tmp_path, capsys) -> None:
     rc = cli.main(["widen", "gpt:n_embd=32,n_layer=1", "--into", "gpt:n_embd=64,n_layer=1",
                    "--multiplier", "3", "--out", str(tmp_path / "w.safetensors")])
