@@ -172,6 +172,33 @@ def test_nonfinite_checkpoint_is_refused_unless_allowed(tmp_path, capsys, bad) -
     assert out.exists()
 
 
+def test_a_buffer_the_model_defines_as_inf_is_not_damage(tmp_path, capsys) -> None:
+    spec = tmp_path / "masked.py"
+    spec.write_text(textwrap.dedent("""
+        import torch
+        class Masked(torch.nn.Module):  # an additive mask: -inf by design
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+                self.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+            def forward(self, x):
+                return self.b(torch.relu(self.a(x))) + self.mask
+        def build():
+            torch.manual_seed(0)
+            return Masked(), torch.randn(5, 3)
+    """))
+    ckpt, out = tmp_path / "small.safetensors", tmp_path / "w.safetensors"
+    model, _ = load_model_spec(f"{spec}:build")
+    safetensors.torch.save_model(model, str(ckpt))
+    assert cli.main(["widen", f"{spec}:build", "--checkpoint", str(ckpt), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    with torch.no_grad():
+        model.mask[0] = float("nan")  # damage where the design has a finite value
+    safetensors.torch.save_model(model, str(ckpt))
+    assert cli.main(["widen", f"{spec}:build", "--checkpoint", str(ckpt), "--out", str(out), "--force"]) == 2
+    assert "mask" in _one_line_error(capsys)
+
+
 @pytest.mark.parametrize("noise", ["gaussian:nan", "gaussian:-1", "foo:1", "gaussian:inf", "gaussian:",
                                    "spectral:abc", "symmetric:-0.5"])
 def test_bad_noise_is_one_line(tmp_path, capsys, noise) -> None:

@@ -208,19 +208,29 @@ def _input_files(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return files
 
 
-def _nonfinite(module: Any) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``module`` that hold a NaN or an infinity."""
+def _nonfinite(module: Any, buffers: bool = True) -> dict[str, Any]:
+    """``{name: isfinite mask}`` of the floating-point parameters (and buffers) holding a NaN or an inf."""
     import torch
 
-    bad = []
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t.detach()).all()):
-            bad.append(name)
+    tensors = [*module.named_parameters(), *(module.named_buffers() if buffers else [])]
+    bad = {}
+    for name, t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t.detach())
+            if not bool(finite.all()):
+                bad[name] = finite
     return bad
 
 
-def _refuse_nonfinite(module: Any, what: str, hint: str) -> None:
-    bad = _nonfinite(module)
+def _refuse_nonfinite(module: Any, what: str, hint: str, by_design: dict[str, Any] | None = None,
+                      buffers: bool = True) -> None:
+    """Refuse non-finite values, except buffers that the model itself defines so (``by_design``: an
+    additive ``-inf`` attention mask), at exactly the same positions."""
+    import torch
+
+    by_design = by_design or {}
+    bad = [name for name, finite in _nonfinite(module, buffers).items()
+           if not (name in by_design and torch.equal(by_design[name], finite))]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise GraphscaleError(f"{what} holds NaN or infinite values ({shown}); {hint}")
@@ -366,6 +376,9 @@ def cmd_widen(args: argparse.Namespace) -> int:
     opts = _engine_options(args)
     model, inputs = _load_model(args)  # built fresh from the spec: no caller's object is mutated
     out = check_out(out, _input_files(args), args.force)  # a module:callable spec's file is known now
+    buffer_names = {name for name, _ in model.named_buffers()}
+    # buffers the spec itself builds non-finite (an additive -inf mask) are the model's design, not damage
+    by_design = {n: f for n, f in _nonfinite(model).items() if n in buffer_names}
     if args.checkpoint is not None:
         try:
             safetensors.torch.load_model(model, args.checkpoint, strict=True)
@@ -376,7 +389,8 @@ def cmd_widen(args: argparse.Namespace) -> int:
                                   f"{detail}") from e
         if not args.allow_nonfinite:
             _refuse_nonfinite(model, f"--checkpoint {args.checkpoint}",
-                              "widening would copy them; pass --allow-nonfinite to widen it anyway")
+                              "widening would copy them; pass --allow-nonfinite to widen it anyway",
+                              by_design)
     narrow_out = _outputs(model, inputs)
     metadata = {"graphscale.source": args.model, "graphscale.model": args.model,
                 "graphscale.hf": "true" if args.hf else "false"}
@@ -406,8 +420,9 @@ def cmd_widen(args: argparse.Namespace) -> int:
     wide_out = _outputs(wide, inputs)
     diff = _max_abs_diff(wide_out, narrow_out)
     if not args.allow_nonfinite:
+        # the wide buffers copy the narrow ones: check them only where the narrow model's are all finite
         _refuse_nonfinite(wide, "the widened model", "nothing was written (pass --allow-nonfinite to write "
-                          "it anyway)")
+                          "it anyway)", buffers=not by_design)
     _write(wide, out, metadata)
     n_narrow = sum(p.numel() for p in model.parameters())
     n_wide = sum(p.numel() for p in wide.parameters())
