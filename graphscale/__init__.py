@@ -13,6 +13,7 @@ Example:
     16
 """
 
+from graphscale.cli.widened import load_widened
 from graphscale.errors import (
     GraphscaleError,
     ModelSpecError,
@@ -37,6 +38,6 @@ from graphscale.widen import relative_record, widen, widen_into
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
     "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord", "WidthConflictError", "analyze",
-    "clip_grad_norm_", "coord_check", "mup_init_", "mup_optimizer", "noise", "relative_record",
-    "transfer_optimizer_state", "verify", "widen", "widen_into",
+    "clip_grad_norm_", "coord_check", "load_widened", "mup_init_", "mup_optimizer", "noise",
+    "relative_record", "transfer_optimizer_state", "verify", "widen", "widen_into",
 ]
