@@ -172,6 +172,13 @@ register_family(OptimizerFamily(
     hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": decoupled_wd},
     state={"exp_avg": gradient, "exp_avg_sq": gradient_squared, "max_exp_avg_sq": gradient_squared}))
 
+register_family(OptimizerFamily(
+    "rmsprop", "update normalised by a running RMS of the gradient, L2 weight decay added to the gradient",
+    classes=(torch.optim.RMSprop,),
+    hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": coupled_wd},
+    # the momentum buffer accumulates g / (sqrt(v) + eps), already in update units: copied unchanged
+    state={"square_avg": gradient_squared, "grad_avg": gradient, "momentum_buffer": unchanged}))
+
 
 def family_of(optimizer_cls: type, family: str | None = None,
               hparams: Mapping[str, Any] | None = None) -> str:
