@@ -179,6 +179,16 @@ register_family(OptimizerFamily(
     # the momentum buffer accumulates g / (sqrt(v) + eps), already in update units: copied unchanged
     state={"square_avg": gradient_squared, "grad_avg": gradient, "momentum_buffer": unchanged}))
 
+register_family(OptimizerFamily(
+    "adagrad", "update normalised by the root of the summed squared gradients, L2 weight decay added",
+    classes=(torch.optim.Adagrad,),
+    # initial_accumulator_value seeds `sum`, a sum of g^2: it scales like g^2. lr_decay divides lr by a
+    # step count, which is width free.
+    hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": coupled_wd,
+             "initial_accumulator_value": gradient_squared},
+    state={"sum": gradient_squared},
+    state_init={"sum": "initial_accumulator_value"}))
+
 
 def family_of(optimizer_cls: type, family: str | None = None,
               hparams: Mapping[str, Any] | None = None) -> str:
