@@ -156,6 +156,12 @@ def mup_param_groups(
                         if hp == "lr":
                             raise OptimizerFamilyError("the optimizer needs lr= (it has no default)")
                         continue  # e.g. a family='adam' class without eps: nothing to scale
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        # e.g. Adafactor's eps=(eps1, eps2): a scalar law cannot be guessed onto it
+                        raise OptimizerFamilyError(
+                            f"hyperparameter {hp}={value!r} is not a number, but the {fam!r} law scales it "
+                            "by a scalar factor; this optimizer needs its own family "
+                            "(graphscale.laws.register_family)")
                     sub[hp] = value * f
                     applied[hp] = f
                 sub[FACTORS_KEY] = applied
