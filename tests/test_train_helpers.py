@@ -2,7 +2,7 @@
 
 ``hand_widen`` widens an ``nn.Sequential`` MLP (Linear / Tanh / LayerNorm / ScaledLinear) by copying every
 hidden unit ``k`` times adjacently and attaches a :class:`WideningRecord` written out by hand from
-DESIGN.md §2. ``ScaledLinear`` layers exercise the general law ``c != 1/m_in``: like standard attention
+docs/math.md §1-2. ``ScaledLinear`` layers exercise the general law ``c != 1/m_in``: like standard attention
 whose formula is fixed, the wide layer keeps an output multiplier ``alpha * sqrt(k_out)`` and puts
 ``k_out**-0.5 / m_in`` into the weight. The tests in this file check that the hand widening is exact, so
 the other train tests can trust it.

@@ -253,7 +253,7 @@ def test_verify_leaves_train_mode_batchnorm_source_unchanged() -> None:
 HF_CASES = {
     "gpt2": (lambda: zoo.hf_gpt2(n_embd=32, n_head=4), 1e-10),
     "bert": (lambda: zoo.hf_bert(hidden=32, intermediate=48, heads=4), 1e-10),
-    # HF's RMSNorm computes in float32 whatever the dtype (DESIGN.md §2): a 4e-8 floor
+    # HF's RMSNorm computes in float32 whatever the dtype (docs/math.md §3): a 4e-8 floor
     "llama": (lambda: zoo.hf_llama(hidden=32, intermediate=48, heads=4, kv_heads=2), 1e-6),
 }
 
