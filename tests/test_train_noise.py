@@ -27,11 +27,7 @@ from graphscale.train.noise import (
     symmetric_relative,
     weight_kind,
 )
-
-try:
-    from tests.test_train_helpers import hand_widen, make_mlp, single_thread
-except ImportError:
-    from test_train_helpers import hand_widen, make_mlp, single_thread
+from tests.helpers import hand_widen, make_mlp, single_thread
 
 __all__ = ["single_thread"]
 

@@ -14,34 +14,19 @@ from torch import nn
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
 from graphscale.train import clip_grad_norm_, mup_optimizer
 from graphscale.train._common import OptimizerFamilyError, RecordError
-
-try:
-    from tests.test_train_helpers import (
-        EXAMPLES,
-        TOL,
-        architectures,
-        batches,
-        hand_widen,
-        make_data,
-        make_mlp,
-        optimizer_configs,
-        rounding_sensitivity,
-        single_thread,
-        train_pair,
-    )
-except ImportError:  # pytest's rootdir-less import mode puts tests/ itself on sys.path
-    from test_train_helpers import (
-        EXAMPLES,
-        TOL,
-        architectures,
-        hand_widen,
-        make_data,
-        make_mlp,
-        optimizer_configs,
-        rounding_sensitivity,
-        single_thread,
-        train_pair,
-    )
+from tests.helpers import (
+    EXAMPLES,
+    TOL,
+    architectures,
+    batches,
+    hand_widen,
+    make_data,
+    make_mlp,
+    optimizer_configs,
+    rounding_sensitivity,
+    single_thread,
+    train_pair,
+)
 
 __all__ = ["single_thread"]  # the autouse fixture takes effect by being imported here
 

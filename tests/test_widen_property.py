@@ -19,7 +19,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import (
+from torch import nn
+
+import graphscale
+from graphscale import zoo
+from graphscale.capture import preserved_buffers
+from graphscale.plan import Plan
+from graphscale.verify import compare_activations, flat_variant, run_recording
+from tests.strategies import (
     Arch,
     BlockSpec,
     CNNArch,
@@ -31,13 +38,6 @@ from strategies import (
     mlp_archs,
     transformer_archs,
 )
-from torch import nn
-
-import graphscale
-from graphscale import zoo
-from graphscale.capture import preserved_buffers
-from graphscale.plan import Plan
-from graphscale.verify import compare_activations, flat_variant, run_recording
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
