@@ -147,7 +147,6 @@ def test_verify_reports_training_divergence_per_step() -> None:
 RMSPROP: list[dict] = [
     dict(lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9, centered=True, weight_decay=1e-3),
     dict(lr=1e-3, eps=1e-3, momentum=0.5, weight_decay=1e-3),
-    dict(lr=1e-3, alpha=0.95, eps=1e-3, centered=True),
 ]
 ADAGRAD: list[dict] = [
     dict(lr=0.05, lr_decay=1e-3, eps=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1),
@@ -167,7 +166,7 @@ def test_new_families_train_exactly_for_200_steps(cls: type, hp: dict, k: int) -
     assert worst <= TOL, f"x{k} {cls.__name__} {hp}: diverged by {worst:.3g}"
 
 
-@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[3]])
+@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[2]])
 def test_new_families_train_exactly_on_a_gpt_with_clipping(cls: type, hp: dict) -> None:
     narrow, example, batch, loss_fn = _task("gpt")
     wide = graphscale.widen(narrow, example, multiplier=2)
@@ -177,7 +176,7 @@ def test_new_families_train_exactly_on_a_gpt_with_clipping(cls: type, hp: dict) 
     assert worst <= TOL, f"gpt {cls.__name__} {hp}: diverged by {worst:.3g}"
 
 
-@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[3]])
+@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[2]])
 def test_new_families_with_transferred_state(cls: type, hp: dict) -> None:
     """Narrow trains 20 steps, is widened x3 with its optimizer state, then both train 100 more steps.
     RMSprop's momentum buffer is in update units (copied) while its square_avg/grad_avg scale like g^2/g."""
@@ -195,7 +194,7 @@ def test_new_families_with_transferred_state(cls: type, hp: dict) -> None:
     assert worst <= TOL, f"{cls.__name__}: diverged by {worst:.3g} after the transfer"
 
 
-@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[3]])
+@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[2]])
 def test_control_plain_new_family_on_the_wide_model_fails_the_tolerance(cls: type, hp: dict) -> None:
     """The same harness and tolerance with the plain optimizer (no μP groups) on the wide model fails."""
     narrow, example, batch, loss_fn = _task("mlp")
