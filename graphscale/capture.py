@@ -8,8 +8,8 @@ fails or produces a graph with a leaf module that no rule covers (``nn.Multihead
 internals export lowers to ops that rules do cover). The user's model is never modified.
 
 Example:
-    >>> cap = capture(torch.nn.Linear(3, 4), (torch.randn(2, 3),))
-    >>> cap.frontend, [n.op for n in cap.gm.graph.nodes]
+    >>> cap = capture(torch.nn.Sequential(torch.nn.Linear(3, 4)), (torch.randn(2, 3),))
+    >>> cap.frontend, [n.op for n in cap.gm.graph.nodes]  # the Linear stays a leaf module
     ('fx', ['placeholder', 'call_module', 'output'])
 """
 

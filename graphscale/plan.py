@@ -27,6 +27,7 @@ from graphscale.infer.classes import Classes, HeadsPolicy, WidthClass, classify
 from graphscale.infer.dims import Resolution
 from graphscale.infer.engine import Walk, walk_graph
 from graphscale.infer.rulebook import RuleBook
+from graphscale.laws import PLAN_LAWS
 
 
 @dataclass
@@ -110,14 +111,15 @@ class Plan:
             if c.role == "fixed":
                 lines.append(f"  {c.name:<45} size {c.size:<6} ({c.reason})")
         lines += ["", "scaling rules (relative to the narrow model; c = copy scale, M = width multiplicity):"]
-        header = ["tensor", "role", "c", "M", "SGD lr", "Adam lr", "Adam eps", "wd (L2)", "wd (AdamW)",
-                  "init std"]
+        # the columns are the table's laws (graphscale.laws.PLAN_LAWS), the same entries the optimizer uses
+        shown = [e for e in PLAN_LAWS if e.column is not None]
+        header = ["tensor", "role", "c", "M", *(e.column for e in shown), "init std"]
         rows = []
         for name, r in self.rules.items():
             tied = f" (= {', '.join(r.aliases)})" if r.aliases else ""
-            rows.append([name + tied, r.role, *(str(x) for x in (r.copy_scale, r.total, r.sgd_lr, r.adam_lr,
-                                                              r.adam_eps, r.coupled_wd, r.decoupled_wd,
-                                                              r.init_std))])
+            exported = r.laws()
+            rows.append([name + tied, r.role, str(r.copy_scale), str(r.total),
+                         *(str(exported[e.key]) for e in shown), str(r.init_std)])
         widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
         lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
         for row in rows:

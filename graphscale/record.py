@@ -2,7 +2,7 @@
 
 A :class:`ParamScaling` says, for one tensor of the wide model, which tensor of the source (narrow) model
 it was copied from, how each of its axes was replicated, and the two numbers that every μP law follows
-from (DESIGN.md §2): the copy scale ``c`` (``P' = c * E(P)``) and ``M``, the product of the multipliers
+from (docs/math.md §1-2): the copy scale ``c`` (``P' = c * E(P)``) and ``M``, the product of the multipliers
 of its width axes. The optimizer, state transfer, clipping and noise read only this record, so they work
 on any model that :func:`graphscale.widen` produced (or on a model compared with a smaller base).
 

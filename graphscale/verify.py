@@ -291,7 +291,7 @@ def verify_training(model: torch.nn.Module, example_inputs: Any, *, steps: int =
     side on the same random batches; return the worst relative output divergence after each step.
 
     The loss is a mean squared error against a fixed random target shaped like the output, so any model
-    with floating outputs can be checked. Dynamic equivalence (DESIGN.md §2) says the list stays at
+    with floating outputs can be checked. Dynamic equivalence (docs/math.md §2) says the list stays at
     rounding level; a plain optimizer on the wide model does not.
 
     Example:

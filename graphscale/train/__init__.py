@@ -1,7 +1,7 @@
 """Train-time pieces for widened models: μP optimizer, optimizer-state transfer, clipping, noise, init.
 
 All of them read only the :class:`~graphscale.record.WideningRecord` that widening attaches as
-``module.graphscale`` (DESIGN.md §2), so they work on any widened model, whatever its architecture.
+``module.graphscale`` (docs/math.md §2), so they work on any widened model, whatever its architecture.
 """
 
 from graphscale.train.clip import clip_grad_norm_

@@ -15,15 +15,12 @@ import torch
 from torch import nn
 
 from graphscale.errors import GraphscaleError
+from graphscale.laws import OptimizerFamilyError  # noqa: F401 - re-exported: the laws table raises it
 from graphscale.record import ParamScaling, WideningRecord
 
 
 class RecordError(GraphscaleError, ValueError):
     """A module has no widening record, or its record does not describe the module's tensors."""
-
-
-class OptimizerFamilyError(GraphscaleError, TypeError):
-    """An optimizer class whose μP scaling graphscale does not know (pass ``family=`` to state it)."""
 
 
 def resolve_record(
