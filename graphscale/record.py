@@ -18,8 +18,10 @@ from __future__ import annotations
 import builtins
 import copy
 import functools
+import inspect
 import json
 import os
+import pickle
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -43,6 +45,10 @@ RECORD_VERSION = 1
 
 class RecordFileError(GraphscaleError, ValueError):
     """A saved widening record is missing, unreadable, or not in a format this graphscale reads."""
+
+
+class UnpicklableModelError(GraphscaleError, pickle.PicklingError):
+    """A widened model that pickle/torch.save cannot write in a form that loads back."""
 
 
 @dataclass(frozen=True)
@@ -361,8 +367,39 @@ def _deepcopy_keeping_record(self: torch.fx.GraphModule, memo: dict[int, Any]) -
 
 
 def _reduce_keeping_record(self: torch.fx.GraphModule) -> tuple[Any, ...]:
+    _refuse_unloadable(self)
     rebuild, args = torch.fx.GraphModule.__reduce__(self)[:2]
     return (_rebuild_keeping_record, (rebuild, args))
+
+
+def _refuse_unloadable(gm: torch.fx.GraphModule) -> None:
+    """Refuse, before anything is written, a GraphModule whose pickle would fail or would not load back.
+
+    torch.export's GraphModules carry input guards as generated code (a module whose ``forward`` is a local
+    function, which pickle cannot write), and their tracer class needs arguments that unpickling, which
+    re-traces the code with that class, does not give. Without the guards the graph would run on inputs
+    it was not specialised for, so they are not dropped: the model is refused.
+    """
+    why = []
+    for name, module in gm.named_modules():
+        forward = module.__dict__.get("forward")
+        if forward is not None and "<locals>" in getattr(forward, "__qualname__", ""):
+            why.append(f"submodule {name or '(root)'} runs generated code (torch.export input guards)")
+    tracer_cls = gm.__dict__.get("_tracer_cls")
+    if tracer_cls is not None:
+        try:
+            required = [p for p in inspect.signature(tracer_cls.__init__).parameters.values()
+                        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD][1:]
+        except (TypeError, ValueError):  # pragma: no cover - a tracer class without a signature
+            required = []
+        if required:
+            why.append(f"unpickling re-traces it with {tracer_cls.__name__}, which needs arguments "
+                       f"({', '.join(p.name for p in required)})")
+    if why:
+        raise UnpicklableModelError(
+            f"cannot pickle this widened {type(gm).__name__} ({'; '.join(why)}): save its state_dict and "
+            "record instead -- torch.save(wide.state_dict(), ...) and graphscale.save_record(wide, ...) -- "
+            "and rebuild it with graphscale.widen (or fill your own larger model with graphscale.widen_into)")
 
 
 def _rebuild_keeping_record(rebuild: Any, args: tuple) -> torch.nn.Module:

@@ -22,7 +22,14 @@ import torch
 
 import graphscale
 from graphscale import zoo
-from graphscale.record import RecordFileError, WideningRecord, load_record, record_metadata, save_record
+from graphscale.record import (
+    RecordFileError,
+    UnpicklableModelError,
+    WideningRecord,
+    load_record,
+    record_metadata,
+    save_record,
+)
 from graphscale.train import clip_grad_norm_, mup_optimizer, transfer_optimizer_state
 from graphscale.train._common import RecordError
 
@@ -90,6 +97,22 @@ def test_save_and_pickle_round_trip(kind: str, how: str) -> None:
     wide_names = {id(p): n for n, p in wide.named_parameters()}
     assert (_groups(mup_optimizer(back, torch.optim.AdamW, lr=1e-3, weight_decay=0.1), names)
             == _groups(mup_optimizer(wide, torch.optim.AdamW, lr=1e-3, weight_decay=0.1), wide_names))
+
+
+def test_export_graph_copies_and_refuses_pickle_clearly() -> None:
+    """A torch.export-captured widening deep-copies with its record; pickling it is refused up front (its
+    input guards are generated code and its tracer cannot re-trace it) instead of writing a file that
+    does not load, or failing with a raw pickle error."""
+    with _float64():
+        narrow, inputs = zoo.mha_model(d=16, heads=2, vocab=11)
+        wide = graphscale.widen(narrow, inputs, multiplier=2, tracer="export")
+    assert wide.graphscale.frontend == "export"
+    dup = copy.deepcopy(wide)
+    assert dup.graphscale == wide.graphscale and torch.equal(dup(*inputs), wide(*inputs))
+    with pytest.raises(UnpicklableModelError, match="save its state_dict and record"):
+        pickle.dumps(wide)
+    with pytest.raises(UnpicklableModelError):
+        torch.save(wide, io.BytesIO())
 
 
 def _check_wrapped(wide: torch.nn.Module, wrapped: torch.nn.Module, narrow, inputs) -> None:
