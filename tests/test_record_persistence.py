@@ -148,6 +148,15 @@ def test_compiled_model_gets_the_bare_models_groups() -> None:
     _check_wrapped(wide, torch.compile(wide, backend="eager"), narrow, inputs)
 
 
+def test_noise_through_a_wrapper_is_the_bare_models() -> None:
+    _, wide, _ = _widened("mlp")
+    twin = copy.deepcopy(wide)
+    scheme = graphscale.noise.symmetric(0.5)
+    scheme.apply(torch.compile(wide, backend="eager"), wide.graphscale, torch.Generator().manual_seed(3))
+    scheme.apply(twin, twin.graphscale, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(wide.parameters(), twin.parameters()))
+
+
 def test_ddp_model_gets_the_bare_models_groups(tmp_path: Path) -> None:
     import torch.distributed as dist
 
