@@ -35,7 +35,7 @@ from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictErr
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.infer.values import ArgLoc, SizeInfo
 from graphscale.plan import Plan, analyze
-from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
 
 
 class _Sizes:
@@ -115,7 +115,7 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     wide.graph.lint()
     wide.recompile()
     wide.train(model.training)
-    wide.graphscale = record  # type: ignore[assignment]
+    attach_record(wide, record)  # as .graphscale, kept by deepcopy/pickle (see graphscale.record)
     if noise is not None:
         gen = torch.Generator().manual_seed(seed)
         noise.apply(wide, record, gen)

@@ -22,14 +22,17 @@ from graphscale.train.noise import (
     symmetric_relative,
 )
 from graphscale.train.optim import mup_optimizer, mup_param_groups, optimizer_family, scaling_factors
+from graphscale.train.schedule import MupScheduler, SchedulerError, mup_scheduler, transfer_scheduler_state
 from graphscale.train.state import transfer_optimizer_state
 
 __all__ = [
     "CoordCheckResult",
     "GaussianNoise",
+    "MupScheduler",
     "NoNoise",
     "NoiseScheme",
     "RMSRecorder",
+    "SchedulerError",
     "SpectralNoise",
     "SymmetricNoise",
     "clip_grad_norm_",
@@ -44,7 +47,9 @@ __all__ = [
     "symmetric_relative",
     "mup_optimizer",
     "mup_param_groups",
+    "mup_scheduler",
     "optimizer_family",
     "scaling_factors",
     "transfer_optimizer_state",
+    "transfer_scheduler_state",
 ]

@@ -33,8 +33,14 @@ import torch
 from torch import nn
 
 from graphscale import laws
-from graphscale.record import ParamScaling, WideningRecord
-from graphscale.train._common import OptimizerFamilyError, RecordError, resolve_record, scalings_for
+from graphscale.record import ParamScaling
+from graphscale.train._common import (
+    OptimizerFamilyError,
+    RecordError,
+    RecordLike,
+    resolve_record,
+    scalings_for,
+)
 
 #: A family name: a key of :data:`graphscale.laws.FAMILIES` (an open registry).
 Family = str
@@ -178,7 +184,7 @@ def mup_optimizer(
     optimizer_cls: type[torch.optim.Optimizer],
     *,
     params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]] | None = None,
-    record: WideningRecord | None = None,
+    record: RecordLike | None = None,
     base: nn.Module | Mapping[str, int] | None = None,
     example_inputs: Any = None,
     family: str | None = None,
@@ -188,7 +194,9 @@ def mup_optimizer(
 
     Hyperparameters (``lr``, ``eps``, ``weight_decay``, ...) are the ones tuned for the narrow model; each
     parameter's group gets them times the factors of :func:`scaling_factors`, from the record:
-    ``model.graphscale`` by default, ``record=`` if given, or -- for a model built at full width from
+    ``model.graphscale`` by default, ``record=`` if given (a record, or the path
+    :func:`graphscale.save_record` wrote, for a model of the same architecture that holds the wide
+    weights; matched by parameter name and shape), or -- for a model built at full width from
     scratch -- ``graphscale.relative_record(model, example_inputs, base)`` with ``base`` a smaller instance
     of the same architecture (or a dict of width-class multipliers). ``params`` restricts or groups the
     parameters (a list of tensors or of torch-style group dicts, each split further); by default all of

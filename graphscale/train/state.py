@@ -18,8 +18,15 @@ import torch
 from torch import nn
 
 from graphscale import laws
-from graphscale.record import ParamScaling, WideningRecord
-from graphscale.train._common import RecordError, resolve_record, scalings_for
+from graphscale.record import ParamScaling
+from graphscale.train._common import (
+    RecordError,
+    RecordLike,
+    resolve_record,
+    scalings_for,
+    source_optimizer,
+    unwrap_module,
+)
 from graphscale.train.optim import FAMILY_KEY, optimizer_family
 
 
@@ -60,11 +67,11 @@ def widen_state_entry(key: str, value: Any, scaling: ParamScaling, like: torch.T
 
 def transfer_optimizer_state(
     small: nn.Module,
-    small_opt: torch.optim.Optimizer,
+    small_opt: torch.optim.Optimizer | dict[str, Any],
     wide: nn.Module,
     wide_opt: torch.optim.Optimizer,
     *,
-    record: WideningRecord | None = None,
+    record: RecordLike | None = None,
     family: str | None = None,
 ) -> None:
     """Set ``wide_opt``'s state to the widened state of ``small_opt`` (in place on ``wide_opt`` only).
@@ -76,9 +83,11 @@ def transfer_optimizer_state(
     (its state is read without touching its defaultdict). Hyperparameters are not copied: build
     ``wide_opt`` with :func:`graphscale.train.mup_optimizer` from the same hyperparameters.
 
-    The record is ``wide.graphscale`` unless ``record=`` is given. Each entry's law comes from the
-    optimizer family: ``family=`` if given, else the one :func:`graphscale.train.mup_optimizer` recorded in
-    the wide param group, else the wide optimizer's class.
+    The record is ``wide.graphscale`` unless ``record=`` is given (a record or a saved record's path).
+    Each entry's law comes from the optimizer family: ``family=`` if given, else the one
+    :func:`graphscale.train.mup_optimizer` recorded in the wide param group, else the wide optimizer's
+    class. ``small_opt`` may also be a saved ``small_opt.state_dict()`` (see
+    :class:`graphscale.train._common.SavedOptimizerState` for how its entries are matched to ``small``).
 
     Example:
         >>> wide = graphscale.widen(small, (x,), multiplier=2)                  # doctest: +SKIP
@@ -86,6 +95,7 @@ def transfer_optimizer_state(
         >>> transfer_optimizer_state(small, small_opt, wide, wide_opt)         # doctest: +SKIP
     """
     record = resolve_record(wide, record)
+    small_opt, small = source_optimizer(small, small_opt), unwrap_module(small)  # saved dicts; wrappers
     in_opt = {id(p) for g in wide_opt.param_groups for p in g["params"]}
     wide_named = [(n, p) for n, p in wide.named_parameters() if id(p) in in_opt]
     scalings = scalings_for(wide_named, record)
