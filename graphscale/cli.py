@@ -98,6 +98,10 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise GraphscaleError(f"--rules: no such file or directory: {', '.join(missing)}")
         opts["rules"] = list(args.rules)
+        if getattr(args, "rules_allow_imports", False):
+            from graphscale.infer.rulebook import RuleBook
+
+            opts["rules"] = RuleBook.load(opts["rules"], allow_imports=True)
     return opts
 
 
@@ -319,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "or copy heads (grow)")
     model.add_argument("--rules", action="append", metavar="PATH",
                        help="extra rule file or directory (repeatable)")
+    model.add_argument("--rules-allow-imports", action="store_true",
+                       help="let --rules targets import modules the model has not imported (runs their code)")
     model.add_argument("--outputs", choices=["fixed", "width"], default=None,
                        help="keep the model outputs' axes fixed (default) or let them grow (a backbone "
                             "whose output is its hidden state)")

@@ -1,7 +1,9 @@
 """The rule kinds: how each family of ops relates the dimensions of its inputs and outputs.
 
 A rule in ``rules/*.toml`` picks one kind and gives it arguments; the kind is the only code that looks at
-an op. Each handler takes an :class:`~graphscale.infer.engine.OpContext` and returns the output's
+an op. Each kind is registered with :func:`~graphscale.infer.schema.kind`, which declares the rule keys
+it accepts (checked when a rule file loads). Its handler takes a :class:`~graphscale.infer.call.Call`
+(the op's arguments by name, the called module, the result) and returns the output's
 :class:`~graphscale.infer.values.Info`, adding relations to the dimension system and requests (argument
 rewrites, inserted multipliers, refusals) for the widen stage. Adding a kind is rare; adding an op to an
 existing kind is a rule.
@@ -12,27 +14,28 @@ Example (the rule that covers ``nn.Linear`` in fx and ``aten.linear`` in export 
     name = "linear"
     kind = "einsum"
     targets = ["torch.nn.functional.linear", "aten.linear.default", "module:torch.nn.Linear"]
-    operands = ["input@0", "weight@1", "bias@2"]
-    module_operands = ["input@0", "param:weight", "param:bias"]
+    operands = ["input", "weight", "bias"]
+    module_operands = ["input", "param:weight", "param:bias"]
     pattern = "... i, o i, o -> ... o"
-    weights = [1]
-    module_attrs = { in_features = "i", out_features = "o" }
+    weights = [1, 2]
+    module_attrs = { in_features = "weight[1]", out_features = "weight[0]" }
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from graphscale.errors import UnsupportedOpError
-from graphscale.infer.engine import OpContext
+from graphscale.infer.call import Call, Loc, Ref
+from graphscale.infer.schema import Key, Pattern, kind
 from graphscale.infer.values import (
     AttentionScale,
     Const,
     Info,
+    Opaque,
     OutputMultiplier,
     ParamUse,
     Refusal,
@@ -60,7 +63,7 @@ def _dims_arg(value: Any, ndim: int) -> list[int] | None:
     return [_norm_dim(int(v), ndim) for v in value]
 
 
-def _broadcast(ctx: OpContext, out_shape: tuple[int, ...], infos: list[TensorInfo]) -> tuple[int, ...]:
+def _broadcast(ctx: Call, out_shape: tuple[int, ...], infos: list[TensorInfo]) -> tuple[int, ...]:
     """Right-aligned broadcasting: each output axis reuses the first operand axis of the same size."""
     dims: list[int] = []
     n = len(out_shape)
@@ -91,31 +94,53 @@ def _view_param(info: TensorInfo, out_dims: tuple[int, ...]) -> tuple[str, tuple
 # -- contractions -----------------------------------------------------------------------------------------
 
 
-def _parse_pattern(pattern: str) -> tuple[list[list[str]], list[str]]:
-    lhs, rhs = pattern.split("->")
-    return [op.split() for op in lhs.split(",")], rhs.split()
+def _check_einsum(spec: Any, targets: list[str]) -> list[tuple[str, str]]:
+    """Operand lists match the pattern; named letters are in it; each target has operands to read."""
+    pattern: Pattern = spec["pattern"]
+    problems = []
+    for key in ("operands", "module_operands"):
+        refs = spec.get(key)
+        if refs is not None and len(refs) != len(pattern.operands):
+            problems.append((key, f"lists {len(refs)} operands but pattern has {len(pattern.operands)}"))
+    for key in ("index", "fixed", "forbid", "invariant"):
+        for letter in spec.get(key, ()):
+            if letter not in pattern.letters:
+                problems.append((key, f"letter {letter!r} is not in the pattern"))
+    for w in spec.get("weights", ()):
+        if not 0 <= w < len(pattern.operands):
+            problems.append(("weights", f"operand index {w} is outside the pattern's operands"))
+    if any(not t.startswith("module:") for t in targets) and spec.get("operands") is None:
+        problems.append(("operands", "is missing; the function targets need it"))
+    if any(t.startswith("module:") for t in targets) and spec.get("operands") is None \
+            and spec.get("module_operands") is None:
+        problems.append(("module_operands", "is missing; the module targets need it"))
+    return problems
 
 
-def _einsum_core(ctx: OpContext, refs: list[str], pattern: str, out: torch.Tensor) -> TensorInfo:
-    """Relate operands by an axis pattern; contracted letters become fan-in axes or output multipliers."""
-    spec = ctx.rule.spec
-    in_pats, out_pat = _parse_pattern(pattern)
-    if len(in_pats) != len(refs):
-        raise UnsupportedOpError(f"rule {ctx.rule.name!r}: pattern has {len(in_pats)} operands, "
-                                 f"operands lists {len(refs)}")
+def _einsum_core(ctx: Call, operands: list[tuple[str, Any, Loc | None]], pattern: Pattern,
+                 out: torch.Tensor, natures: Any = None) -> TensorInfo:
+    """Relate operands by an axis pattern; contracted letters become fan-in axes or output multipliers.
+
+    ``operands`` are ``(label, info, where)`` per pattern operand (``where`` locates an activation, for a
+    tied parameter's compensation); ``natures`` gives the letter lists ``index``/``fixed``/``forbid``/
+    ``invariant`` and the operand positions that are ``weights``.
+    """
+    natures = natures if natures is not None else {}
+    if len(pattern.operands) != len(operands):
+        raise UnsupportedOpError(f"{ctx.where()}: pattern of {ctx.rule.name!r} has {len(pattern.operands)} "
+                                 f"operands, the call has {len(operands)}")
     letters: dict[str, int] = {}
     ellipses: list[TensorInfo] = []
-    present: list[tuple[int, str, TensorInfo, list[str]]] = []
-    for i, (ref, pat) in enumerate(zip(refs, in_pats)):
-        info = ctx.info(ref)
-        if info is None or isinstance(info, Const):
+    present: list[tuple[int, str, TensorInfo, list[str], Loc | None]] = []
+    for i, ((label, info, loc), pat) in enumerate(zip(operands, pattern.operands)):
+        if info is None or isinstance(info, Const) and not isinstance(info.value, torch.Tensor):
             continue
         if not isinstance(info, TensorInfo):
-            raise UnsupportedOpError(f"{ctx.where()}: operand {ref} of {ctx.rule.name!r} is not a tensor")
+            raise UnsupportedOpError(f"{ctx.where()}: operand {label} of {ctx.rule.name!r} is not a tensor")
         nd = len(info.dims)
         if "..." in pat:
             k = pat.index("...")
-            before, after = pat[:k], pat[k + 1:]
+            before, after = list(pat[:k]), list(pat[k + 1:])
             n_ell = nd - len(before) - len(after)
             axes = before + [f"...{j}" for j in range(n_ell)] + after
             ell_dims = info.dims[len(before):len(before) + n_ell]
@@ -123,7 +148,7 @@ def _einsum_core(ctx: OpContext, refs: list[str], pattern: str, out: torch.Tenso
         else:
             axes = list(pat)
         if len(axes) != nd:
-            raise UnsupportedOpError(f"{ctx.where()}: operand {ref} has {nd} axes, rule {ctx.rule.name!r} "
+            raise UnsupportedOpError(f"{ctx.where()}: operand {label} has {nd} axes, rule {ctx.rule.name!r} "
                                      f"expects pattern {' '.join(pat)}")
         for letter, d in zip(axes, info.dims):
             if letter.startswith("..."):
@@ -132,8 +157,8 @@ def _einsum_core(ctx: OpContext, refs: list[str], pattern: str, out: torch.Tenso
                 ctx.ds.union(letters[letter], d, f"{ctx.rule.name} at {ctx.where()}")
             else:
                 letters[letter] = d
-        present.append((i, ref, info, axes))
-    # output
+        present.append((i, label, info, axes, loc))
+    out_pat = list(pattern.output)
     out_shape = tuple(out.shape)
     if "..." in out_pat:
         k = out_pat.index("...")
@@ -145,30 +170,30 @@ def _einsum_core(ctx: OpContext, refs: list[str], pattern: str, out: torch.Tenso
         out_dims = tuple(letters.get(x) for x in out_pat)
     out_dims = tuple(d if d is not None else ctx.ds.new(s, f"{ctx.node.name}[{i}]")
                      for i, (d, s) in enumerate(zip(out_dims, out_shape)))
-    # natures of letters
-    for letter in spec.get("index", []):
+    index = natures.get("index") or ()
+    for letter in index:
         if letter in letters:
             ctx.ds.fix(letters[letter], f"a lookup index axis ({ctx.rule.name})")
-    for letter in spec.get("fixed", []):
+    for letter in natures.get("fixed") or ():
         if letter in letters:
             ctx.ds.fix(letters[letter], f"fixed by nature in {ctx.rule.name}")
-    for letter in spec.get("forbid", []):
+    for letter in natures.get("forbid") or ():
         if letter in letters:
             ctx.requests.refusals.append(Refusal(ctx.node.name, letters[letter],
                                                  f"{ctx.rule.name} is not replication-invariant over it"))
-    out_letters = {x for x in out_pat}
-    contracted = [x for x in letters if x not in out_letters and x not in spec.get("index", [])
-                  and x not in spec.get("invariant", [])]
-    weights = spec.get("weights")
+    out_letters = set(out_pat)
+    invariant = natures.get("invariant") or ()
+    contracted = [x for x in letters if x not in out_letters and x not in index and x not in invariant]
+    weights = natures.get("weights")
     param_ops = [p for p in present if p[2].param is not None and (weights is None or p[0] in weights)]
     activation = next((p for p in present if p not in param_ops), None)
-    act_loc = ctx.locate(activation[1]) if activation is not None and "@" in activation[1] else None
-    for _, _, info, axes in param_ops:
+    act_loc = activation[4] if activation is not None else None
+    for _, _, info, axes, _ in param_ops:
         name, param_axes = info.param  # type: ignore[misc]
         fan_in = tuple(sorted({param_axes[j] for j, x in enumerate(axes)
                                if x in contracted and param_axes[j] is not None}))
-        ctx.requests.uses.append(ParamUse(name, ctx.node.name, fan_in, act_loc))
-    absorbed = {x for _, _, _, axes in param_ops for x in axes}
+        ctx.requests.uses.append(ParamUse(name, ctx.node.name, fan_in, act_loc))  # type: ignore[arg-type]
+    absorbed = {x for _, _, _, axes, _ in param_ops for x in axes}
     free = tuple(letters[x] for x in contracted if x not in absorbed)
     if free:
         ctx.requests.multipliers.append(OutputMultiplier(
@@ -176,19 +201,42 @@ def _einsum_core(ctx: OpContext, refs: list[str], pattern: str, out: torch.Tenso
     return TensorInfo(out_dims, out_shape)
 
 
-def kind_einsum(ctx: OpContext) -> Info:
-    refs = ctx.rule.get("module_operands") if ctx.module is not None else None
-    refs = refs or ctx.rule.get("operands")
+def _operands(ctx: Call, refs: tuple[Ref, ...]) -> list[tuple[str, Any, Loc | None]]:
+    out = []
+    for ref in refs:
+        loc = ctx.loc(ref)
+        out.append((str(ref), ctx.info(ref), loc if loc is not None and loc[0] in ("pos", "kw") else None))
+    return out
+
+
+@kind("einsum", check=_check_einsum,
+      pattern=Key("pattern", required=True, doc="the axes of each operand and of the output"),
+      operands=Key("refs", doc="the operands, in pattern order (function targets)"),
+      module_operands=Key("refs", doc="the operands of a module target (param:weight...)"),
+      weights=Key("ints", doc="operand positions that are weights (default: every parameter)"),
+      index=Key("letters", default=(), doc="lookup index axes (fixed, not summed)"),
+      fixed=Key("letters", default=(), doc="axes fixed by nature"),
+      forbid=Key("letters", default=(), doc="axes the op is not replication-invariant over"),
+      invariant=Key("letters", default=(), doc="contracted axes whose sum is a mean (not a fan-in)"))
+def kind_einsum(ctx: Call) -> Info:
+    """Contractions and per-channel ops described by an axis pattern (Linear, embedding, batch norm)."""
+    refs = ctx.spec("module_operands") if ctx.module is not None else None
+    refs = refs or ctx.spec("operands")
     out = ctx.result[0] if isinstance(ctx.result, tuple) else ctx.result
-    info = _einsum_core(ctx, refs, ctx.rule.get("pattern"), out)
+    info = _einsum_core(ctx, _operands(ctx, refs), ctx.spec("pattern"), out, ctx.rule.spec)
     if isinstance(ctx.result, tuple):  # e.g. native batch norm: (out, save_mean, save_invstd)
         return (info,) + tuple(TensorInfo(ctx.fresh(tuple(r.shape)), tuple(r.shape))
                                for r in ctx.result[1:])
     return info
 
 
-def kind_matmul(ctx: OpContext) -> Info:
-    a, b = ctx.value("input@0"), ctx.value("other@1")
+@kind("matmul")
+def kind_matmul(ctx: Call) -> Info:
+    """``matmul``/``mm``/``bmm``/``@``: the pattern follows the operands' ranks."""
+    a_ref, b_ref = Ref.parse("input"), Ref.parse("other|mat2|b")
+    a, b = ctx.value(a_ref), ctx.value(b_ref)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise UnsupportedOpError(f"{ctx.where()}: matmul needs two tensors")
     if a.ndim == 0 or b.ndim == 0:
         raise UnsupportedOpError(f"{ctx.where()}: matmul of a 0-d tensor")
     pa = ["m", "k"] if a.ndim >= 2 else ["k"]
@@ -197,20 +245,26 @@ def kind_matmul(ctx: OpContext) -> Info:
     lead_a = "... " if a.ndim > 2 else ""
     lead_b = "... " if b.ndim > 2 else ""
     lead_o = "... " if max(a.ndim, b.ndim) > 2 else ""
-    pattern = f"{lead_a}{' '.join(pa)}, {lead_b}{' '.join(pb)} -> {lead_o}{' '.join(out)}"
-    return _einsum_core(ctx, ["input@0", "other@1"], pattern, ctx.result)
+    pattern = Pattern.parse(f"{lead_a}{' '.join(pa)}, {lead_b}{' '.join(pb)} -> {lead_o}{' '.join(out)}")
+    return _einsum_core(ctx, _operands(ctx, (a_ref, b_ref)), pattern, ctx.result)
 
 
-def kind_conv(ctx: OpContext) -> Info:
-    spec = ctx.rule.spec
-    refs = spec.get("module_operands") if ctx.module is not None else spec.get("operands")
-    x, w = ctx.info(refs[0]), ctx.info(refs[1])
+@kind("conv",
+      operands=Key("refs", default=["input", "weight", "bias"], doc="input, weight, bias"),
+      module_operands=Key("refs", default=["input", "param:weight", "param:bias"]),
+      groups=Key("ref", default="groups"), module_groups=Key("ref", default="attr:groups"),
+      transposed=Key("ref", doc="the argument saying the convolution is transposed (refused)"))
+def kind_conv(ctx: Call) -> Info:
+    """Convolutions (with groups): channels contract, kernel windows and spatial axes are fixed."""
+    module = ctx.module is not None
+    refs = ctx.spec("module_operands") if module else ctx.spec("operands")
+    x = ctx.tensor(refs[0])
+    w = ctx.tensor(refs[1])
     bias = ctx.info(refs[2]) if len(refs) > 2 else None
-    groups = int(ctx.value(spec.get("module_groups" if ctx.module is not None else "groups", "groups@6"), 1)
-                 or 1)
-    if spec.get("transposed") and ctx.value(spec["transposed"], False):
+    groups_ref = ctx.spec("module_groups") if module else ctx.spec("groups")
+    groups = int(ctx.value(groups_ref, 1) or 1)
+    if ctx.spec("transposed") is not None and ctx.value(ctx.spec("transposed"), False):
         raise UnsupportedOpError(f"{ctx.where()}: transposed convolution is not supported yet")
-    assert isinstance(x, TensorInfo) and isinstance(w, TensorInfo)
     batched = len(x.dims) == len(w.dims)
     c_axis = 1 if batched else 0
     ds, where = ctx.ds, f"convolution at {ctx.where()}"
@@ -223,9 +277,10 @@ def kind_conv(ctx: OpContext) -> Info:
         per = ds.new(w.shape[0] // groups, f"{ctx.node.name}.out_per_group")
         ds.prod(w.dims[0], [g, per], where)
         out_c = w.dims[0]
-        loc = ctx.locate(spec.get("groups", "groups@6")) if ctx.module is None else ("attr", "groups")
-        if loc is not None:
-            ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, g))
+        loc = ctx.loc(groups_ref)
+        if loc is None or loc[0] == "varargs":
+            raise UnsupportedOpError(f"{ctx.where()}: cannot locate the groups argument to rewrite it")
+        ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, g))  # type: ignore[arg-type]
     for d in w.dims[2:]:
         ds.fix(d, "a convolution kernel window")
     if bias is not None and isinstance(bias, TensorInfo):
@@ -234,7 +289,10 @@ def kind_conv(ctx: OpContext) -> Info:
             ctx.requests.uses.append(ParamUse(bias.param[0], ctx.node.name, ()))
     if w.param is not None:
         fan_in = tuple(ax for ax in (w.param[1][1],) if ax is not None)
-        ctx.requests.uses.append(ParamUse(w.param[0], ctx.node.name, fan_in, ctx.locate(refs[0])))
+        x_loc = ctx.loc(refs[0])
+        ctx.requests.uses.append(ParamUse(w.param[0], ctx.node.name, fan_in,
+                                          x_loc if x_loc is not None and x_loc[0] in ("pos", "kw")
+                                          else None))  # type: ignore[arg-type]
     else:
         ctx.requests.multipliers.append(OutputMultiplier(ctx.node.name, (w.dims[1],),
                                                          "convolution with a computed weight"))
@@ -249,17 +307,21 @@ def kind_conv(ctx: OpContext) -> Info:
 # -- elementwise and layout ------------------------------------------------------------------------------
 
 
-def kind_elementwise(ctx: OpContext) -> Info:
+@kind("elementwise",
+      view=Key("bool", default=False, doc="the op returns its input unchanged (a parameter stays one)"),
+      warn=Key("str", doc="a note added to the plan when the op runs in training mode"),
+      training=Key("ref", default="training|train", doc="the argument saying training mode"))
+def kind_elementwise(ctx: Call) -> Info:
+    """Elementwise ops and broadcasting: aligned axes are equal."""
     infos: list[TensorInfo] = []
     sizes: list[SizeInfo] = []
-    for a in list(ctx.node.args) + list(ctx.node.kwargs.values()):
-        i = ctx.walker.info_of(a)
+    for i in ctx.arg_infos():
         if isinstance(i, TensorInfo):
             infos.append(i)
         elif isinstance(i, SizeInfo):
             sizes.append(i)
-    if ctx.rule.get("warn") and _training(ctx):
-        ctx.requests.warnings.append(f"{ctx.where()}: {ctx.rule.get('warn')}")
+    if ctx.spec("warn") and _training(ctx):
+        ctx.requests.warnings.append(f"{ctx.where()}: {ctx.spec('warn')}")
     result = ctx.result
     if not isinstance(result, torch.Tensor):
         if isinstance(result, int) and sizes:
@@ -267,19 +329,18 @@ def kind_elementwise(ctx: OpContext) -> Info:
         return Const(result)
     dims = _broadcast(ctx, tuple(result.shape), infos)
     param = None
-    if ctx.rule.get("view") and infos and infos[0].param is not None:
+    if ctx.spec("view") and infos and infos[0].param is not None:
         param = _view_param(infos[0], dims)
     return TensorInfo(dims, tuple(result.shape), param)
 
 
-def _training(ctx: OpContext) -> bool:
+def _training(ctx: Call) -> bool:
     if ctx.module is not None:
         return ctx.module.training
-    t = ctx.value(ctx.rule.get("training", "training@2"), None)
-    return bool(t)
+    return bool(ctx.value(ctx.spec("training"), None))
 
 
-def _reshape_groups(ctx: OpContext, info: TensorInfo, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _reshape_groups(ctx: Call, info: TensorInfo, out_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Relate a reshape's input and output axes by grouping equal running products."""
     ds, where = ctx.ds, f"reshape at {ctx.where()}"
     ins = [(d, s) for d, s in zip(info.dims, info.shape) if s != 1]
@@ -318,19 +379,24 @@ def _reshape_groups(ctx: OpContext, info: TensorInfo, out_shape: tuple[int, ...]
     return tuple(d if d is not None else ds.new(1, f"{ctx.node.name}[{k}]") for k, d in enumerate(out_dims))
 
 
-def kind_reshape(ctx: OpContext) -> Info:
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
+@kind("reshape", input=Key("ref", default="input"),
+      shape=Key("ref", doc="the size argument to rewrite (absent: the op takes no sizes)"),
+      shape_offset=Key("ref", doc="the axis where the sizes start (unflatten's dim)"))
+def kind_reshape(ctx: Call) -> Info:
+    """Reshapes relate axes by products; literal sizes of width axes are rewritten."""
+    info = ctx.tensor(ctx.spec("input"))
     out_shape = tuple(ctx.result.shape)
     dims = _reshape_groups(ctx, info, out_shape)
-    shape_ref = ctx.rule.get("shape")
-    if shape_ref is not None:
-        _shape_request(ctx, shape_ref, dims, ctx.rule.get("shape_offset"))
+    if ctx.spec("shape") is not None:
+        _shape_request(ctx, ctx.spec("shape"), dims, ctx.spec("shape_offset"))
     return TensorInfo(dims, out_shape, _view_param(info, dims))
 
 
-def _shape_request(ctx: OpContext, ref: str, dims: tuple[int, ...], offset_ref: str | None = None,
+def _shape_request(ctx: Call, ref: Ref, dims: tuple[int, ...], offset_ref: Ref | None = None,
                    align: str = "leading") -> None:
+    loc = ctx.loc(ref)
+    if loc is None or loc[0] == "attr":
+        return  # not passed (a default): nothing written to rewrite
     values = ctx.value(ref)
     if values is None:
         return
@@ -343,43 +409,43 @@ def _shape_request(ctx: OpContext, ref: str, dims: tuple[int, ...], offset_ref: 
     elif align == "trailing":
         start = len(dims) - len(values)
     entries = tuple((k, dims[start + k]) for k in range(len(values)))
-    if ref.startswith("varargs@"):
-        i = int(ref.split("@")[1])
-        rest = ctx.node.args[i:]
-        if len(rest) == 1 and isinstance(rest[0], list | tuple):
-            ctx.requests.shapes.append(ShapeEntries(ctx.node.name, ("pos", i), entries))
-        else:
-            ctx.requests.shapes.append(ShapeEntries(ctx.node.name, ("pos", i), entries, varargs_from=i))
-        return
-    loc = ctx.locate(ref)
-    if loc is not None:
-        ctx.requests.shapes.append(ShapeEntries(ctx.node.name, loc, entries))
+    if loc[0] == "varargs":
+        i = int(loc[1])
+        ctx.requests.shapes.append(ShapeEntries(ctx.node.name, ("pos", i), entries, varargs_from=i))
+    else:
+        ctx.requests.shapes.append(ShapeEntries(ctx.node.name, loc, entries))  # type: ignore[arg-type]
 
 
-def kind_permute(ctx: OpContext) -> Info:
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
-    order = _dims_arg(ctx.value(ctx.rule.get("dims", "varargs@1")), len(info.dims))
-    dims = tuple(info.dims[k] for k in order)  # type: ignore[union-attr]
+@kind("permute", input=Key("ref", default="input"), dims=Key("ref", default="dims"))
+def kind_permute(ctx: Call) -> Info:
+    """Axes move; a parameter seen through a permute stays that parameter."""
+    info = ctx.tensor(ctx.spec("input"))
+    order = _dims_arg(ctx.value(ctx.spec("dims")), len(info.dims))
+    if order is None or sorted(order) != list(range(len(info.dims))):
+        raise UnsupportedOpError(f"{ctx.where()}: cannot read the permutation of {ctx.rule.name!r}")
+    dims = tuple(info.dims[k] for k in order)
     return TensorInfo(dims, tuple(ctx.result.shape), _view_param(info, dims))
 
 
-def kind_transpose(ctx: OpContext) -> Info:
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
+@kind("transpose", input=Key("ref", default="input"), dim0=Key("ref", default="dim0|axis0"),
+      dim1=Key("ref", default="dim1|axis1"))
+def kind_transpose(ctx: Call) -> Info:
+    """Two axes swap (``t()`` and friends: the last two)."""
+    info = ctx.tensor(ctx.spec("input"))
     nd = len(info.dims)
     if nd < 2:
         return info
-    d0 = _norm_dim(int(ctx.value(ctx.rule.get("dim0", "dim0@1"), -2 if nd > 2 else 0)), nd)
-    d1 = _norm_dim(int(ctx.value(ctx.rule.get("dim1", "dim1@2"), -1)), nd)
+    d0 = _norm_dim(int(ctx.value(ctx.spec("dim0"), -2 if nd > 2 else 0)), nd)
+    d1 = _norm_dim(int(ctx.value(ctx.spec("dim1"), -1)), nd)
     dims = list(info.dims)
     dims[d0], dims[d1] = dims[d1], dims[d0]
     return TensorInfo(tuple(dims), tuple(ctx.result.shape), _view_param(info, tuple(dims)))
 
 
-def kind_expand(ctx: OpContext) -> Info:
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
+@kind("expand", input=Key("ref", default="input"), shape=Key("ref", doc="the size argument to rewrite"))
+def kind_expand(ctx: Call) -> Info:
+    """Broadcasting to a shape: axes it creates are fixed."""
+    info = ctx.tensor(ctx.spec("input"))
     out_shape = tuple(ctx.result.shape)
     n, m = len(out_shape), len(info.shape)
     dims: list[int] = []
@@ -391,16 +457,16 @@ def kind_expand(ctx: OpContext) -> Info:
             d = ctx.ds.new(size, f"{ctx.node.name}[{pos}]")
             ctx.ds.fix(d, "an axis created by broadcasting (expand)")
             dims.append(d)
-    if ctx.rule.get("shape"):
-        _shape_request(ctx, ctx.rule.get("shape"), tuple(dims))
+    if ctx.spec("shape") is not None:
+        _shape_request(ctx, ctx.spec("shape"), tuple(dims))
     return TensorInfo(tuple(dims), out_shape)
 
 
-def kind_repeat(ctx: OpContext) -> Info:
+@kind("repeat", input=Key("ref", default="input"), repeats=Key("ref", default="repeats"))
+def kind_repeat(ctx: Call) -> Info:
     """``repeat`` tiles: a repeated axis is the concatenation of copies of the input axis."""
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
-    reps = [int(r) for r in ctx.value(ctx.rule.get("repeats", "varargs@1"))]
+    info = ctx.tensor(ctx.spec("input"))
+    reps = [int(r) for r in ctx.value(ctx.spec("repeats"))]
     out_shape = tuple(ctx.result.shape)
     lead = len(reps) - len(info.dims)
     dims: list[int] = []
@@ -421,20 +487,32 @@ def kind_repeat(ctx: OpContext) -> Info:
 
 # -- reductions ---------------------------------------------------------------------------------------------
 
+_REDUCE_MODES = ("sum", "mean", "variance", "forbid", "index")
 
-def kind_reduce(ctx: OpContext) -> Info:
-    spec = ctx.rule.spec
-    info = ctx.info(spec.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
+
+def _check_mode(modes: tuple[str, ...]) -> Any:
+    def check(spec: Any, targets: list[str]) -> list[tuple[str, str]]:
+        mode = spec.get("mode")
+        return [("mode", f"{mode!r} is not one of {list(modes)}")] if mode not in modes else []
+    return check
+
+
+@kind("reduce", check=_check_mode(_REDUCE_MODES), input=Key("ref", default="input"),
+      dim=Key("ref", default="dim"), keepdim=Key("ref", default="keepdim"),
+      correction=Key("ref", default="correction"), unbiased=Key("ref", default="unbiased"),
+      mode=Key("str", default="mean", doc=f"one of {_REDUCE_MODES}"))
+def kind_reduce(ctx: Call) -> Info:
+    """Reductions: a mean or max over a width axis is invariant, a sum is compensated, others refused."""
+    info = ctx.tensor(ctx.spec("input"))
     nd = len(info.dims)
-    dims = _dims_arg(ctx.value(spec.get("dim", "dim@1")), nd)
+    dims = _dims_arg(ctx.value(ctx.spec("dim")), nd)
     if dims is None or dims == []:
         dims = list(range(nd))
-    keepdim = bool(ctx.value(spec.get("keepdim", "keepdim@2"), False))
-    mode = spec.get("mode", "mean")
+    keepdim = bool(ctx.value(ctx.spec("keepdim"), False))
+    mode = ctx.spec("mode")
     if mode == "variance":
-        corr = ctx.value(spec.get("correction", "correction@99"), None)
-        unbiased = ctx.value(spec.get("unbiased", "unbiased@99"), None)
+        corr = ctx.value(ctx.spec("correction"), None)
+        unbiased = ctx.value(ctx.spec("unbiased"), None)
         exact = corr == 0 or unbiased is False
         mode = "mean" if exact else "forbid"
     reduced = [info.dims[k] for k in dims]
@@ -460,26 +538,30 @@ def kind_reduce(ctx: OpContext) -> Info:
     return infos if isinstance(ctx.result, tuple) else infos[0]
 
 
-def kind_along(ctx: OpContext) -> Info:
+@kind("along", check=_check_mode(("forbid", "allow")), input=Key("ref", default="input"),
+      dim=Key("ref", default="dim"), mode=Key("str", default="forbid", doc="forbid or allow"),
+      why=Key("str", default="along it is not replication-invariant", doc="the refusal's reason"))
+def kind_along(ctx: Call) -> Info:
     """An op along one axis that keeps the shape (softmax, cumsum): refused if that axis is width."""
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
-    d = ctx.value(ctx.rule.get("dim", "dim@1"))
-    if d is not None and ctx.rule.get("mode", "forbid") == "forbid":
+    info = ctx.tensor(ctx.spec("input"))
+    d = ctx.value(ctx.spec("dim"))
+    if d is not None and ctx.spec("mode") == "forbid":
         k = _norm_dim(int(d), len(info.dims))
         ctx.requests.refusals.append(Refusal(ctx.node.name, info.dims[k],
-                                             f"{ctx.rule.name} along it is not replication-invariant"))
+                                             f"{ctx.rule.name} {ctx.spec('why')}"))
     return TensorInfo(info.dims, tuple(ctx.result.shape))
 
 
 # -- concatenation, splitting, indexing --------------------------------------------------------------------
 
 
-def kind_cat(ctx: OpContext) -> Info:
-    parts = [i for i in ctx.info(ctx.rule.get("tensors", "tensors@0")) if isinstance(i, TensorInfo)]
+@kind("cat", tensors=Key("ref", default="tensors"), dim=Key("ref", default="dim|axis"))
+def kind_cat(ctx: Call) -> Info:
+    """Concatenation: the joined axis is the concatenation of the parts' axes."""
+    parts = [i for i in ctx.info(ctx.spec("tensors")) if isinstance(i, TensorInfo)]
     out_shape = tuple(ctx.result.shape)
     nd = len(out_shape)
-    d = _norm_dim(int(ctx.value(ctx.rule.get("dim", "dim@1"), 0)), nd)
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), nd)
     parts = [p for p in parts if len(p.shape) == nd]  # torch.cat skips legacy empty 1-d tensors
     dims = list(parts[0].dims)
     for p in parts[1:]:
@@ -492,10 +574,12 @@ def kind_cat(ctx: OpContext) -> Info:
     return TensorInfo(tuple(dims), out_shape)
 
 
-def kind_stack(ctx: OpContext) -> Info:
-    parts = [i for i in ctx.info(ctx.rule.get("tensors", "tensors@0")) if isinstance(i, TensorInfo)]
+@kind("stack", tensors=Key("ref", default="tensors"), dim=Key("ref", default="dim"))
+def kind_stack(ctx: Call) -> Info:
+    """Stacking: equal axes, plus a new fixed axis."""
+    parts = [i for i in ctx.info(ctx.spec("tensors")) if isinstance(i, TensorInfo)]
     out_shape = tuple(ctx.result.shape)
-    d = _norm_dim(int(ctx.value(ctx.rule.get("dim", "dim@1"), 0)), len(out_shape))
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), len(out_shape))
     dims = list(parts[0].dims)
     for p in parts[1:]:
         for a, b in zip(dims, p.dims):
@@ -506,32 +590,34 @@ def kind_stack(ctx: OpContext) -> Info:
     return TensorInfo(tuple(dims), out_shape)
 
 
-def kind_split(ctx: OpContext) -> Info:
-    spec = ctx.rule.spec
-    info = ctx.info(spec.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
+@kind("split", input=Key("ref", default="input"), dim=Key("ref", default="dim"),
+      sizes=Key("ref", doc="the split sizes argument to rewrite"),
+      unbind=Key("bool", default=False, doc="the op removes the axis (unbind)"))
+def kind_split(ctx: Call) -> Info:
+    """split/chunk/unbind: the axis is the concatenation of the parts."""
+    info = ctx.tensor(ctx.spec("input"))
     outs = list(ctx.result)
     nd = len(info.dims)
-    if spec.get("unbind"):
-        d = _norm_dim(int(ctx.value(spec.get("dim", "dim@1"), 0)), nd)
+    if ctx.spec("unbind"):
+        d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), nd)
         ctx.ds.fix(info.dims[d], "an axis taken apart by unbind")
         rest = info.dims[:d] + info.dims[d + 1:]
         return tuple(TensorInfo(rest, tuple(o.shape)) for o in outs)
-    d = _norm_dim(int(ctx.value(spec.get("dim", "dim@2"), 0)), nd)
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), nd)
     part_dims = [ctx.ds.new(o.shape[d], f"{ctx.node.name}[{i}][{d}]") for i, o in enumerate(outs)]
     ctx.ds.concat(info.dims[d], part_dims, f"split at {ctx.where()}")
-    size_ref = spec.get("sizes")
+    size_ref = ctx.spec("sizes")
     if size_ref is not None:
-        loc = ctx.locate(size_ref)
+        loc = ctx.loc(size_ref)
         sizes = ctx.value(size_ref)
-        if loc is not None and isinstance(sizes, int):
+        if loc is not None and loc[0] in ("pos", "kw") and isinstance(sizes, int):
             for p in part_dims[1:-1]:  # equal chunks; the last may be shorter
                 ctx.ds.union(part_dims[0], p, f"split at {ctx.where()}")
             if len(part_dims) > 1 and outs[-1].shape[d] == outs[0].shape[d]:
                 ctx.ds.union(part_dims[0], part_dims[-1], f"split at {ctx.where()}")
-            ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, part_dims[0]))
-        elif loc is not None:
-            ctx.requests.shapes.append(ShapeEntries(ctx.node.name, loc,
+            ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, part_dims[0]))  # type: ignore[arg-type]
+        elif loc is not None and loc[0] in ("pos", "kw"):
+            ctx.requests.shapes.append(ShapeEntries(ctx.node.name, loc,  # type: ignore[arg-type]
                                                     tuple((k, p) for k, p in enumerate(part_dims))))
     result = []
     for o, p in zip(outs, part_dims):
@@ -540,7 +626,7 @@ def kind_split(ctx: OpContext) -> Info:
     return tuple(result)
 
 
-def _slice_part(ctx: OpContext, dim: int, size: int, start: int | None, stop: int | None,
+def _slice_part(ctx: Call, dim: int, size: int, start: int | None, stop: int | None,
                 step: int | None, out_size: int) -> tuple[int, int | None] | None:
     """Relate a contiguous slice to its axis; returns (part, before) or None for a full slice."""
     if step not in (None, 1):
@@ -563,19 +649,21 @@ def _slice_part(ctx: OpContext, dim: int, size: int, start: int | None, stop: in
     return part, before
 
 
-def kind_getitem(ctx: OpContext) -> Info:
-    container = ctx.info("input@0")
-    index = ctx.value("index@1")
+@kind("getitem")
+def kind_getitem(ctx: Call) -> Info:
+    """``x[...]`` on a tensor, or picking an item of a tuple (split outputs, sizes)."""
+    container = ctx.info("input")
+    index = ctx.value("index|b")
     if isinstance(container, tuple):
         return container[index] if not isinstance(index, slice) else tuple(container[index])
-    if isinstance(container, Const):
-        return Const(ctx.result)
     if not isinstance(container, TensorInfo):
+        if isinstance(ctx.result, torch.Tensor):  # a tensor out of something the walk cannot describe
+            return Opaque(ctx.node.name, "a tensor taken out of a value graphscale cannot describe")
         return Const(ctx.result)
     return _tensor_index(ctx, container, index)
 
 
-def _tensor_index(ctx: OpContext, info: TensorInfo, index: Any) -> Info:
+def _tensor_index(ctx: Call, info: TensorInfo, index: Any) -> Info:
     written = list(index) if isinstance(index, tuple) else [index]
     # (position in the index as written, item): Ellipsis and the implicit trailing ":" expand into full
     # slices with no position, so a rewritten slice bound lands where the user wrote it
@@ -622,13 +710,13 @@ def _tensor_index(ctx: OpContext, info: TensorInfo, index: Any) -> Info:
     return TensorInfo(tuple(dims), out_shape)
 
 
-def kind_slice(ctx: OpContext) -> Info:
+@kind("slice")
+def kind_slice(ctx: Call) -> Info:
     """``aten.slice.Tensor(x, dim, start, end, step)``."""
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
+    info = ctx.tensor("input")
     nd = len(info.dims)
-    d = _norm_dim(int(ctx.value("dim@1", 0)), nd)
-    start, end, step = ctx.value("start@2"), ctx.value("end@3"), ctx.value("step@4", 1)
+    d = _norm_dim(int(ctx.value("dim", 0)), nd)
+    start, end, step = ctx.value("start"), ctx.value("end"), ctx.value("step", 1)
     out_shape = tuple(ctx.result.shape)
     got = _slice_part(ctx, info.dims[d], info.shape[d], start, end, step, out_shape[d])
     dims = list(info.dims)
@@ -640,45 +728,43 @@ def kind_slice(ctx: OpContext) -> Info:
     return TensorInfo(tuple(dims), out_shape, _view_param(info, tuple(dims)))
 
 
-def kind_select(ctx: OpContext) -> Info:
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
-    d = _norm_dim(int(ctx.value(ctx.rule.get("dim", "dim@1"))), len(info.dims))
+@kind("select", dim=Key("ref", default="dim"))
+def kind_select(ctx: Call) -> Info:
+    """One position of an axis: the axis is fixed and removed."""
+    info = ctx.tensor("input")
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"))), len(info.dims))
     ctx.ds.fix(info.dims[d], "an axis indexed at one position")
     return TensorInfo(info.dims[:d] + info.dims[d + 1:], tuple(ctx.result.shape))
 
 
-def kind_index_select(ctx: OpContext) -> Info:
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
-    d = _norm_dim(int(ctx.value("dim@1")), len(info.dims))
+@kind("index_select")
+def kind_index_select(ctx: Call) -> Info:
+    """Positions of an axis picked by a tensor: the axis is fixed."""
+    info = ctx.tensor("input")
+    d = _norm_dim(int(ctx.value("dim")), len(info.dims))
     ctx.ds.fix(info.dims[d], "an axis indexed by a tensor")
     dims = list(info.dims)
     dims[d] = ctx.ds.new(ctx.result.shape[d], ctx.node.name)
     return TensorInfo(tuple(dims), tuple(ctx.result.shape))
 
 
-def kind_index(ctx: OpContext) -> Info:
+@kind("index")
+def kind_index(ctx: Call) -> Info:
     """``aten.index.Tensor(x, [i0, None, i2])``: advanced indexing with a list of index tensors."""
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
-    indices = ctx.value("indices@1")
+    info = ctx.tensor("input")
+    indices = ctx.value("indices")
     items = [slice(None) if i is None else i for i in indices]
     return _tensor_index(ctx, info, tuple(items))
 
 
-# -- shapes and creation ------------------------------------------------------------------------------------
+# -- shapes, attributes and creation ------------------------------------------------------------------------
 
 
-def kind_size(ctx: OpContext) -> Info:
-    """``x.size()``, ``x.size(d)``, ``x.shape``, ``aten.sym_size``: ints that measure a dimension."""
-    info = ctx.info("input@0")
-    attr = ctx.rule.get("attribute")
-    if attr is not None and ctx.value("name@1") != attr:
-        return Const(ctx.result)  # getattr(x, "dtype") and the like
-    if not isinstance(info, TensorInfo):
-        return Const(ctx.result)
-    d = ctx.value(ctx.rule.get("dim", "dim@1")) if attr is None else None
+@kind("size", dim=Key("ref", default="dim"))
+def kind_size(ctx: Call) -> Info:
+    """``x.size()``, ``x.size(d)``, ``aten.sym_size``: ints that measure a dimension."""
+    info = ctx.tensor("input", " (reading its size)")
+    d = ctx.value(ctx.spec("dim"))
     if isinstance(ctx.result, int) and d is not None:
         return SizeInfo(ctx.result, info.dims[_norm_dim(int(d), len(info.dims))])
     if isinstance(ctx.result, tuple | list | torch.Size):
@@ -686,37 +772,80 @@ def kind_size(ctx: OpContext) -> Info:
     return Const(ctx.result)
 
 
-def kind_creation(ctx: OpContext) -> Info:
+# attributes of a tensor that are plain constants (not tensors, not sizes)
+_CONST_ATTRIBUTES = frozenset({
+    "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_leaf", "is_sparse", "is_quantized",
+    "is_meta", "is_mps", "is_xpu", "layout", "names", "is_nested", "itemsize", "nbytes", "is_cpu",
+})
+
+
+@kind("attribute", tolerates_opaque=False)
+def kind_attribute(ctx: Call) -> Info:
+    """``getattr(x, name)`` on a tensor: ``shape`` gives sizes; ``T``/``mT``/``H``/``mH`` are (conjugate)
+    transposes and ``real``/``data`` the same axes, so a parameter read through them stays that
+    parameter (a tied readout ``h @ emb.weight.T``); any other tensor-valued attribute is opaque."""
+    info = ctx.info("input")
+    name = ctx.value("name")
+    result = ctx.result
+    if not isinstance(info, TensorInfo):
+        if isinstance(result, torch.Tensor):
+            return Opaque(ctx.node.name, f"attribute {name!r} of a value graphscale cannot describe")
+        return Const(result)
+    nd = len(info.dims)
+    if name == "shape":
+        return tuple(SizeInfo(int(s), dm) for s, dm in zip(result, info.dims))
+    if name in _CONST_ATTRIBUTES:
+        return Const(result)
+    order: list[int] | None = None
+    if name == "T" or name == "H" and nd <= 2:
+        order = list(range(nd))[::-1]
+    elif name in ("mT", "mH") and nd >= 2:
+        order = list(range(nd - 2)) + [nd - 1, nd - 2]
+    elif name in ("real", "data"):
+        order = list(range(nd))
+    if order is not None and isinstance(result, torch.Tensor) and \
+            tuple(result.shape) == tuple(info.shape[k] for k in order):
+        dims = tuple(info.dims[k] for k in order)
+        return TensorInfo(dims, tuple(result.shape), _view_param(info, dims))
+    if isinstance(result, torch.Tensor) or isinstance(result, tuple | list):
+        return Opaque(ctx.node.name, f"tensor attribute {name!r}, which graphscale does not describe")
+    return Const(result)
+
+
+@kind("creation", shape=Key("ref", doc="the size argument to rewrite"),
+      fixed=Key("bool", default=False, doc="the created axes are fixed (positions)"))
+def kind_creation(ctx: Call) -> Info:
+    """A tensor made from sizes: fresh axes (related later through its uses)."""
     out = ctx.result
     shape = tuple(out.shape)
     dims = ctx.fresh(shape)
-    if ctx.rule.get("fixed"):
+    if ctx.spec("fixed"):
         for d in dims:
             ctx.ds.fix(d, f"an axis created by {ctx.rule.name}")
-    ref = ctx.rule.get("shape")
-    if ref is not None:
-        _shape_request(ctx, ref, dims)
+    if ctx.spec("shape") is not None:
+        _shape_request(ctx, ctx.spec("shape"), dims)
     return TensorInfo(dims, shape)
 
 
-def kind_like(ctx: OpContext) -> Info:
-    info = ctx.info(ctx.rule.get("input", "input@0"))
-    assert isinstance(info, TensorInfo)
+@kind("like", input=Key("ref", default="input"))
+def kind_like(ctx: Call) -> Info:
+    """The same axes as the input."""
+    info = ctx.tensor(ctx.spec("input"))
     return TensorInfo(info.dims, tuple(ctx.result.shape))
 
 
 # -- attention and normalization ---------------------------------------------------------------------------
 
 
-def kind_sdpa(ctx: OpContext) -> Info:
+@kind("sdpa")
+def kind_sdpa(ctx: Call) -> Info:
     """``scaled_dot_product_attention``: q.k contracts head_dim (an activation contraction: the scale
     absorbs its growth), the attention weights contract the key sequence (fixed)."""
-    q, k, v = (ctx.info(r) for r in ("query@0", "key@1", "value@2"))
-    assert isinstance(q, TensorInfo) and isinstance(k, TensorInfo) and isinstance(v, TensorInfo)
+    q, k, v = (ctx.tensor(r) for r in ("query", "key", "value"))
     ds, where = ctx.ds, f"attention at {ctx.where()}"
     ds.union(q.dims[-1], k.dims[-1], where)
     ds.union(k.dims[-2], v.dims[-2], where)
-    gqa = bool(ctx.value("enable_gqa@7", False)) and len(q.dims) >= 3 and q.shape[-3] != k.shape[-3]
+    gqa = bool(ctx.value("enable_gqa", False)) and len(q.dims) >= 3 and q.shape[-3] != k.shape[-3]
     lead_q = list(q.dims[:-2])
     if gqa:
         rep = ds.new(q.shape[-3] // k.shape[-3], f"{ctx.node.name}.n_rep")
@@ -729,7 +858,7 @@ def kind_sdpa(ctx: OpContext) -> Info:
     lead = _broadcast(ctx, out_shape[:-2], [TensorInfo(tuple(lead_q), q.shape[:-2]), kv_lead,
                                             TensorInfo(v.dims[:-2], v.shape[:-2])] if not gqa else
                       [TensorInfo(tuple(lead_q), q.shape[:-2])])
-    mask = ctx.info("attn_mask@3")
+    mask = ctx.info("attn_mask")
     if isinstance(mask, TensorInfo):
         _broadcast(ctx, out_shape[:-1] + (k.shape[-2],),
                    [mask, TensorInfo(lead + (q.dims[-2], k.dims[-2]), out_shape[:-1] + (k.shape[-2],))])
@@ -737,17 +866,19 @@ def kind_sdpa(ctx: OpContext) -> Info:
     return TensorInfo(lead + (q.dims[-2], v.dims[-1]), out_shape)
 
 
-def kind_layer_norm(ctx: OpContext) -> Info:
+@kind("layer_norm", shape=Key("ref", default="normalized_shape"),
+      params=Key("refs", default=["weight", "bias"]),
+      module_shape=Key("ref", default="attr:normalized_shape"),
+      module_params=Key("refs", default=["param:weight", "param:bias"]))
+def kind_layer_norm(ctx: Call) -> Info:
     """LayerNorm / RMSNorm: statistics over the trailing ``normalized_shape`` axes (mean-like: invariant)."""
-    spec = ctx.rule.spec
     module = ctx.module is not None
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
-    norm_shape = ctx.value(spec["module_shape"] if module else spec.get("shape", "normalized_shape@1"))
+    info = ctx.tensor("input")
+    norm_shape = ctx.value(ctx.spec("module_shape") if module else ctx.spec("shape"))
     norm_shape = [norm_shape] if isinstance(norm_shape, int) else list(norm_shape)
     n = len(norm_shape)
     tail = info.dims[len(info.dims) - n:]
-    for ref in spec.get("module_params" if module else "params", []):
+    for ref in ctx.spec("module_params") if module else ctx.spec("params"):
         p = ctx.info(ref)
         if isinstance(p, TensorInfo):
             for a, b in zip(p.dims, tail):
@@ -755,7 +886,7 @@ def kind_layer_norm(ctx: OpContext) -> Info:
             if p.param is not None:
                 ctx.requests.uses.append(ParamUse(p.param[0], ctx.node.name, ()))
     if not module:
-        _shape_request(ctx, spec.get("shape", "normalized_shape@1"), info.dims, align="trailing")
+        _shape_request(ctx, ctx.spec("shape"), info.dims, align="trailing")
     result = ctx.result[0] if isinstance(ctx.result, tuple) else ctx.result
     out = TensorInfo(info.dims, tuple(result.shape))
     if isinstance(ctx.result, tuple):
@@ -763,21 +894,24 @@ def kind_layer_norm(ctx: OpContext) -> Info:
     return out
 
 
-def kind_group_norm(ctx: OpContext) -> Info:
-    spec = ctx.rule.spec
+@kind("group_norm", groups=Key("ref", default="num_groups"), params=Key("refs", default=["weight", "bias"]),
+      module_groups=Key("ref", default="attr:num_groups"),
+      module_params=Key("refs", default=["param:weight", "param:bias"]))
+def kind_group_norm(ctx: Call) -> Info:
+    """GroupNorm: channels are groups x channels-per-group; statistics within a group are means."""
     module = ctx.module is not None
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
-    groups = int(ctx.value(spec["module_groups"] if module else spec.get("groups", "num_groups@1")))
+    info = ctx.tensor("input")
+    groups_ref = ctx.spec("module_groups") if module else ctx.spec("groups")
+    groups = int(ctx.value(groups_ref))
     c = info.dims[1]
     if groups > 1:
         g = ctx.ds.new(groups, f"{ctx.node.name}.groups")
         per = ctx.ds.new(info.shape[1] // groups, f"{ctx.node.name}.channels_per_group")
         ctx.ds.prod(c, [g, per], f"group norm at {ctx.where()}")
-        loc = ("attr", "num_groups") if module else ctx.locate(spec.get("groups", "num_groups@1"))
-        if loc is not None:
-            ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, g))
-    for ref in spec.get("module_params" if module else "params", []):
+        loc = ctx.loc(groups_ref)
+        if loc is not None and loc[0] != "varargs":
+            ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, g))  # type: ignore[arg-type]
+    for ref in ctx.spec("module_params") if module else ctx.spec("params"):
         p = ctx.info(ref)
         if isinstance(p, TensorInfo):
             ctx.ds.union(p.dims[0], c, f"group norm at {ctx.where()}")
@@ -786,11 +920,11 @@ def kind_group_norm(ctx: OpContext) -> Info:
     return TensorInfo(info.dims, tuple(ctx.result.shape))
 
 
-def kind_pool(ctx: OpContext) -> Info:
+@kind("pool", spatial=Key("int", default=2, doc="how many trailing axes are pooled"))
+def kind_pool(ctx: Call) -> Info:
     """Pooling / resizing over the trailing ``spatial`` axes; the leading (batch, channel) axes pass."""
-    info = ctx.info("input@0")
-    assert isinstance(info, TensorInfo)
-    spatial = int(ctx.rule.get("spatial", 2))
+    info = ctx.tensor("input")
+    spatial = int(ctx.spec("spatial"))
     out_shape = tuple(ctx.result[0].shape if isinstance(ctx.result, tuple) else ctx.result.shape)
     keep = info.dims[:len(info.dims) - spatial]
     new = ctx.fresh(out_shape[len(keep):], f"{ctx.node.name} pooled")
@@ -800,10 +934,10 @@ def kind_pool(ctx: OpContext) -> Info:
     return (out, out) if isinstance(ctx.result, tuple) else out
 
 
-def kind_fixed(ctx: OpContext) -> Info:
+@kind("fixed")
+def kind_fixed(ctx: Call) -> Info:
     """Ops that only make sense on fixed axes (positions, masks): every axis they touch is fixed."""
-    for a in list(ctx.node.args) + list(ctx.node.kwargs.values()):
-        i = ctx.walker.info_of(a)
+    for i in ctx.arg_infos():
         if isinstance(i, TensorInfo):
             for d in i.dims:
                 ctx.ds.fix(d, f"an axis used by {ctx.rule.name}")
@@ -815,16 +949,15 @@ def kind_fixed(ctx: OpContext) -> Info:
     return Const(ctx.result)
 
 
-def kind_ignore(ctx: OpContext) -> Info:
+@kind("ignore", tolerates_opaque=True)
+def kind_ignore(ctx: Call) -> Info:
+    """Assertions and guards: no value, no relation."""
     return Const(None)
 
 
-KIND_HANDLERS: dict[str, Callable[[OpContext], Info]] = {
-    "einsum": kind_einsum, "matmul": kind_matmul, "conv": kind_conv, "elementwise": kind_elementwise,
-    "reshape": kind_reshape, "permute": kind_permute, "transpose": kind_transpose, "expand": kind_expand,
-    "repeat": kind_repeat, "reduce": kind_reduce, "along": kind_along, "cat": kind_cat,
-    "stack": kind_stack, "split": kind_split, "getitem": kind_getitem, "slice": kind_slice,
-    "select": kind_select, "index_select": kind_index_select, "index": kind_index, "size": kind_size,
-    "creation": kind_creation, "like": kind_like, "sdpa": kind_sdpa, "layer_norm": kind_layer_norm,
-    "group_norm": kind_group_norm, "pool": kind_pool, "fixed": kind_fixed, "ignore": kind_ignore,
-}
+def __getattr__(name: str) -> Any:
+    if name == "KIND_HANDLERS":  # the old table, for code that still reads it
+        from graphscale.infer.schema import KINDS
+
+        return {k: spec.handler for k, spec in KINDS.items()}
+    raise AttributeError(name)
