@@ -84,7 +84,9 @@ class _Walker(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        self.walk.info[n.name] = self._infer(n, result)
+        info = self._infer(n, result)
+        self.walk.info[n.name] = info
+        n.meta["graphscale_info"] = info  # per-node results live with the node, as fx passes keep theirs
         return result
 
     def _infer(self, n: fx.Node, result: Any) -> Info:
