@@ -33,6 +33,7 @@ from graphscale.infer.kinds import (  # noqa: F401
     indexing,
     layout,
     normalization,
+    padding,
     pooling,
     reductions,
     shapes,
