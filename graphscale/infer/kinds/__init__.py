@@ -29,6 +29,7 @@ from typing import Any
 from graphscale.infer.kinds import (  # noqa: F401
     attention,
     contraction,
+    einsum,
     elementwise,
     indexing,
     layout,
