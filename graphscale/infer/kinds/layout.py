@@ -97,10 +97,13 @@ def kind_transpose(ctx: Call) -> Info:
     return TensorInfo(tuple(dims), tuple(ctx.result.shape), _view_param(info, tuple(dims)))
 
 
-@kind("expand", input=Key("ref", default="input"), shape=Key("ref", doc="the size argument to rewrite"))
+@kind("expand", input=Key("ref", default="input"), shape=Key("ref", doc="the size argument to rewrite"),
+      like=Key("ref", default="other", doc="the tensor whose shape is copied (expand_as)"))
 def kind_expand(ctx: Call) -> Info:
-    """Broadcasting to a shape: axes it creates are fixed."""
+    """Broadcasting to a shape: axes it creates are fixed, or, for ``expand_as(other)``, are ``other``'s
+    (a value constant along an axis stays the copy of itself when that axis is widened)."""
     info = ctx.tensor(ctx.spec("input"))
+    like = ctx.info(ctx.spec("like")) if ctx.has(ctx.spec("like")) else None
     out_shape = tuple(ctx.result.shape)
     n, m = len(out_shape), len(info.shape)
     dims: list[int] = []
@@ -108,6 +111,8 @@ def kind_expand(ctx: Call) -> Info:
         k = m - n + pos
         if k >= 0 and info.shape[k] == size:
             dims.append(info.dims[k])
+        elif isinstance(like, TensorInfo) and like.shape == out_shape:
+            dims.append(like.dims[pos])
         else:
             d = ctx.ds.new(size, f"{ctx.node.name}[{pos}]")
             ctx.ds.fix(d, "an axis created by broadcasting (expand)")
