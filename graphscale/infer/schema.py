@@ -13,8 +13,8 @@ parsed into a :class:`Pattern`), ``letters`` (a list of pattern letters), ``ints
 Example:
     >>> Pattern.parse("... i, o i, o -> ... o").operands
     (('...', 'i'), ('o', 'i'), ('o',))
-    >>> Pattern.parse("b i j, b j k -> b i k").letters
-    frozenset({'b', 'i', 'j', 'k'})
+    >>> sorted(Pattern.parse("b i j, b j k -> b i k").letters)
+    ['b', 'i', 'j', 'k']
 """
 
 from __future__ import annotations
