@@ -107,3 +107,14 @@ class NormOverWidth(nn.Module):
 def test_norm_over_a_width_axis_is_refused(tracer: str) -> None:
     with pytest.raises(UnsupportedOpError, match="not replication-invariant"):
         graphscale.analyze(NormOverWidth(), (torch.randn(3, 4),), tracer=tracer)
+
+
+class DtypeOfOpaque(ComplexImag):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).to(self.w.imag.dtype)  # a dtype read off an opaque value is just a dtype
+
+
+def test_a_constant_attribute_of_an_opaque_value_is_fine() -> None:
+    x = torch.randn(2, 4, dtype=torch.float64)
+    plan = graphscale.analyze(DtypeOfOpaque().double(), (x,), tracer="fx")
+    assert "fc.weight[0]" not in [c.name for c in plan.width_classes]  # the model's output: fixed

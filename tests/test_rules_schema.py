@@ -175,3 +175,20 @@ def test_legacy_name_at_position_references_still_load(tmp_path: Path) -> None:
     book = RuleBook.load(_write(tmp_path, GOOD_LINEAR.replace('["input", "weight", "bias"]',
                                                              '["input@0", "weight@1", "bias@2"]')))
     assert [r.pos for r in book.rules[-1].get("operands")] == [0, 1, 2]
+
+
+def test_builtin_targets_that_read_arguments_have_a_readable_signature() -> None:
+    """Names only work where the signature can be read: every built-in target of a kind that reads
+    arguments has one (so no built-in rule falls back to guessing positions)."""
+    import torch
+
+    from graphscale.infer.call import _function_candidates, _method_candidates
+
+    positional_free = {"elementwise", "fixed", "ignore"}  # these read every argument, by no name
+    book = RuleBook.load()
+    missing = [f"{rule.name}: {fn}" for fn, rule in book.functions.items()
+               if rule.kind not in positional_free and not isinstance(fn, torch._ops.OpOverloadPacket)
+               and not _function_candidates(fn)]
+    missing += [f"{rule.name}: method:{m}" for m, rule in book.methods.items()
+                if rule.kind not in positional_free and not _method_candidates(m)]
+    assert not missing, missing

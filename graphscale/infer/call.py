@@ -98,6 +98,7 @@ _METHOD_SIGNATURES: dict[str, Callable[..., Any]] = {
     "transpose": lambda self, dim0, dim1: None,
     "swapaxes": lambda self, axis0, axis1: None,
     "t": lambda self: None,
+    "__matmul__": lambda self, other: None,
 }
 
 

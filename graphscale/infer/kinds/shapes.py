@@ -39,7 +39,7 @@ _CONST_ATTRIBUTES = frozenset({
 })
 
 
-@kind("attribute", tolerates_opaque=False)
+@kind("attribute", tolerates_opaque=True)
 def kind_attribute(ctx: Call) -> Info:
     """``getattr(x, name)`` on a tensor: ``shape`` gives sizes; ``T``/``mT``/``H``/``mH`` are (conjugate)
     transposes and ``real``/``data`` the same axes, so a parameter read through them stays that
@@ -47,6 +47,10 @@ def kind_attribute(ctx: Call) -> Info:
     info = ctx.info("input")
     name = ctx.value("name")
     result = ctx.result
+    if isinstance(info, Opaque):
+        if name in _CONST_ATTRIBUTES:  # x.dtype of an opaque tensor is still just a dtype
+            return Const(result)
+        ctx.tensor("input", f" (reading its {name!r})")  # a size use or a view of it: refused, naming both
     if not isinstance(info, TensorInfo):
         if isinstance(result, torch.Tensor):
             return Opaque(ctx.node.name, f"attribute {name!r} of a value graphscale cannot describe")
