@@ -140,11 +140,12 @@ def _check_k(k: Any, what: str) -> int:
 
 
 def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "auto",
-            rules: str | Path | list[str | Path] | None = None, heads: HeadsPolicy = "fixed",
+            rules: str | Path | list[str | Path] | RuleBook | None = None, heads: HeadsPolicy = "fixed",
             outputs: Literal["fixed", "width"] = "fixed", names: dict[str, str] | None = None) -> Plan:
     """Capture ``model``, infer its width classes and derive every tensor's μP scaling rule.
 
-    ``rules`` adds the user's own rule files (a ``.toml`` file, a folder of them, or a list).
+    ``rules`` adds the user's own rule files (a ``.toml`` file, a folder of them, or a list), or is a
+    loaded :class:`~graphscale.infer.rulebook.RuleBook` (e.g. ``RuleBook.load(path, allow_imports=True)``).
     ``heads="grow"`` widens the head count instead of head_dim. ``outputs="width"`` lets the axes of the
     model's outputs grow (a backbone whose output is its hidden state); by default they are fixed.
     ``names`` renames classes (key: a class name or any member axis, value: the new name), e.g.
@@ -155,7 +156,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
         >>> plan.width_classes
         []
     """
-    book = RuleBook.load(rules)
+    book = rules if isinstance(rules, RuleBook) else RuleBook.load(rules)
     cap = capture(model, example_inputs, tracer, book)
     walk = walk_graph(cap.gm, cap.flat_inputs, book)
     res = walk.ds.resolve()

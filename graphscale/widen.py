@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from graphscale.capture import Tracer, preserved_buffers
 from graphscale.derive import ScalingRule
-from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
+from graphscale.errors import GraphscaleError, MultiplierError, UnsupportedOpError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.infer.values import ArgLoc, SizeInfo
 from graphscale.plan import Plan, analyze
@@ -344,9 +344,12 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, A
     for use in req.uses:
         name = plan.walk.aliases.get(use.param, use.param)
         factor = plan.rules[name].use_multipliers.get(use.node)
-        if factor is None or use.operand is None:
+        if factor is None:
             continue
         value = plan.substitute(factor, {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes})
+        if value != 1.0 and use.operand is None:  # never drop a shared parameter's compensation silently
+            raise UnsupportedOpError(f"cannot compensate shared parameter {name!r} at node {use.node!r}: the "
+                                     "op's other operand cannot be located in its arguments")
         if value != 1.0:
             node = nodes[use.node]
             operand = _get_loc(node, use.operand)

@@ -163,6 +163,10 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise GraphscaleError(f"--rules: no such file or directory: {', '.join(missing)}")
         opts["rules"] = list(args.rules)
+        if getattr(args, "rules_allow_imports", False):
+            from graphscale.infer.rulebook import RuleBook
+
+            opts["rules"] = RuleBook.load(opts["rules"], allow_imports=True)
     return opts
 
 
@@ -414,8 +418,8 @@ def cmd_widen(args: argparse.Namespace) -> int:
         record = wide.graphscale
         options = {k: v for k, v in opts.items() if k != "rules"}
         metadata |= {"graphscale.format": FORMAT_GRAPHMODULE, "graphscale.options": json.dumps(options)}
-        if opts.get("rules"):
-            metadata["graphscale.rules"] = json.dumps(opts["rules"])
+        if args.rules:
+            metadata["graphscale.rules"] = json.dumps(list(args.rules))
     metadata["graphscale.multipliers"] = json.dumps(record.multipliers)
     wide_out = _outputs(wide, inputs)
     diff = _max_abs_diff(wide_out, narrow_out)
@@ -524,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "or copy heads (grow)")
     model.add_argument("--rules", action="append", metavar="PATH",
                        help="extra rule file or directory (repeatable)")
+    model.add_argument("--rules-allow-imports", action="store_true",
+                       help="let --rules targets import modules the model has not imported (runs their code)")
     model.add_argument("--outputs", choices=["fixed", "width"], default=None,
                        help="keep the model outputs' axes fixed (default) or let them grow (a backbone "
                             "whose output is its hidden state)")
