@@ -127,11 +127,16 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
 
 
 def _keep_node(node: fx.Node) -> bool:
-    """Dead-code elimination keeps what has effects beyond its output: in-place writes (a buffer's EMA,
-    ``h.clamp_()``, ``out=``) and module calls (BatchNorm's running statistics), not only fx's impure ops."""
+    """Dead-code elimination keeps what has effects beyond its output, not only fx's impure ops: in-place
+    writes (a buffer's EMA, ``h.clamp_()``, ``out=``) and modules with buffers (BatchNorm's running
+    statistics) or ``inplace=True``."""
     from graphscale.capture import _written_operand
 
-    return node.op == "call_module" or node.is_impure() or _written_operand(node) is not None
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(str(node.target))
+        if getattr(module, "inplace", False) is True or next(module.buffers(), None) is not None:
+            return True
+    return node.is_impure() or _written_operand(node) is not None
 
 
 def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
