@@ -329,7 +329,7 @@ def test_verify_reports_a_runtime_failure(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(verify_module, "widen", broken_widen)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
-    report = graphscale.verify(model, (_x(4, 3),), max_examples=3)
+    report = graphscale.verify(model, (_x(4, 3),), multiplier=2, max_examples=3, dtypes=(D,))
     assert not report.ok
     assert "widening or running failed" in report.failure
 
