@@ -60,6 +60,7 @@ class Plan:
         names = [c.name for c in self.width_classes]
         if isinstance(multiplier, dict):
             out = {n: 1 for n in names}
+            named_by: dict[str, str] = {}
             for key, k in multiplier.items():
                 try:
                     cls = self.classification.lookup(key)
@@ -68,6 +69,10 @@ class Plan:
                                           f"{', '.join(names) or '(none)'}") from None
                 if cls.role != "width":
                     raise MultiplierError(f"class {key!r} is fixed ({cls.reason}); it cannot be widened")
+                if cls.name in named_by:  # otherwise the last key would silently win
+                    raise MultiplierError(f"{named_by[cls.name]!r} and {key!r} both name width class "
+                                          f"{cls.name!r}; give each class one multiplier")
+                named_by[cls.name] = key
                 out[cls.name] = _check_k(k, key)
             return out
         k = _check_k(multiplier, "multiplier")

@@ -83,17 +83,20 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     if plan is None:
         plan = analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs,
                        names=names)
-    elif model is not None and model is not plan.captured.gm:
-        traced = {id(p) for p in plan.captured.gm.parameters()}
-        if any(id(p) not in traced for p in model.parameters()):
-            raise GraphscaleError("plan= was made from a different model than the one passed to widen: "
-                                  "the widened weights would be the plan's, not this model's. Analyze this "
-                                  "model (graphscale.analyze(model, inputs)) and pass that plan.")
+    elif model is not None and model is not plan.captured.gm and model is not plan.captured.source:
+        raise GraphscaleError("plan= was made from a different model than the one passed to widen: "
+                              "the widened weights would be the plan's, not this model's. Analyze this "
+                              "model (graphscale.analyze(model, inputs)) and pass that plan.")
     mults = plan.multipliers(multiplier)
     sizes = _Sizes(plan, mults)
+    check_memory(plan, sizes)
     record = build_record(plan, sizes, mults)
+    check_exact(plan, record)
     gm = plan.captured.gm
     state = _source_state(gm)
+    if model is not None and model is plan.captured.source:
+        state.update(_current_state(model, state))  # the plan traced a copy: read today's weights
+    _note_untraced(plan, record, model, "widen")
     wide_tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, scaling in record.params.items():
@@ -111,7 +114,7 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     root = _wide_root(gm, graph, plan, sizes, wide_tensors)
     _rewrite_graph(graph, plan, sizes, root)
     wide = fx.GraphModule(root, graph, class_name=f"Wide{type(model).__name__}")
-    wide.graph.eliminate_dead_code()
+    wide.graph.eliminate_dead_code(is_impure_node=_keep_node)
     wide.graph.lint()
     wide.recompile()
     wide.train(model.training)
@@ -121,6 +124,142 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
         noise.apply(wide, record, gen)
         record.notes.append(f"noise: {noise!r} (seed {seed})")
     return wide
+
+
+def _keep_node(node: fx.Node) -> bool:
+    """Dead-code elimination keeps what has effects beyond its output, not only fx's impure ops: in-place
+    writes (a buffer's EMA, ``h.clamp_()``, ``out=``) and modules with buffers (BatchNorm's running
+    statistics) or ``inplace=True``."""
+    from graphscale.capture import _written_operand
+
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(str(node.target))
+        if getattr(module, "inplace", False) is True or next(module.buffers(), None) is not None:
+            return True
+    return node.is_impure() or _written_operand(node) is not None
+
+
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _current_state(model: torch.nn.Module, traced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s tensors by name, where the traced copy has the same name (weights loaded after analyze)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in _named_tensors(model):
+        if name in traced:
+            if t.shape != traced[name].shape:
+                raise GraphscaleError(f"{name} has shape {tuple(t.shape)} now, {tuple(traced[name].shape)} "
+                                      "when the plan was made; analyze the model again")
+            out[name] = t
+    return out
+
+
+def check_memory(plan: Plan, sizes: _Sizes, available: int | None = None) -> int:
+    """Refuse before allocating when the wide tensors would not fit in memory; return their bytes.
+
+    Example:
+        >>> plan = analyze(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
+        ...                (torch.randn(1, 2),))
+        >>> check_memory(plan, _Sizes(plan, plan.multipliers(2)))  # (8*2 + 8 + 1*8 + 1) float32
+        132
+    """
+    state = _source_state(plan.captured.gm)
+    need: dict[str, int] = {}
+    for name in plan.rules:
+        t = state.get(plan.walk.aliases.get(name, name))
+        if t is None or t.device.type == "meta":
+            continue
+        numel = math.prod(sizes.wide(d) for d in plan.walk.tensor_dims[name])
+        need[str(t.device)] = need.get(str(t.device), 0) + numel * t.element_size()
+    for device, nbytes in need.items():
+        have = available if available is not None else _available_bytes(torch.device(device))
+        if have is not None and nbytes > have:
+            raise MultiplierError(
+                f"widening by {sizes_summary(plan, sizes)} needs {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB) "
+                f"for the wide tensors on {device}, but only {have:,} bytes ({have / 2**30:.3g} GiB) are "
+                "available; choose smaller multipliers")
+    return sum(need.values())
+
+
+def sizes_summary(plan: Plan, sizes: _Sizes) -> str:
+    return ", ".join(f"{c.name}={sizes.atom_mult[c.atom]}" for c in plan.width_classes) or "1"
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory that allocations on ``device`` can use (available RAM for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_exact(plan: Plan, record: WideningRecord) -> None:
+    """Refuse what the widened graph cannot compute exactly (checked once multipliers are known)."""
+    gm = plan.captured.gm
+    for name, node in (plan.captured.mutated_buffers or {}).items():
+        s = record.params.get(name)
+        if s is not None and s.copy_scale != 1.0 and _is_widened(s):
+            raise WidthConflictError(
+                f"forward updates buffer {name!r} in place (node {node!r}), and its widened value must be "
+                f"scaled by {s.copy_scale:.6g}: the update would write unscaled values into it. Keep the "
+                "buffer off contractions over width axes, or keep its class fixed")
+    for n in gm.graph.nodes:
+        max_norm, weight = None, None
+        if n.op == "call_module":
+            max_norm = getattr(gm.get_submodule(str(n.target)), "max_norm", None)
+            weight = f"{n.target}.weight"
+        elif n.op == "call_function" and n.target in (torch.nn.functional.embedding,
+                                                      torch.nn.functional.embedding_bag):
+            max_norm = n.kwargs.get("max_norm", n.args[2] if len(n.args) > 2 else None)
+            arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            weight = str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+        if max_norm is None:
+            continue
+        s = record.params.get(plan.walk.aliases.get(weight, weight)) if weight else None
+        if s is None or _is_widened(s):
+            raise WidthConflictError(
+                f"node {n.name!r} ({n.target if n.op == 'call_module' else 'embedding'}) renormalizes "
+                f"embedding rows to max_norm={max_norm}: the norm of a widened row is not the narrow one's, "
+                "so the wide model would compute something else. Set max_norm=None (or renormalize the "
+                "weights yourself before widening), or keep the embedding dimension fixed")
+
+
+def _is_widened(s: ParamScaling) -> bool:
+    return any(a is not None and not a.is_identity() for a in s.axes)
+
+
+def _note_untraced(plan: Plan, record: WideningRecord, model: torch.nn.Module | None, what: str) -> None:
+    """Tensors of the model that its forward never reads (on the example inputs) are not in the graph,
+    so they are not widened: say so, naming them."""
+    source = plan.captured.source if model is None else model
+    if source is None:
+        return
+    traced = set(plan.rules) | set(record.params) | set(plan.walk.aliases)
+    for r in plan.rules.values():
+        traced.update(r.aliases)
+    left = [n for n, _ in _named_tensors(source) if n not in traced]
+    if left:
+        shown = ", ".join(left[:20]) + (f" and {len(left) - 20} more" if len(left) > 20 else "")
+        fate = "are not in the wide model" if what == "widen" else "keep the larger model's own values"
+        msg = (f"{what}: {len(left)} tensor(s) that forward does not use on the example inputs were not "
+               f"widened and {fate}: {shown}. Widen them yourself if you need them (e.g. an auxiliary head), "
+               "or call them from forward")
+        record.notes.append(msg)
+        warnings.warn(msg, stacklevel=3 if what == "widen" else 4)  # the user's call
 
 
 def build_record(plan: Plan, sizes: _Sizes, mults: dict[str, int]) -> WideningRecord:
@@ -399,6 +538,10 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
                attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
+    Transactional: if anything fails (a shape, the output check, an exception in ``large``'s forward),
+    ``large``'s tensors are restored bitwise and nothing is attached to it. This holds a copy of
+    ``large``'s tensors while it runs.
+
     Each class multiplier is read off the shapes (``large`` size / ``small`` size of the class's named
     axis); a ratio that is not an integer, or any tensor whose shape does not match the widened one, is an
     error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
@@ -415,16 +558,41 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         >>> widen_into(small, large, (x,)).multipliers
         {'0.weight[0]': 2}
     """
+    saved = [(t, t.detach().clone()) for t in _unique_tensors(large)]
+    try:
+        return _widen_into(small, large, example_inputs, tracer=tracer, rules=rules, heads=heads,
+                           outputs=outputs, attention=attention, rtol=rtol)
+    except BaseException:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        raise
+
+
+def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for _, t in _named_tensors(module):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
+                rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
+                outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
+                rtol: float) -> WideningRecord:
     plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
     state = dict(large.named_parameters(remove_duplicate=False))
     state.update(dict(large.named_buffers(remove_duplicate=False)))
     mults = _multipliers_from_shapes(plan, state)
     sizes = _Sizes(plan, mults)
+    check_memory(plan, sizes)
     record = build_record(plan, sizes, mults)
+    check_exact(plan, record)
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
     for name in unused:  # e.g. HF's original_inv_freq: not part of the function; large keeps its own
         record.params.pop(name, None)
     check_shapes(large, record)
+    _note_untraced(plan, record, small, "widen_into")
     _compensate_shared_uses(plan, sizes, record)
     source = _source_state(plan.captured.gm)
     wide = {}
@@ -438,8 +606,9 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         order = order[:1]
     errors: dict[str, float] = {}
     args, kwargs = plan.captured.args, plan.captured.kwargs
-    with torch.no_grad(), preserved_buffers(small):
-        want = small(*args, **kwargs)
+    reference = plan.captured.private or small  # the traced copy: running small could change it
+    with torch.no_grad(), preserved_buffers(reference):
+        want = reference(*args, **kwargs)
     def fill(choice: str) -> float:
         with torch.no_grad():
             for name, t in wide.items():
@@ -466,8 +635,9 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
                 else:  # a fused q|k|v tensor: one copy scale cannot describe it; say so
                     record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a "
                                         f"further {m}**-0.5 that its copy scale does not show")
-            record.notes.append("widen_into: query projections carry a further k**-0.5 "
-                                f"({', '.join(sorted({q[0] for q in q_scales}))})")
+            if q_scales:  # an MLP has no query projection: nothing was scaled, so nothing to say
+                record.notes.append("widen_into: query projections carry a further k**-0.5 "
+                                    f"({', '.join(sorted({q[0] for q in q_scales}))})")
         large.graphscale = record  # type: ignore[assignment]
         return record
     raise WidthConflictError(
