@@ -199,9 +199,14 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_verify_can_fail.py::test_wrong_copy_scale_fails",),
       "verify must be able to fail"),
     # -- cli ----------------------------------------------------------------------------------------------
+    # Issue #22's survivor 4 replaced the call with safetensors.torch.save_model(wide, out): with
+    # safetensors >= 0.8 that is itself a temp-file-and-rename write (an equivalent mutant, which no test
+    # can kill), so the direct write here goes through open(out, "wb") as older safetensors did (clone():
+    # tied tensors would make safetensors.torch.save refuse, which is not the bug under test).
     M("cli-direct-write", "graphscale/cli.py",
       "    write_safetensors_atomic(wide, out, metadata)",
-      "    safetensors.torch.save_model(wide, str(out), metadata=metadata)",
+      "    out.write_bytes(safetensors.torch.save({k: v.clone() for k, v in wide.state_dict().items()}, "
+      "metadata=metadata))",
       ("tests/test_atomic_write.py",),
       "issue #22 survivor 4: --out is written atomically (temp file, fsync, rename)"),
     M("cli-overwrites-checkpoint", "graphscale/cli.py",
