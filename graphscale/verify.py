@@ -214,7 +214,7 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
         >>> verify(torch.nn.Linear(3, 2), (torch.randn(2, 3),), max_examples=2).examples
         2
     """
-    tol = dict(DEFAULT_TOLERANCE, **(tolerance or {}))
+    tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}  # dtype keys: dict(..., **tolerance) would need str keys
     base_plan = plan or analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads,  # type: ignore[arg-type]
                                 outputs=outputs)  # type: ignore[arg-type]
     report = VerifyReport(ok=True, examples=0)

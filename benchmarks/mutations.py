@@ -1,0 +1,367 @@
+"""Mutation check: plausible one-line mistakes in graphscale, each of which the test suite must catch.
+
+Every entry of :data:`MUTATIONS` replaces one exact text (it must occur exactly once in its file) with a
+wrong one, in a scratch copy of the repository; the tests that guard that area then run there
+(``python -m pytest -x -q`` with ``PYTHONPATH`` set to the copy). The mutation is *killed* if they fail
+and *survives* if they pass. The check fails (exit 1) if any mutation survives, if an old text does not
+occur exactly once (a refactor moved the code: update the entry), or if the guarding tests already fail
+on the unmutated copy (then "killed" would mean nothing). The working tree is never modified.
+
+Usage::
+
+    python benchmarks/mutations.py             # all mutations; prints "killed N/N" and the wall time
+    python benchmarks/mutations.py --list      # names, files and guarding tests
+    python benchmarks/mutations.py --only derive-coupled-wd --only verify-tolerance
+    python benchmarks/mutations.py --jobs 2    # two mutations at a time (default 1)
+
+Add an entry whenever you add a law, a rule kind or a guarantee: the mistake a future change could make,
+and the test that catches it. ``tests/test_mutations_list.py`` checks in CI that the list is well formed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 600  # per mutation; a guard that hangs on a mutant counts as killed (and is reported)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One mistake: replace ``old`` (exactly once in ``file``) with ``new``; ``tests`` must then fail.
+
+    ``tests`` are pytest paths relative to the repository (``tests/x.py`` or ``tests/x.py::test_name``),
+    fastest killer first: pytest runs with ``-x``, so a killed mutant costs only the first failure.
+    """
+
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+M = Mutation
+MUTATIONS: list[Mutation] = [
+    # -- capture ------------------------------------------------------------------------------------------
+    M("capture-buffers-not-restored", "graphscale/capture.py",
+      "                b.copy_(value)", "                b.copy_(b)",
+      ("tests/test_widen_property.py::test_source_unchanged_batchnorm_train",),
+      "analysis runs train-mode BatchNorm: its running statistics must be restored, the user's model is "
+      "never modified"),
+    M("capture-no-export-fallback", "graphscale/capture.py",
+      "            if not uncovered:", "            if True:",
+      ("tests/test_infer_property.py::test_mha_model_width_axes",),
+      "tracer='auto' must fall back to torch.export when fx keeps a module no rule covers "
+      "(nn.MultiheadAttention)"),
+    # -- rules --------------------------------------------------------------------------------------------
+    M("rules-var-as-mean", "rules/reductions.toml",
+      'mode = "variance"', 'mode = "mean"',
+      ("tests/test_refusals.py",),
+      "issue #22 survivor 3: torch.var/std treated as a mean; unbiased variance over width must be refused"),
+    M("rules-sum-as-mean", "rules/reductions.toml",
+      'name = "sum"\nkind = "reduce"\nmode = "sum"', 'name = "sum"\nkind = "reduce"\nmode = "mean"',
+      ("tests/test_widen_edge_cases.py::test_sum_over_a_width_axis_gets_an_inserted_multiplier",),
+      "a sum over a width axis grows k times: it needs the inserted 1/k"),
+    M("rules-argmax-invariant", "rules/reductions.toml",
+      'mode = "index"', 'mode = "mean"',
+      ("tests/test_refusals.py",),
+      "argmax returns positions, which change when units are copied: refused over width"),
+    M("rules-logsumexp-invariant", "rules/reductions.toml",
+      'mode = "forbid"', 'mode = "mean"',
+      ("tests/test_refusals.py",),
+      "logsumexp/norm/prod over width are not replication-invariant: refused"),
+    M("rules-softmax-elementwise", "rules/reductions.toml",
+      'name = "softmax"\nkind = "along"', 'name = "softmax"\nkind = "elementwise"',
+      ("tests/test_refusals.py",),
+      "softmax/cumsum along a width axis change with copying: refused"),
+    # -- inference ----------------------------------------------------------------------------------------
+    M("infer-default-var-biased", "graphscale/infer/kinds.py",
+      "exact = corr == 0 or unbiased is False", "exact = not corr or unbiased is False",
+      ("tests/test_refusals.py",),
+      "torch.var's default (no correction given) is unbiased, hence refused; only correction=0 or "
+      "unbiased=False is exact"),
+    M("infer-along-never-refuses", "graphscale/infer/kinds.py",
+      'if d is not None and ctx.rule.get("mode", "forbid") == "forbid":',
+      'if d is None and ctx.rule.get("mode", "forbid") == "forbid":',
+      ("tests/test_refusals.py",),
+      "kind 'along' (softmax, cumsum) must refuse its width axis"),
+    M("infer-index-mode-ignored", "graphscale/infer/kinds.py",
+      '    elif mode == "index":', '    elif mode == "never":',
+      ("tests/test_refusals.py",),
+      "reduce mode 'index' (argmax) must refuse its width axis"),
+    M("infer-single-position-not-fixed", "graphscale/infer/kinds.py",
+      '            ctx.ds.fix(info.dims[axis], "an axis indexed at one position")', "            pass",
+      ("tests/test_refusals.py::test_single_position_index_keeps_the_axis_fixed",),
+      "h[:, 0] picks one unit: that axis must stay fixed (README Limits)"),
+    M("infer-refusals-ignored", "graphscale/plan.py",
+      "        if hit:", "        if False:",
+      ("tests/test_refusals.py",),
+      "a refusal over a width class must raise UnsupportedOpError naming the node"),
+    # -- derive -------------------------------------------------------------------------------------------
+    M("derive-coupled-wd", "graphscale/derive.py",
+      "return sympy.simplify(1 / (self.copy_scale**2 * self.total))",
+      "return sympy.simplify(1 / (self.copy_scale * self.total))",
+      ("tests/test_laws_match_train.py",),
+      "issue #22 survivor 5: the coupled weight-decay law shown by analyze/explain is 1/(c^2 M)"),
+    M("derive-adam-eps", "graphscale/derive.py",
+      "def adam_eps(self) -> sympy.Expr:\n        return sympy.simplify(1 / (self.copy_scale * self.total))",
+      "def adam_eps(self) -> sympy.Expr:\n        return sympy.simplify(1 / self.total)",
+      ("tests/test_laws_match_train.py",),
+      "Adam's eps law is 1/(c M), as the optimizer applies"),
+    M("derive-sgd-lr", "graphscale/derive.py",
+      "return sympy.simplify(self.copy_scale**2 * self.total)",
+      "return sympy.simplify(self.copy_scale * self.total)",
+      ("tests/test_laws_match_train.py",),
+      "SGD's lr law is c^2 M"),
+    M("derive-decoupled-wd", "graphscale/derive.py",
+      "return sympy.simplify(1 / self.copy_scale)", "return sympy.simplify(1 / self.copy_scale**2)",
+      ("tests/test_laws_match_train.py",),
+      "AdamW's decoupled weight-decay law is 1/c"),
+    M("derive-exp-avg-sq", "graphscale/derive.py",
+      "return sympy.simplify(self.grad_scale**2)", "return sympy.simplify(self.grad_scale)",
+      ("tests/test_laws_match_train.py",),
+      "second moments scale with the square of the gradient law"),
+    M("derive-tied-use-multiplier", "graphscale/derive.py",
+      "            if extra != 1:", "            if extra == 0:",
+      ("tests/test_verify_can_fail.py::test_dropped_inserted_multiplier_of_a_tied_readout_fails",),
+      "a tied embedding/readout needs an inserted multiplier at the use with the larger fan-in"),
+    # -- widen --------------------------------------------------------------------------------------------
+    M("widen-sum-multiplier-dropped", "graphscale/widen.py",
+      "_insert_after(graph, nodes[om.node], 1.0 / m, _mul_target(plan))",
+      "_insert_after(graph, nodes[om.node], 1.0, _mul_target(plan))",
+      ("tests/test_widen_edge_cases.py::test_sum_over_a_width_axis_gets_an_inserted_multiplier",),
+      "the inserted 1/k after a sum over a width axis"),
+    M("widen-sdpa-scale", "graphscale/widen.py",
+      'kwargs["scale"] = base / m', 'kwargs["scale"] = base',
+      ("tests/test_widen_property.py::test_attention_scalings_both_exact",),
+      "SDPA's scale must be divided by head_dim's multiplier"),
+    M("widen-size-reads-wide", "graphscale/widen.py",
+      "            node.replace_all_uses_with(info.value)", "            pass",
+      ("tests/test_widen_edge_cases.py::test_sizes_read_off_a_width_axis_keep_their_narrow_value_in_arithmetic",),
+      "an int read off a width axis keeps its narrow value (a computed 1/sqrt(head_dim))"),
+    M("widen-no-copy-scale", "graphscale/widen.py",
+      "copy_scale=plan.substitute(rule.copy_scale, mults),", "copy_scale=1.0,",
+      ("tests/test_verify_can_fail.py::test_exact_widening_passes_at_rounding_level",),
+      "P' = c E(P): without c the copies sum k times too much"),
+    # -- train --------------------------------------------------------------------------------------------
+    M("train-sgd-lr", "graphscale/train/optim.py",
+      'return {"lr": c * c * m, "weight_decay": 1.0 / (c * c * m)}',
+      'return {"lr": c * m, "weight_decay": 1.0 / (c * c * m)}',
+      ("tests/test_laws_match_train.py::test_optimizer_groups_and_transferred_state_follow_the_laws",),
+      "SGD's lr factor is c^2 M"),
+    M("train-adam-eps", "graphscale/train/optim.py",
+      'return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0 / (c * c * m)}',
+      'return {"lr": c, "eps": 1.0, "weight_decay": 1.0 / (c * c * m)}',
+      ("tests/test_laws_match_train.py::test_optimizer_groups_and_transferred_state_follow_the_laws",),
+      "Adam's eps factor is 1/(c M) (microsoft/mup's MuAdam leaves it out)"),
+    M("train-adamw-wd", "graphscale/train/optim.py",
+      'return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0 / c}',
+      'return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0}',
+      ("tests/test_laws_match_train.py::test_optimizer_groups_and_transferred_state_follow_the_laws",),
+      "AdamW's decoupled weight decay factor is 1/c"),
+    M("train-state-second-moment", "graphscale/train/state.py",
+      "return scaling.replicate(value).to(like.device).div_(cm * cm)",
+      "return scaling.replicate(value).to(like.device).div_(cm)",
+      ("tests/test_laws_match_train.py::test_optimizer_groups_and_transferred_state_follow_the_laws",),
+      "exp_avg_sq is quadratic in the gradient: E(buf)/(c M)^2"),
+    M("train-clip-raw-norm", "graphscale/train/clip.py",
+      "weight = cm if math.isinf(p_) else cm * m ** (-1.0 / p_)", "weight = cm",
+      ("tests/test_laws_match_train.py::test_clipping_uses_the_base_norm",),
+      "the base-equivalent norm weights each parameter by c M M^(-1/p)"),
+    # -- verify -------------------------------------------------------------------------------------------
+    M("verify-training-self-compare", "graphscale/verify.py",
+      "with torch.no_grad():\n            n_out, w_out = narrow(*batch, **kwargs), wide(*batch, **kwargs)",
+      "with torch.no_grad():\n            n_out, w_out = wide(*batch, **kwargs), wide(*batch, **kwargs)",
+      ("tests/test_verify_can_fail.py::test_verify_training_fails_when_the_wide_model_trains_differently",),
+      "issue #22 survivor 1: verify compared the wide model with itself"),
+    M("verify-tolerance-loosened", "graphscale/verify.py",
+      "DEFAULT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}",
+      "DEFAULT_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-2}",
+      ("tests/test_verify_can_fail.py::test_default_tolerance_sees_a_small_error",),
+      "issue #22 survivor 2: the default tolerances loosened 1000x"),
+    M("verify-training-threshold", "graphscale/verify.py",
+      "if worst > tol[torch.float64] * 10:", "if worst > tol[torch.float64] * 1e12:",
+      ("tests/test_verify_can_fail.py::test_verify_training_fails_when_the_wide_model_trains_differently",),
+      "training divergence must be held to the float64 tolerance"),
+    M("verify-never-fails", "graphscale/verify.py",
+      "            worst_rel = max(worst_rel, e.relative)", "            worst_rel = max(worst_rel, 0.0)",
+      ("tests/test_verify_can_fail.py::test_wrong_copy_scale_fails",),
+      "verify must be able to fail"),
+    # -- cli ----------------------------------------------------------------------------------------------
+    # Issue #22's survivor 4 replaced the call with safetensors.torch.save_model(wide, out): with
+    # safetensors >= 0.8 that is itself a temp-file-and-rename write (an equivalent mutant, which no test
+    # can kill), so the direct write here goes through open(out, "wb") as older safetensors did (clone():
+    # tied tensors would make safetensors.torch.save refuse, which is not the bug under test).
+    M("cli-direct-write", "graphscale/cli.py",
+      "    write_safetensors_atomic(wide, out, metadata)",
+      "    out.write_bytes(safetensors.torch.save({k: v.clone() for k, v in wide.state_dict().items()}, "
+      "metadata=metadata))",
+      ("tests/test_atomic_write.py",),
+      "issue #22 survivor 4: --out is written atomically (temp file, fsync, rename)"),
+    M("cli-overwrites-checkpoint", "graphscale/cli.py",
+      "if out.resolve() == ckpt.resolve() or (out.exists() and os.path.samefile(out, ckpt)):",
+      "if False:",
+      ("tests/test_cli.py::test_widen_refuses_to_overwrite_checkpoint",),
+      "--out may not name the checkpoint: the user's files are never modified"),
+]
+
+
+def check_list(mutations: list[Mutation], root: Path = REPO) -> list[str]:
+    """Problems with the list: duplicate names, an old text not found exactly once, a missing test."""
+    problems = []
+    seen: set[str] = set()
+    for m in mutations:
+        if m.name in seen:
+            problems.append(f"{m.name}: duplicate name")
+        seen.add(m.name)
+        path = root / m.file
+        if not path.is_file():
+            problems.append(f"{m.name}: no file {m.file}")
+            continue
+        count = path.read_text().count(m.old)
+        if count != 1:
+            problems.append(f"{m.name}: old text occurs {count} times in {m.file} (must be exactly once; "
+                            "update the entry after a refactor)")
+        if m.old == m.new:
+            problems.append(f"{m.name}: new text equals old text")
+        if not m.tests:
+            problems.append(f"{m.name}: no guarding tests")
+        for t in m.tests:
+            file, _, func = t.partition("::")
+            tpath = root / file
+            if not tpath.is_file():
+                problems.append(f"{m.name}: no test file {file}")
+            elif func and f"def {func.split('[')[0]}(" not in tpath.read_text():
+                problems.append(f"{m.name}: no test {func} in {file}")
+    return problems
+
+
+def _repo_files(root: Path) -> list[str]:
+    """Tracked files plus untracked ones git does not ignore (new tests under review count too)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         check=True, capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f]
+
+
+def make_copy(root: Path, dest: Path) -> None:
+    """Copy the repository's files (not .git) into ``dest``; symlinks stay symlinks."""
+    for rel in _repo_files(root):
+        src, dst = root / rel, dest / rel
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree but not yet in the index
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif src.is_file():
+            shutil.copy2(src, dst)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int | None, float, str]:
+    """``(exit status or None on timeout, seconds, output tail)`` of pytest on ``tests`` in ``copy``."""
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - start, "timeout"
+    return proc.returncode, time.monotonic() - start, (proc.stdout + proc.stderr)[-1500:]
+
+
+def run_mutation(copy: Path, m: Mutation) -> tuple[str, float, str]:
+    """Apply ``m`` in ``copy``, run its tests, restore the file; returns (verdict, seconds, output)."""
+    path = copy / m.file
+    original = path.read_text()
+    path.write_text(original.replace(m.old, m.new, 1))
+    try:
+        status, secs, out = run_tests(copy, m.tests)
+    finally:
+        path.write_text(original)
+    if status == 0:
+        return "SURVIVED", secs, out
+    if status == 1:
+        return "killed", secs, out
+    if status is None:
+        return "killed (timeout)", secs, out
+    return f"ERROR (pytest exit {status})", secs, out  # collection/usage error: not a real kill
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutation (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run at a time (default 1)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip running the guarding tests on the unmutated copy first")
+    args = parser.parse_args(argv)
+
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in MUTATIONS})
+        if unknown:
+            print(f"unknown mutation(s): {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<34} {m.file:<28} {' '.join(m.tests)}\n{'':<34} why: {m.why}")
+        print(f"{len(chosen)} mutations")
+        return 0
+    problems = check_list(chosen)
+    if problems:
+        print("the mutation list is out of date:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+
+    start = time.monotonic()
+    jobs = max(1, min(args.jobs, len(chosen)))
+    with tempfile.TemporaryDirectory(prefix="graphscale-mutations-") as tmp:
+        copies = [Path(tmp) / f"copy{i}" for i in range(jobs)]
+        for c in copies:
+            make_copy(REPO, c)
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            status, secs, out = run_tests(copies[0], tests)
+            print(f"baseline: guarding tests on the unmutated copy: exit {status} ({secs:.0f} s)", flush=True)
+            if status != 0:
+                print(out, file=sys.stderr)
+                print("the guarding tests fail without any mutation; fix them first", file=sys.stderr)
+                return 1
+        free = list(copies)
+        results: dict[str, str] = {}
+
+        def work(m: Mutation) -> None:
+            copy = free.pop()
+            try:
+                verdict, secs, out = run_mutation(copy, m)
+            finally:
+                free.append(copy)
+            results[m.name] = verdict
+            print(f"{verdict:<18} {m.name:<34} {secs:6.0f} s  ({m.file})", flush=True)
+            if verdict == "SURVIVED" or verdict.startswith("ERROR"):
+                print("    " + out.strip().replace("\n", "\n    ")[-800:], flush=True)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(work, chosen))
+    killed = sum(v.startswith("killed") for v in results.values())
+    wall = time.monotonic() - start
+    print(f"killed {killed}/{len(chosen)} in {wall / 60:.1f} min wall ({jobs} at a time)")
+    bad = [n for n, v in results.items() if not v.startswith("killed")]
+    if bad:
+        print(f"not killed: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
