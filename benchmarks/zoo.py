@@ -631,8 +631,12 @@ def _child(entry: str, conn: Any) -> None:
     conn.close()
 
 
-def run_entries(entries: list[str], jobs: int, timeout: float, log: Callable[[str], None]) -> dict:
-    """Fork one child per entry (modules already imported by this process), ``jobs`` at a time."""
+def run_entries(entries: list[str], jobs: int, timeout: float, log: Callable[[str], None],
+                progress: Path | None = None) -> dict:
+    """Fork one child per entry (modules already imported by this process), ``jobs`` at a time.
+
+    Each result is also appended to ``progress`` (JSON lines) as it arrives, so that an interrupted
+    census can go on with ``--resume``."""
     ctx = mp.get_context("fork")
     pending, running, results = list(entries), {}, {}
     while pending or running:
@@ -667,6 +671,9 @@ def run_entries(entries: list[str], jobs: int, timeout: float, log: Callable[[st
             result["wall_s"] = round(elapsed, 2)
             results[entry] = result
             del running[entry]
+            if progress is not None:
+                with progress.open("a") as f:
+                    f.write(json.dumps({"entry": entry, "result": result}) + "\n")
             log(f"{entry:45s} {result['status']:13s} {elapsed:6.1f}s  {result.get('reason', '')[:120]}")
     return results
 
@@ -851,6 +858,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo.json", help="JSON results file")
     parser.add_argument("--fresh", action="store_true", help="do not merge into the existing JSON")
     parser.add_argument("--readme", action="store_true", help="print the README section from --out and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the models already done by an interrupted run (OUT.partial.jsonl)")
+    parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # vision: run in the vision environment
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -865,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:  # vision subprocess: --worker names a JSON file with the entries, results go to --out
         entries = json.loads(Path(args.worker).read_text())
         _preload({e.split("/", 1)[0] for e in entries})
-        results = run_entries(entries, args.jobs, args.timeout, log)
+        results = run_entries(entries, args.jobs, args.timeout, log, args.progress)
         args.out.write_text(json.dumps({"results": results, "meta": _meta()}))
         return 0
 
@@ -885,11 +895,22 @@ def main(argv: list[str] | None = None) -> int:
     hf = [e for e in entries if _group_of(e) != "vision"]
     vision = [e for e in entries if _group_of(e) == "vision"]
     results: dict[str, dict] = {}
+    progress = args.out.with_suffix(".partial.jsonl")
+    if args.resume and progress.exists():
+        for line in progress.read_text().splitlines():
+            done = json.loads(line)
+            results[done["entry"]] = done["result"]
+        hf = [e for e in hf if e not in results]
+        vision = [e for e in vision if e not in results]
+        log(f"resuming: {len(results)} models already done")
+    elif progress.exists():
+        progress.unlink()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     meta = _meta()
     if hf:
         _preload({"causal"})
-        results.update(run_entries(hf, args.jobs, args.timeout, log))
+        results.update(run_entries(hf, args.jobs, args.timeout, log, progress))
     if vision:
         python = _vision_python(args.vision_python)
         if python is None:
@@ -902,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
                 todo.write_text(json.dumps(vision))
                 env = dict(os.environ, PYTHONPATH=str(ROOT))
                 subprocess.run([python, __file__, "--worker", str(todo), "--out", str(out), "--jobs",
-                                str(args.jobs), "--timeout", str(args.timeout)], env=env, check=True)
+                                str(args.jobs), "--timeout", str(args.timeout), "--progress", str(progress)],
+                               env=env, check=True)
                 got = json.loads(out.read_text())
                 results.update(got["results"])
                 meta.update({k: got["meta"][k] for k in ("torchvision", "timm")})
@@ -917,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"meta": meta, "summary": summarize(merged), "results": merged},
                                    indent=1, sort_keys=False) + "\n")
     args.out.with_suffix(".md").write_text(markdown(merged, meta))
+    progress.unlink(missing_ok=True)
     for g, s in summarize(results).items():
         log(f"{g}: {s['ok']} ok / {s['exported']} captured / {s['built']} built / {s['models']} listed")
     log(f"census: {len(results)} models in {meta['census_s']} s -> {args.out}")
