@@ -40,7 +40,7 @@ virtual environment:
 
     python3 -m venv /work/venv-vision
     /work/venv-vision/bin/pip install torch==2.13.0 sympy networkx hypothesis safetensors rich tqdm \\
-        pyyaml huggingface_hub
+        pyyaml huggingface_hub numpy pillow
     /work/venv-vision/bin/pip install --no-deps torchvision==0.28.0 timm
 
 and point ``--vision-python`` at its interpreter (default: ``$GRAPHSCALE_VISION_PYTHON``, else
@@ -732,13 +732,14 @@ def _group_of(entry: str) -> str:
 
 
 def summarize(results: dict[str, dict]) -> dict[str, dict[str, int]]:
-    """Per group: models, built, exported (captured), ok."""
+    """Per group: models listed, not run (census stopped early), built, exported (captured), ok."""
     out: dict[str, dict[str, int]] = {}
     for entry, r in results.items():
-        s = out.setdefault(_group_of(entry), {"models": 0, "built": 0, "exported": 0, "ok": 0})
+        s = out.setdefault(_group_of(entry), {"models": 0, "not_run": 0, "built": 0, "exported": 0, "ok": 0})
         s["models"] += 1
-        s["built"] += r["status"] != "not built"
-        s["exported"] += r["status"] not in ("not built", "not exported")
+        s["not_run"] += r["status"] == "not run"
+        s["built"] += r["status"] not in ("not built", "not run")
+        s["exported"] += r["status"] not in ("not built", "not exported", "not run")
         s["ok"] += r["status"] == "ok"
     return out
 
@@ -747,14 +748,24 @@ def failure_classes(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """Failing models grouped by their reason with numbers, node names and sizes blurred."""
     classes: dict[str, list[str]] = {}
     for entry, r in results.items():
-        if r["status"] in ("ok", "not built", "not exported"):
+        if r["status"] in ("ok", "not built", "not exported", "not run"):
             continue
         key = f"{r.get('stage')}: {_blur(r.get('reason', ''))}"
         classes.setdefault(key, []).append(entry)
     return sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
+def _short(reason: str) -> str:
+    """The reason without the source location a GraphscaleError quotes (kept in the JSON)."""
+    reason = re.sub(r' \("/.*?\)\. Add a rule', ". Add a rule", reason)
+    return re.sub(r' \("[^"]*", line \d+, in [^)]*\)+', "", reason)
+
+
 def _blur(reason: str) -> str:
+    m = re.match(r"no graphscale rule covers (\w+ \S+?),", reason)
+    if m:
+        return f"no rule covers {m.group(1)}"
+    reason = re.sub(r"\(max relative output error[^)]*\)", "", _short(reason))
     reason = re.sub(r"node '[^']*'|node \S+", "node N", reason)
     reason = re.sub(r"'[^']*\.[^']*'", "'X'", reason)  # dotted names (tensors, modules)
     reason = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", reason)
@@ -772,10 +783,11 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
              f"timm {meta.get('timm')}). Width w={WIDTH} vs 2w, float64; checks: two-width oracle, widen "
              f"x2, widen_into, {TRAIN_STEPS} steps of AdamW and SGD with mup_optimizer.", ""]
     summary = summarize(results)
-    lines += ["| group | models | built | captured | ok (all checks) |", "| --- | --- | --- | --- | --- |"]
+    lines += ["| group | models | not run | built | captured | ok (all checks) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for g, s in summary.items():
-        lines.append(f"| {GROUP_TITLES.get(g, g)} | {s['models']} | {s['built']} | {s['exported']} | "
-                     f"{s['ok']} |")
+        lines.append(f"| {GROUP_TITLES.get(g, g)} | {s['models']} | {s['not_run']} | {s['built']} | "
+                     f"{s['exported']} | {s['ok']} |")
     for g in GROUP_TITLES:
         entries = sorted(e for e in results if _group_of(e) == g)
         if not entries:
@@ -786,7 +798,7 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
             if r["status"] == "ok":
                 extra = f" (extra classes: {', '.join(r['extra_classes'])})" if r.get("extra_classes") else ""
                 text = f"ok{extra}"
-            elif r["status"] in ("not built", "not exported", "timeout", "crash"):
+            elif r["status"] in ("not built", "not exported", "timeout", "crash", "not run"):
                 text = f"{r['status']}: {r.get('reason', '')}"
             else:
                 text = f"{r.get('stage')}: {r.get('reason', '')}"
@@ -813,11 +825,12 @@ def readme_section(results: dict[str, dict]) -> str:
              f"`widen` x2 exact (1e-10, or 1e-6 where the model computes in float32), `widen_into` the "
              f"model built at 2w, and {TRAIN_STEPS} steps of AdamW and SGD with `mup_optimizer` matching the "
              "narrow model. Full table: `benchmarks/results/zoo.md`.", "",
-             "| group | ok / captured | ok / built | models listed |", "| --- | --- | --- | --- |"]
+             "| group | ok / captured | ok / built | models listed | not run |",
+             "| --- | --- | --- | --- | --- |"]
     for g, s in summary.items():
         pc = f"{100 * s['ok'] / s['exported']:.0f}%" if s["exported"] else "-"
         lines.append(f"| {GROUP_TITLES.get(g, g)} | {s['ok']} / {s['exported']} ({pc}) | {s['ok']} / "
-                     f"{s['built']} | {s['models']} |")
+                     f"{s['built']} | {s['models']} | {s['not_run']} |")
     for g in GROUP_TITLES:
         entries = sorted(e for e in results if _group_of(e) == g)
         if not entries:
@@ -831,7 +844,7 @@ def readme_section(results: dict[str, dict]) -> str:
                 continue
             label = e.split("/", 1)[1] if g != "vision" else e
             prefix = r["status"] if r["status"] != "fail" else r.get("stage")
-            lines.append(f"| {label} | {_cell(prefix + ': ' + r.get('reason', '')[:200])} |")
+            lines.append(f"| {label} | {_cell(prefix + ': ' + _short(r.get('reason', ''))[:200])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -858,8 +871,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo.json", help="JSON results file")
     parser.add_argument("--fresh", action="store_true", help="do not merge into the existing JSON")
     parser.add_argument("--readme", action="store_true", help="print the README section from --out and exit")
+    parser.add_argument("--merge", type=Path, action="append",
+                        help="merge the results of another census JSON into --out (and its .md), run nothing")
     parser.add_argument("--resume", action="store_true",
                         help="skip the models already done by an interrupted run (OUT.partial.jsonl)")
+    parser.add_argument("--finalize", action="store_true",
+                        help="write the JSON and table of a stopped census, listing the rest as not run")
     parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # vision: run in the vision environment
     args = parser.parse_args(argv)
@@ -867,6 +884,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.readme:
         print(readme_section(json.loads(args.out.read_text())["results"]), end="")
+        return 0
+    if args.merge:
+        data = json.loads(args.out.read_text())
+        for other in args.merge:
+            got = json.loads(other.read_text())
+            data["results"].update(got["results"])
+            data["meta"].update({k: v for k, v in got["meta"].items() if v is not None and k != "census_s"})
+            data["meta"]["census_s"] = data["meta"].get("census_s", 0) + got["meta"].get("census_s", 0)
+        data["results"] = dict(sorted(data["results"].items()))
+        data["summary"] = summarize(data["results"])
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(data["results"], data["meta"]))
         return 0
 
     def log(line: str) -> None:
@@ -896,15 +925,25 @@ def main(argv: list[str] | None = None) -> int:
     vision = [e for e in entries if _group_of(e) == "vision"]
     results: dict[str, dict] = {}
     progress = args.out.with_suffix(".partial.jsonl")
-    if args.resume and progress.exists():
-        for line in progress.read_text().splitlines():
-            done = json.loads(line)
-            results[done["entry"]] = done["result"]
+    if args.resume or args.finalize:
+        if args.out.exists():  # models a stopped census already recorded
+            results.update({e: r for e, r in json.loads(args.out.read_text())["results"].items()
+                            if e in entries and r["status"] != "not run"})
+        if progress.exists():  # and those it finished before it was stopped
+            for line in progress.read_text().splitlines():
+                done = json.loads(line)
+                results[done["entry"]] = done["result"]
         hf = [e for e in hf if e not in results]
         vision = [e for e in vision if e not in results]
         log(f"resuming: {len(results)} models already done")
     elif progress.exists():
         progress.unlink()
+    if args.finalize:  # record what a stopped census did not reach, as such
+        for e in hf + vision:
+            results[e] = {"status": "not run", "stage": None, "checks": {},
+                          "reason": "the census was stopped before this model (python benchmarks/zoo.py "
+                                    "--resume runs it)"}
+        hf = vision = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     meta = _meta()

@@ -98,3 +98,24 @@ def test_oracle_flags_an_axis_that_grows_with_the_config_but_was_not_widened() -
     same = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     missed, extra, _ = census._oracle(plan, wide.graphscale, small, same)
     assert not missed and extra == ["0.weight[0]"]
+
+
+class _LogSigmoidMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.act = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3), torch.nn.LogSigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.logsigmoid(self.up(x)) + self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_census_rules_log_sigmoid_widens_exactly(tracer: str) -> None:
+    """rules/census.toml: log-sigmoid (function, module and ATen op) is elementwise, so widening is exact."""
+    import graphscale
+
+    torch.manual_seed(0)
+    model, x = _LogSigmoidMLP().double(), (torch.randn(5, 4, dtype=torch.float64),)
+    wide = graphscale.widen(model, x, 3, tracer=tracer)
+    assert tuple(wide.get_parameter("down.weight").shape) == (3, 24)
+    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
