@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -91,14 +92,20 @@ HF_GENERIC: dict[str, Any] = {
     # mixture-of-experts sizes, where a config has them
     "moe_intermediate_size": "w", "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
     "num_experts_per_tok": 2, "shared_expert_intermediate_size": "w",
+    # multi-head latent attention (DeepSeek-V2/V3 and their kin), where a config has it
+    "qk_rope_head_dim": "w/8", "qk_nope_head_dim": "w/8", "v_head_dim": "w/4", "kv_lora_rank": "w/2",
+    "q_lora_rank": "w",
     # no dropout anywhere: the checks compare deterministic functions
     "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "attention_dropout": 0.0,
     "hidden_dropout": 0.0, "dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
     "activation_dropout": 0.0, "classifier_dropout": 0.0,
 }
 
-# Only where a type's config uses other names for the same sizes (data only, no code).
+# Only where a type's config uses other names for the same sizes (data only, no code). DROP removes a
+# generic key the type's config refuses.
+DROP = "<drop>"
 HF_OVERRIDES: dict[str, dict[str, Any]] = {
+    "falcon": {"head_dim": DROP},
     "gpt2": {"n_inner": "2w"},
     "gpt_bigcode": {"n_inner": "2w"},
     "openai-gpt": {},
@@ -146,6 +153,7 @@ def hf_config(model_type: str, w: int) -> Any:
     kwargs = {amap.get(k, k): _scale(v, w) for k, v in HF_GENERIC.items()}
     override = HF_OVERRIDES.get(model_type, HF_OVERRIDES.get(HF_OVERRIDE_ALIASES.get(model_type, ""), {}))
     kwargs.update({k: _scale(v, w) for k, v in override.items()})
+    kwargs = {k: v for k, v in kwargs.items() if v != DROP}
     if model_type in HF_VISION:
         kwargs.update(image_size=32, patch_size=8, num_channels=3, num_labels=10)
     return cls(**kwargs)
@@ -237,15 +245,15 @@ TV: dict[str, tuple[str, dict[str, Any] | None]] = {
     "resnet18": ("resnet18", None), "resnet50": ("resnet50", {"width_per_group": "2w"}),
     "wide_resnet50_2": ("wide_resnet50_2", None), "resnext50_32x4d": ("resnext50_32x4d", None),
     "vgg11_bn": ("vgg11_bn", None), "alexnet": ("alexnet", None), "squeezenet1_1": ("squeezenet1_1", None),
-    "densenet121": ("densenet121", {"growth_rate": "w/2", "num_init_features": "w"}),
+    "densenet121": ("densenet121", None),
     "mobilenet_v2": ("mobilenet_v2", {"width_mult": "w/32"}),
     "mobilenet_v3_small": ("mobilenet_v3_small", {"width_mult": "w/32"}),
     "mnasnet0_5": ("mnasnet0_5", None),
     "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", None),
     "efficientnet_b0": ("efficientnet_b0", None), "efficientnet_v2_s": ("efficientnet_v2_s", None),
     "regnet_y_400mf": ("regnet_y_400mf", None), "convnext_tiny": ("convnext_tiny", None),
-    "vit_b_16": ("vit_b_16", {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 4,
-                               "hidden_dim": "w", "mlp_dim": "2w"}),
+    "vit_b_16": ("class:VisionTransformer", {"image_size": 32, "patch_size": 8, "num_layers": 2,
+                                             "num_heads": 4, "hidden_dim": "w", "mlp_dim": "2w"}),
     "swin_t": ("swin_t", None), "swin_v2_t": ("swin_v2_t", None), "maxvit_t": ("maxvit_t", None),
     "googlenet": ("googlenet", {"aux_logits": False, "init_weights": True}),
 }
@@ -280,9 +288,9 @@ TIMM: dict[str, tuple[str, dict[str, Any] | None]] = {
     "fbnet": ("fbnetc_100", None), "hrnet": ("hrnet_w18_small", None), "dla": ("dla34", None),
     "dpn": ("dpn68", None), "densenet": ("densenet121", None), "vgg": ("vgg11", None),
     "inception_v3": ("inception_v3", None), "xception": ("xception41", None),
-    "mlp_mixer": ("mixer_s16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "num_blocks": 2}),
-    "resmlp": ("resmlp_12_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2}),
-    "gmlp": ("gmlp_ti16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "num_blocks": 2}),
+    "mlp_mixer": ("class:timm.models.mlp_mixer.MlpMixer", {"img_size": 32, "patch_size": 8,
+                                                            "embed_dim": "w", "num_blocks": 2}),
+    "resmlp": ("resmlp_12_224", None), "gmlp": ("gmlp_ti16_224", None),
     "poolformer": ("poolformer_s12", None), "convmixer": ("convmixer_768_32", None),
     "crossvit": ("crossvit_tiny_240", None), "maxvit": ("maxvit_tiny_tf_224", None),
     "efficientformer": ("efficientformer_l1", None), "mobilevit": ("mobilevit_xxs", None),
@@ -362,15 +370,24 @@ def build_vision(lib: str, name: str, w: int | None) -> tuple[Any, tuple]:
     if lib == "torchvision":
         import torchvision
 
-        model = torchvision.models.get_model(arch, weights=None, num_classes=10, **kw)
+        if arch.startswith("class:"):  # the class itself, where the builder pins the sizes we shrink
+            model = getattr(torchvision.models, arch.removeprefix("class:"))(num_classes=10, **kw)
+        else:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=10, **kw)
         size = 32 if "vit" not in name and "swin" not in name and "maxvit" not in name else 224
         size = kw.get("image_size", size)
     else:
         import timm
 
-        model = timm.create_model(arch, pretrained=False, num_classes=10, **kw)
-        size = kw.get("img_size", model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-        if kwargs is None and not model.pretrained_cfg.get("fixed_input_size", False):
+        if arch.startswith("class:"):  # the class itself, where every named variant pins the sizes
+            module, _, cls = arch.removeprefix("class:").rpartition(".")
+            model = getattr(importlib.import_module(module), cls)(num_classes=10, **kw)
+            cfg = {}
+        else:
+            model = timm.create_model(arch, pretrained=False, num_classes=10, **kw)
+            cfg = model.pretrained_cfg
+        size = kw.get("img_size", cfg.get("input_size", (3, 224, 224))[-1])
+        if kwargs is None and not cfg.get("fixed_input_size", False):
             size = 64
     from graphscale import zoo
 
@@ -380,7 +397,11 @@ def build_vision(lib: str, name: str, w: int | None) -> tuple[Any, tuple]:
 
 
 def vision_entries() -> list[str]:
-    return [f"torchvision/{n}" for n in TV] + [f"timm/{n}" for n in TIMM]
+    """Models shrunk by width arguments first: the fixed-size ones (millions of parameters, widened x2
+    and trained in float64) take minutes each on a loaded machine."""
+    entries = [f"torchvision/{n}" for n in TV] + [f"timm/{n}" for n in TIMM]
+    sized = [e for e in entries if (TV if e.startswith("torchvision/") else TIMM)[e.split("/", 1)[1]][1]]
+    return sized + [e for e in entries if e not in sized]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -620,7 +641,28 @@ def _builder(entry: str) -> tuple[Callable[[int | None], tuple[Any, tuple]], boo
     return (lambda w: build_vision(group, name, w)), table[name][1] is not None
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed when the census process dies (e.g. a test's timeout killed it)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _child(entry: str, conn: Any) -> None:
+    _die_with_parent()
     try:
         build, has_width = _builder(entry)
         result = check_model(build, has_width)
@@ -661,9 +703,10 @@ def run_entries(entries: list[str], jobs: int, timeout: float, log: Callable[[st
                 result = {"status": "crash", "stage": "census",
                           "reason": f"the subprocess died (exit code {proc.exitcode})"}
             elif elapsed > timeout:
+                cpu = _cpu_seconds(proc.pid)  # tells a model that spins from one starved by neighbours
                 proc.kill()
                 result = {"status": "timeout", "stage": "census",
-                          "reason": f"no result within {timeout:g} s"}
+                          "reason": f"no result within {timeout:g} s (wall; {cpu:.0f} s of CPU)"}
             if result is None:
                 continue
             proc.join(5)
