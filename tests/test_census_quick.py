@@ -119,3 +119,25 @@ def test_census_rules_log_sigmoid_widens_exactly(tracer: str) -> None:
     wide = graphscale.widen(model, x, 3, tracer=tracer)
     assert tuple(wide.get_parameter("down.weight").shape) == (3, 24)
     assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
+
+
+class _DetachInPlaceMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.up(x)).detach_()  # a stop-gradient gate, as DeBERTa-v2 and GPT-Neo write it
+        return self.down(self.up(x) * gate)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_census_rules_detach_inplace_widens_exactly(tracer: str) -> None:
+    """rules/census.toml: in-place detach keeps the tensor (and its width axes), so widening is exact."""
+    import graphscale
+
+    torch.manual_seed(0)
+    model, x = _DetachInPlaceMLP().double(), (torch.randn(5, 4, dtype=torch.float64),)
+    wide = graphscale.widen(model, x, 2, tracer=tracer)
+    assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
+    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
