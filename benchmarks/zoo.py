@@ -106,6 +106,7 @@ HF_GENERIC: dict[str, Any] = {
 DROP = "<drop>"
 HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "falcon": {"head_dim": DROP},
+    "xlstm": {"v_head_dim": DROP},
     "gpt2": {"n_inner": "2w"},
     "gpt_bigcode": {"n_inner": "2w"},
     "openai-gpt": {},
