@@ -1,0 +1,1033 @@
+"""The architecture census: every model type we can build tiny, run through graphscale's checks.
+
+    python benchmarks/zoo.py                 # everything: HF causal LMs, encoders/seq2seq, vision
+    python benchmarks/zoo.py --quick         # a small HF subset (CI: under 2 minutes on 2 cores)
+    python benchmarks/zoo.py --only llama --only gpt2 --jobs 2 --timeout 120
+    python benchmarks/zoo.py --readme        # print the README's "Supported architectures" section
+                                             # from benchmarks/results/zoo.json (runs nothing)
+
+Groups: ``causal`` (every type in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, built from ONE
+tiny generic config plus the small data-only override table ``HF_OVERRIDES`` for types whose config
+spells the same things differently), ``encoder`` (every masked-LM type and the ViT family),
+``seq2seq`` (every ``MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES`` type), ``vision`` (torchvision
+classification models and timm families at small sizes).
+
+Every model runs in its own forked subprocess with a timeout (``--timeout``, seconds) and is checked,
+in order, in float64 (each check recorded):
+
+1. ``oracle``: inference against the two-width oracle. The model is built at width w and 2w; every
+   parameter/buffer axis whose size differs between the two must be widened to the 2w size by
+   ``widen(..., 2)``. An axis the config keeps fixed but graphscale widens (an extra inferred class)
+   is allowed and listed; it must then pass the exactness checks like any other.
+2. ``widen``: ``graphscale.widen`` x2; the output matches within 1e-10 (relative to 1 + max |out|), or
+   1e-6 where the model's own code computes in float32 (its graph casts to float32).
+3. ``widen_into``: ``graphscale.widen_into`` fills the model built at 2w; same tolerance.
+4. ``train_adamw`` / ``train_sgd``: 30 steps of dynamic equivalence, narrow model with the plain
+   optimizer vs the x2 model with ``graphscale.mup_optimizer`` (AdamW lr 1e-3, eps 1e-3, wd 0.1; SGD lr
+   0.05, momentum 0.9, nesterov, wd 1e-3), zero noise, cross-entropy on random targets; the worst
+   relative output difference over the steps must be <= 1e-8 (1e-5 where the model computes in float32).
+
+A model that cannot be built tiny (or whose forward fails) is listed as ``not built: reason``; one that
+torch.fx and torch.export cannot capture as ``not exported: reason``. Any graphscale call over 10 s is
+flagged ``slow``. Results: ``benchmarks/results/zoo.json`` and ``zoo.md`` (per model: ok, or the first
+failing check and its one-line reason: the first line of the GraphscaleError, or the exception type and
+message of a crash). With ``--only`` or ``--quick`` the results merge into the existing JSON.
+
+The vision group needs torchvision and timm, which must NOT be installed next to the project's CPU torch
+(PyPI's torchvision wheel carries compiled ops built for another torch; importing it fails with
+"operator torchvision::nms does not exist", and transformers then fails to import). Give them their own
+virtual environment:
+
+    python3 -m venv /work/venv-vision
+    /work/venv-vision/bin/pip install torch==2.13.0 sympy networkx hypothesis safetensors rich tqdm \\
+        pyyaml huggingface_hub numpy pillow
+    /work/venv-vision/bin/pip install --no-deps torchvision==0.28.0 timm
+
+and point ``--vision-python`` at its interpreter (default: ``$GRAPHSCALE_VISION_PYTHON``, else
+``/work/venv-vision/bin/python`` if it exists; without one the vision group is listed as not run).
+The census imports torchvision there with its compiled operators stubbed (``_stub_torchvision_ops``):
+the classification models call none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+WIDTH = 32  # the narrow width w; the oracle builds 2w
+TOL_F64, TOL_F32 = 1e-10, 1e-6
+# Training tolerances: float32 rounding inside the model (~1e-7) grows over 30 steps of SGD with momentum
+# to ~1e-5; a wrong μP factor diverges by 1e-2 and more (nn.MultiheadAttention: 8.6e-2).
+TRAIN_TOL_F64, TRAIN_TOL_F32 = 1e-8, 1e-4
+TRAIN_STEPS = 30
+SLOW_S = 10.0
+QUICK = ["causal/gpt2", "causal/llama", "encoder/bert", "causal/bloom"]
+
+# ------------------------------------------------------------------------------------------------------
+# Hugging Face: one generic tiny config; values "w", "2w", "w/4" scale with the width.
+
+HF_GENERIC: dict[str, Any] = {
+    "vocab_size": 128, "hidden_size": "w", "intermediate_size": "2w", "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": "w/4", "max_position_embeddings": 64,
+    "use_cache": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "decoder_start_token_id": 1,
+    # mixture-of-experts sizes, where a config has them
+    "moe_intermediate_size": "w", "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "shared_expert_intermediate_size": "w",
+    # multi-head latent attention (DeepSeek-V2/V3 and their kin), where a config has it
+    "qk_rope_head_dim": "w/8", "qk_nope_head_dim": "w/8", "v_head_dim": "w/4", "kv_lora_rank": "w/2",
+    "q_lora_rank": "w",
+    # no dropout anywhere: the checks compare deterministic functions
+    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "attention_dropout": 0.0,
+    "hidden_dropout": 0.0, "dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    "activation_dropout": 0.0, "classifier_dropout": 0.0,
+}
+
+# Only where a type's config uses other names for the same sizes (data only, no code). DROP removes a
+# generic key the type's config refuses.
+DROP = "<drop>"
+HF_OVERRIDES: dict[str, dict[str, Any]] = {
+    "falcon": {"head_dim": DROP},
+    "xlstm": {"v_head_dim": DROP},
+    "gpt2": {"n_inner": "2w"},
+    "gpt_bigcode": {"n_inner": "2w"},
+    "openai-gpt": {},
+    "ctrl": {"dff": "2w"},
+    "codegen": {"n_inner": "2w", "rotary_dim": "w/8"},
+    "gptj": {"n_inner": "2w", "rotary_dim": "w/8"},
+    "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]]},
+    "xlnet": {"d_inner": "2w"},
+    "xlm": {"emb_dim": "w", "n_layers": 2, "n_heads": 4},
+    "opt": {"ffn_dim": "2w", "word_embed_proj_dim": "w"},
+    "mpt": {"expansion_ratio": 2},
+    "t5": {"d_ff": "2w", "d_kv": "w/4", "num_layers": 2, "num_decoder_layers": 2},
+    "bart": {"encoder_ffn_dim": "2w", "decoder_ffn_dim": "2w", "encoder_layers": 2, "decoder_layers": 2,
+             "encoder_attention_heads": 4, "decoder_attention_heads": 4},
+}
+# Types whose config shares another's naming (the same override applies).
+HF_OVERRIDE_ALIASES = {
+    "mt5": "t5", "umt5": "t5", "longt5": "t5", "switch_transformers": "t5",
+    "mbart": "bart", "pegasus": "bart", "marian": "bart", "blenderbot": "bart", "blenderbot-small": "bart",
+    "plbart": "bart", "mvp": "bart", "bigbird_pegasus": "bart", "m2m_100": "bart", "led": "bart",
+    "pegasus_x": "bart", "nllb-moe": "bart", "xglm": "bart", "trocr": "bart", "whisper": "bart",
+    "prophetnet": "bart", "fsmt": "bart", "musicgen": "bart", "musicgen_melody": "bart",
+}
+HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders
+
+
+def _scale(value: Any, w: int) -> Any:
+    """``"w"`` -> w, ``"2w"`` -> 2w, ``"w/4"`` -> w // 4; lists recursively; anything else as is."""
+    if isinstance(value, list):
+        return [_scale(v, w) for v in value]
+    if isinstance(value, str):
+        m = re.fullmatch(r"(\d*)w(?:/(\d+))?", value)
+        if m:
+            return int(m.group(1) or 1) * w // int(m.group(2) or 1)
+    return value
+
+
+def hf_config(model_type: str, w: int) -> Any:
+    """The tiny config of ``model_type`` at width ``w``: the generic table, renamed through the config
+    class's ``attribute_map``, plus the type's overrides."""
+    from transformers import AutoConfig
+
+    cls = type(AutoConfig.for_model(model_type))
+    amap = getattr(cls, "attribute_map", {}) or {}
+    kwargs = {amap.get(k, k): _scale(v, w) for k, v in HF_GENERIC.items()}
+    override = HF_OVERRIDES.get(model_type, HF_OVERRIDES.get(HF_OVERRIDE_ALIASES.get(model_type, ""), {}))
+    kwargs.update({k: _scale(v, w) for k, v in override.items()})
+    kwargs = {k: v for k, v in kwargs.items() if v != DROP}
+    if model_type in HF_VISION:
+        kwargs.update(image_size=32, patch_size=8, num_channels=3, num_labels=10)
+    return cls(**kwargs)
+
+
+def _seq2seq_wrapper(model: Any) -> Any:
+    import torch
+
+    class Seq2Seq(torch.nn.Module):
+        """``(input_ids, decoder_input_ids) -> logits`` of an encoder-decoder model."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+            out = self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False)
+            return out.logits
+
+    return Seq2Seq(model)
+
+
+def _image_wrapper(model: Any) -> Any:
+    import torch
+
+    class Image(torch.nn.Module):
+        """``pixel_values -> logits`` of an HF image classifier."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = inner
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=pixel_values).logits
+
+    return Image(model)
+
+
+def build_hf(group: str, model_type: str, w: int) -> tuple[Any, tuple]:
+    """``(float64 model in eval mode, example inputs)`` of one HF type at width ``w``."""
+    import torch
+    import transformers as tf
+
+    from graphscale import zoo
+
+    config = hf_config(model_type, w)
+    if group == "causal":
+        auto, wrap = tf.AutoModelForCausalLM, lambda m: zoo.HFWrapper(m, causal=True)
+    elif group == "seq2seq":
+        auto, wrap = tf.AutoModelForSeq2SeqLM, _seq2seq_wrapper
+    elif model_type in HF_VISION:
+        auto, wrap = tf.AutoModelForImageClassification, _image_wrapper
+    else:
+        auto, wrap = tf.AutoModelForMaskedLM, lambda m: zoo.HFWrapper(m, causal=False)
+    # MoE experts as gathered weights and bmm: exports (the eager loop over hit experts is data-dependent),
+    # and, unlike the default grouped_mm, has float64 kernels
+    experts = {"experts_implementation": "batched_mm"}
+    with zoo._seeded(0) as gen:
+        try:
+            model = auto.from_config(copy.deepcopy(config), attn_implementation="sdpa", **experts)
+        except (ValueError, ImportError):  # no sdpa for this type: its eager attention
+            model = auto.from_config(config, attn_implementation="eager", **experts)
+        zoo._randomize_affine_(model, gen)
+    gen = torch.Generator().manual_seed(1)
+    if model_type in HF_VISION:
+        inputs: tuple = (torch.randn(1, 3, 32, 32, generator=gen, dtype=torch.float64),)
+    else:
+        ids = torch.randint(3, config.vocab_size, (1, 8), generator=gen)
+        inputs = (ids, ids[:, :6].clone()) if group == "seq2seq" else (ids,)
+    return wrap(model).double().eval(), inputs
+
+
+def hf_entries(group: str) -> list[str]:
+    from transformers.models.auto import modeling_auto as ma
+
+    if group == "causal":
+        return sorted(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if group == "seq2seq":
+        return sorted(ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES) + HF_VISION
+
+
+# ------------------------------------------------------------------------------------------------------
+# Vision: torchvision and timm at small sizes. Each entry: (library, builder, kwargs at width w); "w"
+# scales as in the HF table; None as kwargs means the builder has no width argument (the oracle and
+# widen_into are then "n/a" and only widen and training are checked).
+
+TV: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "resnet18": ("resnet18", None), "resnet50": ("resnet50", {"width_per_group": "2w"}),
+    "wide_resnet50_2": ("wide_resnet50_2", None), "resnext50_32x4d": ("resnext50_32x4d", None),
+    "vgg11_bn": ("vgg11_bn", None), "alexnet": ("alexnet", None), "squeezenet1_1": ("squeezenet1_1", None),
+    "densenet121": ("densenet121", None),
+    "mobilenet_v2": ("mobilenet_v2", {"width_mult": "w/32"}),
+    "mobilenet_v3_small": ("mobilenet_v3_small", {"width_mult": "w/32"}),
+    "mnasnet0_5": ("mnasnet0_5", None),
+    "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", None),
+    "efficientnet_b0": ("efficientnet_b0", None), "efficientnet_v2_s": ("efficientnet_v2_s", None),
+    "regnet_y_400mf": ("regnet_y_400mf", None), "convnext_tiny": ("convnext_tiny", None),
+    "vit_b_16": ("class:VisionTransformer", {"image_size": 32, "patch_size": 8, "num_layers": 2,
+                                             "num_heads": 4, "hidden_dim": "w", "mlp_dim": "2w"}),
+    "swin_t": ("swin_t", None), "swin_v2_t": ("swin_v2_t", None), "maxvit_t": ("maxvit_t", None),
+    "googlenet": ("googlenet", {"aux_logits": False, "init_weights": True}),
+}
+# timm: (model name, kwargs at width w). Names are real timm architectures; sizes are shrunk by kwargs
+# where the family takes them, otherwise the smallest variant is used at a small image size.
+TIMM: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
+                                     "num_heads": 4}),
+    "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
+                                       "num_heads": 4}),
+    "beit": ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
+                                       "num_heads": 4}),
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "patch_size": 7, "embed_dim": "w", "depth": 2,
+                                         "num_heads": 4}),
+    "cait": ("cait_xxs24_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
+                                "num_heads": 4}),
+    "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, "patch_size": 16, "embed_dim": "w", "depth": 2,
+                                      "num_heads": 4}),
+    "levit": ("levit_128s", None),
+    "coat": ("coat_lite_tiny", None),
+    "pit": ("pit_ti_224", None),
+    "twins": ("twins_svt_small", None),
+    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 56, "embed_dim": "w", "depths": [1, 1, 1, 1],
+                                              "num_heads": [2, 2, 4, 4]}),
+    "convnext": ("convnext_atto", {"dims": ["w", "2w", "4w", "8w"], "depths": [1, 1, 1, 1]}),
+    "convnextv2": ("convnextv2_atto", {"dims": ["w", "2w", "4w", "8w"], "depths": [1, 1, 1, 1]}),
+    "resnet": ("resnet18", None), "resnetv2": ("resnetv2_50", None), "resnest": ("resnest14d", None),
+    "regnet": ("regnetx_002", None), "rexnet": ("rexnet_100", None),
+    "efficientnet": ("efficientnet_b0", None),
+    "mobilenetv3": ("mobilenetv3_small_050", None), "mobilenetv2": ("mobilenetv2_050", None),
+    "ghostnet": ("ghostnet_050", None), "mixnet": ("mixnet_s", None), "mnasnet": ("mnasnet_small", None),
+    "fbnet": ("fbnetc_100", None), "hrnet": ("hrnet_w18_small", None), "dla": ("dla34", None),
+    "dpn": ("dpn68", None), "densenet": ("densenet121", None), "vgg": ("vgg11", None),
+    "inception_v3": ("inception_v3", None), "xception": ("xception41", None),
+    "mlp_mixer": ("class:timm.models.mlp_mixer.MlpMixer", {"img_size": 32, "patch_size": 8,
+                                                            "embed_dim": "w", "num_blocks": 2}),
+    "resmlp": ("resmlp_12_224", None), "gmlp": ("gmlp_ti16_224", None),
+    "poolformer": ("poolformer_s12", None), "convmixer": ("convmixer_768_32", None),
+    "crossvit": ("crossvit_tiny_240", None), "maxvit": ("maxvit_tiny_tf_224", None),
+    "efficientformer": ("efficientformer_l1", None), "mobilevit": ("mobilevit_xxs", None),
+    "edgenext": ("edgenext_xx_small", None), "cspnet": ("cspresnet50", None),
+    "selecsls": ("selecsls42", None),
+    "tresnet": ("tresnet_m", None), "nfnet": ("nf_resnet26", None), "repvgg": ("repvgg_a0", None),
+    "convit": ("convit_tiny", None), "tnt": ("tnt_s_patch16_224", None),
+}
+VISION_IMAGE = 32
+
+
+def _stub_torchvision_ops() -> None:
+    """Register placeholders for torchvision's compiled operators before importing torchvision.
+
+    PyPI's torchvision wheel is built against a CUDA torch; next to the CPU torch its compiled library
+    does not load, and ``torchvision/_meta_registrations.py`` then fails on ``torchvision::nms``. The
+    classification models never call these ops, so defining their schemas (no kernels) is enough.
+    """
+    import torch
+
+    schemas = {
+        "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+        "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+        "qroi_align": "qroi_align(Tensor input, Tensor rois, float input_scale, int input_zero_point, "
+                      "float rois_scale, int rois_zero_point, float spatial_scale, SymInt pooled_height, "
+                      "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
+        "roi_align": "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+                     "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
+        "_roi_align_backward": "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, "
+                               "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
+                               "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+                               "bool aligned) -> Tensor",
+        "roi_pool": "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+                    "SymInt pooled_width) -> (Tensor, Tensor)",
+        "_roi_pool_backward": "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, "
+                              "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+                              "SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor",
+        "ps_roi_align": "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+                        "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)",
+        "_ps_roi_align_backward": "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
+                                  "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+                                  "int sampling_ratio, SymInt batch_size, SymInt channels, SymInt height, "
+                                  "SymInt width) -> Tensor",
+        "ps_roi_pool": "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+                       "SymInt pooled_width) -> (Tensor, Tensor)",
+        "_ps_roi_pool_backward": "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, "
+                                 "float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+                                 "SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor",
+        "deform_conv2d": "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, "
+                         "Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, "
+                         "SymInt dilation_h, SymInt dilation_w, SymInt groups, SymInt offset_groups, "
+                         "bool use_mask) -> Tensor",
+        "_deform_conv2d_backward": "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, "
+                                   "Tensor offset, Tensor mask, Tensor bias, SymInt stride_h, "
+                                   "SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
+                                   "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) "
+                                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    }
+    global _TV_LIB
+    _TV_LIB = torch.library.Library("torchvision", "DEF")  # kept alive: the schemas live as long as it
+    for schema in [*schemas.values(), "_cuda_version() -> int"]:
+        name = schema.split("(", 1)[0]
+        if not hasattr(torch.ops.torchvision, name):
+            _TV_LIB.define(schema)
+
+
+_TV_LIB: Any = None
+
+
+def build_vision(lib: str, name: str, w: int | None) -> tuple[Any, tuple]:
+    import torch
+
+    table = TV if lib == "torchvision" else TIMM
+    arch, kwargs = table[name]
+    kw = {k: _scale(v, w) for k, v in (kwargs or {}).items()} if w is not None else {}
+    torch.manual_seed(0)
+    if lib == "torchvision":
+        import torchvision
+
+        if arch.startswith("class:"):  # the class itself, where the builder pins the sizes we shrink
+            model = getattr(torchvision.models, arch.removeprefix("class:"))(num_classes=10, **kw)
+        else:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=10, **kw)
+        size = 32 if "vit" not in name and "swin" not in name and "maxvit" not in name else 224
+        size = kw.get("image_size", size)
+    else:
+        import timm
+
+        if arch.startswith("class:"):  # the class itself, where every named variant pins the sizes
+            module, _, cls = arch.removeprefix("class:").rpartition(".")
+            model = getattr(importlib.import_module(module), cls)(num_classes=10, **kw)
+            cfg = {}
+        else:
+            model = timm.create_model(arch, pretrained=False, num_classes=10, **kw)
+            cfg = model.pretrained_cfg
+        size = kw.get("img_size", cfg.get("input_size", (3, 224, 224))[-1])
+        if kwargs is None and not cfg.get("fixed_input_size", False):
+            size = 64
+    from graphscale import zoo
+
+    zoo._randomize_affine_(model, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return model.double().eval(), (x,)
+
+
+def vision_entries() -> list[str]:
+    """Models shrunk by width arguments first: the fixed-size ones (millions of parameters, widened x2
+    and trained in float64) take minutes each on a loaded machine."""
+    entries = [f"torchvision/{n}" for n in TV] + [f"timm/{n}" for n in TIMM]
+    sized = [e for e in entries if (TV if e.startswith("torchvision/") else TIMM)[e.split("/", 1)[1]][1]]
+    return sized + [e for e in entries if e not in sized]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The checks (run inside the model's own subprocess)
+
+
+_TRACEBACKS: dict[str, str] = {}
+
+
+def _reason(e: BaseException, stage: str = "") -> str:
+    from graphscale.errors import GraphscaleError
+
+    if not isinstance(e, GraphscaleError) and stage:  # a crash: keep where it happened for the work list
+        _TRACEBACKS[stage] = "".join(traceback.format_exception(e))[-1500:]
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if not isinstance(e, GraphscaleError):
+        text = f"{type(e).__name__}: {text}"
+    return text[:400]
+
+
+def _rel(a: Any, b: Any) -> float:
+    return float(((a - b).abs().max() / (1 + b.abs().max())).item())
+
+
+def _computes_in_float32(gm: Any) -> bool:
+    """Whether the captured graph casts to float32 somewhere (HF's RMSNorm, rotary, softmax upcasts)."""
+    import torch
+
+    def has(v: Any) -> bool:
+        if isinstance(v, list | tuple):
+            return any(has(x) for x in v)
+        if isinstance(v, dict):
+            return any(has(x) for x in v.values())
+        return v is torch.float32
+
+    return any(has(n.args) or has(n.kwargs) for n in gm.graph.nodes)
+
+
+def _state(model: Any) -> dict[str, Any]:
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(dict(model.named_buffers(remove_duplicate=False)))
+    return out
+
+
+def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], list[str], list[str]]:
+    """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
+    tensors that differ at 2w but are not in the graph."""
+    small_s, large_s = _state(small), _state(large)
+    gm = plan.captured.gm
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    used |= {n for n, _ in gm.named_parameters(remove_duplicate=False)}  # fx keeps modules, not get_attr
+    missed, extra, unused = [], set(), []
+    for name, t in small_s.items():
+        big = large_s.get(name)
+        if big is None:
+            missed.append(f"{name}: absent at 2w")
+            continue
+        if big.dim() != t.dim():
+            missed.append(f"{name}: rank differs at 2w")
+            continue
+        scaling = record.params.get(name)
+        if scaling is None or (name not in used and name in dict(gm.named_buffers())):
+            if tuple(big.shape) != tuple(t.shape):
+                unused.append(name)
+            continue
+        for ax, (a, b, c) in enumerate(zip(t.shape, big.shape, scaling.wide_shape)):
+            if a != b and c != b:
+                missed.append(f"{name}[{ax}] is {a} at w and {b} at 2w but widened to {c}")
+            elif a == b and c != a:
+                try:
+                    extra.add(plan.classification.lookup(f"{name}[{ax}]").name)
+                except KeyError:
+                    extra.add(f"{name}[{ax}]")
+    return missed, sorted(extra), unused
+
+
+def _train(narrow: Any, wide: Any, inputs: tuple, opt_cls: Any, hp: dict) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    import graphscale
+
+    n_opt = opt_cls(narrow.parameters(), **hp)
+    w_opt = graphscale.mup_optimizer(wide, opt_cls, **hp)
+    worst = 0.0
+    for step in range(TRAIN_STEPS):
+        gen = torch.Generator().manual_seed(100 + step)
+        batch = tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) if x.is_floating_point()
+                      else torch.randint(3, int(x.max()) + 1, x.shape, generator=gen) for x in inputs)
+        target = None
+        for model, opt in ((narrow, n_opt), (wide, w_opt)):
+            opt.zero_grad()
+            out = model(*batch)
+            if target is None:
+                target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=gen)
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
+            opt.step()
+        with torch.no_grad():
+            worst = max(worst, _rel(wide(*batch), narrow(*batch)))
+        if worst != worst:  # NaN
+            break
+    return worst
+
+
+OPTIMIZERS = {
+    "train_adamw": ("AdamW", {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.1}),
+    "train_sgd": ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+}
+CHECKS = ["oracle", "widen", "widen_into", *OPTIMIZERS]
+
+
+def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: bool) -> dict[str, Any]:
+    """Run every check on one model; see the module doc. Returns the JSON-ready result."""
+    import torch
+
+    import graphscale
+    from graphscale.errors import TraceError
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # deep copies of export graphs warn about pytree internals
+    res: dict[str, Any] = {"status": "ok", "stage": None, "reason": "", "checks": {}, "times": {},
+                           "cpu_times": {}, "slow": []}
+    t0 = time.perf_counter()
+
+    def timed(key: str, fn: Callable[[], Any]) -> Any:
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            return fn()
+        finally:
+            res["times"][key] = round(time.perf_counter() - t, 3)
+            res["cpu_times"][key] = round(time.process_time() - c, 3)
+            # CPU time, not wall: the census machine is shared, and wall time measures the neighbours
+            if key in ("analyze", "widen", "widen_into") and res["cpu_times"][key] > SLOW_S:
+                res["slow"].append(key)
+
+    def fail(stage: str, status: str, reason: str) -> None:
+        if res["status"] == "ok":
+            res.update(status=status, stage=stage, reason=reason)
+
+    try:
+        small, inputs = timed("build", lambda: build(WIDTH if has_width else None))
+        with torch.no_grad():
+            out = small(*inputs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the forward returns {type(out).__name__}, not a tensor")
+        res["params"] = sum(p.numel() for p in small.parameters())
+    except Exception as e:
+        fail("build", "not built", _reason(e, "build"))
+        res["tracebacks"] = dict(_TRACEBACKS)
+        return res
+    try:
+        plan = timed("analyze", lambda: graphscale.analyze(small, inputs))
+    except TraceError as e:
+        fail("analyze", "not exported" if "could not capture" in str(e) else "fail", _reason(e, "analyze"))
+        return res
+    except Exception as e:
+        fail("analyze", "fail", _reason(e, "analyze"))
+        res["tracebacks"] = dict(_TRACEBACKS)
+        return res
+    f32 = _computes_in_float32(plan.captured.gm)
+    tol, train_tol = (TOL_F32, TRAIN_TOL_F32) if f32 else (TOL_F64, TRAIN_TOL_F64)
+    res.update(frontend=plan.frontend, float32_inside=f32, tolerance=tol,
+               width_classes=[c.name for c in plan.width_classes])
+    checks = res["checks"]
+    wide = None
+    try:
+        wide = timed("widen", lambda: graphscale.widen(small, inputs, 2, plan=plan))
+    except Exception as e:
+        checks["widen"] = f"fail: {_reason(e, 'widen')}"
+    large = None
+    if has_width:
+        try:
+            large, _ = build(2 * WIDTH)
+        except Exception as e:
+            checks["oracle"] = f"fail: the 2w model does not build: {_reason(e, 'oracle')}"
+    else:
+        checks["oracle"] = checks["widen_into"] = "n/a (the builder has no width argument)"
+    if "oracle" not in checks:
+        if wide is None:
+            checks["oracle"] = "not run (widen failed)"
+        else:
+            missed, extra, unused = _oracle(plan, wide.graphscale, small, large)
+            res["extra_classes"], res["unused_differing"] = extra, unused
+            checks["oracle"] = (f"fail: {len(missed)} axes not inferred as width, e.g. {missed[0]}"
+                                if missed else "ok")
+    if wide is not None and "widen" not in checks:
+        try:
+            with torch.no_grad():
+                err = _rel(wide(*inputs), small(*inputs))
+            res["widen_error"] = err
+            checks["widen"] = "ok" if err <= tol else f"fail: output differs by {err:.3g} (tolerance {tol:g})"
+        except Exception as e:
+            checks["widen"] = f"fail: the wide model does not run: {_reason(e, 'widen')}"
+    if large is not None and "widen_into" not in checks:
+        try:
+            timed("widen_into", lambda: graphscale.widen_into(small, large, inputs))
+            with torch.no_grad():
+                err = _rel(large(*inputs), small(*inputs))
+            res["widen_into_error"] = err
+            checks["widen_into"] = ("ok" if err <= tol
+                                    else f"fail: output differs by {err:.3g} (tolerance {tol:g})")
+        except Exception as e:
+            checks["widen_into"] = f"fail: {_reason(e, 'widen_into')}"
+    for key, (opt_name, hp) in OPTIMIZERS.items():
+        if wide is None or checks.get("widen", "").startswith("fail: the wide"):
+            checks[key] = "not run (no wide model)"
+            continue
+        try:
+            narrow_c, wide_c = copy.deepcopy(small), copy.deepcopy(wide)
+            wide_c.graphscale = wide.graphscale
+            opt_cls = getattr(torch.optim, opt_name)
+            err = timed(key, lambda n=narrow_c, w=wide_c, o=opt_cls, h=hp: _train(n, w, inputs, o, h))
+            res[f"{key}_error"] = err
+            checks[key] = ("ok" if err <= train_tol else
+                           f"fail: diverged by {err:.3g} in {TRAIN_STEPS} steps (tolerance {train_tol:g})")
+        except Exception as e:
+            checks[key] = f"fail: {_reason(e, key)}"
+    for key in CHECKS:
+        value = checks.get(key, "not run")
+        if value.startswith("fail"):
+            fail(key, "fail", value[len("fail: "):])
+    res["times"]["total"] = round(time.perf_counter() - t0, 3)
+    if _TRACEBACKS:
+        res["tracebacks"] = dict(_TRACEBACKS)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+# Running: one forked subprocess per model, at most --jobs at once
+
+
+def _builder(entry: str) -> tuple[Callable[[int | None], tuple[Any, tuple]], bool]:
+    group, name = entry.split("/", 1)
+    if group in ("causal", "encoder", "seq2seq"):
+        return (lambda w: build_hf(group, name, w)), True
+    table = TV if group == "torchvision" else TIMM
+    return (lambda w: build_vision(group, name, w)), table[name][1] is not None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed when the census process dies (e.g. a test's timeout killed it)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _child(entry: str, conn: Any) -> None:
+    _die_with_parent()
+    try:
+        build, has_width = _builder(entry)
+        result = check_model(build, has_width)
+    except BaseException as e:  # the parent must always get an answer
+        result = {"status": "crash", "stage": "census", "reason": _reason(e),
+                  "traceback": traceback.format_exc()[-2000:]}
+    conn.send(result)
+    conn.close()
+
+
+def run_entries(entries: list[str], jobs: int, timeout: float, log: Callable[[str], None],
+                progress: Path | None = None) -> dict:
+    """Fork one child per entry (modules already imported by this process), ``jobs`` at a time.
+
+    Each result is also appended to ``progress`` (JSON lines) as it arrives, so that an interrupted
+    census can go on with ``--resume``."""
+    ctx = mp.get_context("fork")
+    pending, running, results = list(entries), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            entry = pending.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(entry, send), daemon=True)
+            proc.start()
+            send.close()
+            running[entry] = (proc, recv, time.perf_counter())
+        time.sleep(0.05)
+        for entry, (proc, recv, start) in list(running.items()):
+            elapsed = time.perf_counter() - start
+            result = None
+            if recv.poll():
+                try:
+                    result = recv.recv()
+                except EOFError:
+                    result = {"status": "crash", "stage": "census",
+                              "reason": f"the subprocess died (exit code {proc.exitcode})"}
+            elif not proc.is_alive():
+                result = {"status": "crash", "stage": "census",
+                          "reason": f"the subprocess died (exit code {proc.exitcode})"}
+            elif elapsed > timeout:
+                cpu = _cpu_seconds(proc.pid)  # tells a model that spins from one starved by neighbours
+                proc.kill()
+                result = {"status": "timeout", "stage": "census",
+                          "reason": f"no result within {timeout:g} s (wall; {cpu:.0f} s of CPU)"}
+            if result is None:
+                continue
+            proc.join(5)
+            recv.close()
+            result["wall_s"] = round(elapsed, 2)
+            results[entry] = result
+            del running[entry]
+            if progress is not None:
+                with progress.open("a") as f:
+                    f.write(json.dumps({"entry": entry, "result": result}) + "\n")
+            log(f"{entry:45s} {result['status']:13s} {elapsed:6.1f}s  {result.get('reason', '')[:120]}")
+    return results
+
+
+def _preload(groups: set[str]) -> None:
+    """Import the heavy modules once in the parent so that every fork starts warm."""
+    import torch  # noqa: F401
+
+    import graphscale  # noqa: F401
+    torch.set_num_threads(1)  # before any op: a forked child cannot use a parent's OpenMP pool
+    if groups & {"causal", "encoder", "seq2seq"}:
+        # Warm the shared machinery (transformers' modeling utilities, torch.export, the rule book) once
+        # here, so that each forked child pays only for its own model.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, inputs = build_hf("causal", "llama", 8)
+            graphscale.analyze(model, inputs)
+    if "torchvision" in groups:
+        _stub_torchvision_ops()
+        import torchvision  # noqa: F401
+    if "timm" in groups:
+        if "torchvision" not in groups:
+            _stub_torchvision_ops()
+        import timm  # noqa: F401
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, inputs = build_vision("timm", "vit", 8)
+            graphscale.analyze(model, inputs)
+
+
+def _vision_python(arg: str | None) -> str | None:
+    for cand in (arg, os.environ.get("GRAPHSCALE_VISION_PYTHON"), "/work/venv-vision/bin/python"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+def _select(entries: list[str], only: list[str] | None) -> list[str]:
+    if not only:
+        return entries
+    return [e for e in entries if e in only or e.split("/", 1)[1] in only or e.split("/", 1)[0] in only]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reports
+
+
+GROUP_TITLES = {"causal": "Hugging Face causal LMs", "encoder": "Hugging Face encoders (masked LM, ViT)",
+                "seq2seq": "Hugging Face seq2seq", "vision": "torchvision and timm"}
+
+
+def _group_of(entry: str) -> str:
+    g = entry.split("/", 1)[0]
+    return "vision" if g in ("torchvision", "timm") else g
+
+
+def summarize(results: dict[str, dict]) -> dict[str, dict[str, int]]:
+    """Per group: models listed, not run (census stopped early), built, exported (captured), ok."""
+    out: dict[str, dict[str, int]] = {}
+    for entry, r in results.items():
+        s = out.setdefault(_group_of(entry), {"models": 0, "not_run": 0, "built": 0, "exported": 0, "ok": 0})
+        s["models"] += 1
+        s["not_run"] += r["status"] == "not run"
+        s["built"] += r["status"] not in ("not built", "not run")
+        s["exported"] += r["status"] not in ("not built", "not exported", "not run")
+        s["ok"] += r["status"] == "ok"
+    return out
+
+
+def failure_classes(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """Failing models grouped by their reason with numbers, node names and sizes blurred."""
+    classes: dict[str, list[str]] = {}
+    for entry, r in results.items():
+        if r["status"] in ("ok", "not built", "not exported", "not run"):
+            continue
+        key = f"{r.get('stage')}: {_blur(r.get('reason', ''))}"
+        classes.setdefault(key, []).append(entry)
+    return sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+
+
+def _short(reason: str) -> str:
+    """The reason without the source location a GraphscaleError quotes (kept in the JSON)."""
+    reason = re.sub(r' \("/.*?\)\. Add a rule', ". Add a rule", reason)
+    return re.sub(r' \("[^"]*", line \d+, in [^)]*\)+', "", reason)
+
+
+def _blur(reason: str) -> str:
+    m = re.match(r"no graphscale rule covers (\w+ \S+?),", reason)
+    if m:
+        return f"no rule covers {m.group(1)}"
+    reason = re.sub(r"\(max relative output error[^)]*\)", "", _short(reason))
+    reason = re.sub(r"node '[^']*'|node \S+", "node N", reason)
+    reason = re.sub(r"'[^']*\.[^']*'", "'X'", reason)  # dotted names (tensors, modules)
+    reason = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", reason)
+    return reason[:160]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(results: dict[str, dict], meta: dict) -> str:
+    lines = ["# graphscale architecture census", "",
+             f"Generated by `python benchmarks/zoo.py` ({meta.get('date', '')}; torch {meta.get('torch')}, "
+             f"transformers {meta.get('transformers')}, torchvision {meta.get('torchvision')}, "
+             f"timm {meta.get('timm')}). Width w={WIDTH} vs 2w, float64; checks: two-width oracle, widen "
+             f"x2, widen_into, {TRAIN_STEPS} steps of AdamW and SGD with mup_optimizer.", ""]
+    summary = summarize(results)
+    lines += ["| group | models | not run | built | captured | ok (all checks) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for g, s in summary.items():
+        lines.append(f"| {GROUP_TITLES.get(g, g)} | {s['models']} | {s['not_run']} | {s['built']} | "
+                     f"{s['exported']} | {s['ok']} |")
+    for g in GROUP_TITLES:
+        entries = sorted(e for e in results if _group_of(e) == g)
+        if not entries:
+            continue
+        lines += ["", f"## {GROUP_TITLES[g]}", "", "| model | result | time (s) |", "| --- | --- | --- |"]
+        for e in entries:
+            r = results[e]
+            if r["status"] == "ok":
+                extra = f" (extra classes: {', '.join(r['extra_classes'])})" if r.get("extra_classes") else ""
+                text = f"ok{extra}"
+            elif r["status"] in ("not built", "not exported", "timeout", "crash", "not run"):
+                text = f"{r['status']}: {r.get('reason', '')}"
+            else:
+                text = f"{r.get('stage')}: {r.get('reason', '')}"
+            if r.get("slow"):
+                text += f" **slow: {', '.join(r['slow'])}**"
+            t = r.get("times", {}).get("total", r.get("wall_s", ""))
+            lines.append(f"| {e.split('/', 1)[1] if g != 'vision' else e} | {_cell(text)} | {t} |")
+    fc = failure_classes(results)
+    if fc:
+        lines += ["", "## Failure classes", "", "| count | first failing check: reason | models |",
+                  "| --- | --- | --- |"]
+        for key, members in fc:
+            names = ", ".join(m.split("/", 1)[1] for m in members)
+            lines.append(f"| {len(members)} | {_cell(key)} | {names} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(results: dict[str, dict]) -> str:
+    """The README's "Supported architectures" census part, generated from the results."""
+    summary = summarize(results)
+    lines = ["### Census (generated by `python benchmarks/zoo.py --readme`)", "",
+             f"Every model below is built tiny (width {WIDTH} vs {2 * WIDTH}, 2 layers, random weights, "
+             "float64) and must pass, with default options: inference against the two-width oracle, "
+             f"`widen` x2 exact (1e-10, or 1e-6 where the model computes in float32), `widen_into` the "
+             f"model built at 2w, and {TRAIN_STEPS} steps of AdamW and SGD with `mup_optimizer` matching the "
+             "narrow model. Full table: `benchmarks/results/zoo.md`.", "",
+             "| group | ok / captured | ok / built | models listed | not run |",
+             "| --- | --- | --- | --- | --- |"]
+    for g, s in summary.items():
+        pc = f"{100 * s['ok'] / s['exported']:.0f}%" if s["exported"] else "-"
+        lines.append(f"| {GROUP_TITLES.get(g, g)} | {s['ok']} / {s['exported']} ({pc}) | {s['ok']} / "
+                     f"{s['built']} | {s['models']} | {s['not_run']} |")
+    for g in GROUP_TITLES:
+        entries = sorted(e for e in results if _group_of(e) == g)
+        if not entries:
+            continue
+        ok = [e.split("/", 1)[1] if g != "vision" else e for e in entries if results[e]["status"] == "ok"]
+        lines += ["", f"**{GROUP_TITLES[g]}, exact:** {', '.join(ok) or '(none)'}.", "",
+                  "| not yet | reason |", "| --- | --- |"]
+        for e in entries:
+            r = results[e]
+            if r["status"] == "ok":
+                continue
+            label = e.split("/", 1)[1] if g != "vision" else e
+            prefix = r["status"] if r["status"] != "fail" else r.get("stage")
+            lines.append(f"| {label} | {_cell(prefix + ': ' + _short(r.get('reason', ''))[:200])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _meta() -> dict:
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "width": WIDTH}
+    for mod in ("torch", "transformers", "torchvision", "timm"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except Exception:
+            meta[mod] = None
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--only", action="append", help="a type, group/type or group (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="models checked at once")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
+    parser.add_argument("--groups", default="causal,encoder,seq2seq,vision",
+                        help="comma-separated: causal, encoder, seq2seq, vision")
+    parser.add_argument("--vision-python", help="interpreter of the torchvision/timm environment")
+    parser.add_argument("--out", type=Path, default=RESULTS / "zoo.json", help="JSON results file")
+    parser.add_argument("--fresh", action="store_true", help="do not merge into the existing JSON")
+    parser.add_argument("--readme", action="store_true", help="print the README section from --out and exit")
+    parser.add_argument("--merge", type=Path, action="append",
+                        help="merge the results of another census JSON into --out (and its .md), run nothing")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the models already done by an interrupted run (OUT.partial.jsonl)")
+    parser.add_argument("--finalize", action="store_true",
+                        help="write the JSON and table of a stopped census, listing the rest as not run")
+    parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # vision: run in the vision environment
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+
+    if args.readme:
+        print(readme_section(json.loads(args.out.read_text())["results"]), end="")
+        return 0
+    if args.merge:
+        data = json.loads(args.out.read_text())
+        for other in args.merge:
+            got = json.loads(other.read_text())
+            data["results"].update(got["results"])
+            data["meta"].update({k: v for k, v in got["meta"].items() if v is not None and k != "census_s"})
+            data["meta"]["census_s"] = data["meta"].get("census_s", 0) + got["meta"].get("census_s", 0)
+        data["results"] = dict(sorted(data["results"].items()))
+        data["summary"] = summarize(data["results"])
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(data["results"], data["meta"]))
+        return 0
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    if args.worker:  # vision subprocess: --worker names a JSON file with the entries, results go to --out
+        entries = json.loads(Path(args.worker).read_text())
+        _preload({e.split("/", 1)[0] for e in entries})
+        results = run_entries(entries, args.jobs, args.timeout, log, args.progress)
+        args.out.write_text(json.dumps({"results": results, "meta": _meta()}))
+        return 0
+
+    groups = set(args.groups.split(","))
+    if args.quick:
+        entries = list(QUICK)
+    else:
+        entries = []
+        import transformers  # noqa: F401
+
+        for g in ("causal", "encoder", "seq2seq"):
+            if g in groups:
+                entries += [f"{g}/{t}" for t in hf_entries(g)]
+        if "vision" in groups:
+            entries += vision_entries()
+    entries = _select(entries, args.only)
+    hf = [e for e in entries if _group_of(e) != "vision"]
+    vision = [e for e in entries if _group_of(e) == "vision"]
+    results: dict[str, dict] = {}
+    progress = args.out.with_suffix(".partial.jsonl")
+    if args.resume or args.finalize:
+        if args.out.exists():  # models a stopped census already recorded
+            results.update({e: r for e, r in json.loads(args.out.read_text())["results"].items()
+                            if e in entries and r["status"] != "not run"})
+        if progress.exists():  # and those it finished before it was stopped
+            for line in progress.read_text().splitlines():
+                done = json.loads(line)
+                results[done["entry"]] = done["result"]
+        hf = [e for e in hf if e not in results]
+        vision = [e for e in vision if e not in results]
+        log(f"resuming: {len(results)} models already done")
+    elif progress.exists():
+        progress.unlink()
+    if args.finalize:  # record what a stopped census did not reach, as such
+        for e in hf + vision:
+            results[e] = {"status": "not run", "stage": None, "checks": {},
+                          "reason": "the census was stopped before this model (python benchmarks/zoo.py "
+                                    "--resume runs it)"}
+        hf = vision = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    meta = _meta()
+    if hf:
+        _preload({"causal"})
+        results.update(run_entries(hf, args.jobs, args.timeout, log, progress))
+    if vision:
+        python = _vision_python(args.vision_python)
+        if python is None:
+            for e in vision:
+                results[e] = {"status": "not built", "stage": "build",
+                              "reason": "no torchvision/timm environment (see --help: --vision-python)"}
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                todo, out = Path(tmp) / "entries.json", Path(tmp) / "results.json"
+                todo.write_text(json.dumps(vision))
+                env = dict(os.environ, PYTHONPATH=str(ROOT))
+                subprocess.run([python, __file__, "--worker", str(todo), "--out", str(out), "--jobs",
+                                str(args.jobs), "--timeout", str(args.timeout), "--progress", str(progress)],
+                               env=env, check=True)
+                got = json.loads(out.read_text())
+                results.update(got["results"])
+                meta.update({k: got["meta"][k] for k in ("torchvision", "timm")})
+    meta["census_s"] = round(time.perf_counter() - t0, 1)
+    merged = results
+    if args.out.exists() and not args.fresh:
+        old = json.loads(args.out.read_text())
+        merged = dict(old.get("results", {}), **results)
+        meta = dict(old.get("meta", {}), **{k: v for k, v in meta.items() if v is not None})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    merged = dict(sorted(merged.items()))
+    args.out.write_text(json.dumps({"meta": meta, "summary": summarize(merged), "results": merged},
+                                   indent=1, sort_keys=False) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(merged, meta))
+    progress.unlink(missing_ok=True)
+    for g, s in summarize(results).items():
+        log(f"{g}: {s['ok']} ok / {s['exported']} captured / {s['built']} built / {s['models']} listed")
+    log(f"census: {len(results)} models in {meta['census_s']} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The architecture census (benchmarks/zoo.py): its --quick subset runs end to end and writes the
+documented JSON and Markdown; the known-good models pass every check; a model with a known missing rule
+is listed with that reason, not skipped; the two-width oracle catches an axis that was not widened."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = ["causal/gpt2", "causal/llama", "encoder/bert"]
+CHECKS = ["oracle", "widen", "widen_into", "train_adamw", "train_sgd"]
+
+
+def _census_module():
+    spec = importlib.util.spec_from_file_location("census_zoo", ROOT / "benchmarks" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, Path]:
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("census") / "zoo.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zoo.py"), "--quick", "--jobs", "2",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), out
+
+
+def test_quick_census_writes_every_model_with_status_and_checks(quick) -> None:
+    data, out = quick
+    census = _census_module()
+    assert set(data) == {"meta", "summary", "results"}
+    assert sorted(data["results"]) == sorted(census.QUICK)
+    for entry, r in data["results"].items():
+        assert r["status"] in ("ok", "fail", "not built", "not exported", "timeout", "crash"), entry
+        assert {"stage", "reason", "checks", "times"} <= set(r), entry
+        assert (r["status"] == "ok") == (r["reason"] == ""), entry
+    assert data["summary"]["causal"]["models"] == 3 and data["summary"]["encoder"]["models"] == 1
+    table = out.with_suffix(".md").read_text()
+    for entry in census.QUICK:
+        assert f"| {entry.split('/', 1)[1]} |" in table
+
+
+def test_known_good_models_pass_every_check(quick) -> None:
+    data, _ = quick
+    for entry in GOOD:
+        r = data["results"][entry]
+        assert r["status"] == "ok", (entry, r.get("stage"), r.get("reason"))
+        assert [r["checks"][c] for c in CHECKS] == ["ok"] * len(CHECKS), (entry, r["checks"])
+        assert r["widen_error"] <= r["tolerance"] and r["widen_into_error"] <= r["tolerance"]
+        assert r["width_classes"], entry
+
+
+def test_a_model_without_a_rule_is_listed_with_its_reason(quick) -> None:
+    data, _ = quick
+    r = data["results"]["causal/bloom"]  # BLOOM's ALiBi calls aten.baddbmm, which no rule covers yet
+    assert r["status"] == "fail" and r["stage"] == "analyze"
+    assert "aten.baddbmm" in r["reason"] and "\n" not in r["reason"]
+    census = _census_module()
+    classes = dict(census.failure_classes(data["results"]))
+    assert any("causal/bloom" in members for members in classes.values())
+
+
+def test_readme_section_is_generated_from_the_results(quick) -> None:
+    data, out = quick
+    script = str(ROOT / "benchmarks" / "zoo.py")
+    proc = subprocess.run([sys.executable, script, "--readme", "--out", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "gpt2, llama" in proc.stdout and "| bloom | analyze: no graphscale rule covers" in proc.stdout
+
+
+def test_oracle_flags_an_axis_that_grows_with_the_config_but_was_not_widened() -> None:
+    import graphscale
+
+    census = _census_module()
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4),)
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    plan = graphscale.analyze(small, x)
+    wide = graphscale.widen(small, x, 2, plan=plan)
+    # the output axis is fixed by default, so a "2w" config that also grows the output is not matched
+    large = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    missed, extra, _ = census._oracle(plan, wide.graphscale, small, large)
+    assert missed and all(m.startswith("2.") for m in missed)
+    # a config that keeps the hidden size: the hidden class is an extra inferred class, not a miss
+    same = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    missed, extra, _ = census._oracle(plan, wide.graphscale, small, same)
+    assert not missed and extra == ["0.weight[0]"]
+
+
+class _LogSigmoidMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.act = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3), torch.nn.LogSigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.logsigmoid(self.up(x)) + self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_census_rules_log_sigmoid_widens_exactly(tracer: str) -> None:
+    """rules/census.toml: log-sigmoid (function, module and ATen op) is elementwise, so widening is exact."""
+    import graphscale
+
+    torch.manual_seed(0)
+    model, x = _LogSigmoidMLP().double(), (torch.randn(5, 4, dtype=torch.float64),)
+    wide = graphscale.widen(model, x, 3, tracer=tracer)
+    assert tuple(wide.get_parameter("down.weight").shape) == (3, 24)
+    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
+
+
+class _DetachInPlaceMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.up(x)).detach_()  # a stop-gradient gate, as DeBERTa-v2 and GPT-Neo write it
+        return self.down(self.up(x) * gate)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_census_rules_detach_inplace_widens_exactly(tracer: str) -> None:
+    """rules/census.toml: in-place detach keeps the tensor (and its width axes), so widening is exact."""
+    import graphscale
+
+    torch.manual_seed(0)
+    model, x = _DetachInPlaceMLP().double(), (torch.randn(5, 4, dtype=torch.float64),)
+    wide = graphscale.widen(model, x, 2, tracer=tracer)
+    assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
+    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
