@@ -111,7 +111,7 @@ class _LogSigmoidMLP(torch.nn.Module):
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_census_rules_log_sigmoid_widens_exactly(tracer: str) -> None:
-    """rules/census.toml: log-sigmoid (function, module and ATen op) is elementwise, so widening is exact."""
+    """rules/elementwise.toml: log-sigmoid (function, module and ATen op) is elementwise, so widening is exact."""
     import graphscale
 
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ class _DetachInPlaceMLP(torch.nn.Module):
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_census_rules_detach_inplace_widens_exactly(tracer: str) -> None:
-    """rules/census.toml: in-place detach keeps the tensor (and its width axes), so widening is exact."""
+    """rules/elementwise.toml: in-place detach keeps the tensor (and its width axes), so widening is exact."""
     import graphscale
 
     torch.manual_seed(0)
