@@ -828,3 +828,106 @@ KIND_HANDLERS: dict[str, Callable[[OpContext], Info]] = {
     "creation": kind_creation, "like": kind_like, "sdpa": kind_sdpa, "layer_norm": kind_layer_norm,
     "group_norm": kind_group_norm, "pool": kind_pool, "fixed": kind_fixed, "ignore": kind_ignore,
 }
+
+
+# -- losses (mup-ecosystem) -------------------------------------------------------------------------------
+# Kept apart from the kinds above so that it merges cleanly: one handler and one registry entry.
+
+_AT_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's Reduction enum
+
+
+def _loss_reduction(ctx: OpContext) -> str:
+    """The reduction as a string ('none', 'mean', 'sum', 'batchmean'), legacy arguments resolved."""
+    spec = ctx.rule.spec
+    size_average = ctx.value(spec["size_average"], None) if "size_average" in spec else None
+    reduce = ctx.value(spec["reduce"], None) if "reduce" in spec else None
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        return _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    value = ctx.value(spec.get("reduction", "reduction@99"), spec.get("default_reduction", "mean"))
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value not in _AT_REDUCTIONS:
+            raise UnsupportedOpError(f"{ctx.where()}: unknown reduction {value} of {ctx.rule.name}")
+        return _AT_REDUCTIONS[value]
+    if value not in ("none", "mean", "sum", "batchmean"):
+        raise UnsupportedOpError(f"{ctx.where()}: unknown reduction {value!r} of {ctx.rule.name}")
+    return str(value)
+
+
+def kind_loss(ctx: OpContext) -> Info:
+    """A loss function: an elementwise loss over per-sample axes, then a reduction over all of them.
+
+    With ``classes = true`` (cross_entropy, nll_loss) the input's class axis (1, or 0 for a 1-D input)
+    is fixed, class weights share it, and an index target has the input's axes without the class axis
+    (a probability target has all of them). Otherwise every tensor operand broadcasts elementwise
+    (mse_loss, binary_cross_entropy_with_logits, kl_div). The reduction decides what a width axis among
+    the per-sample axes does: ``'none'`` keeps it, ``'mean'`` is a mean over it (invariant under
+    replication), ``'sum'`` and the non-batch axes of ``'batchmean'`` are a sum over it, which the widen
+    stage compensates with ``1/k`` exactly as for ``torch.sum``.
+    """
+    spec = ctx.rule.spec
+    refs = spec.get("module_operands") if ctx.module is not None else None
+    refs = refs or spec.get("operands", ["input@0", "target@1"])
+    infos = [ctx.info(r) for r in refs]
+    tensors = [i for i in infos if isinstance(i, TensorInfo)]
+    x = infos[0]
+    if not isinstance(x, TensorInfo):
+        raise UnsupportedOpError(f"{ctx.where()}: the input of {ctx.rule.name} is not a tensor")
+    ds, where = ctx.ds, f"{ctx.rule.name} at {ctx.where()}"
+    if spec.get("classes"):
+        c_axis = 1 if len(x.dims) >= 2 else 0
+        ds.fix(x.dims[c_axis], f"the class axis of {ctx.rule.name}")
+        sample = tuple(d for k, d in enumerate(x.dims) if k != c_axis)
+        sample_shape = tuple(s for k, s in enumerate(x.shape) if k != c_axis)
+        for info in tensors[1:]:
+            if info.shape == x.shape:  # class probabilities
+                for a, b in zip(info.dims, x.dims):
+                    ds.union(a, b, where)
+            elif info.shape == sample_shape:  # class indices
+                for a, b in zip(info.dims, sample):
+                    ds.union(a, b, where)
+                for d in info.dims:
+                    ds.fix(d, f"a target index axis of {ctx.rule.name}")
+            elif len(info.shape) == 1 and info.shape[0] == x.shape[c_axis]:  # per-class weights
+                ds.union(info.dims[0], x.dims[c_axis], where)
+            else:
+                raise UnsupportedOpError(f"{ctx.where()}: {ctx.rule.name} operand of shape {info.shape} "
+                                         f"does not match the input's {x.shape}")
+    else:
+        sample_shape = tuple(torch.broadcast_shapes(*(i.shape for i in tensors)))
+        sample = _broadcast(ctx, sample_shape, tensors)
+    reduction = _loss_reduction(ctx)
+    results = ctx.result if isinstance(ctx.result, tuple) else (ctx.result,)
+    out = results[0]
+    if reduction == "none":
+        if tuple(out.shape) != sample_shape:
+            raise UnsupportedOpError(f"{ctx.where()}: {ctx.rule.name} with reduction='none' returned "
+                                     f"shape {tuple(out.shape)}, expected {sample_shape}")
+        info = TensorInfo(sample, sample_shape)
+    else:
+        summed = sample if reduction == "sum" else sample[1:] if reduction == "batchmean" else ()
+        if summed:
+            ctx.requests.multipliers.append(OutputMultiplier(
+                ctx.node.name, tuple(summed), f"{ctx.rule.name} with reduction={reduction!r} sums over "
+                "these axes"))
+        info = TensorInfo((), tuple(out.shape))
+        if out.dim() != 0:
+            raise UnsupportedOpError(f"{ctx.where()}: {ctx.rule.name} with reduction={reduction!r} "
+                                     f"returned shape {tuple(out.shape)}, expected a scalar")
+    if len(results) == 1:
+        return info if not isinstance(ctx.result, tuple) else (info,)
+    return (info,) + tuple(TensorInfo(ctx.fresh(tuple(r.shape)), tuple(r.shape)) for r in results[1:])
+
+
+def kind_broadcast_tensors(ctx: OpContext) -> Info:
+    """``torch.broadcast_tensors`` (export lowers ``mse_loss`` through it): each output has the
+    broadcast shape, its axes shared with the operands' as in any elementwise op."""
+    infos = [i for i in ctx.info(ctx.rule.get("tensors", "tensors@0")) if isinstance(i, TensorInfo)]
+    results = tuple(ctx.result)
+    dims = _broadcast(ctx, tuple(results[0].shape), infos)
+    return tuple(TensorInfo(dims, tuple(r.shape)) for r in results)
+
+
+KIND_HANDLERS["loss"] = kind_loss
+KIND_HANDLERS["broadcast_tensors"] = kind_broadcast_tensors
