@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 
 from graphscale.errors import TraceError
 from graphscale.infer.rulebook import RuleBook
+from graphscale.mupcompat import assert_in_graph, carry_param_constants, trace_time_constants
 
 Tracer = Literal["auto", "fx", "export"]
 
@@ -51,6 +52,14 @@ class _BufferProxyTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True  # so errors can name the user's source line
+
+    # μP code (graphscale.mupcompat): mup's per-parameter infshape is a trace-time constant, and an
+    # `assert t <= block_size` on a traced size becomes torch._assert in the graph.
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        return carry_param_constants(super().getattr(attr, attr_val, parameter_proxy_cache), attr_val)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return assert_in_graph(self, obj)
 
 
 @contextlib.contextmanager
@@ -138,7 +147,7 @@ def _capture_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
 
 
 def _capture_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    with warnings.catch_warnings(), preserved_buffers(model):
+    with warnings.catch_warnings(), preserved_buffers(model), trace_time_constants(model):
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, args, kwargs, strict=False)
     gm = ep.module()
