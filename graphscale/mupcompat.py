@@ -107,5 +107,98 @@ def _is_assert(frame: Any) -> bool:
     if "JUMP" not in insts[cur].opname or "IF_TRUE" not in insts[cur].opname:
         return False
     nxt = insts[cur + 1:cur + 3]
-    return any(i.opname == "LOAD_ASSERTION_ERROR" or (i.opname == "LOAD_GLOBAL" and i.argval == "AssertionError")
-               for i in nxt)
+    return any(i.opname == "LOAD_ASSERTION_ERROR"
+               or (i.opname == "LOAD_GLOBAL" and i.argval == "AssertionError") for i in nxt)
+
+
+def _mup_factors(small_p: Any, large_p: Any, optimizer: str) -> dict[str, float]:
+    """The hyperparameter factors mup's ``MuAdam``/``MuAdamW``/``MuSGD`` give the large tensor relative to
+    the small one (each from its own ``infshape``, as ``mup.optim`` groups them)."""
+    def rule(p: Any) -> dict[str, float]:
+        shape, ninf = p.infshape, p.infshape.ninf()
+        if optimizer == "MuSGD":
+            if ninf == 1:
+                return {"lr": shape.width_mult(), "weight_decay": 1 / shape.width_mult()}
+            if ninf == 2:
+                r = shape.fanin_fanout_mult_ratio()
+                return {"lr": 1 / r, "weight_decay": r}
+            return {"lr": 1.0, "weight_decay": 1.0}
+        if ninf == 2:
+            return {"lr": 1 / shape.width_mult(), "eps": 1.0, "weight_decay": shape.width_mult()}
+        return {"lr": 1.0, "eps": 1.0, "weight_decay": 1.0}
+
+    s, m = rule(small_p), rule(large_p)
+    return {k: m[k] / s[k] for k in m}
+
+
+def mup_optimizer_gaps(small: torch.nn.Module, large: torch.nn.Module, record: Any,
+                       optimizer: str = "MuAdamW") -> dict[str, dict[str, tuple[float, float]]]:
+    """Where the user's own ``mup`` optimizer on ``large`` departs from exact equivalence with ``small``.
+
+    For every parameter of ``large`` carrying a mup ``infshape`` (and its source in ``small``), compare the
+    factor ``mup.optim`` applies to each hyperparameter (relative to the small model) with the factor
+    graphscale's law derives from the record (:func:`graphscale.train.optim.scaling_factors`). Returns
+    ``{tensor: {hyperparameter: (mup's factor, graphscale's factor)}}`` for the mismatches only; empty when
+    the mup optimizer is exact (or the models carry no base shapes).
+
+    Example:
+        >>> mup_optimizer_gaps(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), None)  # no mup: no gaps
+        {}
+    """
+    from graphscale.train.optim import scaling_factors
+
+    if optimizer not in ("MuAdam", "MuAdamW", "MuSGD"):
+        raise ValueError(f"optimizer must be 'MuAdam', 'MuAdamW' or 'MuSGD', got {optimizer!r}")
+    family = {"MuAdam": "adam", "MuAdamW": "adamw", "MuSGD": "sgd"}[optimizer]
+    small_params = dict(small.named_parameters(remove_duplicate=False))
+    gaps: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, p in large.named_parameters():
+        if not hasattr(p, "infshape") or record is None or name not in record.params:
+            continue
+        s = record.params[name]
+        src = small_params.get(s.source)
+        if src is None or not hasattr(src, "infshape"):
+            continue
+        ours = scaling_factors(s, family)  # type: ignore[arg-type]
+        theirs = _mup_factors(src, p, optimizer)
+        off = {hp: (theirs.get(hp, 1.0), f) for hp, f in ours.items()
+               if abs(theirs.get(hp, 1.0) - f) > 1e-12 * max(1.0, abs(f))}
+        if off:
+            gaps[name] = off
+    return gaps
+
+
+def mup_optimizer_note(small: torch.nn.Module, large: torch.nn.Module, record: Any) -> list[str]:
+    """Lines for ``record.notes`` saying which of mup's optimizers train ``large`` exactly like ``small``.
+
+    Example:
+        >>> mup_optimizer_note(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), None)
+        []
+    """
+    if not any(hasattr(p, "infshape") for p in large.parameters()):
+        return []
+    lines = []
+    for optimizer in ("MuSGD", "MuAdam", "MuAdamW"):
+        gaps = mup_optimizer_gaps(small, large, record, optimizer)
+        if not gaps:
+            lines.append(f"mup.{optimizer} on both models trains the large one exactly like the small one")
+            continue
+        by_hp: dict[str, dict[str, list[str]]] = {}
+        for name, off in gaps.items():
+            for hp, (theirs, ours) in off.items():
+                key = f"x{theirs:.4g} where exactness needs x{_fraction(ours)}"
+                by_hp.setdefault(hp, {}).setdefault(key, []).append(name)
+        detail = "; ".join(f"{hp} {key} ({len(names)} tensors: {', '.join(names[:3])}"
+                           f"{', ...' if len(names) > 3 else ''})"
+                           for hp, keys in by_hp.items() for key, names in keys.items())
+        unscaled = " (it leaves eps unscaled)" if set(by_hp) == {"eps"} else ""
+        lines.append(f"mup.{optimizer} is not exact here{unscaled}: {detail}; the runs drift apart as far "
+                     "as that hyperparameter matters (eps: where it is not negligible against "
+                     f"sqrt(exp_avg_sq)). graphscale.mup_optimizer(large, torch.optim.{optimizer[2:]}, ...) "
+                     "with the small model's hyperparameters is exact")
+    return lines
+
+
+def _fraction(x: float) -> str:
+    inv = 1 / x if x else 0
+    return f"1/{round(inv)}" if x < 1 and abs(inv - round(inv)) < 1e-9 else f"{x:.4g}"

@@ -34,6 +34,7 @@ from graphscale.derive import ScalingRule
 from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.infer.values import ArgLoc, SizeInfo
+from graphscale.mupcompat import mup_optimizer_note
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
 
@@ -507,6 +508,7 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
                                         f"further {m}**-0.5 that its copy scale does not show")
             record.notes.append("widen_into: query projections carry a further k**-0.5 "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
+        record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
     raise WidthConflictError(_no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales))
