@@ -425,7 +425,8 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     check_shapes(large, record)
     # The readout convention (measured like the attention scale): "graphscale" puts the readout's 1/k in
     # its weights (a tied readout's into the op feeding it); "own" leaves it to the large model's code,
-    # which divides by its own width multiplier (mup's MuReadout / MuSharedReadout).
+    # which divides the readout's input by its own width multiplier (mup's MuReadout / MuSharedReadout);
+    # "own-output" multiplies the readout's output, bias included, by it (a hand-written base/width).
     records: dict[str, WideningRecord] = {}
     unavailable: dict[str, str] = {}
     graphscale_record = copy.deepcopy(record)
@@ -441,6 +442,14 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
             s = own.params[name]
             own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
         records["own"] = own
+        biases = _readout_biases(plan, readouts["untied"], record)
+        if biases:
+            own_output = copy.deepcopy(own)
+            for name, m in biases.items():
+                for key in [name, *plan.rules[name].aliases]:
+                    s = own_output.params[key]
+                    own_output.params[key] = replace(s, copy_scale=s.copy_scale * m)
+            records["own-output"] = own_output
     source = _source_state(plan.captured.gm)
 
     def wide_tensors(rec: WideningRecord, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -498,6 +507,10 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         if best[1] == "own" and readouts["untied"]:
             record.notes.append("widen_into: the larger model's code divides its readout input by its own "
                                 f"width multiplier ({', '.join(readouts['untied'])} copied without 1/k)")
+        if best[1] == "own-output":
+            record.notes.append("widen_into: the larger model's code multiplies its readout output by its "
+                                f"own 1/width ({', '.join(readouts['untied'])} copied without 1/k, "
+                                f"{', '.join(biases)} times k)")
         if best[0] == "standard" and q_scales:
             for name, axis, lo, hi, m in q_scales:
                 s = record.params[name]
@@ -524,6 +537,21 @@ def _readouts(plan: Plan, sizes: _Sizes, record: WideningRecord) -> dict[str, li
                    if (f := plan.rules[plan.walk.aliases.get(u.param, u.param)].use_multipliers.get(u.node))
                    is not None and plan.substitute(f, mults) != 1.0})
     return {"untied": untied, "tied": tied} if untied or tied else {}
+
+
+def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> dict[str, int]:
+    """The other parameters (biases) of the ops that use each readout weight, with the readout's m_in."""
+    nodes_of = {}
+    for u in plan.walk.requests.uses:
+        name = plan.walk.aliases.get(u.param, u.param)
+        if name in readouts:
+            nodes_of[u.node] = record.params[name].fan_in_mult
+    out: dict[str, int] = {}
+    for u in plan.walk.requests.uses:
+        name = plan.walk.aliases.get(u.param, u.param)
+        if u.node in nodes_of and name not in readouts and record.params[name].fan_in_mult == 1:
+            out[name] = nodes_of[u.node]
+    return out
 
 
 def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str]]) -> torch.nn.Module:
@@ -554,8 +582,9 @@ def _no_candidate_message(plan: Plan, sizes: _Sizes, errors: dict[tuple[str, str
              f"error, per candidate convention: {tried or 'none could be built'})"]
     if readouts:
         tensors = ", ".join(readouts["untied"] + readouts["tied"])
-        parts.append("readout candidates: 'graphscale' (1/k in the weights) and 'own' (the larger model's "
-                     f"code divides by its own width multiplier), tried on {tensors}")
+        parts.append("readout candidates: 'graphscale' (1/k in the weights), 'own' (the larger model's "
+                     "code divides the readout's input by its own width multiplier) and 'own-output' (it "
+                     f"multiplies the readout's output by it), tried on {tensors}")
     if q_scales:
         parts.append("attention candidates: 1/sqrt(head_dim) (a further k**-0.5 in "
                      f"{', '.join(sorted({q[0] for q in q_scales}))}) and 1/head_dim")

@@ -1,0 +1,54 @@
+"""widen_into measures the readout convention of a hand-written μP model (no mup package): a readout
+whose output multiplier is a module attribute computed from the model's own width, ``base / width``.
+The large model applies its own (k times smaller) multiplier to the readout's output, so the readout
+weight is copied without 1/k and its bias times k, and the optimizer factors follow: the user's large model trains exactly like the small one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import graphscale
+
+
+class HandWrittenMuP(torch.nn.Module):
+    def __init__(self, width: int, base: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.fc = torch.nn.Linear(5, width).double()
+        self.hidden = torch.nn.Linear(width, width).double()
+        self.readout = torch.nn.Linear(width, 3).double()
+        self.output_mult = base / width  # μP's 1/width readout multiplier, as a plain attribute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.hidden(torch.relu(self.fc(x))))
+        return self.readout(h) * self.output_mult
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+def test_hand_written_output_multiplier_is_read_as_the_models_own_convention() -> None:
+    small, large = HandWrittenMuP(8), HandWrittenMuP(24)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,))
+    assert any("readout='own-output'" in n for n in record.notes)
+    assert record["readout.bias"].copy_scale == 3  # the bias is multiplied by the large model's 1/width too
+    assert not any("attention" in n for n in record.notes)  # the model has none
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-10
+    hp = dict(lr=1e-2, eps=1e-4, weight_decay=0.1)
+    s_opt = torch.optim.AdamW(small.parameters(), **hp)
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
+    worst = 0.0
+    for i in range(30):
+        xb = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        for model, opt in ((small, s_opt), (large, l_opt)):
+            opt.zero_grad()
+            F.mse_loss(model(xb), torch.sin(xb[:, :3])).backward()
+            opt.step()
+        with torch.no_grad():
+            worst = max(worst, _rel(large(xb), small(xb)))
+    assert worst <= 1e-9
