@@ -185,3 +185,38 @@ def test_export_traces_mup_models_without_infshape_on_fake_tensors() -> None:
     with torch.no_grad():
         assert _rel(_outputs(wide, example), _outputs(small, example)) <= 1e-12
     assert "width_mult" not in small.lm_head.__dict__  # the trace-time constant was removed again
+
+
+def _reference_rule(v: torch.Tensor, wide_shape: tuple[int, ...], power: int) -> torch.Tensor:
+    """The reference code's state transfer, restated: repeat each entry along every axis that grew, and
+    scale by (narrow/wide size of a grown axis) ** power (1 for exp_avg, 2 for exp_avg_sq)."""
+    out, ratio = v, 1.0
+    for axis, (n, w) in enumerate(zip(v.shape, wide_shape)):
+        if w != n:
+            out = out.repeat_interleave(w // n, dim=axis)
+            ratio = n / w
+    return out * ratio ** power
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transferred_adam_state_equals_the_reference_rule(arch: str) -> None:
+    """Where the conventions coincide (every tensor of these mup models) exp_avg / exp_avg_sq are the
+    reference's; step has the same value in a tensor of its own."""
+    build, n_small, n_large, example, batch, loss = _task(arch)
+    small, large = build(n_small), build(n_large, seed=1)
+    s_opt = torch.optim.AdamW(small.parameters(), lr=3e-3)
+    for i in range(3):
+        s_opt.zero_grad()
+        loss(small, batch(i)).backward()
+        s_opt.step()
+    graphscale.widen_into(small, large, example)
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, lr=3e-3)
+    graphscale.transfer_optimizer_state(small, s_opt, large, l_opt)
+    small_params = dict(small.named_parameters())
+    for name, p in large.named_parameters():
+        src = s_opt.state[small_params[name]]
+        dst = l_opt.state[p]
+        for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            torch.testing.assert_close(dst[key], _reference_rule(src[key], tuple(p.shape), power),
+                                       rtol=1e-14, atol=0, msg=f"{name} {key}")
+        assert dst["step"] is not src["step"] and float(dst["step"]) == float(src["step"])

@@ -1,7 +1,8 @@
 """widen_into measures the readout convention of a hand-written μP model (no mup package): a readout
 whose output multiplier is a module attribute computed from the model's own width, ``base / width``.
 The large model applies its own (k times smaller) multiplier to the readout's output, so the readout
-weight is copied without 1/k and its bias times k, and the optimizer factors follow: the user's large model trains exactly like the small one.
+weight is copied without 1/k and its bias times k, and the optimizer factors follow: the user's large
+model trains exactly like the small one.
 """
 
 from __future__ import annotations
