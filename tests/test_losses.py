@@ -127,9 +127,13 @@ LOSSES = ["cross_entropy", "cross_entropy_probs", "nll_loss", "mse_loss", "bce_w
           "module_ce", "module_nll", "module_mse", "module_bce", "module_kl"]
 
 
-@pytest.mark.parametrize("tracer", ["fx", "export"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("loss", LOSSES)
+# Every loss under every reduction through fx; through export (ATen forms, reductions as ints) each loss
+# under one reduction, cycling, to keep the run short.
+CASES = [(loss, r, "fx") for loss in LOSSES for r in ("mean", "sum", "none")] + \
+    [(loss, ("mean", "sum", "none")[i % 3], "export") for i, loss in enumerate(LOSSES)]
+
+
+@pytest.mark.parametrize(("loss", "reduction", "tracer"), CASES)
 def test_every_covered_loss_widens_exactly(loss: str, reduction: str, tracer: str) -> None:
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g),
@@ -218,11 +222,9 @@ def test_hf_model_output_with_loss_widens_exactly() -> None:
         def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> object:
             return self.m(input_ids=ids, labels=labels, use_cache=False)
 
-    small, large = WithLabels(8), WithLabels(16)
+    small = WithLabels(8)
     ids, _ = _batch(0)
     wide = graphscale.widen(small, (ids, ids), multiplier=2)
     want, got = small(ids, ids), wide(ids, ids)
     assert type(got) is type(want)
     assert _rel(got.loss, want.loss) <= 1e-12 and _rel(got.logits, want.logits) <= 1e-12
-    graphscale.widen_into(small, large, (ids, ids))
-    assert _rel(large(ids, ids).loss, want.loss) <= 1e-12
