@@ -2,7 +2,10 @@
 whose output multiplier is a module attribute computed from the model's own width, ``base / width``.
 The large model applies its own (k times smaller) multiplier to the readout's output, so the readout
 weight is copied without 1/k and its bias times k, and the optimizer factors follow: the user's large
-model trains exactly like the small one.
+model trains exactly like the small one. Also: fx records an ``assert`` on a traced size.
+
+PYTEST_DONT_REWRITE: the model's ``assert`` below must compile as plain Python does (pytest's rewriting
+changes its bytecode, which is what graphscale recognises an assert by).
 """
 
 from __future__ import annotations
@@ -53,3 +56,32 @@ def test_hand_written_output_multiplier_is_read_as_the_models_own_convention() -
         with torch.no_grad():
             worst = max(worst, _rel(large(xb), small(xb)))
     assert worst <= 1e-9
+
+
+class _Checked(torch.nn.Module):
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 8).double()
+        self.out = torch.nn.Linear(8, 2).double()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.size(0)
+        assert t <= 6, f"batch of {t} exceeds 6"  # GPT-2's block-size check, on a traced size
+        if self.branch and x.sum() > 0:  # data-dependent control flow: fx must still refuse it
+            x = -x
+        return self.out(torch.relu(self.fc(x)))
+
+
+def test_fx_records_an_assert_on_a_traced_size_and_still_refuses_control_flow() -> None:
+    import pytest
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    model = _Checked(branch=False)
+    wide = graphscale.widen(model, (x,), multiplier=2, tracer="fx")
+    assert any(n.target is torch._assert for n in wide.graph.nodes)
+    assert _rel(wide(x), model(x)) <= 1e-12
+    with pytest.raises(AssertionError):  # the check is kept in the wide graph
+        wide(torch.randn(7, 4, dtype=torch.float64))
+    with pytest.raises(graphscale.errors.TraceError, match="control flow"):
+        graphscale.analyze(_Checked(branch=True), (x,), tracer="fx")
