@@ -669,7 +669,8 @@ def _query_projections(plan: Plan, sizes: _Sizes) -> list[tuple[str, int, int, i
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.walk.requests.scales]
     contractions += [(m.node, m.dims[0]) for m in plan.walk.requests.multipliers
-                     if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2]
+                     if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
+                     and getattr(plan.walk.node_rules.get(m.node), "kind", None) != "loss"]  # no attention
     users_of_param = {}
     for u in plan.walk.requests.uses:
         users_of_param.setdefault(u.node, []).append(u.param)

@@ -228,3 +228,20 @@ def test_hf_model_output_with_loss_widens_exactly() -> None:
     want, got = small(ids, ids), wide(ids, ids)
     assert type(got) is type(want)
     assert _rel(got.loss, want.loss) <= 1e-12 and _rel(got.logits, want.logits) <= 1e-12
+
+
+def test_a_loss_summing_over_the_only_width_axis_is_not_taken_for_attention() -> None:
+    class VectorLoss(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(4, width).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (4,) -> a (width,) hidden vector
+            h = self.fc(x)
+            return F.mse_loss(torch.tanh(h), 0.5 * h, reduction="sum")
+
+    x = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(graphscale.errors.WidthConflictError) as e:
+        graphscale.widen_into(VectorLoss(8), VectorLoss(16), (x,), outputs="width")
+    assert "mse_loss" in str(e.value) and "attention" not in str(e.value)

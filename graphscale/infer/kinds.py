@@ -880,20 +880,24 @@ def kind_loss(ctx: OpContext) -> Info:
         ds.fix(x.dims[c_axis], f"the class axis of {ctx.rule.name}")
         sample = tuple(d for k, d in enumerate(x.dims) if k != c_axis)
         sample_shape = tuple(s for k, s in enumerate(x.shape) if k != c_axis)
-        for info in tensors[1:]:
-            if info.shape == x.shape:  # class probabilities
+        # operands: input, target, then per-class weights (by position, so a (C,) weight of a (C, C)
+        # input is never taken for a target)
+        for pos, info in enumerate(infos[1:], start=1):
+            if not isinstance(info, TensorInfo):
+                continue
+            if pos == 1 and info.shape == x.shape:  # class probabilities
                 for a, b in zip(info.dims, x.dims):
                     ds.union(a, b, where)
-            elif info.shape == sample_shape:  # class indices
+            elif pos == 1 and info.shape == sample_shape:  # class indices
                 for a, b in zip(info.dims, sample):
                     ds.union(a, b, where)
                 for d in info.dims:
                     ds.fix(d, f"a target index axis of {ctx.rule.name}")
-            elif len(info.shape) == 1 and info.shape[0] == x.shape[c_axis]:  # per-class weights
+            elif pos > 1 and len(info.shape) == 1 and info.shape[0] == x.shape[c_axis]:  # class weights
                 ds.union(info.dims[0], x.dims[c_axis], where)
             else:
-                raise UnsupportedOpError(f"{ctx.where()}: {ctx.rule.name} operand of shape {info.shape} "
-                                         f"does not match the input's {x.shape}")
+                raise UnsupportedOpError(f"{ctx.where()}: {ctx.rule.name} operand {refs[pos]} of shape "
+                                         f"{info.shape} does not match the input's {x.shape}")
     else:
         sample_shape = tuple(torch.broadcast_shapes(*(i.shape for i in tensors)))
         sample = _broadcast(ctx, sample_shape, tensors)
