@@ -13,6 +13,7 @@ Example:
     16
 """
 
+from graphscale.cli.widened import load_widened
 from graphscale.errors import (
     GraphscaleError,
     ModelSpecError,
@@ -22,13 +23,24 @@ from graphscale.errors import (
     WidthConflictError,
 )
 from graphscale.plan import Plan, analyze
-from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+from graphscale.record import (
+    AxisReplication,
+    ParamScaling,
+    RecordFileError,
+    WideningRecord,
+    load_record,
+    record_metadata,
+    save_record,
+)
 from graphscale.train import (
+    SchedulerError,
     clip_grad_norm_,
     coord_check,
     mup_init_,
     mup_optimizer,
+    mup_scheduler,
     transfer_optimizer_state,
+    transfer_scheduler_state,
 )
 from graphscale.train import noise as noise
 from graphscale.verify import VerifyReport, verify
@@ -36,7 +48,8 @@ from graphscale.widen import relative_record, widen, widen_into
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
-    "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord", "WidthConflictError", "analyze",
-    "clip_grad_norm_", "coord_check", "mup_init_", "mup_optimizer", "noise", "relative_record",
-    "transfer_optimizer_state", "verify", "widen", "widen_into",
+    "RecordFileError", "SchedulerError", "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord",
+    "WidthConflictError", "analyze", "clip_grad_norm_", "coord_check", "load_record", "load_widened",
+    "mup_init_", "mup_optimizer", "mup_scheduler", "noise", "record_metadata", "relative_record",
+    "save_record", "transfer_optimizer_state", "transfer_scheduler_state", "verify", "widen", "widen_into",
 ]

@@ -2,9 +2,11 @@
 
 From its use in the graph each parameter gets ``M`` (the product of the multipliers of its width axes)
 and ``m_in`` (the product over the axes its consuming op sums over); the copy scale is ``c = 1/m_in``.
-Every other law follows from ``(c, M)`` exactly (DESIGN.md §2): gradient ``E(g)/(cM)``, SGD lr
-``lr c^2 M``, Adam lr ``lr c``, Adam eps ``eps/(cM)``, coupled weight decay ``wd/(c^2 M)``, decoupled
-``wd/c``, momentum/exp_avg ``E(buf)/(cM)``, exp_avg_sq ``E(buf)/(cM)^2``. A parameter used both as a
+Every other law follows from ``(c, M)`` exactly (docs/math.md §2) and is read from the one table of
+:mod:`graphscale.laws`: gradient ``E(g)/(cM)``, SGD lr ``lr c^2 M``, Adam lr ``lr c``, Adam eps
+``eps/(cM)``, coupled weight decay ``wd/(c^2 M)``, decoupled ``wd/c``, momentum/exp_avg ``E(buf)/(cM)``,
+exp_avg_sq ``E(buf)/(cM)^2``; the role (input, hidden, output, vector, fixed) is
+:func:`graphscale.laws.weight_role`. A parameter used both as a
 lookup and as a contraction (a tied embedding/readout) takes the copy scale of its smallest fan-in, and
 its other uses get an inserted multiplier.
 
@@ -22,11 +24,12 @@ from typing import Any
 
 import sympy
 
+from graphscale import laws
 from graphscale.errors import UnsupportedOpError
 from graphscale.infer.classes import Classes
 from graphscale.infer.dims import Resolution
 from graphscale.infer.engine import Walk
-from graphscale.record import Role
+from graphscale.laws import Role
 
 
 @dataclass
@@ -50,56 +53,80 @@ class ScalingRule:
                          fan_in_axes: tuple[int, ...] = (), axis_multipliers: tuple[sympy.Expr, ...] = (),
                          is_buffer: bool = False) -> ScalingRule:
         return cls(name, shape, axis_multipliers, sympy.sympify(total), sympy.sympify(fan_in), fan_in_axes,
-                   1 / sympy.sympify(fan_in), _role(shape, total, fan_in, is_buffer), is_buffer)
+                   1 / sympy.sympify(fan_in),
+                   laws.weight_role(len(shape), sympy.sympify(total), sympy.sympify(fan_in), is_buffer),
+                   is_buffer)
 
-    # the laws of DESIGN.md §2, all from (c, M)
+    # Every law comes from the one table in graphscale.laws, evaluated on this tensor's (c, M).
+    def hparam_law(self, family: str, hparam: str) -> sympy.Expr:
+        """The factor on ``hparam`` of optimizer ``family`` for this tensor (1 where the table has none).
+
+        Example:
+            >>> k = sympy.Symbol("k", positive=True)
+            >>> ScalingRule.from_multipliers("w", (8, 4), total=k**2, fan_in=k).hparam_law("adam", "eps")
+            1/k
+        """
+        law = laws.FAMILIES[family].hparams.get(hparam)
+        return sympy.Integer(1) if law is None else sympy.simplify(law(self.copy_scale, self.total))
+
+    def family_laws(self, family: str) -> dict[str, dict[str, sympy.Expr]]:
+        """Every hyperparameter and state factor of ``family`` for this tensor.
+
+        Example:
+            >>> k = sympy.Symbol("k", positive=True)
+            >>> ScalingRule.from_multipliers("w", (8, 4), total=k**2, fan_in=k).family_laws("adam")["state"]
+            {'exp_avg': 1/k, 'exp_avg_sq': k**(-2), 'max_exp_avg_sq': k**(-2)}
+        """
+        fam = laws.FAMILIES[family]
+        c, m = self.copy_scale, self.total
+        return {"hparams": {k: sympy.simplify(f(c, m)) for k, f in fam.hparams.items()},
+                "state": {k: sympy.simplify(f(c, m)) for k, f in fam.state.items()}}
+
+    def _plan_law(self, key: str) -> sympy.Expr:
+        (entry,) = [e for e in laws.PLAN_LAWS if e.key == key]
+        return sympy.simplify(entry.law()(self.copy_scale, self.total))
+
     @property
     def grad_scale(self) -> sympy.Expr:
-        return sympy.simplify(1 / (self.copy_scale * self.total))
+        return self._plan_law("grad")
 
     @property
     def sgd_lr(self) -> sympy.Expr:
-        return sympy.simplify(self.copy_scale**2 * self.total)
+        return self._plan_law("sgd_lr")
 
     @property
     def adam_lr(self) -> sympy.Expr:
-        return sympy.simplify(self.copy_scale)
+        return self._plan_law("adam_lr")
 
     @property
     def adam_eps(self) -> sympy.Expr:
-        return sympy.simplify(1 / (self.copy_scale * self.total))
+        return self._plan_law("adam_eps")
 
     @property
     def coupled_wd(self) -> sympy.Expr:
-        return sympy.simplify(1 / (self.copy_scale**2 * self.total))
+        return self._plan_law("wd_coupled")
 
     @property
     def decoupled_wd(self) -> sympy.Expr:
-        return sympy.simplify(1 / self.copy_scale)
+        return self._plan_law("wd_decoupled")
 
     @property
     def exp_avg_scale(self) -> sympy.Expr:
-        return self.grad_scale
+        return self._plan_law("exp_avg")
 
     @property
     def exp_avg_sq_scale(self) -> sympy.Expr:
-        return sympy.simplify(self.grad_scale**2)
+        return self._plan_law("exp_avg_sq")
 
     @property
     def init_std(self) -> sympy.Expr:
         """μP init std relative to the base: hidden m_in^(-1/2), readout m_in^(-1), input/vector 1."""
-        if self.role == "hidden":
-            return sympy.simplify(self.fan_in ** sympy.Rational(-1, 2))
-        if self.role == "output":
-            return sympy.simplify(1 / self.fan_in)
-        return sympy.Integer(1)
+        return laws.init_std(self.role, self.fan_in)
 
     def laws(self) -> dict[str, sympy.Expr]:
         """Every derived quantity by name (what ``explain`` prints and ``to_dict`` exports)."""
         return {"copy_scale": self.copy_scale, "M": self.total, "m_in": self.fan_in,
-                "grad": self.grad_scale, "sgd_lr": self.sgd_lr, "adam_lr": self.adam_lr,
-                "adam_eps": self.adam_eps, "wd_coupled": self.coupled_wd, "wd_decoupled": self.decoupled_wd,
-                "exp_avg": self.exp_avg_scale, "exp_avg_sq": self.exp_avg_sq_scale, "init_std": self.init_std}
+                **{e.key: self._plan_law(e.key) for e in laws.PLAN_LAWS}, "init_std": self.init_std}
 
     def to_dict(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "role": self.role, "buffer": self.is_buffer,
@@ -107,15 +134,6 @@ class ScalingRule:
                 "axis_multipliers": [str(m) for m in self.axis_multipliers],
                 **{k: str(v) for k, v in self.laws().items()},
                 "use_multipliers": {k: str(v) for k, v in self.use_multipliers.items()}}
-
-
-def _role(shape: tuple[int, ...], total: Any, fan_in: Any, is_buffer: bool) -> Role:
-    total, fan_in = sympy.sympify(total), sympy.sympify(fan_in)
-    if total == 1:
-        return "fixed"
-    if fan_in == 1:
-        return "vector" if len(shape) <= 1 or is_buffer else "input"
-    return "output" if sympy.simplify(total / fan_in) == 1 else "hidden"
 
 
 def tree_multiplier(tree: tuple, symbol_of: dict[int, sympy.Symbol]) -> sympy.Expr:
@@ -149,7 +167,8 @@ def derive_rules(walk: Walk, res: Resolution, classes: Classes,
         fan_in = sympy.Mul(*(axis_m[i] for i in base_axes))
         is_buffer = not walk.is_param[name]
         rule = ScalingRule(name, shape, axis_m, total, fan_in, base_axes, 1 / fan_in,
-                           _role(shape, total, fan_in, is_buffer), is_buffer, tuple(aliases.get(name, ())))
+                           laws.weight_role(len(shape), total, fan_in, is_buffer), is_buffer,
+                           tuple(aliases.get(name, ())))
         for node, axes in its_uses:
             extra = sympy.simplify(fan_in / sympy.Mul(*(axis_m[i] for i in axes)))
             if extra != 1:

@@ -36,3 +36,8 @@ class MultiplierError(GraphscaleError):
 
 class ModelSpecError(GraphscaleError):
     """A model spec (built-in name, ``file.py:callable`` or ``module:callable``) could not be loaded."""
+
+
+class RuleError(GraphscaleError):
+    """A rule file is wrong: an unknown key, a wrong type, a malformed pattern, a target that resolves to
+    nothing. The message names the file, the rule and the key."""

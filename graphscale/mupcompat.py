@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dis
 import inspect
 from collections.abc import Iterator
@@ -79,6 +80,32 @@ def _constant(value: Any) -> Any:
     def width_mult() -> Any:
         return value
     return width_mult
+
+
+def deepcopy_keeping_tensor_attributes(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)``, with the Python attributes of its parameters (mup's ``infshape``) copied too.
+
+    ``nn.Parameter.__deepcopy__`` keeps only the data and ``requires_grad``; a mup model's ``forward``
+    reads ``self.weight.infshape``, so a private copy without it could not run. ``model`` is only read.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> lin.weight.infshape = "base shape"
+        >>> twin = deepcopy_keeping_tensor_attributes(lin)
+        >>> twin.weight.infshape, twin.weight is lin.weight
+        ('base shape', False)
+    """
+    memo: dict[int, Any] = {}
+    twin = copy.deepcopy(model, memo)
+    copies = dict(twin.named_parameters(remove_duplicate=False))
+    for name, p in model.named_parameters(remove_duplicate=False):
+        target = copies.get(name)
+        if target is None:
+            continue
+        for attr, value in vars(p).items():
+            if attr not in vars(target):
+                setattr(target, attr, copy.deepcopy(value, memo))
+    return twin
 
 
 def assert_in_graph(tracer: fx.Tracer, proxy: fx.Proxy) -> bool:

@@ -27,6 +27,7 @@ from graphscale.infer.classes import Classes, HeadsPolicy, WidthClass, classify
 from graphscale.infer.dims import Resolution
 from graphscale.infer.engine import Walk, walk_graph
 from graphscale.infer.rulebook import RuleBook
+from graphscale.laws import PLAN_LAWS
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Plan:
         names = [c.name for c in self.width_classes]
         if isinstance(multiplier, dict):
             out = {n: 1 for n in names}
+            named_by: dict[str, str] = {}
             for key, k in multiplier.items():
                 try:
                     cls = self.classification.lookup(key)
@@ -67,6 +69,10 @@ class Plan:
                                           f"{', '.join(names) or '(none)'}") from None
                 if cls.role != "width":
                     raise MultiplierError(f"class {key!r} is fixed ({cls.reason}); it cannot be widened")
+                if cls.name in named_by:  # otherwise the last key would silently win
+                    raise MultiplierError(f"{named_by[cls.name]!r} and {key!r} both name width class "
+                                          f"{cls.name!r}; give each class one multiplier")
+                named_by[cls.name] = key
                 out[cls.name] = _check_k(k, key)
             return out
         k = _check_k(multiplier, "multiplier")
@@ -110,14 +116,15 @@ class Plan:
             if c.role == "fixed":
                 lines.append(f"  {c.name:<45} size {c.size:<6} ({c.reason})")
         lines += ["", "scaling rules (relative to the narrow model; c = copy scale, M = width multiplicity):"]
-        header = ["tensor", "role", "c", "M", "SGD lr", "Adam lr", "Adam eps", "wd (L2)", "wd (AdamW)",
-                  "init std"]
+        # the columns are the table's laws (graphscale.laws.PLAN_LAWS), the same entries the optimizer uses
+        shown = [e for e in PLAN_LAWS if e.column is not None]
+        header = ["tensor", "role", "c", "M", *(e.column for e in shown), "init std"]
         rows = []
         for name, r in self.rules.items():
             tied = f" (= {', '.join(r.aliases)})" if r.aliases else ""
-            rows.append([name + tied, r.role, *(str(x) for x in (r.copy_scale, r.total, r.sgd_lr, r.adam_lr,
-                                                              r.adam_eps, r.coupled_wd, r.decoupled_wd,
-                                                              r.init_std))])
+            exported = r.laws()
+            rows.append([name + tied, r.role, str(r.copy_scale), str(r.total),
+                         *(str(exported[e.key]) for e in shown), str(r.init_std)])
         widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
         lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
         for row in rows:
@@ -138,11 +145,12 @@ def _check_k(k: Any, what: str) -> int:
 
 
 def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "auto",
-            rules: str | Path | list[str | Path] | None = None, heads: HeadsPolicy = "fixed",
+            rules: str | Path | list[str | Path] | RuleBook | None = None, heads: HeadsPolicy = "fixed",
             outputs: Literal["fixed", "width"] = "fixed", names: dict[str, str] | None = None) -> Plan:
     """Capture ``model``, infer its width classes and derive every tensor's μP scaling rule.
 
-    ``rules`` adds the user's own rule files (a ``.toml`` file, a folder of them, or a list).
+    ``rules`` adds the user's own rule files (a ``.toml`` file, a folder of them, or a list), or is a
+    loaded :class:`~graphscale.infer.rulebook.RuleBook` (e.g. ``RuleBook.load(path, allow_imports=True)``).
     ``heads="grow"`` widens the head count instead of head_dim. ``outputs="width"`` lets the axes of the
     model's outputs grow (a backbone whose output is its hidden state); by default they are fixed.
     ``names`` renames classes (key: a class name or any member axis, value: the new name), e.g.
@@ -153,7 +161,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
         >>> plan.width_classes
         []
     """
-    book = RuleBook.load(rules)
+    book = rules if isinstance(rules, RuleBook) else RuleBook.load(rules)
     cap = capture(model, example_inputs, tracer, book)
     walk = walk_graph(cap.gm, cap.flat_inputs, book)
     res = walk.ds.resolve()

@@ -2,7 +2,7 @@
 
 A :class:`ParamScaling` says, for one tensor of the wide model, which tensor of the source (narrow) model
 it was copied from, how each of its axes was replicated, and the two numbers that every μP law follows
-from (DESIGN.md §2): the copy scale ``c`` (``P' = c * E(P)``) and ``M``, the product of the multipliers
+from (docs/math.md §1-2): the copy scale ``c`` (``P' = c * E(P)``) and ``M``, the product of the multipliers
 of its width axes. The optimizer, state transfer, clipping and noise read only this record, so they work
 on any model that :func:`graphscale.widen` produced (or on a model compared with a smaller base).
 
@@ -15,13 +15,40 @@ Example:
 
 from __future__ import annotations
 
+import builtins
+import copy
 import functools
+import inspect
+import json
+import os
+import pickle
+import secrets
+import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from graphscale.errors import GraphscaleError
+
 Role = Literal["input", "hidden", "output", "vector", "fixed"]
+
+#: File name of the record written beside a state dict (in a model directory) by :func:`save_record`.
+RECORD_FILE = "graphscale.json"
+#: Key of the record's JSON in a safetensors file's metadata (see :func:`record_metadata`).
+METADATA_KEY = "graphscale"
+#: Name of the record's format in its JSON, and its version: a reader refuses other formats and versions.
+RECORD_FORMAT = "graphscale-widening-record"
+RECORD_VERSION = 1
+
+
+class RecordFileError(GraphscaleError, ValueError):
+    """A saved widening record is missing, unreadable, or not in a format this graphscale reads."""
+
+
+class UnpicklableModelError(GraphscaleError, pickle.PicklingError):
+    """A widened model that pickle/torch.save cannot write in a form that loads back."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,31 @@ class ParamScaling:
     def fan_out_mult(self) -> int:
         return self.total_mult // self.fan_in_mult
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with every field (axis trees as nested lists); :meth:`from_dict` inverts it."""
+        return {
+            "name": self.name, "source": self.source, "narrow_shape": list(self.narrow_shape),
+            "wide_shape": list(self.wide_shape),
+            "axes": [None if a is None else _tree_to_json(a.tree) for a in self.axes],
+            "copy_scale": float(self.copy_scale), "total_mult": int(self.total_mult),
+            "fan_in_mult": int(self.fan_in_mult), "fan_in_axes": list(self.fan_in_axes),
+            "is_buffer": bool(self.is_buffer), "role": self.role, "notes": list(self.notes),
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ParamScaling:
+        """The :class:`ParamScaling` that :meth:`to_dict` wrote (equal to the original)."""
+        return ParamScaling(
+            name=str(d["name"]), source=str(d["source"]),
+            narrow_shape=tuple(int(x) for x in d["narrow_shape"]),
+            wide_shape=tuple(int(x) for x in d["wide_shape"]),
+            axes=tuple(None if a is None else AxisReplication(_tree_from_json(a)) for a in d["axes"]),
+            copy_scale=float(d["copy_scale"]), total_mult=int(d["total_mult"]),
+            fan_in_mult=int(d["fan_in_mult"]), fan_in_axes=tuple(int(x) for x in d.get("fan_in_axes", ())),
+            is_buffer=bool(d.get("is_buffer", False)), role=d.get("role", "fixed"),
+            notes=tuple(str(x) for x in d.get("notes", ())),
+        )
+
     def replicate(self, narrow: torch.Tensor) -> torch.Tensor:
         """``E(narrow)``: copy every width index adjacently, no rescale. Returns a new tensor."""
         plain = [a.plain_multiplier() if a is not None and not a.is_identity() else 1 for a in self.axes]
@@ -174,16 +226,67 @@ class WideningRecord:
 
     ``multipliers`` maps width-class names to their integer multipliers; ``frontend`` says which
     capture made the graph; ``notes`` collects what the user should know (noise applied, warnings,
-    compensations ``widen_into`` put into weights).
+    compensations ``widen_into`` put into weights); ``info`` holds free-form JSON-ready facts that travel
+    with the record (for example the source model's config).
+
+    The record round-trips through JSON exactly (:meth:`to_json`, :meth:`from_json`), so it can be saved
+    beside a state dict (:func:`save_record`) and a new process can rebuild the μP optimizer from it
+    (``graphscale.mup_optimizer(model, cls, lr=..., record=path)``).
+
+    Example:
+        >>> rec = WideningRecord({"w": ParamScaling("w", "w", (2,), (4,), (AxisReplication.atomic(2, 2),),
+        ...                                         1.0, 2, 1)}, {"h": 2})
+        >>> WideningRecord.from_json(rec.to_json()) == rec
+        True
     """
 
     params: dict[str, ParamScaling]
     multipliers: dict[str, int]
     frontend: str = "fx"
     notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> ParamScaling:
         return self.params[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole record, tagged with its format and version."""
+        return {
+            "format": RECORD_FORMAT, "version": RECORD_VERSION,
+            "multipliers": {k: int(v) for k, v in self.multipliers.items()},
+            "frontend": self.frontend, "notes": list(self.notes), "info": dict(self.info),
+            "params": {name: p.to_dict() for name, p in self.params.items()},
+        }
+
+    @staticmethod
+    def from_dict(d: Any, where: str = "the record") -> WideningRecord:
+        """Rebuild a record from :meth:`to_dict`'s output; refuse another format or a newer version."""
+        if not isinstance(d, dict) or d.get("format") != RECORD_FORMAT:
+            raise RecordFileError(f"{where} is not a graphscale widening record (no format "
+                                  f"{RECORD_FORMAT!r}); write it with graphscale.save_record")
+        if d.get("version") != RECORD_VERSION:
+            raise RecordFileError(f"{where} has record version {d.get('version')!r}; this graphscale reads "
+                                  f"version {RECORD_VERSION}: upgrade graphscale or re-save the record")
+        try:
+            params = {str(n): ParamScaling.from_dict(p) for n, p in d["params"].items()}
+            return WideningRecord(params, {str(k): int(v) for k, v in d["multipliers"].items()},
+                                  str(d.get("frontend", "fx")), [str(x) for x in d.get("notes", [])],
+                                  dict(d.get("info", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RecordFileError(f"{where} is a damaged graphscale record ({type(e).__name__}: {e})") from e
+
+    def to_json(self) -> str:
+        """The record as a JSON string (floats written exactly: ``repr`` round-trips)."""
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+    @staticmethod
+    def from_json(text: str | bytes, where: str = "the record") -> WideningRecord:
+        """Parse :meth:`to_json`'s output back into an equal record."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise RecordFileError(f"{where} is not valid JSON ({e})") from e
+        return WideningRecord.from_dict(data, where)
 
     def summary(self) -> str:
         """A readable table of what was done to every tensor."""
@@ -197,8 +300,214 @@ class WideningRecord:
         return "\n".join(lines)
 
 
+def _tree_to_json(tree: tuple) -> list:
+    if tree[0] == "atom":
+        return ["atom", int(tree[1]), int(tree[2])]
+    return [tree[0], [_tree_to_json(c) for c in tree[1]]]
+
+
+def _tree_from_json(tree: list) -> tuple:
+    if tree[0] == "atom":
+        return ("atom", int(tree[1]), int(tree[2]))
+    if tree[0] not in ("prod", "sum"):
+        raise ValueError(f"unknown axis kind {tree[0]!r}")
+    return (str(tree[0]), tuple(_tree_from_json(c) for c in tree[1]))
+
+
 def _prod(xs) -> int:
     out = 1
     for x in xs:
         out *= int(x)
     return out
+
+
+def attach_record(module: torch.nn.Module, record: WideningRecord) -> None:
+    """Attach ``record`` as ``module.graphscale``, so that it survives deepcopy, pickle and torch.save.
+
+    A plain ``nn.Module`` keeps the attribute through copies by itself. A ``torch.fx.GraphModule`` does
+    not: its ``__deepcopy__`` and its unpickling rebuild the module from the graph and keep only what the
+    graph uses. So the module's class -- torch gives every GraphModule instance a class of its own -- gets
+    a ``__deepcopy__`` and a ``__reduce__`` that call torch's and attach the (copied) record to the
+    result. Pickling a GraphModule regenerates its code, which fails when a node's type annotation is a
+    string (what fx records from a ``forward`` under ``from __future__ import annotations``); such
+    annotations are resolved to the class they name (``"torch.Tensor"``) or dropped. Annotations do not
+    affect what the module computes.
+
+    Example:
+        >>> import copy
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+        >>> attach_record(gm, WideningRecord({}, {"h": 1}))
+        >>> copy.deepcopy(gm).graphscale
+        WideningRecord(params={}, multipliers={'h': 1}, frontend='fx', notes=[], info={})
+    """
+    module.graphscale = record  # type: ignore[assignment]
+    if not isinstance(module, torch.fx.GraphModule):
+        return
+    cls = type(module)
+    if cls is not torch.fx.GraphModule and cls.__qualname__.endswith("<locals>.GraphModuleImpl"):
+        cls.__deepcopy__ = _deepcopy_keeping_record  # type: ignore[method-assign]
+        cls.__reduce__ = _reduce_keeping_record  # type: ignore[method-assign]
+    else:  # pragma: no cover - a torch whose GraphModules share a class: its own preservation hook
+        module.meta.setdefault("_user_preserved_attributes", {})["graphscale"] = record
+    changed = False
+    for node in module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = _named_type(node.type)
+            changed = True
+    if changed:
+        module.recompile()
+
+
+def _deepcopy_keeping_record(self: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.fx.GraphModule:
+    out = torch.fx.GraphModule.__deepcopy__(self, memo)
+    record = self.__dict__.get("graphscale")
+    if isinstance(record, WideningRecord):
+        attach_record(out, copy.deepcopy(record, memo))
+    return out
+
+
+def _reduce_keeping_record(self: torch.fx.GraphModule) -> tuple[Any, ...]:
+    _refuse_unloadable(self)
+    rebuild, args = torch.fx.GraphModule.__reduce__(self)[:2]
+    return (_rebuild_keeping_record, (rebuild, args))
+
+
+def _refuse_unloadable(gm: torch.fx.GraphModule) -> None:
+    """Refuse, before anything is written, a GraphModule whose pickle would fail or would not load back.
+
+    torch.export's GraphModules carry input guards as generated code (a module whose ``forward`` is a local
+    function, which pickle cannot write), and their tracer class needs arguments that unpickling, which
+    re-traces the code with that class, does not give. Without the guards the graph would run on inputs
+    it was not specialised for, so they are not dropped: the model is refused.
+    """
+    why = []
+    for name, module in gm.named_modules():
+        forward = module.__dict__.get("forward")
+        if forward is not None and "<locals>" in getattr(forward, "__qualname__", ""):
+            why.append(f"submodule {name or '(root)'} runs generated code (torch.export input guards)")
+    tracer_cls = gm.__dict__.get("_tracer_cls")
+    if tracer_cls is not None:
+        try:
+            required = [p for p in inspect.signature(tracer_cls.__init__).parameters.values()
+                        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD][1:]
+        except (TypeError, ValueError):  # pragma: no cover - a tracer class without a signature
+            required = []
+        if required:
+            why.append(f"unpickling re-traces it with {tracer_cls.__name__}, which needs arguments "
+                       f"({', '.join(p.name for p in required)})")
+    if why:
+        raise UnpicklableModelError(
+            f"cannot pickle this widened {type(gm).__name__} ({'; '.join(why)}): save its state_dict and "
+            "record instead -- torch.save(wide.state_dict(), ...) and graphscale.save_record(wide, ...) -- "
+            "and rebuild it with graphscale.widen (or fill your own larger model with graphscale.widen_into)")
+
+
+def _rebuild_keeping_record(rebuild: Any, args: tuple) -> torch.nn.Module:
+    """Unpickle a widened GraphModule with torch's own function, then re-attach its record."""
+    module = rebuild(*args)
+    record = module.__dict__.get("graphscale")
+    if isinstance(record, WideningRecord):
+        attach_record(module, record)
+    return module
+
+
+def _named_type(name: str) -> type | None:
+    """The class a string annotation names, looked up among loaded modules only (nothing is imported or
+    evaluated); ``None`` when it names anything else."""
+    parts = name.split(".")
+    obj: Any = None
+    if len(parts) == 1:
+        obj = getattr(builtins, name, None)
+    else:
+        for i in range(len(parts) - 1, 0, -1):
+            mod = sys.modules.get(".".join(parts[:i]))
+            if mod is not None:
+                obj = mod
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr, None)
+                break
+    return obj if isinstance(obj, type) else None
+
+
+def record_metadata(record: WideningRecord) -> dict[str, str]:
+    """Safetensors metadata that carries ``record`` inside the weights file (:func:`load_record` reads it).
+
+    Example:
+        >>> from safetensors.torch import save_file                       # doctest: +SKIP
+        >>> save_file(wide.state_dict(), "wide.safetensors",
+        ...           metadata=record_metadata(wide.graphscale))           # doctest: +SKIP
+    """
+    return {METADATA_KEY: record.to_json()}
+
+
+def save_record(model_or_record: torch.nn.Module | WideningRecord, path: str | os.PathLike) -> Path:
+    """Write the widening record as JSON beside a state dict; return the file written.
+
+    ``path`` is a directory (the record goes to ``path/graphscale.json``) or a file name. The write is
+    atomic (a temporary file in the same directory, then a rename), so a reader never sees half a record.
+    A model passed here may be wrapped (``torch.compile``, DDP): its record is found through the wrappers.
+    In a new process, ``graphscale.mup_optimizer(model, cls, lr=..., record=path)`` reads it back.
+
+    Example:
+        >>> torch.save(wide.state_dict(), "run/wide.pt")                   # doctest: +SKIP
+        >>> graphscale.save_record(wide, "run")                           # doctest: +SKIP
+        PosixPath('run/graphscale.json')
+    """
+    if isinstance(model_or_record, WideningRecord):
+        record = model_or_record
+    else:
+        from graphscale.train._common import resolve_record  # lazy: train imports this module
+
+        record = resolve_record(model_or_record)
+    target = Path(path)
+    if target.is_dir():
+        target = target / RECORD_FILE
+    text = record.to_json()
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # os.open with mode 0o666: the kernel applies the umask, as for any file the user creates.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_record(path: str | os.PathLike) -> WideningRecord:
+    """Read a record saved by :func:`save_record` (a directory or a JSON file) or carried in a safetensors
+    file's metadata (:func:`record_metadata`). Raises :class:`RecordFileError` naming the path otherwise.
+
+    Example:
+        >>> rec = graphscale.load_record("run")         # run/graphscale.json   # doctest: +SKIP
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / RECORD_FILE
+        if not p.is_file():
+            raise RecordFileError(f"{p.parent} holds no {RECORD_FILE}: save the record there with "
+                                  "graphscale.save_record(wide, directory)")
+    if not p.is_file():
+        raise RecordFileError(f"no widening record at {p} (expected a directory with {RECORD_FILE}, a JSON "
+                              "file, or a .safetensors file whose metadata carries one)")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise RecordFileError(f"{p} is not a readable safetensors file ({e})") from e
+        if METADATA_KEY not in meta:
+            raise RecordFileError(f"{p} carries no graphscale record in its metadata (key {METADATA_KEY!r}); "
+                                  f"look for a {RECORD_FILE} beside it")
+        return WideningRecord.from_json(meta[METADATA_KEY], str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordFileError(f"cannot read the widening record {p} ({e})") from e
+    return WideningRecord.from_json(text, str(p))

@@ -198,7 +198,11 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
            seed: int = 0, plan: Plan | None = None, steps: int = 0,
            optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
            hparams: dict[str, Any] | None = None) -> VerifyReport:
-    """Check with Hypothesis that widening ``model`` is exact (see module doc); never raises on a mismatch.
+    """Check with Hypothesis that widening ``model`` is exact (see module doc).
+
+    Never raises on a mismatch or on a failure to widen or run the wide model: those give a report with
+    ``ok=False`` and the reason in ``failure``. A model that analysis refuses (an op with no rule, ...)
+    raises that :class:`~graphscale.errors.GraphscaleError`, as :func:`graphscale.analyze` does.
 
     ``multiplier`` fixes the multipliers instead of drawing them. ``tolerance`` maps a dtype to the allowed
     max error relative to ``1 + max |activation|`` (defaults: 1e-10 for float64, 1e-5 for float32).
@@ -235,12 +239,18 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
     @given(mults=mult_st, inputs=input_strategy(base_plan, vary_batch, vary_seq=vary_batch),
            dtype=st.sampled_from(dtypes))
     def check(mults: dict[str, int], inputs: list[torch.Tensor], dtype: torch.dtype) -> None:
-        p = plan_for(dtype)
         inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
-        flat = flat_variant(p, inputs)
-        wide = widen(p.captured.gm, None, mults, plan=p)
-        n_out, n_acts = run_recording(p.captured.gm, flat)
-        _, w_acts = run_recording(wide, flat)
+        try:
+            p = plan_for(dtype)
+            wide = widen(p.captured.gm, None, mults, plan=p)
+            # each run gets its own inputs: a forward that writes into its input must not feed the other
+            n_out, n_acts = run_recording(p.captured.gm, flat_variant(p, [x.clone() for x in inputs]))
+            _, w_acts = run_recording(wide, flat_variant(p, [x.clone() for x in inputs]))
+        except Exception as e:  # a failure to widen or run is a failed check, reported like a mismatch
+            last_failure.clear()
+            last_failure.update(multipliers=mults, dtype=str(dtype), shapes=[tuple(x.shape) for x in inputs],
+                                error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            raise AssertionError(f"widening or running failed in {dtype}: {last_failure['error']}") from e
         errors = compare_activations(p, mults, n_acts, w_acts)
         report.examples += 1
         worst_rel = 0.0
@@ -262,14 +272,19 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
 
     try:
         check()
-    except AssertionError as e:
+    except Exception as e:  # AssertionError, and Hypothesis's Flaky when a failure does not replay
         report.ok = False
-        report.failure = str(e).splitlines()[0]
+        report.failure = _first_line(e)
         report.failing_example = dict(last_failure)
     if steps > 0:
-        report.training = verify_training(
-            model, example_inputs, steps=steps, optimizer=optimizer, hparams=hparams,
-            multiplier=multiplier or 2, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+        try:
+            report.training = verify_training(
+                model, example_inputs, steps=steps, optimizer=optimizer, hparams=hparams,
+                multiplier=multiplier or 2, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+        except Exception as e:
+            report.ok = False
+            report.failure = report.failure or f"training check failed: {_first_line(e)}"
+            return report
         worst = max(report.training)
         if worst > tol[torch.float64] * 10:  # 200 steps of float64 rounding, amplified by training
             report.ok = False
@@ -277,6 +292,13 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
                 f"training diverged: worst relative output divergence {worst:.3g} at step "
                 f"{_argmax(report.training) + 1} of {steps}")
     return report
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, BaseExceptionGroup) and e.exceptions:  # Hypothesis's FlakyFailure wraps the cause
+        text = f"{text}: {_first_line(e.exceptions[0])}"
+    return (text.splitlines()[0] if text else type(e).__name__)[:500]
 
 
 def _argmax(xs: list[float]) -> int:
@@ -291,7 +313,7 @@ def verify_training(model: torch.nn.Module, example_inputs: Any, *, steps: int =
     side on the same random batches; return the worst relative output divergence after each step.
 
     The loss is a mean squared error against a fixed random target shaped like the output, so any model
-    with floating outputs can be checked. Dynamic equivalence (DESIGN.md §2) says the list stays at
+    with floating outputs can be checked. Dynamic equivalence (docs/math.md §2) says the list stays at
     rounding level; a plain optimizer on the wide model does not.
 
     Example:

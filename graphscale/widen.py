@@ -31,12 +31,12 @@ import torch.fx as fx
 
 from graphscale.capture import Tracer, preserved_buffers
 from graphscale.derive import ScalingRule
-from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
+from graphscale.errors import GraphscaleError, MultiplierError, UnsupportedOpError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.infer.values import ArgLoc, SizeInfo
-from graphscale.mupcompat import mup_optimizer_note
+from graphscale.mupcompat import deepcopy_keeping_tensor_attributes, mup_optimizer_note
 from graphscale.plan import Plan, analyze
-from graphscale.record import AxisReplication, ParamScaling, WideningRecord
+from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
 
 
 class _Sizes:
@@ -84,17 +84,20 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     if plan is None:
         plan = analyze(model, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs,
                        names=names)
-    elif model is not None and model is not plan.captured.gm:
-        traced = {id(p) for p in plan.captured.gm.parameters()}
-        if any(id(p) not in traced for p in model.parameters()):
-            raise GraphscaleError("plan= was made from a different model than the one passed to widen: "
-                                  "the widened weights would be the plan's, not this model's. Analyze this "
-                                  "model (graphscale.analyze(model, inputs)) and pass that plan.")
+    elif model is not None and model is not plan.captured.gm and model is not plan.captured.source:
+        raise GraphscaleError("plan= was made from a different model than the one passed to widen: "
+                              "the widened weights would be the plan's, not this model's. Analyze this "
+                              "model (graphscale.analyze(model, inputs)) and pass that plan.")
     mults = plan.multipliers(multiplier)
     sizes = _Sizes(plan, mults)
+    check_memory(plan, sizes)
     record = build_record(plan, sizes, mults)
+    check_exact(plan, record)
     gm = plan.captured.gm
     state = _source_state(gm)
+    if model is not None and model is plan.captured.source:
+        state.update(_current_state(model, state))  # the plan traced a copy: read today's weights
+    _note_untraced(plan, record, model, "widen")
     wide_tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, scaling in record.params.items():
@@ -112,16 +115,152 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     root = _wide_root(gm, graph, plan, sizes, wide_tensors)
     _rewrite_graph(graph, plan, sizes, root)
     wide = fx.GraphModule(root, graph, class_name=f"Wide{type(model).__name__}")
-    wide.graph.eliminate_dead_code()
+    wide.graph.eliminate_dead_code(is_impure_node=_keep_node)
     wide.graph.lint()
     wide.recompile()
     wide.train(model.training)
-    wide.graphscale = record  # type: ignore[assignment]
+    attach_record(wide, record)  # as .graphscale, kept by deepcopy/pickle (see graphscale.record)
     if noise is not None:
         gen = torch.Generator().manual_seed(seed)
         noise.apply(wide, record, gen)
         record.notes.append(f"noise: {noise!r} (seed {seed})")
     return wide
+
+
+def _keep_node(node: fx.Node) -> bool:
+    """Dead-code elimination keeps what has effects beyond its output, not only fx's impure ops: in-place
+    writes (a buffer's EMA, ``h.clamp_()``, ``out=``) and modules with buffers (BatchNorm's running
+    statistics) or ``inplace=True``."""
+    from graphscale.capture import _written_operand
+
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(str(node.target))
+        if getattr(module, "inplace", False) is True or next(module.buffers(), None) is not None:
+            return True
+    return node.is_impure() or _written_operand(node) is not None
+
+
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _current_state(model: torch.nn.Module, traced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s tensors by name, where the traced copy has the same name (weights loaded after analyze)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in _named_tensors(model):
+        if name in traced:
+            if t.shape != traced[name].shape:
+                raise GraphscaleError(f"{name} has shape {tuple(t.shape)} now, {tuple(traced[name].shape)} "
+                                      "when the plan was made; analyze the model again")
+            out[name] = t
+    return out
+
+
+def check_memory(plan: Plan, sizes: _Sizes, available: int | None = None) -> int:
+    """Refuse before allocating when the wide tensors would not fit in memory; return their bytes.
+
+    Example:
+        >>> plan = analyze(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
+        ...                (torch.randn(1, 2),))
+        >>> check_memory(plan, _Sizes(plan, plan.multipliers(2)))  # (8*2 + 8 + 1*8 + 1) float32
+        132
+    """
+    state = _source_state(plan.captured.gm)
+    need: dict[str, int] = {}
+    for name in plan.rules:
+        t = state.get(plan.walk.aliases.get(name, name))
+        if t is None or t.device.type == "meta":
+            continue
+        numel = math.prod(sizes.wide(d) for d in plan.walk.tensor_dims[name])
+        need[str(t.device)] = need.get(str(t.device), 0) + numel * t.element_size()
+    for device, nbytes in need.items():
+        have = available if available is not None else _available_bytes(torch.device(device))
+        if have is not None and nbytes > have:
+            raise MultiplierError(
+                f"widening by {sizes_summary(plan, sizes)} needs {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB) "
+                f"for the wide tensors on {device}, but only {have:,} bytes ({have / 2**30:.3g} GiB) are "
+                "available; choose smaller multipliers")
+    return sum(need.values())
+
+
+def sizes_summary(plan: Plan, sizes: _Sizes) -> str:
+    return ", ".join(f"{c.name}={sizes.atom_mult[c.atom]}" for c in plan.width_classes) or "1"
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory that allocations on ``device`` can use (available RAM for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_exact(plan: Plan, record: WideningRecord) -> None:
+    """Refuse what the widened graph cannot compute exactly (checked once multipliers are known)."""
+    gm = plan.captured.gm
+    for name, node in (plan.captured.mutated_buffers or {}).items():
+        s = record.params.get(name)
+        if s is not None and s.copy_scale != 1.0 and _is_widened(s):
+            raise WidthConflictError(
+                f"forward updates buffer {name!r} in place (node {node!r}), and its widened value must be "
+                f"scaled by {s.copy_scale:.6g}: the update would write unscaled values into it. Keep the "
+                "buffer off contractions over width axes, or keep its class fixed")
+    for n in gm.graph.nodes:
+        max_norm, weight = None, None
+        if n.op == "call_module":
+            max_norm = getattr(gm.get_submodule(str(n.target)), "max_norm", None)
+            weight = f"{n.target}.weight"
+        elif n.op == "call_function" and n.target in (torch.nn.functional.embedding,
+                                                      torch.nn.functional.embedding_bag):
+            max_norm = n.kwargs.get("max_norm", n.args[2] if len(n.args) > 2 else None)
+            arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            weight = str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+        if max_norm is None:
+            continue
+        s = record.params.get(plan.walk.aliases.get(weight, weight)) if weight else None
+        if s is None or _is_widened(s):
+            raise WidthConflictError(
+                f"node {n.name!r} ({n.target if n.op == 'call_module' else 'embedding'}) renormalizes "
+                f"embedding rows to max_norm={max_norm}: the norm of a widened row is not the narrow one's, "
+                "so the wide model would compute something else. Set max_norm=None (or renormalize the "
+                "weights yourself before widening), or keep the embedding dimension fixed")
+
+
+def _is_widened(s: ParamScaling) -> bool:
+    return any(a is not None and not a.is_identity() for a in s.axes)
+
+
+def _note_untraced(plan: Plan, record: WideningRecord, model: torch.nn.Module | None, what: str) -> None:
+    """Tensors of the model that its forward never reads (on the example inputs) are not in the graph,
+    so they are not widened: say so, naming them."""
+    source = plan.captured.source if model is None else model
+    if source is None:
+        return
+    traced = set(plan.rules) | set(record.params) | set(plan.walk.aliases)
+    for r in plan.rules.values():
+        traced.update(r.aliases)
+    left = [n for n, _ in _named_tensors(source) if n not in traced]
+    if left:
+        shown = ", ".join(left[:20]) + (f" and {len(left) - 20} more" if len(left) > 20 else "")
+        fate = "are not in the wide model" if what == "widen" else "keep the larger model's own values"
+        msg = (f"{what}: {len(left)} tensor(s) that forward does not use on the example inputs were not "
+               f"widened and {fate}: {shown}. Widen them yourself if you need them (e.g. an auxiliary head), "
+               "or call them from forward")
+        record.notes.append(msg)
+        warnings.warn(msg, stacklevel=3 if what == "widen" else 4)  # the user's call
 
 
 def build_record(plan: Plan, sizes: _Sizes, mults: dict[str, int]) -> WideningRecord:
@@ -345,9 +484,12 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, A
     for use in req.uses:
         name = plan.walk.aliases.get(use.param, use.param)
         factor = plan.rules[name].use_multipliers.get(use.node)
-        if factor is None or use.operand is None:
+        if factor is None:
             continue
         value = plan.substitute(factor, {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes})
+        if value != 1.0 and use.operand is None:  # never drop a shared parameter's compensation silently
+            raise UnsupportedOpError(f"cannot compensate shared parameter {name!r} at node {use.node!r}: the "
+                                     "op's other operand cannot be located in its arguments")
         if value != 1.0:
             node = nodes[use.node]
             operand = _get_loc(node, use.operand)
@@ -397,6 +539,10 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
                attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
+    Transactional: if anything fails (a shape, the output check, an exception in ``large``'s forward),
+    ``large``'s tensors are restored bitwise and nothing is attached to it. This holds a copy of
+    ``large``'s tensors while it runs.
+
     Each class multiplier is read off the shapes (``large`` size / ``small`` size of the class's named
     axis); a ratio that is not an integer, or any tensor whose shape does not match the widened one, is an
     error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
@@ -413,16 +559,41 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         >>> widen_into(small, large, (x,)).multipliers
         {'0.weight[0]': 2}
     """
+    saved = [(t, t.detach().clone()) for t in _unique_tensors(large)]
+    try:
+        return _widen_into(small, large, example_inputs, tracer=tracer, rules=rules, heads=heads,
+                           outputs=outputs, attention=attention, rtol=rtol)
+    except BaseException:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        raise
+
+
+def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for _, t in _named_tensors(module):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
+                rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
+                outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
+                rtol: float) -> WideningRecord:
     plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
     state = dict(large.named_parameters(remove_duplicate=False))
     state.update(dict(large.named_buffers(remove_duplicate=False)))
     mults = _multipliers_from_shapes(plan, state)
     sizes = _Sizes(plan, mults)
+    check_memory(plan, sizes)
     record = build_record(plan, sizes, mults)
+    check_exact(plan, record)
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
     for name in unused:  # e.g. HF's original_inv_freq: not part of the function; large keeps its own
         record.params.pop(name, None)
     check_shapes(large, record)
+    _note_untraced(plan, record, small, "widen_into")
     # The readout convention (measured like the attention scale): "graphscale" puts the readout's 1/k in
     # its weights (a tied readout's into the op feeding it); "own" leaves it to the large model's code,
     # which divides the readout's input by its own width multiplier (mup's MuReadout / MuSharedReadout);
@@ -484,7 +655,8 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         return out
 
     # Try every candidate and keep the closest: with near-uniform attention both may pass the tolerance.
-    errors = errors_on(small, source)
+    reference = plan.captured.private or small  # the traced copy: running small could change it
+    errors = errors_on(reference, source)
     passing = [c for c in candidates if errors[c] <= rtol]
     if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
         # Several conventions compute the same function on these weights (a zero-initialized readout, or
@@ -557,14 +729,10 @@ def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> 
 def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str]]) -> torch.nn.Module:
     """A deep copy of ``small`` whose readout (and query) weights are random, so that candidate
     conventions that agree on zero or symmetric weights give different outputs. ``small`` is untouched."""
-    probe = copy.deepcopy(small)
+    probe = deepcopy_keeping_tensor_attributes(small)  # mup's infshape too
     gen = torch.Generator().manual_seed(0)
     names = set(readouts.get("untied", [])) | set(readouts.get("tied", []))
     params = dict(probe.named_parameters(remove_duplicate=False))
-    for name, p in small.named_parameters(remove_duplicate=False):
-        for attr, value in vars(p).items():  # deepcopy drops tensor attributes such as mup's infshape
-            if not hasattr(params[name], attr):
-                setattr(params[name], attr, value)
     with torch.no_grad():
         for name, p in params.items():
             if name in names or p.dim() >= 2:

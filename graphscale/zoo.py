@@ -23,10 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import math
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -437,7 +434,8 @@ def _hf_build(config: Any, kind: str, seed: int, attn_implementation: str = _HF_
     tf = _transformers()
     auto = {"causal": tf.AutoModelForCausalLM, "masked": tf.AutoModelForMaskedLM, "base": tf.AutoModel}[kind]
     with _seeded(seed) as gen:
-        model = auto.from_config(config, attn_implementation=attn_implementation)
+        # never run Python from a config's directory (an auto_map): refuse rather than ask [y/N]
+        model = auto.from_config(config, attn_implementation=attn_implementation, trust_remote_code=False)
         _randomize_affine_(model, gen)
         ids = torch.randint(0, config.vocab_size, (1, seq), generator=_input_gen(seed))
     model = model.float().eval()
@@ -506,7 +504,9 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     ``AutoModelForCausalLM``, ``...ForMaskedLM`` builds ``AutoModelForMaskedLM``; without ``architectures``,
     an encoder type that has a masked-LM class (BERT, RoBERTa, ...) builds a masked LM and anything else a
     causal LM; if that fails, the base ``AutoModel`` (which returns ``last_hidden_state``) is tried. No
-    weights are downloaded.
+    weights are downloaded, and no Python from the config's directory runs: a config with an ``auto_map``
+    (custom code) is refused with :class:`~graphscale.errors.ModelSpecError`, and transformers is called
+    with ``trust_remote_code=False``.
 
     Example:
         >>> model, (ids,) = hf_from_config("configs/tiny-llama/")  # doctest: +SKIP
@@ -516,12 +516,18 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelSpecError(f"{p} is a directory without a config.json")
-        config = tf.AutoConfig.from_pretrained(str(p))
+        file = p / "config.json"
     elif p.is_file():
-        config = tf.AutoConfig.from_pretrained(str(p))
+        file = p
     else:
         raise ModelSpecError(f"HF config {str(path)!r} is neither a JSON file nor a directory "
                              "with config.json")
+    _refuse_remote_code(file)
+    try:
+        config = tf.AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, malformed JSON, ...
+        detail = " ".join(str(e).split())[:300]
+        raise ModelSpecError(f"HF config {file}: transformers cannot read it ({detail})") from e
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "ForCausalLM" in archs or "LMHeadModel" in archs:
         kinds = ["causal"]
@@ -542,6 +548,24 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     raise ModelSpecError(f"cannot build a model from {path}: " + "; ".join(errors))
 
 
+def _refuse_remote_code(file: Path) -> None:
+    """Refuse a config that asks transformers to import Python from its directory (``auto_map``)."""
+    import json
+
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelSpecError(f"HF config {file}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelSpecError(f"HF config {file}: expected a JSON object, got {type(data).__name__}")
+    if "auto_map" in data:
+        raise ModelSpecError(
+            f"HF config {file} has an 'auto_map': it asks to run Python code from its directory (custom "
+            f"model classes {sorted(data['auto_map'])}); graphscale never runs code from a config directory. "
+            "Use a config whose model_type transformers ships, or build the model in a file.py:callable "
+            "spec you have read.")
+
+
 def _is_encoder(config: Any) -> bool:
     """True for a config type with a masked-LM head class that is not configured as a decoder."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -553,7 +577,7 @@ def _is_encoder(config: Any) -> bool:
 # Registry and specs
 
 
-EXAMPLES: dict[str, Callable[[], Example]] = {
+EXAMPLES: dict[str, Callable[..., Example]] = {
     "mlp": mlp,
     "cnn": resnet_cnn,
     "gpt": gpt,
@@ -564,72 +588,19 @@ EXAMPLES: dict[str, Callable[[], Example]] = {
     "hf-bert": hf_bert,
 }
 
-_SPEC_HELP = (f"a built-in name ({', '.join(EXAMPLES)}), 'path/to/file.py:callable' or "
-              "'package.module:callable', where the callable takes no arguments and returns "
-              "(model, example_inputs)")
-
 
 def load_model_spec(spec: str) -> Example:
-    """Build ``(model, example_inputs)`` from a spec string.
+    """Build ``(model, example_inputs)`` from a model spec string; kept here for existing callers.
 
-    Accepted: a name in :data:`EXAMPLES`; ``path/to/file.py:callable`` (the file is imported as a fresh
-    module); ``package.module:callable``. The callable (``attr`` or dotted ``attr.sub``) is called with no
-    arguments and must return ``(nn.Module, example_inputs)``; a single tensor or a list of inputs is turned
-    into a tuple. Raises :class:`~graphscale.errors.ModelSpecError` on any failure to resolve the spec.
+    The command line's spec loading lives in :func:`graphscale.cli.spec.load_model_spec`, which this calls:
+    a built-in name (optionally ``name:key=value,...``), ``path/to/file.py:callable`` (**the file is
+    executed**) or ``package.module:callable``.
 
     Example:
         >>> model, inputs = load_model_spec("mlp")
         >>> type(model).__name__, len(inputs)
         ('Sequential', 1)
     """
-    if spec in EXAMPLES:
-        return _check_example(EXAMPLES[spec](), spec)
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ModelSpecError(f"unknown model {spec!r}; expected {_SPEC_HELP}")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        file = Path(target)
-        if not file.is_file():
-            raise ModelSpecError(f"model spec {spec!r}: file {target!r} does not exist")
-        name = f"_graphscale_spec_{abs(hash(str(file.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(name, file)
-        if module_spec is None or module_spec.loader is None:
-            raise ModelSpecError(f"model spec {spec!r}: cannot import {target!r} as a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look the module up by name
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception:
-            sys.modules.pop(name, None)
-            raise
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            raise ModelSpecError(f"model spec {spec!r}: cannot import module {target!r} ({e}); "
-                                 f"expected {_SPEC_HELP}") from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelSpecError(f"model spec {spec!r}: {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelSpecError(f"model spec {spec!r}: {attr!r} is not callable")
-    return _check_example(obj(), spec)
+    from graphscale.cli.spec import load_model_spec as load
 
-
-def _check_example(result: Any, spec: str) -> Example:
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise ModelSpecError(f"model spec {spec!r} returned {type(result).__name__}, "
-                             "expected a pair (model, example_inputs)")
-    model, inputs = result
-    if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"model spec {spec!r}: the model is a {type(model).__name__}, not an nn.Module")
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    elif isinstance(inputs, list):
-        inputs = tuple(inputs)
-    if not isinstance(inputs, tuple):
-        raise ModelSpecError(f"model spec {spec!r}: example_inputs is a {type(inputs).__name__}, "
-                             "expected a tuple of positional inputs")
-    return model, inputs
+    return load(spec)

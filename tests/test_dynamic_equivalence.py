@@ -4,6 +4,9 @@ the same batches as the narrow model, agree with it at every one of 200 steps (f
 for SGD (momentum, dampening, nesterov, coupled wd), Adam (eps 1e-3, amsgrad, coupled wd) and AdamW
 (eps 1e-3, wd 0.1); also with base-equivalent clipping active and with optimizer state transferred
 mid-training. The control shows the harness can fail: plain optimizers on the wide model diverge.
+The families added through the table of laws (RMSprop: momentum, centered, eps, coupled wd; Adagrad:
+lr_decay, eps, coupled wd, initial_accumulator_value) get the same checks, each with a plain control that
+fails the same tolerance.
 """
 
 from __future__ import annotations
@@ -137,3 +140,65 @@ def test_verify_reports_training_divergence_per_step() -> None:
                                optimizer=torch.optim.Adam, hparams=dict(lr=1e-2, eps=1e-3))
     assert report.ok and len(report.training) == 15
     assert max(report.training) <= TOL
+
+
+# ------------------------------------------------------------------ families added through the law table
+
+RMSPROP: list[dict] = [
+    dict(lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9, centered=True, weight_decay=1e-3),
+    dict(lr=1e-3, eps=1e-3, momentum=0.5, weight_decay=1e-3),
+]
+ADAGRAD: list[dict] = [
+    dict(lr=0.05, lr_decay=1e-3, eps=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1),
+    dict(lr=0.05, eps=1e-3),
+]
+NEW_FAMILIES = [(torch.optim.RMSprop, hp) for hp in RMSPROP] + [(torch.optim.Adagrad, hp) for hp in ADAGRAD]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("cls, hp", NEW_FAMILIES)
+def test_new_families_train_exactly_for_200_steps(cls: type, hp: dict, k: int) -> None:
+    narrow, example, batch, loss_fn = _task("mlp")
+    wide = graphscale.widen(narrow, example, multiplier=k)
+    worst = _train_side_by_side(narrow, wide, cls(narrow.parameters(), **hp),
+                                graphscale.mup_optimizer(wide, cls, **hp), (batch(i) for i in range(STEPS)),
+                                loss_fn, None)
+    assert worst <= TOL, f"x{k} {cls.__name__} {hp}: diverged by {worst:.3g}"
+
+
+@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[2]])
+def test_new_families_train_exactly_on_a_gpt_with_clipping(cls: type, hp: dict) -> None:
+    narrow, example, batch, loss_fn = _task("gpt")
+    wide = graphscale.widen(narrow, example, multiplier=2)
+    worst = _train_side_by_side(narrow, wide, cls(narrow.parameters(), **hp),
+                                graphscale.mup_optimizer(wide, cls, **hp), (batch(i) for i in range(STEPS)),
+                                loss_fn, 0.5)
+    assert worst <= TOL, f"gpt {cls.__name__} {hp}: diverged by {worst:.3g}"
+
+
+@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[2]])
+def test_new_families_with_transferred_state(cls: type, hp: dict) -> None:
+    """Narrow trains 20 steps, is widened x3 with its optimizer state, then both train 100 more steps.
+    RMSprop's momentum buffer is in update units (copied) while its square_avg/grad_avg scale like g^2/g."""
+    narrow, example, batch, loss_fn = _task("mlp")
+    n_opt = cls(narrow.parameters(), **hp)
+    for i in range(20):
+        inputs, target = batch(1000 + i)
+        n_opt.zero_grad()
+        loss_fn(narrow(*inputs), target).backward()
+        n_opt.step()
+    wide = graphscale.widen(narrow, example, multiplier=3)
+    w_opt = graphscale.mup_optimizer(wide, cls, **hp)
+    graphscale.transfer_optimizer_state(narrow, n_opt, wide, w_opt)
+    worst = _train_side_by_side(narrow, wide, n_opt, w_opt, (batch(i) for i in range(100)), loss_fn, None)
+    assert worst <= TOL, f"{cls.__name__}: diverged by {worst:.3g} after the transfer"
+
+
+@pytest.mark.parametrize("cls, hp", [NEW_FAMILIES[0], NEW_FAMILIES[2]])
+def test_control_plain_new_family_on_the_wide_model_fails_the_tolerance(cls: type, hp: dict) -> None:
+    """The same harness and tolerance with the plain optimizer (no μP groups) on the wide model fails."""
+    narrow, example, batch, loss_fn = _task("mlp")
+    wide = graphscale.widen(narrow, example, multiplier=2)
+    worst = _train_side_by_side(narrow, wide, cls(narrow.parameters(), **hp), cls(wide.parameters(), **hp),
+                                (batch(i) for i in range(STEPS)), loss_fn, None)
+    assert worst > TOL * 1e3, f"plain {cls.__name__} stayed within {worst:.3g}: the harness cannot fail"

@@ -16,7 +16,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import (
+from torch import nn
+
+import graphscale
+from graphscale import zoo
+from graphscale.plan import Plan
+from tests.strategies import (
     Arch,
     MLPArch,
     build,
@@ -27,11 +32,6 @@ from strategies import (
     n_width_classes,
     transformer_archs,
 )
-from torch import nn
-
-import graphscale
-from graphscale import zoo
-from graphscale.plan import Plan
 
 Axis = tuple[str, int]
 

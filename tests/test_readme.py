@@ -35,3 +35,13 @@ def test_readme_quickstart_runs_as_written_and_trains_the_wide_model_one_step() 
     assert wide.transformer.wte.weight.shape[1] == 2 * small.transformer.wte.weight.shape[1]
     stepped = [p for g in opt.param_groups for p in g["params"] if "exp_avg" in opt.state.get(p, {})]
     assert stepped and len(stepped) == sum(len(g["params"]) for g in opt.param_groups)
+
+
+def test_readme_test_command_is_the_one_ci_runs() -> None:
+    """README's "Run the tests" pytest command and .ci/run's must stay the same command."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    block = README.read_text().split("Run the tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    readme_cmd = block.strip().rsplit("&& ", 1)[1]
+    ci_cmds = [line.strip() for line in ci.splitlines() if line.strip().startswith("python -m pytest")]
+    assert ci_cmds == [readme_cmd], (ci_cmds, readme_cmd)
+    assert "--doctest-modules" in readme_cmd and "graphscale" in readme_cmd.split()

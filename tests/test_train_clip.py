@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from graphscale.train import clip_grad_norm_
-
-try:
-    from tests.test_train_helpers import hand_widen, make_mlp, single_thread
-except ImportError:
-    from test_train_helpers import hand_widen, make_mlp, single_thread
+from tests.helpers import hand_widen, make_mlp, single_thread
 
 __all__ = ["single_thread"]
 

@@ -8,11 +8,7 @@ import pytest
 import torch
 
 from graphscale.train import coord_check
-
-try:
-    from tests.test_train_helpers import hand_widen, make_mlp, single_thread
-except ImportError:
-    from test_train_helpers import hand_widen, make_mlp, single_thread
+from tests.helpers import hand_widen, make_mlp, single_thread
 
 __all__ = ["single_thread"]
 

@@ -13,12 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-graphscale = pytest.importorskip("graphscale")
-if not hasattr(graphscale, "widen"):  # pragma: no cover - only while the engine is being written
-    pytest.skip("graphscale.widen is not available", allow_module_level=True)
-
-from graphscale import zoo  # noqa: E402
-from graphscale.train import (  # noqa: E402
+import graphscale
+from graphscale import zoo
+from graphscale.train import (
     clip_grad_norm_,
     coord_check,
     gaussian,
@@ -27,11 +24,7 @@ from graphscale.train import (  # noqa: E402
     symmetric,
     transfer_optimizer_state,
 )
-
-try:
-    from tests.test_train_helpers import single_thread
-except ImportError:
-    from test_train_helpers import single_thread
+from tests.helpers import single_thread
 
 __all__ = ["single_thread"]
 

@@ -7,11 +7,7 @@ import math
 import torch
 
 from graphscale.train.init import mup_init_
-
-try:
-    from tests.test_train_helpers import hand_widen, make_mlp, single_thread
-except ImportError:
-    from test_train_helpers import hand_widen, make_mlp, single_thread
+from tests.helpers import hand_widen, make_mlp, single_thread
 
 __all__ = ["single_thread"]
 

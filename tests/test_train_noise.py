@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import graphscale
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord
 from graphscale.train import mup_optimizer
 from graphscale.train.noise import (
@@ -26,11 +27,7 @@ from graphscale.train.noise import (
     symmetric_relative,
     weight_kind,
 )
-
-try:
-    from tests.test_train_helpers import hand_widen, make_mlp, single_thread
-except ImportError:
-    from test_train_helpers import hand_widen, make_mlp, single_thread
+from tests.helpers import hand_widen, make_mlp, single_thread
 
 __all__ = ["single_thread"]
 
@@ -274,3 +271,13 @@ def test_noise_refuses_a_record_missing_tensors() -> None:
     del wide.graphscale.params["2.weight"]
     with pytest.raises(ValueError, match=r"2\.weight"):
         gaussian(0.1).apply(wide, wide.graphscale, _gen())
+
+
+@pytest.mark.parametrize("make", [graphscale.noise.gaussian, graphscale.noise.gaussian_relative,
+                                  graphscale.noise.spectral, graphscale.noise.symmetric,
+                                  graphscale.noise.symmetric_relative])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -0.5])
+def test_non_finite_or_negative_strength_is_refused_at_construction(make, bad) -> None:
+    with pytest.raises(graphscale.GraphscaleError, match="finite number >= 0"):
+        make(bad)
+    assert make(0.0) is not None and make(0.25) is not None  # the valid range still builds

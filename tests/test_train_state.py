@@ -12,37 +12,20 @@ from hypothesis import strategies as st
 
 from graphscale.train import mup_optimizer, transfer_optimizer_state
 from graphscale.train._common import RecordError
-
-try:
-    from tests.test_train_helpers import (
-        EXAMPLES,
-        TOL,
-        architectures,
-        batches,
-        hand_widen,
-        make_data,
-        make_mlp,
-        optimizer_configs,
-        rewiden_into,
-        rounding_sensitivity,
-        single_thread,
-        train_pair,
-    )
-except ImportError:
-    from test_train_helpers import (
-        EXAMPLES,
-        TOL,
-        architectures,
-        batches,
-        hand_widen,
-        make_data,
-        make_mlp,
-        optimizer_configs,
-        rewiden_into,
-        rounding_sensitivity,
-        single_thread,
-        train_pair,
-    )
+from tests.helpers import (
+    EXAMPLES,
+    TOL,
+    architectures,
+    batches,
+    hand_widen,
+    make_data,
+    make_mlp,
+    optimizer_configs,
+    rewiden_into,
+    rounding_sensitivity,
+    single_thread,
+    train_pair,
+)
 
 __all__ = ["single_thread"]
 

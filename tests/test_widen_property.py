@@ -19,7 +19,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import (
+from torch import nn
+
+import graphscale
+from graphscale import zoo
+from graphscale.capture import preserved_buffers
+from graphscale.plan import Plan
+from graphscale.verify import compare_activations, flat_variant, run_recording
+from tests.strategies import (
     Arch,
     BlockSpec,
     CNNArch,
@@ -31,13 +38,6 @@ from strategies import (
     mlp_archs,
     transformer_archs,
 )
-from torch import nn
-
-import graphscale
-from graphscale import zoo
-from graphscale.capture import preserved_buffers
-from graphscale.plan import Plan
-from graphscale.verify import compare_activations, flat_variant, run_recording
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -253,7 +253,7 @@ def test_verify_leaves_train_mode_batchnorm_source_unchanged() -> None:
 HF_CASES = {
     "gpt2": (lambda: zoo.hf_gpt2(n_embd=32, n_head=4), 1e-10),
     "bert": (lambda: zoo.hf_bert(hidden=32, intermediate=48, heads=4), 1e-10),
-    # HF's RMSNorm computes in float32 whatever the dtype (DESIGN.md §2): a 4e-8 floor
+    # HF's RMSNorm computes in float32 whatever the dtype (docs/math.md §3): a 4e-8 floor
     "llama": (lambda: zoo.hf_llama(hidden=32, intermediate=48, heads=4, kv_heads=2), 1e-6),
 }
 

@@ -21,9 +21,11 @@ import torch
 import torch.fx as fx
 
 from graphscale.errors import GraphscaleError, UnsupportedOpError
+from graphscale.infer.call import Call
 from graphscale.infer.dims import DimSystem
 from graphscale.infer.rulebook import Rule, RuleBook
-from graphscale.infer.values import ArgLoc, Const, Info, Requests, TensorInfo
+from graphscale.infer.schema import KINDS
+from graphscale.infer.values import Const, Info, Opaque, Requests, TensorInfo
 
 
 @dataclass
@@ -41,82 +43,6 @@ class Walk:
     output_dims: list[int] = field(default_factory=list)
     module_rules: dict[str, Rule] = field(default_factory=dict)  # call_module target -> its rule
     node_rules: dict[str, Rule] = field(default_factory=dict)
-
-
-class OpContext:
-    """What a rule's kind sees of one node: its arguments (real and inferred) and the walk's state."""
-
-    def __init__(self, walker: _Walker, node: fx.Node, rule: Rule, result: Any,
-                 args: tuple, kwargs: dict, module: torch.nn.Module | None) -> None:
-        self.walker, self.node, self.rule, self.result = walker, node, rule, result
-        self.args, self.kwargs, self.module = args, kwargs, module
-        self.ds = walker.walk.ds
-        self.requests = walker.walk.requests
-
-    # -- arguments -------------------------------------------------------------------------------------
-
-    def locate(self, ref: str) -> ArgLoc | None:
-        """Where ``"name@pos"`` is in this call (keyword first), or None if absent."""
-        name, _, pos = ref.partition("@")
-        if name in self.node.kwargs:
-            return ("kw", name)
-        if pos and int(pos) < len(self.node.args):
-            return ("pos", int(pos))
-        return None
-
-    def value(self, ref: str, default: Any = None) -> Any:
-        """The real value of an argument (``"name@pos"``, ``"param:x"``, ``"attr:x"``, ``"varargs@i"``)."""
-        if ref.startswith(("param:", "buffer:", "attr:")):
-            return getattr(self.module, ref.split(":", 1)[1], default)
-        if ref.startswith("varargs@"):
-            i = int(ref.split("@")[1])
-            rest = self.args[i:]
-            return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], list | tuple | torch.Size) \
-                else list(rest)
-        loc = self.locate(ref)
-        if loc is None:
-            return default
-        return self.kwargs[loc[1]] if loc[0] == "kw" else self.args[loc[1]]
-
-    def info(self, ref: str) -> Info | None:
-        """The inferred info of an argument, ``None`` if the argument is absent."""
-        if ref.startswith(("param:", "buffer:")):
-            attr = ref.split(":", 1)[1]
-            t = getattr(self.module, attr, None)
-            if t is None:
-                return None
-            return self.walker.tensor_info(f"{self.node.target}.{attr}", t)
-        if ref.startswith("varargs@"):
-            i = int(ref.split("@")[1])
-            rest = self.node.args[i:]
-            if len(rest) == 1 and isinstance(rest[0], list | tuple):
-                rest = rest[0]
-            return tuple(self.walker.info_of(a) for a in rest)
-        loc = self.locate(ref)
-        if loc is None:
-            return None
-        raw = self.node.kwargs[loc[1]] if loc[0] == "kw" else self.node.args[loc[1]]
-        return self.walker.info_of(raw)
-
-    def raw(self, ref: str) -> Any:
-        """The argument as written in the graph (a Node, a literal, a list of those)."""
-        if ref.startswith("varargs@"):
-            i = int(ref.split("@")[1])
-            rest = self.node.args[i:]
-            return rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else rest
-        loc = self.locate(ref)
-        if loc is None:
-            return None
-        return self.node.kwargs[loc[1]] if loc[0] == "kw" else self.node.args[loc[1]]
-
-    # -- building results ------------------------------------------------------------------------------
-
-    def fresh(self, shape: tuple[int, ...], label: str | None = None) -> tuple[int, ...]:
-        label = label or self.node.name
-        return tuple(self.ds.new(s, f"{label}[{i}]") for i, s in enumerate(shape))
-
-    def where(self) -> str:
-        return describe_node(self.node)
 
 
 class _Walker(fx.Interpreter):
@@ -152,11 +78,15 @@ class _Walker(fx.Interpreter):
             return self.walk.info[a.name]
         if isinstance(a, list | tuple):
             return tuple(self.info_of(x) for x in a)
+        if isinstance(a, torch.Tensor):  # a tensor written into the graph: its axes are unknown
+            return Opaque("(a literal argument)", "a tensor literal in the graph")
         return Const(a)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        self.walk.info[n.name] = self._infer(n, result)
+        info = self._infer(n, result)
+        self.walk.info[n.name] = info
+        n.meta["graphscale_info"] = info  # per-node results live with the node, as fx passes keep theirs
         return result
 
     def _infer(self, n: fx.Node, result: Any) -> Info:
@@ -168,7 +98,9 @@ class _Walker(fx.Interpreter):
                 return self.tensor_info(str(n.target), result)
             return Const(result)
         if n.op == "output":
-            self._collect_outputs(self.info_of(n.args[0]))
+            out = self.info_of(n.args[0])
+            self._refuse_opaque(n, out, "a model output")
+            self._collect_outputs(out)
             return Const(None)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         module = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
@@ -176,11 +108,30 @@ class _Walker(fx.Interpreter):
         w.node_rules[n.name] = rule
         if module is not None:
             w.module_rules[str(n.target)] = rule
-        from graphscale.infer.kinds import KIND_HANDLERS  # kinds import this module's OpContext
-
-        info = KIND_HANDLERS[rule.kind](OpContext(self, n, rule, result, args, kwargs, module))
+        kind = KINDS[rule.kind]
+        if not kind.tolerates_opaque:
+            for a in list(n.args) + list(n.kwargs.values()):
+                self._refuse_opaque(n, self.info_of(a), f"an argument of rule {rule.name!r}")
+        call = Call(n, rule, result, args, kwargs, module, w.ds, w.requests, self.info_of, self.tensor_info,
+                    describe_node)
+        info = kind.handler(call)
         self._check(n, rule, info, result)
         return info
+
+    def _refuse_opaque(self, n: fx.Node, info: Any, what: str) -> None:
+        """A value the walk could not describe must not reach an op that relates axes (never a constant)."""
+        if isinstance(info, Opaque):
+            raise UnsupportedOpError(
+                f"{describe_node(n)}: {what} is a value graphscale cannot describe ({info.why}, made at "
+                f"node {info.node!r}), so it cannot tell how its axes relate to the width. Rewrite the "
+                "model to avoid it (e.g. x.t() or x.transpose(0, 1) instead of an unusual attribute), or "
+                "add a rule that describes the op that made it")
+        if isinstance(info, tuple):
+            for i in info:
+                self._refuse_opaque(n, i, what)
+        elif isinstance(info, dict):
+            for i in info.values():
+                self._refuse_opaque(n, i, what)
 
     def _check(self, n: fx.Node, rule: Rule, info: Any, result: Any) -> None:
         """A rule whose dimensions disagree with the real shapes is a bug in the rule: say which."""

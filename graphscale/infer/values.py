@@ -44,7 +44,19 @@ class Const:
     value: Any
 
 
-Info = TensorInfo | SizeInfo | Const | tuple  # a tuple holds Infos (split outputs, x.size(), ...)
+@dataclass(frozen=True)
+class Opaque:
+    """A value the engine cannot describe (a tensor attribute it does not know, a tensor literal).
+
+    It is never taken for a constant: a kind that needs it as a tensor or a size refuses the op, naming
+    ``node`` (where the value was made) and ``why``.
+    """
+
+    node: str
+    why: str
+
+
+Info = TensorInfo | SizeInfo | Const | Opaque | tuple  # a tuple holds Infos (split outputs, x.size(), ...)
 
 
 @dataclass(frozen=True)

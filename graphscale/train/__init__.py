@@ -1,7 +1,7 @@
 """Train-time pieces for widened models: μP optimizer, optimizer-state transfer, clipping, noise, init.
 
 All of them read only the :class:`~graphscale.record.WideningRecord` that widening attaches as
-``module.graphscale`` (DESIGN.md §2), so they work on any widened model, whatever its architecture.
+``module.graphscale`` (docs/math.md §2), so they work on any widened model, whatever its architecture.
 """
 
 from graphscale.train.clip import clip_grad_norm_
@@ -22,14 +22,17 @@ from graphscale.train.noise import (
     symmetric_relative,
 )
 from graphscale.train.optim import mup_optimizer, mup_param_groups, optimizer_family, scaling_factors
+from graphscale.train.schedule import MupScheduler, SchedulerError, mup_scheduler, transfer_scheduler_state
 from graphscale.train.state import transfer_optimizer_state
 
 __all__ = [
     "CoordCheckResult",
     "GaussianNoise",
+    "MupScheduler",
     "NoNoise",
     "NoiseScheme",
     "RMSRecorder",
+    "SchedulerError",
     "SpectralNoise",
     "SymmetricNoise",
     "clip_grad_norm_",
@@ -44,7 +47,9 @@ __all__ = [
     "symmetric_relative",
     "mup_optimizer",
     "mup_param_groups",
+    "mup_scheduler",
     "optimizer_family",
     "scaling_factors",
     "transfer_optimizer_state",
+    "transfer_scheduler_state",
 ]

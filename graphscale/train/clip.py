@@ -1,13 +1,13 @@
 """Gradient clipping by the base-equivalent global norm.
 
 Clipping by the global gradient norm is not width invariant: the wide gradient of a copied parameter is
-``g' = E(g) / (c M)`` (DESIGN.md §2), so ``||g'||_2**2 = M ||g||_2**2 / (c M)**2 = ||g||_2**2 / (c**2 M)``,
-and each parameter's share of the raw wide norm changes with its own ``(c, M)``. Clipping the wide model by
-its raw norm therefore clips at different steps, and by a different factor, than the narrow model --
-dynamic equivalence breaks. Weighting each parameter back, ``||g||_p = (c M) M**(-1/p) ||g'||_p``, gives
-exactly the norm the narrow model would see; scaling every wide gradient by the same coefficient the
-narrow model uses then keeps the pair equivalent (any common factor on ``g`` maps to the same one on
-``g'``).
+``g' = E(g) / (c M)`` (docs/math.md §2; :func:`graphscale.laws.gradient` in the table of laws), so
+``||g'||_2**2 = M ||g||_2**2 / (c M)**2 = ||g||_2**2 / (c**2 M)``, and each parameter's share of the raw
+wide norm changes with its own ``(c, M)``. Clipping the wide model by its raw norm therefore clips at
+different steps, and by a different factor, than the narrow model -- dynamic equivalence breaks.
+Weighting each parameter back, ``||g||_p = (c M) M**(-1/p) ||g'||_p``, gives exactly the norm the narrow
+model would see; scaling every wide gradient by the same coefficient the narrow model uses then keeps the
+pair equivalent (any common factor on ``g`` maps to the same one on ``g'``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from graphscale import laws
 from graphscale.record import WideningRecord
 from graphscale.train._common import resolve_record, scalings_for
 
@@ -52,7 +53,8 @@ def clip_grad_norm_(
     norms = []
     for name, p in named:
         s = scalings[name]
-        cm, m = float(s.copy_scale) * float(s.total_mult), float(s.total_mult)
+        m = float(s.total_mult)
+        cm = 1.0 / laws.gradient(float(s.copy_scale), m)  # g = (cM) g' on each copy
         raw = torch.linalg.vector_norm(p.grad.detach(), p_)
         # ||g||_p**p = (cM)**p / M * ||g'||_p**p; for p = inf the max is unchanged by copying.
         weight = cm if math.isinf(p_) else cm * m ** (-1.0 / p_)

@@ -10,7 +10,7 @@ with the plain optimizer drifts apart. The recorder is one :class:`torch.fx.Inte
 every node of the graph is measured, not only module outputs.
 
 One exception is by design: where a compensation lives in a weight (``c = k**-1/2 / m_in`` on ``W_q`` when
-the user's class fixes the attention formula, DESIGN.md §2), the node between that weight and the
+the user's class fixes the attention formula, docs/math.md §4), the node between that weight and the
 formula's own scale is ``k**-1/2`` times the narrow one; only the scaled result is invariant. Such nodes
 can be left out of :meth:`CoordCheckResult.spread` with ``exclude``.
 """

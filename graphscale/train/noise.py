@@ -1,7 +1,7 @@
 """Symmetry-breaking noise for widened models.
 
 With zero noise the ``k`` copies of a unit receive identical updates forever and the extra width is
-wasted; a small perturbation at widening time lets them separate (DESIGN.md §2). Each scheme is a small
+wasted; a small perturbation at widening time lets them separate (docs/math.md §5). Each scheme is a small
 frozen dataclass with ``apply(module, record, generator)`` (in place, under ``torch.no_grad``) and
 ``describe(scaling)`` (the per-parameter formula shown to users). :func:`graphscale.widen` calls
 ``scheme.apply(wide, wide.graphscale, generator)`` right after copying.
@@ -40,10 +40,23 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from graphscale.errors import GraphscaleError
+from graphscale.laws import weight_role
 from graphscale.record import ParamScaling, WideningRecord
 from graphscale.train._common import scalings_for
 
 WeightKind = Literal["input", "hidden", "output"]
+
+
+class NoiseError(GraphscaleError, ValueError):
+    """A noise scheme's strength is not a finite number >= 0."""
+
+
+def _check_strength(scheme: object, name: str, value: float) -> None:
+    # A NaN std would fill every weight with NaN and an infinite or negative one means nothing: refuse
+    # at construction, naming the scheme, rather than corrupting a model at widening time.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise NoiseError(f"{type(scheme).__name__}: {name} must be a finite number >= 0, got {value!r}")
 
 
 @runtime_checkable
@@ -62,19 +75,20 @@ class NoiseScheme(Protocol):
 def weight_kind(s: ParamScaling) -> WeightKind | None:
     """``"input"``, ``"hidden"``, ``"output"`` (readout) or ``None`` (no noise ever): see the module doc.
 
+    The role is :func:`graphscale.laws.weight_role` -- the function derive decides it with -- evaluated on
+    this widening's numbers ``(M, m_in)``: a hidden weight whose fan-out class has multiplier 1 is a
+    readout here. A record that calls the tensor ``vector`` or ``fixed`` (a hand-built one) is believed.
+
     Example:
         >>> from graphscale.record import AxisReplication
         >>> ax = AxisReplication.atomic(4, 2)
         >>> weight_kind(ParamScaling("w", "w", (4, 4), (8, 8), (ax, ax), 0.5, 4, 2, (1,), role="hidden"))
         'hidden'
     """
-    if s.is_buffer or len(s.wide_shape) < 2 or s.role in ("vector", "fixed") or s.total_mult <= 1:
+    if s.is_buffer or len(s.wide_shape) < 2 or s.role in ("vector", "fixed"):
         return None
-    if s.role == "output" or s.fan_out_mult == 1:
-        return "output"
-    if s.fan_in_mult == 1:
-        return "input"
-    return "hidden"
+    role = weight_role(len(s.wide_shape), int(s.total_mult), int(s.fan_in_mult), s.is_buffer)
+    return role if role in ("input", "hidden", "output") else None  # type: ignore[return-value]
 
 
 def fan_in_wide(s: ParamScaling) -> int:
@@ -159,6 +173,9 @@ class GaussianNoise:
     std: float
     relative: bool = False
 
+    def __post_init__(self) -> None:
+        _check_strength(self, "std", self.std)
+
     def apply(self, module: nn.Module, record: WideningRecord, generator: torch.Generator) -> None:
         with torch.no_grad():
             for p, s in _named_scalings(module, record):
@@ -184,6 +201,9 @@ class SpectralNoise:
     """
 
     t: float
+
+    def __post_init__(self) -> None:
+        _check_strength(self, "t", self.t)
 
     def apply(self, module: nn.Module, record: WideningRecord, generator: torch.Generator) -> None:
         with torch.no_grad():
@@ -247,6 +267,9 @@ class SymmetricNoise:
 
     std: float
     relative: bool = False
+
+    def __post_init__(self) -> None:
+        _check_strength(self, "std", self.std)
 
     def apply(self, module: nn.Module, record: WideningRecord, generator: torch.Generator) -> None:
         with torch.no_grad():

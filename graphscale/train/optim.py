@@ -1,8 +1,10 @@
 """μP optimizers for widened models: param groups in, param groups out, any optimizer class.
 
-A widened parameter is ``P' = c * E(P)`` and its gradient is ``g' = E(g) / (c M)`` (DESIGN.md §2). For the
-wide model's update to be ``c * E(ΔP)`` -- the narrow update, copied -- each hyperparameter that meets the
-gradient or the parameter on a non-homogeneous path needs one factor, relative to the width it was tuned at:
+A widened parameter is ``P' = c * E(P)`` and its gradient is ``g' = E(g) / (c M)`` (docs/math.md §2). For
+the wide model's update to be ``c * E(ΔP)`` -- the narrow update, copied -- each hyperparameter that meets
+the gradient or the parameter on a non-homogeneous path needs one factor, relative to the width it was
+tuned at. The factors are read from the one table of optimizer laws, :data:`graphscale.laws.FAMILIES`
+(the same entries ``graphscale explain`` prints); for the built-in families:
 
 ============================  ===================  =========================================
 family                        hyperparameter       factor
@@ -25,60 +27,59 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from graphscale.record import ParamScaling, WideningRecord
-from graphscale.train._common import OptimizerFamilyError, RecordError, resolve_record, scalings_for
+from graphscale import laws
+from graphscale.record import ParamScaling
+from graphscale.train._common import (
+    OptimizerFamilyError,
+    RecordError,
+    RecordLike,
+    resolve_record,
+    scalings_for,
+)
 
-Family = Literal["sgd", "adam", "adamw"]
-FAMILIES: tuple[str, ...] = ("sgd", "adam", "adamw")
+#: A family name: a key of :data:`graphscale.laws.FAMILIES` (an open registry).
+Family = str
 
 #: Key under which every param group built here records the factors it applied, so that code which sets
 #: ``group["lr"]`` itself (a hand-written schedule) can keep the μP ratio: ``group["lr"] = lr_t * f["lr"]``.
 FACTORS_KEY = "graphscale"
+#: Key under which every param group built here records its family (the state transfer reads it).
+FAMILY_KEY = "graphscale_family"
+
+
+def __getattr__(name: str) -> Any:
+    # FAMILIES used to be a fixed tuple here; the registry now lives in graphscale.laws.
+    if name == "FAMILIES":
+        return tuple(laws.FAMILIES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def optimizer_family(
     optimizer_cls: type, family: str | None = None, hparams: Mapping[str, Any] | None = None
 ) -> Family:
-    """Which μP law an optimizer class follows: ``"sgd"``, ``"adam"`` (coupled L2) or ``"adamw"``.
+    """Which μP law an optimizer class follows: a family name of :data:`graphscale.laws.FAMILIES`.
 
-    Subclasses of :class:`torch.optim.SGD`, :class:`~torch.optim.Adam` and :class:`~torch.optim.AdamW` are
-    recognised (``Adam(decoupled_weight_decay=True)`` is AdamW). Any other class is refused, because a
-    wrong guess would train silently with the wrong factors; name its law with ``family=``.
+    Subclasses of the registered classes are recognised, the most specific one deciding
+    (``torch.optim.SGD``, ``Adam``, ``AdamW``; ``Adam(decoupled_weight_decay=True)`` is AdamW). Any other
+    class is refused, because a wrong guess would train silently with the wrong factors; name its law
+    with ``family=``.
 
     Example:
         >>> optimizer_family(torch.optim.AdamW)
         'adamw'
-        >>> optimizer_family(torch.optim.RMSprop, family="adam")
+        >>> optimizer_family(torch.optim.Adadelta, family="adam")
         'adam'
     """
-    if family is not None:
-        if family not in FAMILIES:
-            raise OptimizerFamilyError(f"family must be one of {FAMILIES}, got {family!r}")
-        return family  # type: ignore[return-value]
-    hparams = hparams or {}
-    if isinstance(optimizer_cls, type):
-        # AdamW subclasses Adam in recent torch: test the more specific class first.
-        if issubclass(optimizer_cls, torch.optim.AdamW):
-            return "adamw"
-        if issubclass(optimizer_cls, torch.optim.Adam):
-            return "adamw" if hparams.get("decoupled_weight_decay", False) else "adam"
-        if issubclass(optimizer_cls, torch.optim.SGD):
-            return "sgd"
-    name = getattr(optimizer_cls, "__name__", repr(optimizer_cls))
-    raise OptimizerFamilyError(
-        f"graphscale does not know how {name} scales with width; pass family='sgd' (update proportional to "
-        "the gradient), 'adam' (update normalised entrywise, L2 weight decay added to the gradient) or "
-        "'adamw' (normalised, decoupled weight decay p <- p(1 - lr*wd)) if one of them is its law"
-    )
+    return laws.family_of(optimizer_cls, family, hparams)
 
 
 def scaling_factors(scaling: ParamScaling, family: Family) -> dict[str, float]:
-    """The multiplicative factor on each hyperparameter for one parameter (see the module table).
+    """The multiplicative factor on each hyperparameter for one parameter (the family's table entry).
 
     Example:
         >>> from graphscale.record import AxisReplication
@@ -87,14 +88,11 @@ def scaling_factors(scaling: ParamScaling, family: Family) -> dict[str, float]:
         >>> scaling_factors(s, "adam")
         {'lr': 0.5, 'eps': 0.5, 'weight_decay': 1.0}
     """
+    if family not in laws.FAMILIES:
+        raise OptimizerFamilyError(f"family must be one of {tuple(laws.FAMILIES)}, got {family!r}")
+    fam = laws.FAMILIES[family]
     c, m = float(scaling.copy_scale), float(scaling.total_mult)
-    if family == "sgd":
-        return {"lr": c * c * m, "weight_decay": 1.0 / (c * c * m)}
-    if family == "adam":
-        return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0 / (c * c * m)}
-    if family == "adamw":
-        return {"lr": c, "eps": 1.0 / (c * m), "weight_decay": 1.0 / c}
-    raise OptimizerFamilyError(f"family must be one of {FAMILIES}, got {family!r}")
+    return {hp: float(f) for hp, f in fam.hparam_factors(c, m).items()}
 
 
 def constructor_defaults(optimizer_cls: type) -> dict[str, Any]:
@@ -126,8 +124,11 @@ def mup_param_groups(
     ``scalings`` maps ``id(param)`` to its :class:`ParamScaling`; ``defaults`` are the values a group
     without its own ``lr``/``eps``/``weight_decay`` falls back to (the optimizer's constructor defaults
     updated with the user's keywords). Every returned group carries its scaled ``lr`` (and ``eps``,
-    ``weight_decay`` where the family has them) explicitly, plus ``group["graphscale"]``: the factors used.
-    The order of parameters within each sub-group follows the input order.
+    ``weight_decay`` where the family has them) explicitly, plus ``group["graphscale"]``: the factors used,
+    and ``group["graphscale_family"]``: the family. The order of parameters within each sub-group follows
+    the input order. A family whose constructor fills a state entry from a hyperparameter (Adagrad's
+    ``initial_accumulator_value``) needs :func:`fill_initial_state_` on the built optimizer;
+    :func:`mup_optimizer` does it.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -161,9 +162,16 @@ def mup_param_groups(
                         if hp == "lr":
                             raise OptimizerFamilyError("the optimizer needs lr= (it has no default)")
                         continue  # e.g. a family='adam' class without eps: nothing to scale
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        # e.g. Adafactor's eps=(eps1, eps2): a scalar law cannot be guessed onto it
+                        raise OptimizerFamilyError(
+                            f"hyperparameter {hp}={value!r} is not a number, but the {fam!r} law scales it "
+                            "by a scalar factor; this optimizer needs its own family "
+                            "(graphscale.laws.register_family)")
                     sub[hp] = value * f
                     applied[hp] = f
                 sub[FACTORS_KEY] = applied
+                sub[FAMILY_KEY] = fam
                 sub["params"] = []
                 subgroups[key] = sub
             sub["params"].append(p)
@@ -176,7 +184,7 @@ def mup_optimizer(
     optimizer_cls: type[torch.optim.Optimizer],
     *,
     params: Iterable[torch.Tensor] | Iterable[Mapping[str, Any]] | None = None,
-    record: WideningRecord | None = None,
+    record: RecordLike | None = None,
     base: nn.Module | Mapping[str, int] | None = None,
     example_inputs: Any = None,
     family: str | None = None,
@@ -186,12 +194,14 @@ def mup_optimizer(
 
     Hyperparameters (``lr``, ``eps``, ``weight_decay``, ...) are the ones tuned for the narrow model; each
     parameter's group gets them times the factors of :func:`scaling_factors`, from the record:
-    ``model.graphscale`` by default, ``record=`` if given, or -- for a model built at full width from
+    ``model.graphscale`` by default, ``record=`` if given (a record, or the path
+    :func:`graphscale.save_record` wrote, for a model of the same architecture that holds the wide
+    weights; matched by parameter name and shape), or -- for a model built at full width from
     scratch -- ``graphscale.relative_record(model, example_inputs, base)`` with ``base`` a smaller instance
     of the same architecture (or a dict of width-class multipliers). ``params`` restricts or groups the
     parameters (a list of tensors or of torch-style group dicts, each split further); by default all of
-    ``model.parameters()`` (tied parameters once). ``family`` names the law of an optimizer class that is
-    not a subclass of SGD, Adam or AdamW.
+    ``model.parameters()`` (tied parameters once). ``family`` names the law (a key of
+    :data:`graphscale.laws.FAMILIES`) of an optimizer class that is not a subclass of a registered one.
 
     With zero noise, training the wide model with this optimizer reproduces the narrow model trained with
     ``optimizer_cls(narrow.parameters(), **hparams)`` to rounding error, step after step.
@@ -224,7 +234,34 @@ def mup_optimizer(
     defaults = {**constructor_defaults(optimizer_cls), **hparams}
     new_groups = mup_param_groups(groups, scalings, defaults=defaults, family=fam,
                                   optimizer_cls=optimizer_cls)
-    return optimizer_cls(new_groups, **hparams)
+    return fill_initial_state_(optimizer_cls(new_groups, **hparams))
+
+
+def fill_initial_state_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Re-fill state entries that the constructor initialised from a hyperparameter, per group.
+
+    Adagrad's constructor fills ``sum`` with its ``initial_accumulator_value`` argument, not with the
+    group's; the table's ``state_init`` names such entries, and each is set to its group's (scaled) value,
+    so the wide state starts at ``E(initial state) * law``. Groups not built by :func:`mup_param_groups`
+    are left alone. Returns ``optimizer``.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+        >>> fill_initial_state_(opt) is opt
+        True
+    """
+    for group in optimizer.param_groups:
+        fam = laws.FAMILIES.get(group.get(FAMILY_KEY, ""))
+        if fam is None or not fam.state_init:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, hp in fam.state_init.items():
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and hp in group:
+                    with torch.no_grad():
+                        value.fill_(group[hp])
+    return optimizer
 
 
 def _as_list(params: Any) -> list[torch.Tensor]:

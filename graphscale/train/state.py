@@ -1,11 +1,13 @@
 """Carry optimizer state from a narrow model's optimizer to its widened copy's μP optimizer.
 
 A warm start from a checkpoint mid-training must keep the optimizer's memory too, or the first wide steps
-differ from the narrow ones. Since the wide gradient is ``g' = E(g) / (c M)`` (DESIGN.md §2), a state entry
-that is linear in the gradient (SGD's ``momentum_buffer``, Adam's ``exp_avg``) becomes ``E(buf) / (c M)``
-and one that is quadratic (``exp_avg_sq``, ``max_exp_avg_sq``) becomes ``E(buf) / (c M)**2``. Step counters
-and other scalars are copied -- as new tensors, because torch optimizers update ``step`` in place and a
-shared tensor would let the wide optimizer advance the narrow one's clock.
+differ from the narrow ones. Each state entry's law is read from its optimizer family's entry in
+:data:`graphscale.laws.FAMILIES` (docs/math.md §2): since the wide gradient is ``g' = E(g) / (c M)``, an
+entry linear in the gradient (SGD's ``momentum_buffer``, Adam's ``exp_avg``) becomes ``E(buf) / (c M)``
+and one quadratic in it (``exp_avg_sq``, ``max_exp_avg_sq``) ``E(buf) / (c M)**2``; an entry already in
+update units (RMSprop's ``momentum_buffer``) is copied, ``E(buf)``. Step counters are copied -- as new
+tensors, because torch optimizers update ``step`` in place and a shared tensor would let the wide
+optimizer advance the narrow one's clock. Any other entry is refused, naming the key and the family.
 """
 
 from __future__ import annotations
@@ -15,50 +17,62 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphscale.record import ParamScaling, WideningRecord
-from graphscale.train._common import RecordError, resolve_record, scalings_for
+from graphscale import laws
+from graphscale.record import ParamScaling
+from graphscale.train._common import (
+    RecordError,
+    RecordLike,
+    resolve_record,
+    scalings_for,
+    source_optimizer,
+    unwrap_module,
+)
+from graphscale.train.optim import FAMILY_KEY, optimizer_family
 
-#: State entries that are linear in the gradient (momentum-like): scaled by ``1 / (c M)``.
-FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
-#: State entries that are quadratic in the gradient (second moments): scaled by ``1 / (c M)**2``.
-SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
-
-def widen_state_entry(key: str, value: Any, scaling: ParamScaling, like: torch.Tensor) -> Any:
+def widen_state_entry(key: str, value: Any, scaling: ParamScaling, like: torch.Tensor, *,
+                      family: str) -> Any:
     """The wide value of one optimizer state entry ``key`` of the source parameter (a new object).
 
-    ``like`` is the wide parameter: replicated entries take its device. Raises :class:`RecordError` for a
-    parameter-shaped entry whose law is unknown, rather than guessing.
+    ``family`` (a key of :data:`graphscale.laws.FAMILIES`) gives the entry's law; ``like`` is the wide
+    parameter: replicated entries take its device. Raises :class:`RecordError` naming the key and the
+    family for an entry the family has no law for, rather than guessing.
 
     Example:
         >>> from graphscale.record import AxisReplication
         >>> s = ParamScaling("b", "b", (2,), (4,), (AxisReplication.atomic(2, 2),), 1.0, 2, 1)
-        >>> widen_state_entry("exp_avg", torch.tensor([2., 4.]), s, torch.zeros(4))
+        >>> widen_state_entry("exp_avg", torch.tensor([2., 4.]), s, torch.zeros(4), family="adam")
         tensor([1., 1., 2., 2.])
     """
-    cm = float(scaling.copy_scale) * float(scaling.total_mult)
-    if not isinstance(value, torch.Tensor):
-        return value  # python scalars (and None momentum buffers) are immutable: sharing is safe
-    if key in FIRST_MOMENT_KEYS:
-        return scaling.replicate(value).to(like.device).div_(cm)
-    if key in SECOND_MOMENT_KEYS:
-        return scaling.replicate(value).to(like.device).div_(cm * cm)
-    if value.numel() == 1 and tuple(value.shape) != tuple(scaling.narrow_shape):
-        return value.detach().clone()  # step counters and other scalars: a new tensor, never shared
+    fam = laws.FAMILIES[family]
+    if key in fam.state:
+        if not isinstance(value, torch.Tensor):
+            return value  # SGD keeps None before momentum starts: immutable, sharing is safe
+        if tuple(value.shape) != tuple(scaling.narrow_shape):
+            raise RecordError(
+                f"optimizer state entry {key!r} of {scaling.source} has shape {tuple(value.shape)}, not the "
+                f"parameter's {tuple(scaling.narrow_shape)}: the {family!r} law scales a per-entry copy, "
+                "so this state cannot be widened")
+        factor = float(fam.state_factor(key, float(scaling.copy_scale), float(scaling.total_mult)))
+        out = scaling.replicate(value).to(like.device)
+        return out if factor == 1.0 else out.mul_(factor)
+    if key in laws.COUNTERS:
+        return value.detach().clone() if isinstance(value, torch.Tensor) else value
     raise RecordError(
-        f"optimizer state entry {key!r} of {scaling.source} has shape {tuple(value.shape)} and no known "
-        f"width law (known: {sorted(FIRST_MOMENT_KEYS)} scale by 1/(cM), {sorted(SECOND_MOMENT_KEYS)} by "
-        "1/(cM)^2)"
+        f"optimizer state entry {key!r} of {scaling.source} has no width law in optimizer family {family!r} "
+        f"(its laws: {sorted(fam.state)}; counters copied: {sorted(laws.COUNTERS)}). If the optimizer is "
+        "another family, pass family=; otherwise register its laws with graphscale.laws.register_family"
     )
 
 
 def transfer_optimizer_state(
     small: nn.Module,
-    small_opt: torch.optim.Optimizer,
+    small_opt: torch.optim.Optimizer | dict[str, Any],
     wide: nn.Module,
     wide_opt: torch.optim.Optimizer,
     *,
-    record: WideningRecord | None = None,
+    record: RecordLike | None = None,
+    family: str | None = None,
 ) -> None:
     """Set ``wide_opt``'s state to the widened state of ``small_opt`` (in place on ``wide_opt`` only).
 
@@ -69,7 +83,11 @@ def transfer_optimizer_state(
     (its state is read without touching its defaultdict). Hyperparameters are not copied: build
     ``wide_opt`` with :func:`graphscale.train.mup_optimizer` from the same hyperparameters.
 
-    The record is ``wide.graphscale`` unless ``record=`` is given.
+    The record is ``wide.graphscale`` unless ``record=`` is given (a record or a saved record's path).
+    Each entry's law comes from the optimizer family: ``family=`` if given, else the one
+    :func:`graphscale.train.mup_optimizer` recorded in the wide param group, else the wide optimizer's
+    class. ``small_opt`` may also be a saved ``small_opt.state_dict()`` (see
+    :class:`graphscale.train._common.SavedOptimizerState` for how its entries are matched to ``small``).
 
     Example:
         >>> wide = graphscale.widen(small, (x,), multiplier=2)                  # doctest: +SKIP
@@ -77,6 +95,7 @@ def transfer_optimizer_state(
         >>> transfer_optimizer_state(small, small_opt, wide, wide_opt)         # doctest: +SKIP
     """
     record = resolve_record(wide, record)
+    small_opt, small = source_optimizer(small, small_opt), unwrap_module(small)  # saved dicts; wrappers
     in_opt = {id(p) for g in wide_opt.param_groups for p in g["params"]}
     wide_named = [(n, p) for n, p in wide.named_parameters() if id(p) in in_opt]
     scalings = scalings_for(wide_named, record)
@@ -86,6 +105,12 @@ def transfer_optimizer_state(
     if missing:
         raise RecordError(f"source parameters not found in the small model: {', '.join(missing)}")
 
+    family_of_param = {}
+    for group in wide_opt.param_groups:
+        fam = family or group.get(FAMILY_KEY) or optimizer_family(type(wide_opt), None,
+                                                                    {**wide_opt.defaults, **group})
+        optimizer_family(type(wide_opt), fam)  # validates the name
+        family_of_param.update({id(p): fam for p in group["params"]})
     for name, p in wide_named:
         s = scalings[name]
         src = small_params[s.source]
@@ -97,4 +122,5 @@ def transfer_optimizer_state(
             raise RecordError(
                 f"{s.source} has shape {tuple(src.shape)} but the record expects {tuple(s.narrow_shape)}"
             )
-        wide_opt.state[p] = {k: widen_state_entry(k, v, s, p) for k, v in src_state.items()}
+        wide_opt.state[p] = {k: widen_state_entry(k, v, s, p, family=family_of_param[id(p)])
+                             for k, v in src_state.items()}

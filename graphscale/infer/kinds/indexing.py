@@ -1,0 +1,226 @@
+"""Concatenation, splitting and indexing: axes related to their parts; slice bounds rewritten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from graphscale.errors import UnsupportedOpError
+from graphscale.infer.call import Call
+from graphscale.infer.kinds._common import (
+    _norm_dim,
+    _view_param,
+)
+from graphscale.infer.schema import Key, kind
+from graphscale.infer.values import (
+    Const,
+    Info,
+    Opaque,
+    ScalarSize,
+    ShapeEntries,
+    SliceBounds,
+    TensorInfo,
+)
+
+
+@kind("cat", tensors=Key("ref", default="tensors"), dim=Key("ref", default="dim|axis"))
+def kind_cat(ctx: Call) -> Info:
+    """Concatenation: the joined axis is the concatenation of the parts' axes."""
+    parts = [i for i in ctx.info(ctx.spec("tensors")) if isinstance(i, TensorInfo)]
+    out_shape = tuple(ctx.result.shape)
+    nd = len(out_shape)
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), nd)
+    parts = [p for p in parts if len(p.shape) == nd]  # torch.cat skips legacy empty 1-d tensors
+    dims = list(parts[0].dims)
+    for p in parts[1:]:
+        for k in range(nd):
+            if k != d:
+                ctx.ds.union(dims[k], p.dims[k], f"cat at {ctx.where()}")
+    joined = ctx.ds.new(out_shape[d], f"{ctx.node.name}[{d}]")
+    ctx.ds.concat(joined, [p.dims[d] for p in parts if p.shape[d] > 0], f"cat at {ctx.where()}")
+    dims[d] = joined
+    return TensorInfo(tuple(dims), out_shape)
+
+
+@kind("stack", tensors=Key("ref", default="tensors"), dim=Key("ref", default="dim"))
+def kind_stack(ctx: Call) -> Info:
+    """Stacking: equal axes, plus a new fixed axis."""
+    parts = [i for i in ctx.info(ctx.spec("tensors")) if isinstance(i, TensorInfo)]
+    out_shape = tuple(ctx.result.shape)
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), len(out_shape))
+    dims = list(parts[0].dims)
+    for p in parts[1:]:
+        for a, b in zip(dims, p.dims):
+            ctx.ds.union(a, b, f"stack at {ctx.where()}")
+    new = ctx.ds.new(out_shape[d], f"{ctx.node.name}[{d}]")
+    ctx.ds.fix(new, "an axis created by stack")
+    dims.insert(d, new)
+    return TensorInfo(tuple(dims), out_shape)
+
+
+@kind("split", input=Key("ref", default="input"), dim=Key("ref", default="dim"),
+      sizes=Key("ref", doc="the split sizes argument to rewrite"),
+      unbind=Key("bool", default=False, doc="the op removes the axis (unbind)"))
+def kind_split(ctx: Call) -> Info:
+    """split/chunk/unbind: the axis is the concatenation of the parts."""
+    info = ctx.tensor(ctx.spec("input"))
+    outs = list(ctx.result)
+    nd = len(info.dims)
+    if ctx.spec("unbind"):
+        d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), nd)
+        ctx.ds.fix(info.dims[d], "an axis taken apart by unbind")
+        rest = info.dims[:d] + info.dims[d + 1:]
+        return tuple(TensorInfo(rest, tuple(o.shape)) for o in outs)
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"), 0)), nd)
+    part_dims = [ctx.ds.new(o.shape[d], f"{ctx.node.name}[{i}][{d}]") for i, o in enumerate(outs)]
+    ctx.ds.concat(info.dims[d], part_dims, f"split at {ctx.where()}")
+    size_ref = ctx.spec("sizes")
+    if size_ref is not None:
+        loc = ctx.loc(size_ref)
+        sizes = ctx.value(size_ref)
+        if loc is not None and loc[0] in ("pos", "kw") and isinstance(sizes, int):
+            for p in part_dims[1:-1]:  # equal chunks; the last may be shorter
+                ctx.ds.union(part_dims[0], p, f"split at {ctx.where()}")
+            if len(part_dims) > 1 and outs[-1].shape[d] == outs[0].shape[d]:
+                ctx.ds.union(part_dims[0], part_dims[-1], f"split at {ctx.where()}")
+            ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, part_dims[0]))  # type: ignore[arg-type]
+        elif loc is not None and loc[0] in ("pos", "kw"):
+            ctx.requests.shapes.append(ShapeEntries(ctx.node.name, loc,  # type: ignore[arg-type]
+                                                    tuple((k, p) for k, p in enumerate(part_dims))))
+    result = []
+    for o, p in zip(outs, part_dims):
+        dims = info.dims[:d] + (p,) + info.dims[d + 1:]
+        result.append(TensorInfo(dims, tuple(o.shape)))
+    return tuple(result)
+
+
+def _slice_part(ctx: Call, dim: int, size: int, start: int | None, stop: int | None,
+                step: int | None, out_size: int) -> tuple[int, int | None] | None:
+    """Relate a contiguous slice to its axis; returns (part, before) or None for a full slice."""
+    if step not in (None, 1):
+        ctx.ds.fix(dim, "an axis sliced with a step")
+        return None
+    lo = 0 if start is None else (start + size if start < 0 else min(start, size))
+    hi = size if stop is None else (stop + size if stop < 0 else min(stop, size))
+    lo, hi = max(lo, 0), max(hi, lo)
+    if lo == 0 and hi == size:
+        return None
+    part = ctx.ds.new(out_size, f"{ctx.node.name} slice")
+    pieces, before = [], None
+    if lo > 0:
+        before = ctx.ds.new(lo, f"{ctx.node.name} before")
+        pieces.append(before)
+    pieces.append(part)
+    if hi < size:
+        pieces.append(ctx.ds.new(size - hi, f"{ctx.node.name} after"))
+    ctx.ds.concat(dim, pieces, f"slice at {ctx.where()}")
+    return part, before
+
+
+@kind("getitem")
+def kind_getitem(ctx: Call) -> Info:
+    """``x[...]`` on a tensor, or picking an item of a tuple (split outputs, sizes)."""
+    container = ctx.info("input")
+    index = ctx.value("index|b")
+    if isinstance(container, tuple):
+        return container[index] if not isinstance(index, slice) else tuple(container[index])
+    if not isinstance(container, TensorInfo):
+        if isinstance(ctx.result, torch.Tensor):  # a tensor out of something the walk cannot describe
+            return Opaque(ctx.node.name, "a tensor taken out of a value graphscale cannot describe")
+        return Const(ctx.result)
+    return _tensor_index(ctx, container, index)
+
+
+def _tensor_index(ctx: Call, info: TensorInfo, index: Any) -> Info:
+    written = list(index) if isinstance(index, tuple) else [index]
+    # (position in the index as written, item): Ellipsis and the implicit trailing ":" expand into full
+    # slices with no position, so a rewritten slice bound lands where the user wrote it
+    entries: list[tuple[int | None, Any]] = list(enumerate(written))
+    n_real = sum(1 for it in written if it is not None and it is not Ellipsis)
+    if Ellipsis in written:
+        k = written.index(Ellipsis)
+        entries = entries[:k] + [(None, slice(None))] * (len(info.dims) - n_real) + entries[k + 1:]
+    entries += [(None, slice(None))] * (len(info.dims) - sum(1 for _, it in entries if it is not None))
+    items = [it for _, it in entries]
+    out_shape = tuple(ctx.result.shape)
+    dims: list[int] = []
+    axis = 0
+    tensor_seen = False
+    for (pos, it) in entries:
+        if it is None:
+            dims.append(ctx.ds.new(1, f"{ctx.node.name} new axis"))
+        elif isinstance(it, slice):
+            d, size = info.dims[axis], info.shape[axis]
+            out_size = len(range(*it.indices(size)))
+            got = _slice_part(ctx, d, size, it.start, it.stop, it.step, out_size)
+            if got is None:
+                dims.append(d if out_size == size else ctx.ds.new(out_size, ctx.node.name))
+            else:
+                dims.append(got[0])
+                ctx.requests.slices.append(SliceBounds(ctx.node.name, None, pos, got[1], got[0]))
+            axis += 1
+        elif isinstance(it, int):
+            ctx.ds.fix(info.dims[axis], "an axis indexed at one position")
+            axis += 1
+        elif isinstance(it, torch.Tensor):
+            ctx.ds.fix(info.dims[axis], "an axis indexed by a tensor")
+            if not tensor_seen:
+                tensor_seen = True
+                shape = torch.broadcast_shapes(*(t.shape for t in items if isinstance(t, torch.Tensor)))
+                dims.extend(ctx.fresh(tuple(shape), f"{ctx.node.name} index"))
+            axis += 1
+        else:
+            raise UnsupportedOpError(f"{ctx.where()}: indexing with {type(it).__name__} is not supported")
+    if len(dims) != len(out_shape) or any(ctx.ds.size[d] != s for d, s in zip(dims, out_shape)):
+        dims = list(ctx.fresh(out_shape))
+        for d in dims:
+            ctx.ds.fix(d, "an axis produced by advanced indexing")
+    return TensorInfo(tuple(dims), out_shape)
+
+
+@kind("slice")
+def kind_slice(ctx: Call) -> Info:
+    """``aten.slice.Tensor(x, dim, start, end, step)``."""
+    info = ctx.tensor("input")
+    nd = len(info.dims)
+    d = _norm_dim(int(ctx.value("dim", 0)), nd)
+    start, end, step = ctx.value("start"), ctx.value("end"), ctx.value("step", 1)
+    out_shape = tuple(ctx.result.shape)
+    got = _slice_part(ctx, info.dims[d], info.shape[d], start, end, step, out_shape[d])
+    dims = list(info.dims)
+    if got is not None:
+        dims[d] = got[0]
+        ctx.requests.slices.append(SliceBounds(ctx.node.name, ("pos", 2), None, got[1], got[0]))
+    elif out_shape[d] != info.shape[d]:
+        dims[d] = ctx.ds.new(out_shape[d], ctx.node.name)
+    return TensorInfo(tuple(dims), out_shape, _view_param(info, tuple(dims)))
+
+
+@kind("select", dim=Key("ref", default="dim"))
+def kind_select(ctx: Call) -> Info:
+    """One position of an axis: the axis is fixed and removed."""
+    info = ctx.tensor("input")
+    d = _norm_dim(int(ctx.value(ctx.spec("dim"))), len(info.dims))
+    ctx.ds.fix(info.dims[d], "an axis indexed at one position")
+    return TensorInfo(info.dims[:d] + info.dims[d + 1:], tuple(ctx.result.shape))
+
+
+@kind("index_select")
+def kind_index_select(ctx: Call) -> Info:
+    """Positions of an axis picked by a tensor: the axis is fixed."""
+    info = ctx.tensor("input")
+    d = _norm_dim(int(ctx.value("dim")), len(info.dims))
+    ctx.ds.fix(info.dims[d], "an axis indexed by a tensor")
+    dims = list(info.dims)
+    dims[d] = ctx.ds.new(ctx.result.shape[d], ctx.node.name)
+    return TensorInfo(tuple(dims), tuple(ctx.result.shape))
+
+
+@kind("index")
+def kind_index(ctx: Call) -> Info:
+    """``aten.index.Tensor(x, [i0, None, i2])``: advanced indexing with a list of index tensors."""
+    info = ctx.tensor("input")
+    indices = ctx.value("indices")
+    items = [slice(None) if i is None else i for i in indices]
+    return _tensor_index(ctx, info, tuple(items))
