@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import operator
 import traceback
@@ -47,6 +46,12 @@ import torch.utils._pytree as pytree
 
 from graphscale.errors import TraceError, UnsupportedOpError
 from graphscale.infer.rulebook import RuleBook
+from graphscale.mupcompat import (
+    assert_in_graph,
+    carry_param_constants,
+    deepcopy_keeping_tensor_attributes,
+    trace_time_constants,
+)
 
 Tracer = Literal["auto", "fx", "export"]
 
@@ -73,6 +78,14 @@ class _BufferProxyTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True  # so errors can name the user's source line
+
+    # μP code (graphscale.mupcompat): mup's per-parameter infshape is a trace-time constant, and an
+    # `assert t <= block_size` on a traced size becomes torch._assert in the graph.
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        return carry_param_constants(super().getattr(attr, attr_val, parameter_proxy_cache), attr_val)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return assert_in_graph(self, obj)
 
 
 @contextlib.contextmanager
@@ -125,7 +138,7 @@ def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return copy.deepcopy(model)
+            return deepcopy_keeping_tensor_attributes(model)  # mup's p.infshape too
     except Exception as e:
         raise TraceError(
             f"could not deep-copy {type(model).__name__} "
@@ -428,7 +441,8 @@ def _check_mutations(gm: fx.GraphModule) -> dict[str, str]:
 
 
 def _capture_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    with warnings.catch_warnings(), preserved_buffers(model), _functions_refused():
+    with (warnings.catch_warnings(), preserved_buffers(model), _functions_refused(),
+          trace_time_constants(model)):
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, args, kwargs, strict=False)
     gm = ep.module()

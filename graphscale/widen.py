@@ -34,6 +34,7 @@ from graphscale.derive import ScalingRule
 from graphscale.errors import GraphscaleError, MultiplierError, UnsupportedOpError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.infer.values import ArgLoc, SizeInfo
+from graphscale.mupcompat import deepcopy_keeping_tensor_attributes, mup_optimizer_note
 from graphscale.plan import Plan, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
 
@@ -593,41 +594,96 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         record.params.pop(name, None)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
-    _compensate_shared_uses(plan, sizes, record)
+    # The readout convention (measured like the attention scale): "graphscale" puts the readout's 1/k in
+    # its weights (a tied readout's into the op feeding it); "own" leaves it to the large model's code,
+    # which divides the readout's input by its own width multiplier (mup's MuReadout / MuSharedReadout);
+    # "own-output" multiplies the readout's output, bias included, by it (a hand-written base/width).
+    records: dict[str, WideningRecord] = {}
+    unavailable: dict[str, str] = {}
+    graphscale_record = copy.deepcopy(record)
+    try:
+        _compensate_shared_uses(plan, sizes, graphscale_record)
+        records["graphscale"] = graphscale_record
+    except WidthConflictError as e:
+        unavailable["graphscale"] = str(e)
+    readouts = _readouts(plan, sizes, record)
+    if readouts:
+        own = copy.deepcopy(record)
+        for name in readouts["untied"]:
+            s = own.params[name]
+            own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
+        records["own"] = own
+        biases = _readout_biases(plan, readouts["untied"], record)
+        if biases:
+            own_output = copy.deepcopy(own)
+            for name, m in biases.items():
+                for key in [name, *plan.rules[name].aliases]:
+                    s = own_output.params[key]
+                    own_output.params[key] = replace(s, copy_scale=s.copy_scale * m)
+            records["own-output"] = own_output
     source = _source_state(plan.captured.gm)
-    wide = {}
-    with torch.no_grad():
-        for name, s in record.params.items():
-            wide[name] = s.widen(source[plan.walk.aliases.get(name, name)].detach())
-    q_scales = _query_projections(plan, sizes)
-    candidates = {"standard": True, "mup": False}
-    order = ["standard", "mup"] if attention == "auto" else [attention]
-    if not q_scales:
-        order = order[:1]
-    errors: dict[str, float] = {}
-    args, kwargs = plan.captured.args, plan.captured.kwargs
-    reference = plan.captured.private or small  # the traced copy: running small could change it
-    with torch.no_grad(), preserved_buffers(reference):
-        want = reference(*args, **kwargs)
-    def fill(choice: str) -> float:
+
+    def wide_tensors(rec: WideningRecord, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            for name, t in wide.items():
+            return {name: s.widen(src[plan.walk.aliases.get(name, name)].detach())
+                    for name, s in rec.params.items()}
+
+    q_scales = _query_projections(plan, sizes)
+    att_order = ["standard", "mup"] if attention == "auto" else [attention]
+    if not q_scales:
+        att_order = att_order[:1]
+    candidates = [(att, ro) for ro in records for att in att_order]
+    args, kwargs = plan.captured.args, plan.captured.kwargs
+
+    def fill(choice: tuple[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, t in tensors.items():
                 state[name].copy_(t)
-            if candidates[choice]:
+            if choice[0] == "standard" and q_scales:
                 for name, axis, lo, hi, m in q_scales:
                     state[name].narrow(axis, lo, hi - lo).mul_(m ** -0.5)
-            with preserved_buffers(large):
-                return _max_rel(large(*args, **kwargs), want)
+
+    def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor]) -> dict[tuple[str, str], float]:
+        with torch.no_grad(), preserved_buffers(src_model):
+            want = src_model(*args, **kwargs)
+        out = {}
+        tensors = {ro: wide_tensors(rec, src) for ro, rec in records.items()}
+        for choice in candidates:
+            fill(choice, tensors[choice[1]])
+            with torch.no_grad(), preserved_buffers(large):
+                out[choice] = _max_rel(large(*args, **kwargs), want)
+        return out
 
     # Try every candidate and keep the closest: with near-uniform attention both may pass the tolerance.
-    for choice in order:
-        errors[choice] = fill(choice)
-    best = min(order, key=errors.__getitem__)
-    if errors[best] <= rtol:
-        if best != order[-1]:
-            fill(best)
-        record.notes.append(f"widen_into: attention={best!r}, max relative output error {errors[best]:.2g}")
-        if candidates[best]:
+    reference = plan.captured.private or small  # the traced copy: running small could change it
+    errors = errors_on(reference, source)
+    passing = [c for c in candidates if errors[c] <= rtol]
+    if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
+        # Several conventions compute the same function on these weights (a zero-initialized readout, or
+        # uniform attention) but train differently: decide on a copy of small with random readouts.
+        probe = _probe_copy(small, plan, readouts)
+        probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
+        probe_state.update(probe.named_parameters(remove_duplicate=False))
+        probe_state.update(probe.named_buffers(remove_duplicate=False))
+        probe_errors = errors_on(probe, probe_state)
+        passing = [c for c in passing if probe_errors[c] <= rtol] or passing
+        best = min(passing, key=probe_errors.__getitem__)
+    else:
+        best = min(candidates, key=errors.__getitem__) if candidates else None
+    if best is not None and errors[best] <= rtol:
+        record = records[best[1]]
+        fill(best, wide_tensors(record, source))
+        conventions = ([f"attention={best[0]!r}"] if q_scales else []) + [f"readout={best[1]!r}"]
+        record.notes.append(f"widen_into: {', '.join(conventions)}, max relative output error "
+                            f"{errors[best]:.2g}")
+        if best[1] == "own" and readouts["untied"]:
+            record.notes.append("widen_into: the larger model's code divides its readout input by its own "
+                                f"width multiplier ({', '.join(readouts['untied'])} copied without 1/k)")
+        if best[1] == "own-output":
+            record.notes.append("widen_into: the larger model's code multiplies its readout output by its "
+                                f"own 1/width ({', '.join(readouts['untied'])} copied without 1/k, "
+                                f"{', '.join(biases)} times k)")
+        if best[0] == "standard" and q_scales:
             for name, axis, lo, hi, m in q_scales:
                 s = record.params[name]
                 if lo == 0 and hi == s.wide_shape[axis]:
@@ -635,16 +691,82 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 else:  # a fused q|k|v tensor: one copy scale cannot describe it; say so
                     record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a "
                                         f"further {m}**-0.5 that its copy scale does not show")
-            if q_scales:  # an MLP has no query projection: nothing was scaled, so nothing to say
-                record.notes.append("widen_into: query projections carry a further k**-0.5 "
-                                    f"({', '.join(sorted({q[0] for q in q_scales}))})")
+            record.notes.append("widen_into: query projections carry a further k**-0.5 "
+                                f"({', '.join(sorted({q[0] for q in q_scales}))})")
+        record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
-    raise WidthConflictError(
-        "the larger model does not compute the same function after filling it "
-        f"(max relative output error {', '.join(f'{k}: {v:.3g}' for k, v in errors.items())}); its "
-        "architecture differs from the small model's beyond width, or its attention scale follows neither "
-        "1/sqrt(head_dim) nor 1/head_dim")
+    raise WidthConflictError(_no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales))
+
+
+def _readouts(plan: Plan, sizes: _Sizes, record: WideningRecord) -> dict[str, list[str]]:
+    """Readout weights whose 1/k the large model's own code may apply: untied output-role weights, and
+    tied weights with a width-dependent factor at a shared use. Empty when there is none."""
+    untied = [n for n, s in record.params.items()
+              if s.role == "output" and s.fan_in_mult > 1 and not s.is_buffer]
+    mults = {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes}
+    tied = sorted({plan.walk.aliases.get(u.param, u.param) for u in plan.walk.requests.uses
+                   if (f := plan.rules[plan.walk.aliases.get(u.param, u.param)].use_multipliers.get(u.node))
+                   is not None and plan.substitute(f, mults) != 1.0})
+    return {"untied": untied, "tied": tied} if untied or tied else {}
+
+
+def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> dict[str, int]:
+    """The other parameters (biases) of the ops that use each readout weight, with the readout's m_in."""
+    nodes_of = {}
+    for u in plan.walk.requests.uses:
+        name = plan.walk.aliases.get(u.param, u.param)
+        if name in readouts:
+            nodes_of[u.node] = record.params[name].fan_in_mult
+    out: dict[str, int] = {}
+    for u in plan.walk.requests.uses:
+        name = plan.walk.aliases.get(u.param, u.param)
+        if u.node in nodes_of and name not in readouts and record.params[name].fan_in_mult == 1:
+            out[name] = nodes_of[u.node]
+    return out
+
+
+def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str]]) -> torch.nn.Module:
+    """A deep copy of ``small`` whose readout (and query) weights are random, so that candidate
+    conventions that agree on zero or symmetric weights give different outputs. ``small`` is untouched."""
+    probe = deepcopy_keeping_tensor_attributes(small)  # mup's infshape too
+    gen = torch.Generator().manual_seed(0)
+    names = set(readouts.get("untied", [])) | set(readouts.get("tied", []))
+    params = dict(probe.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in names or p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / max(1, p.shape[-1]) ** 0.5)
+    return probe
+
+
+def _no_candidate_message(plan: Plan, sizes: _Sizes, errors: dict[tuple[str, str], float],
+                          unavailable: dict[str, str], readouts: dict[str, list[str]],
+                          q_scales: list[tuple[str, int, int, int, int]]) -> str:
+    """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried."""
+    tried = ", ".join(
+        (f"attention {a} + " if q_scales else "") + f"readout {r}: {e:.3g}" for (a, r), e in errors.items())
+    parts = ["the larger model does not compute the same function after filling it (max relative output "
+             f"error, per candidate convention: {tried or 'none could be built'})"]
+    if readouts:
+        tensors = ", ".join(readouts["untied"] + readouts["tied"])
+        parts.append("readout candidates: 'graphscale' (1/k in the weights), 'own' (the larger model's "
+                     "code divides the readout's input by its own width multiplier) and 'own-output' (it "
+                     f"multiplies the readout's output by it), tried on {tensors}")
+    if q_scales:
+        parts.append("attention candidates: 1/sqrt(head_dim) (a further k**-0.5 in "
+                     f"{', '.join(sorted({q[0] for q in q_scales}))}) and 1/head_dim")
+    for name, why in unavailable.items():
+        parts.append(f"readout {name!r} could not be built: {why}")
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    sums = [m for m in plan.walk.requests.multipliers
+            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"]
+    if sums:
+        parts.append("graphscale.widen would insert 1/k after " + ", ".join(
+            f"{m.node} ({m.why})" for m in sums) + ", which no weight of the larger model can carry")
+    parts.append("its architecture may differ from the small model's beyond width; graphscale.widen "
+                 "builds the wide model itself")
+    return "; ".join(parts)
 
 
 def _compensate_shared_uses(plan: Plan, sizes: _Sizes, record: WideningRecord) -> None:
@@ -715,7 +837,8 @@ def _query_projections(plan: Plan, sizes: _Sizes) -> list[tuple[str, int, int, i
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.walk.requests.scales]
     contractions += [(m.node, m.dims[0]) for m in plan.walk.requests.multipliers
-                     if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2]
+                     if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
+                     and getattr(plan.walk.node_rules.get(m.node), "kind", None) != "loss"]  # no attention
     users_of_param = {}
     for u in plan.walk.requests.uses:
         users_of_param.setdefault(u.node, []).append(u.param)

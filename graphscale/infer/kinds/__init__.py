@@ -33,6 +33,7 @@ from graphscale.infer.kinds import (  # noqa: F401
     elementwise,
     indexing,
     layout,
+    losses,
     normalization,
     padding,
     pooling,
