@@ -196,13 +196,14 @@ MUTATIONS: list[Mutation] = [
     # tied tensors would make safetensors.torch.save refuse, which is not the bug under test).
     M("cli-direct-write", "graphscale/cli/files.py",
       "        safetensors.torch.save_model(module, tmp, metadata=metadata)",
-      "        out.write_bytes(safetensors.torch.save({k: v.clone() for k, v in module.state_dict().items()}, "
-      "metadata=metadata))\n        return",
+      "        out.write_bytes(safetensors.torch.save("
+      "{k: v.clone() for k, v in module.state_dict().items()}, metadata=metadata))\n        return",
       ("tests/test_atomic_write.py",),
       "issue #22 survivor 4: --out is written atomically (temp file, fsync, rename)"),
     M("cli-overwrites-inputs", "graphscale/cli/files.py",
       "            if _file_id(Path(path)) == out_id:", "            if False:",
-      ("tests/test_cli.py::test_widen_refuses_to_overwrite_checkpoint", "tests/test_cli_faults.py::test_out_refuses_every_input"),
+      ("tests/test_cli.py::test_widen_refuses_to_overwrite_checkpoint",
+       "tests/test_cli_faults.py::test_out_refuses_every_input"),
       "--out may not name the checkpoint: the user's files are never modified"),
 ]
 

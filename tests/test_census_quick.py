@@ -111,7 +111,7 @@ class _LogSigmoidMLP(torch.nn.Module):
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_census_rules_log_sigmoid_widens_exactly(tracer: str) -> None:
-    """rules/elementwise.toml: log-sigmoid (function, module and ATen op) is elementwise, so widening is exact."""
+    """rules/elementwise.toml: log-sigmoid (function, module, ATen op) is elementwise: widening is exact."""
     import graphscale
 
     torch.manual_seed(0)
