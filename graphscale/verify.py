@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ from hypothesis import strategies as st
 
 from graphscale.capture import preserved_buffers
 from graphscale.infer.values import TensorInfo
+from graphscale.mupcompat import deepcopy_keeping_tensor_attributes
 from graphscale.plan import Plan, analyze
 from graphscale.widen import _Sizes, widen
 
@@ -223,8 +223,8 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
     def plan_for(dtype: torch.dtype) -> Plan:
         if dtype not in plans:
             plans[dtype] = base_plan if _float_dtype(base_plan) == dtype else analyze(
-                copy.deepcopy(model).to(dtype), _cast(example_inputs, dtype), tracer=tracer,  # type: ignore[arg-type]
-                rules=rules, heads=heads, outputs=outputs)  # type: ignore[arg-type]
+                deepcopy_keeping_tensor_attributes(model).to(dtype), _cast(example_inputs, dtype),
+                tracer=tracer, rules=rules, heads=heads, outputs=outputs)  # type: ignore[arg-type]
         return plans[dtype]
 
     probe = [x for x in base_plan.captured.flat_inputs if isinstance(x, torch.Tensor)]
@@ -325,7 +325,7 @@ def verify_training(model: torch.nn.Module, example_inputs: Any, *, steps: int =
     from graphscale.train import mup_optimizer
 
     hparams = dict(hparams or {"lr": 1e-2})
-    narrow = copy.deepcopy(model).to(dtype)
+    narrow = deepcopy_keeping_tensor_attributes(model).to(dtype)
     args, kwargs = normalize_inputs(_cast(example_inputs, dtype))
     wide = widen(narrow, (args, kwargs), multiplier, **analyze_kw)
     n_opt = optimizer(narrow.parameters(), **hparams)

@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from graphscale.cli.files import (
 )
 from graphscale.cli.widened import FORMAT_GRAPHMODULE, FORMAT_MODULE
 from graphscale.errors import GraphscaleError, MultiplierError
+from graphscale.mupcompat import deepcopy_keeping_tensor_attributes
 
 __all__ = ["main", "parse_multiplier", "parse_noise", "write_safetensors_atomic"]
 
@@ -488,7 +488,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     diff32 = _max_abs_diff(_outputs(wide, inputs), _outputs(model, inputs))
     print(f"parameters: {n_narrow:,} -> {n_wide:,}")
     print(f"float32: max |wide - narrow| logit difference {diff32:.3g} (max |logit| {scale:.3g})")
-    model64 = copy.deepcopy(model).double()
+    model64 = deepcopy_keeping_tensor_attributes(model).double()
     wide64 = graphscale.widen(model64, inputs, multiplier=2)
     diff64 = _max_abs_diff(_outputs(wide64, inputs), _outputs(model64, inputs))
     print(f"float64: max |wide - narrow| logit difference {diff64:.3g}")
