@@ -41,7 +41,7 @@ def _widen_interrupted(out: Path, mode: str) -> subprocess.CompletedProcess[str]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                PYTHONDONTWRITEBYTECODE="1")  # a .pyc written at import must not hit the limit first
     return subprocess.run([sys.executable, "-c", RUNNER, mode, "widen", "mlp", "--multiplier", "2",
-                           "--out", str(out)], cwd=out.parent, env=env, preexec_fn=_limit_file_size,
+                           "--out", str(out), "--force"], cwd=out.parent, env=env, preexec_fn=_limit_file_size,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -73,7 +73,7 @@ def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path: Path, monkeypat
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
     try:
         try:
-            status = cli.main(["widen", "mlp", "--multiplier", "2", "--out", str(out)])
+            status = cli.main(["widen", "mlp", "--multiplier", "2", "--out", str(out), "--force"])
         except Exception:  # today safetensors' "File too large" escapes as an exception: also a failure
             status = None
     finally:
