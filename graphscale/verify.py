@@ -25,7 +25,7 @@ import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphscale.capture import preserved_buffers
+from graphscale.capture import get_frontend, preserved_buffers
 from graphscale.infer.values import TensorInfo
 from graphscale.plan import Plan, analyze
 from graphscale.widen import _Sizes, widen
@@ -229,7 +229,8 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
 
     probe = [x for x in base_plan.captured.flat_inputs if isinstance(x, torch.Tensor)]
     small = [x[:1] if x.dim() > 0 else x for x in probe]
-    vary_batch = base_plan.frontend == "fx" and _runs(base_plan.captured.gm, flat_variant(base_plan, small))
+    vary_batch = get_frontend(base_plan.frontend).shapes_generalize and \
+        _runs(base_plan.captured.gm, flat_variant(base_plan, small))
     mult_st = st.just(base_plan.multipliers(multiplier)) if multiplier is not None else \
         multiplier_strategy(base_plan, choices)
     last_failure: dict[str, Any] = {}

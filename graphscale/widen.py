@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer, preserved_buffers
+from graphscale.capture import Tracer, get_frontend, preserved_buffers
 from graphscale.derive import ScalingRule
 from graphscale.errors import GraphscaleError, MultiplierError, UnsupportedOpError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
@@ -130,13 +130,13 @@ def _keep_node(node: fx.Node) -> bool:
     """Dead-code elimination keeps what has effects beyond its output, not only fx's impure ops: in-place
     writes (a buffer's EMA, ``h.clamp_()``, ``out=``) and modules with buffers (BatchNorm's running
     statistics) or ``inplace=True``."""
-    from graphscale.capture import _written_operand
+    from graphscale.capture import written_operand
 
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True or next(module.buffers(), None) is not None:
             return True
-    return node.is_impure() or _written_operand(node) is not None
+    return node.is_impure() or written_operand(node) is not None
 
 
 def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -410,7 +410,7 @@ def _set_loc(node: fx.Node, loc: ArgLoc, value: Any) -> None:
 
 
 def _mul_target(plan: Plan) -> Any:
-    return torch.ops.aten.mul.Tensor if plan.frontend == "export" else operator.mul
+    return get_frontend(plan.frontend).multiply
 
 
 def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, Any]) -> None:

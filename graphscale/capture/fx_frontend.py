@@ -1,0 +1,68 @@
+"""The ``torch.fx.symbolic_trace`` frontend.
+
+``torch.nn`` modules stay leaves (so a widened model still switches train/eval like the original) and
+buffers are proxies (so a causal mask sliced by the sequence length traces). A custom
+``torch.autograd.Function`` is kept as one call (:class:`~graphscale.capture.safety.FunctionCall`), and
+a ``forward`` that reassigns an attribute is refused. Sizes read at run time stay dynamic, so the graph
+runs at other batch sizes and sequence lengths than the example's.
+
+Example:
+    >>> cap = FxFrontend().trace(torch.nn.Sequential(torch.nn.Linear(3, 4)), (torch.randn(2, 3),), {})
+    >>> cap.frontend, [n.op for n in cap.gm.graph.nodes]  # the Linear stays a leaf module
+    ('fx', ['placeholder', 'call_module', 'output'])
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphscale.capture.frontend import Captured, Frontend
+from graphscale.capture.safety import _functions_as_calls, _refuse_reassigned
+
+
+class _BufferProxyTracer(fx.Tracer):
+    # Buffers such as a causal mask are sliced by the traced sequence length: they must be proxies.
+    proxy_buffer_attributes = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True  # so errors can name the user's source line
+
+
+def _bind_placeholders(gm: fx.GraphModule, forward: Any, args: tuple, kwargs: dict) -> list[Any]:
+    sig = inspect.signature(forward)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    flat = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            name = str(n.target).lstrip("*")
+            flat.append(values.get(name, n.args[0] if n.args else None))
+    return flat
+
+
+class FxFrontend(Frontend):
+    """``torch.fx`` symbolic tracing with leaf modules and proxied buffers (see the module doc)."""
+
+    name = "fx"
+    shapes_generalize = True
+    multiply = operator.mul
+
+    def trace(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Captured:
+        # Concrete (non-tensor) keyword inputs are baked in, as fx does for any Python constant.
+        concrete = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        tracer = _BufferProxyTracer()
+        with _functions_as_calls(tracer):
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        _refuse_reassigned(model)
+        gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+        # argument normalization: placeholders are forward's parameters, bound by name
+        flat = _bind_placeholders(gm, model.forward, args,
+                                  {k: v for k, v in kwargs.items() if k not in concrete})
+        return Captured(gm, self.name, flat, args, kwargs, private=model)

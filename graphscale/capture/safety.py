@@ -1,0 +1,287 @@
+"""Model safety for capture: trace a private copy, keep custom autograd Functions whole, refuse mutations.
+
+The user's model is never modified: both frontends trace a private deep copy (so a ``forward`` that
+reassigns a buffer, or runs in-place ops, changes only the copy). Captures that would not stay exact are
+refused with a :class:`~graphscale.errors.GraphscaleError` before anything runs (see
+:mod:`graphscale.capture` for the list). Every frontend uses these checks; none of them depends on how
+the graph was traced.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> private_copy(model) is model, private_copy(model).weight is model.weight
+    (False, False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import operator
+import traceback
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphscale.errors import TraceError, UnsupportedOpError
+from graphscale.infer.rulebook import RuleBook
+
+
+def private_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy to trace, so that nothing tracing or running ``forward`` does reaches ``model``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return copy.deepcopy(model)
+    except Exception as e:
+        raise TraceError(
+            f"could not deep-copy {type(model).__name__} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "graphscale traces a private copy so that your model is never modified. Make the model "
+            "deep-copyable (copy.deepcopy) and try again.") from e
+
+
+_ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod object
+
+
+class FunctionCall:
+    """The graph target for ``SomeFunction.apply``: calls it, and is named after the Function's class
+    (``pkg.mod.SomeFunction.apply``) so that rules, error messages and generated code name it rightly.
+    It compares equal to ``SomeFunction.apply``, so a rule whose target is that finds it.
+
+    Example:
+        >>> call = FunctionCall(torch.autograd.Function)
+        >>> call == torch.autograd.Function.apply, call.__qualname__
+        (True, 'Function.apply')
+    """
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.__module__ = cls.__module__
+        self.__qualname__ = f"{cls.__qualname__}.apply"
+        self.__name__ = f"{cls.__name__}_apply"
+
+    def _bound(self) -> Any:
+        return _ORIGINAL_APPLY.__get__(None, self.cls)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._bound()(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FunctionCall):
+            return other.cls is self.cls
+        return self._bound() == other
+
+    def __hash__(self) -> int:
+        return hash(self._bound())
+
+    def __repr__(self) -> str:
+        return f"{self.__module__}.{self.__qualname__}"
+
+
+def _function_class(target: Any) -> type | None:
+    """The custom ``torch.autograd.Function`` subclass a graph target applies, else None."""
+    return target.cls if isinstance(target, FunctionCall) else None
+
+
+@contextlib.contextmanager
+def _functions_as_calls(tracer: fx.Tracer) -> Iterator[None]:
+    """Record ``SomeFunction.apply(x)`` as one graph call instead of inlining its forward.
+
+    fx would run the forward on proxies and record its ops, silently dropping the custom backward
+    (a gradient reversal would flip sign, a straight-through estimator would give zero gradients).
+    """
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        leaves = pytree.tree_leaves((args, kwargs))
+        if any(isinstance(a, fx.Proxy) for a in leaves):
+            proxy = tracer.create_proxy("call_function", FunctionCall(cls), args, kwargs)
+            # errors name the user's line, not this wrapper's
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename != __file__]
+            proxy.node.meta["stack_trace"] = "".join(traceback.format_list(frames))
+            return proxy
+        return _ORIGINAL_APPLY.__get__(None, cls)(*args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = _ORIGINAL_APPLY  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _functions_refused() -> Iterator[None]:
+    """torch.export keeps only a Function's forward: refuse any custom Function it meets."""
+    seen: list[type] = []
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        seen.append(cls)
+        return _ORIGINAL_APPLY.__get__(None, cls)(*args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = _ORIGINAL_APPLY  # type: ignore[method-assign]
+    if seen:
+        raise UnsupportedOpError(
+            f"the model calls the custom torch.autograd.Function {_describe_function(seen[0])}; torch.export "
+            "keeps only its forward and would drop its backward, so the wide model's gradients would be "
+            "wrong. Use tracer='fx' (which keeps Function.apply as one call) and add a rule for it, e.g. "
+            f"[[rule]] name = \"{seen[0].__name__}\", kind = \"elementwise\", "
+            f"targets = [\"{seen[0].__module__}.{seen[0].__qualname__}.apply\"] if it acts elementwise.")
+
+
+def _describe_function(cls: type) -> str:
+    try:
+        where = f" ({inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]})"
+    except (OSError, TypeError):
+        where = ""
+    return f"{cls.__module__}.{cls.__qualname__}{where}"
+
+
+def _check_function_rules(gm: fx.GraphModule, book: RuleBook) -> None:
+    """A kept ``Function.apply`` call needs a rule saying how it relates axes; say which one to add."""
+    for n in gm.graph.nodes:
+        cls = _function_class(n.target) if n.op == "call_function" else None
+        if cls is not None and book.lookup_function(n.target) is None:
+            from graphscale.infer.engine import describe_node  # the engine imports this module
+
+            raise UnsupportedOpError(
+                f"{describe_node(n)} applies the custom torch.autograd.Function {_describe_function(cls)}. "
+                "graphscale keeps it as one call so that its backward survives (inlining its forward would "
+                "drop the backward), and needs a rule for it: add a [[rule]] table with targets = "
+                f"[\"{cls.__module__}.{cls.__qualname__}.apply\"] and the kind that describes it "
+                "(\"elementwise\" if every output element depends only on the same input element, as for "
+                "a gradient reversal or a straight-through estimator) in a .toml file passed as rules=... "
+                "(API) or --rules (CLI).")
+
+
+def _refuse_reassigned(model: torch.nn.Module) -> None:
+    """fx cannot record ``self.x = <traced value>``: the assignment would vanish from the graph."""
+    for path, module in model.named_modules(remove_duplicate=False):
+        for store in (module._buffers, module._parameters, module.__dict__):
+            for name, value in store.items():
+                if isinstance(value, fx.Proxy):
+                    where = f"{path}.{name}" if path else name
+                    raise TraceError(
+                        f"forward reassigns {where!r} ({type(module).__name__}); fx cannot carry the "
+                        "assignment into the graph, so the wide model would never update it. Update it in "
+                        f"place (self.{name}.copy_(...) or .add_(...)) or use tracer='export', which records "
+                        "it as a copy")
+
+
+def _refuse_parametrizations(model: torch.nn.Module) -> None:
+    """The graph reads a parametrized tensor, the module stores its originals: refuse, naming both."""
+    from torch.nn.utils import parametrize
+
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                kinds = ", ".join(type(p).__name__ for p in plist)
+                raise UnsupportedOpError(
+                    f"module {path or '(root)'!r} ({type(module).__name__}) has a parametrization "
+                    f"({kinds}) on {tensor_name!r}; graphscale cannot widen parametrized tensors exactly "
+                    f"(the model stores {path + '.' if path else ''}parametrizations.{tensor_name}"
+                    f".original*, not {tensor_name!r}). "
+                    "Remove it first (torch.nn.utils.parametrize.remove_parametrizations(module, "
+                    f"{tensor_name!r})), widen, then parametrize the wide model again.")
+        for hook in list(module._forward_pre_hooks.values()):
+            kind = type(hook).__name__
+            if kind in ("WeightNorm", "SpectralNorm"):
+                fn = "weight_norm" if kind == "WeightNorm" else "spectral_norm"
+                raise UnsupportedOpError(
+                    f"module {path or '(root)'!r} ({type(module).__name__}) uses the hook-based {kind} "
+                    f"(torch.nn.utils.{fn}); graphscale cannot widen it exactly. Remove it first "
+                    f"(torch.nn.utils.remove_{fn}(module)), widen, then apply it to the wide model again.")
+
+
+# Ops that return a view of their first argument: an in-place write to the view writes the base.
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "t", "permute", "narrow", "select",
+                 "detach", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "unfold",
+                 "__getitem__", "split", "chunk", "as_strided", "diagonal", "movedim", "swapaxes", "T", "mT",
+                 "data", "contiguous", "real", "imag"}
+
+
+_TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions")
+
+
+def written_operand(n: fx.Node) -> Any:
+    """The argument ``n`` writes into in place, or None (in-place methods, ``out=``, mutable aten ops).
+
+    Example:
+        >>> gm = fx.symbolic_trace(lambda x: x.add_(1).relu())
+        >>> [written_operand(n) for n in gm.graph.nodes if n.op == "call_method"]
+        [x, None]
+    """
+    if "out" in n.kwargs and n.kwargs["out"] is not None:
+        return n.kwargs["out"]
+    if n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_") and n.args:
+        return n.args[0]
+    if n.op == "call_function":
+        if n.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            return n.args[0] if n.args else None
+        if n.kwargs.get("inplace") is True and n.args:
+            return n.args[0]
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None:
+            for i, a in enumerate(schema.arguments):
+                written = a.alias_info is not None and a.alias_info.is_write
+                if written and not a.kwarg_only and i < len(n.args):
+                    return n.args[i]
+        name = getattr(n.target, "__name__", "")
+        module = getattr(n.target, "__module__", "")
+        if name.endswith("_") and not name.startswith("_") and n.args and module in _TORCH_NAMESPACES:
+            return n.args[0]
+    return None
+
+
+def _base_attr(x: Any) -> fx.Node | None:
+    """The ``get_attr`` node a value is a view of (through view ops), else None."""
+    for _ in range(64):
+        if not isinstance(x, fx.Node):
+            return None
+        if x.op == "get_attr":
+            return x
+        if x.op == "call_function" and x.target is getattr and len(x.args) > 1 and x.args[1] in _VIEW_METHODS:
+            x = x.args[0]
+        elif x.op == "call_method" and str(x.target) in _VIEW_METHODS:
+            x = x.args[0]
+        elif x.op == "call_function" and (x.target is operator.getitem or getattr(x.target, "_schema", None)
+                                          is not None and _is_view_op(x.target)):
+            x = x.args[0]
+        else:
+            return None
+    return None
+
+
+def _is_view_op(op: Any) -> bool:
+    schema = op._schema
+    return bool(schema.returns) and schema.returns[0].alias_info is not None \
+        and not schema.returns[0].alias_info.is_write
+
+
+def _check_mutations(gm: fx.GraphModule) -> dict[str, str]:
+    """Refuse in-place writes to parameters; return the buffers written in place (kept in the graph)."""
+    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    mutated: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        base = _base_attr(written_operand(n))
+        if base is None:
+            continue
+        target = str(base.target)
+        if target in params:
+            from graphscale.infer.engine import describe_node
+
+            raise UnsupportedOpError(
+                f"{describe_node(n)} writes into parameter {target!r} in place; every call of the model "
+                "would change its weights (and graphscale's tracing would change yours). Move the update "
+                "out of forward (e.g. into a training step under torch.no_grad()).")
+        mutated.setdefault(target, n.name)
+    return mutated
+
+
