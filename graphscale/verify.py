@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from graphscale.capture import get_frontend, preserved_buffers
 from graphscale.infer.values import TensorInfo
-from graphscale.plan import Plan, analyze
-from graphscale.widen import _Sizes, widen
+from graphscale.plan import Plan, Sizes, analyze
+from graphscale.widen import widen
 
 DEFAULT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -103,13 +103,13 @@ def run_recording(gm: fx.GraphModule, flat_inputs: list[Any]) -> tuple[Any, dict
 def compare_activations(plan: Plan, multipliers: dict[str, int], narrow: dict[str, torch.Tensor],
                         wide: dict[str, torch.Tensor]) -> dict[str, NodeError]:
     """Each wide activation against the narrow one repeated along its width axes; errors by node."""
-    sizes = _Sizes(plan, multipliers)
-    skip = {m.node for m in plan.walk.requests.multipliers}
+    sizes = Sizes(plan, multipliers)
+    skip = {m.node for m in plan.requests.multipliers}
     # Parameters are not activations: a wide parameter is c * E(P), not E(P).
     skip |= {n.name for n in plan.captured.gm.graph.nodes if n.op == "get_attr"}
     out: dict[str, NodeError] = {}
     for name, a in narrow.items():
-        info = plan.walk.info.get(name)
+        info = plan.node_info.get(name)
         if name in skip or name not in wide or not isinstance(info, TensorInfo) or not a.is_floating_point():
             continue
         expected = a
