@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer, get_frontend, preserved_buffers
+from graphscale.capture import Tracer, get_frontend, preserved_buffers, written_operand
 from graphscale.derive import ScalingRule
 from graphscale.edits import EditContext, get_arg, set_module_attrs
 from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
@@ -107,8 +107,6 @@ def _keep_node(node: fx.Node) -> bool:
     """Dead-code elimination keeps what has effects beyond its output, not only fx's impure ops: in-place
     writes (a buffer's EMA, ``h.clamp_()``, ``out=``) and modules with buffers (BatchNorm's running
     statistics) or ``inplace=True``."""
-    from graphscale.capture import written_operand
-
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True or next(module.buffers(), None) is not None:

@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphscale.capture.frontend import Captured, Frontend, preserved_buffers
@@ -36,9 +37,13 @@ class ExportFrontend(Frontend):
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, args, kwargs, strict=False)
         gm = ep.module()
-        # argument normalization: placeholders are the inputs' pytree leaves, in order
+        return Captured(gm, self.name, self.bind_inputs(gm, model, args, kwargs), args, kwargs, private=model)
+
+    def bind_inputs(self, gm: fx.GraphModule, model: torch.nn.Module, args: tuple,
+                    kwargs: dict[str, Any]) -> list[Any]:
+        """Placeholders are the inputs' pytree leaves, in order."""
         flat = pytree.tree_leaves((args, kwargs))
         n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
         if len(flat) != n_ph:
             raise TraceError(f"exported graph takes {n_ph} inputs, example inputs flatten to {len(flat)}")
-        return Captured(gm, self.name, flat, args, kwargs, private=model)
+        return flat

@@ -77,6 +77,12 @@ class Frontend:
         """Trace ``model(*args, **kwargs)`` (``model`` is already a private copy) into a :class:`Captured`."""
         raise NotImplementedError
 
+    def bind_inputs(self, gm: fx.GraphModule, model: torch.nn.Module, args: tuple,
+                    kwargs: dict[str, Any]) -> list[Any]:
+        """Argument normalization: the values of ``gm``'s placeholders, in order, for ``model(*args,
+        **kwargs)`` (what :attr:`Captured.flat_inputs` holds and ``verify`` feeds the graph)."""
+        raise NotImplementedError
+
     def insert_multiply_after(self, graph: fx.Graph, node: fx.Node, factor: float) -> fx.Node:
         """Scale ``node``'s output by ``factor`` for all its users; return the new node.
 

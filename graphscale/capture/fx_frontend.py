@@ -34,19 +34,6 @@ class _BufferProxyTracer(fx.Tracer):
         self.record_stack_traces = True  # so errors can name the user's source line
 
 
-def _bind_placeholders(gm: fx.GraphModule, forward: Any, args: tuple, kwargs: dict) -> list[Any]:
-    sig = inspect.signature(forward)
-    bound = sig.bind(*args, **kwargs)
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    flat = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            name = str(n.target).lstrip("*")
-            flat.append(values.get(name, n.args[0] if n.args else None))
-    return flat
-
-
 class FxFrontend(Frontend):
     """``torch.fx`` symbolic tracing with leaf modules and proxied buffers (see the module doc)."""
 
@@ -62,7 +49,18 @@ class FxFrontend(Frontend):
             graph = tracer.trace(model, concrete_args=concrete or None)
         _refuse_reassigned(model)
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
-        # argument normalization: placeholders are forward's parameters, bound by name
-        flat = _bind_placeholders(gm, model.forward, args,
-                                  {k: v for k, v in kwargs.items() if k not in concrete})
+        flat = self.bind_inputs(gm, model, args, {k: v for k, v in kwargs.items() if k not in concrete})
         return Captured(gm, self.name, flat, args, kwargs, private=model)
+
+    def bind_inputs(self, gm: fx.GraphModule, model: torch.nn.Module, args: tuple,
+                    kwargs: dict[str, Any]) -> list[Any]:
+        """Placeholders are ``forward``'s parameters: bind the inputs to its signature, by name."""
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        flat = []
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                name = str(n.target).lstrip("*")
+                flat.append(values.get(name, n.args[0] if n.args else None))
+        return flat
