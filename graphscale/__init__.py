@@ -1,9 +1,10 @@
 """graphscale: widen (μpscale) trained PyTorch models exactly, with μP scaling rules derived per parameter.
 
-Pipeline, one module per stage: :mod:`~graphscale.capture` (model -> fx graph) ->
-:mod:`~graphscale.infer` (rules -> width classes) -> :mod:`~graphscale.derive` (sympy scaling laws) ->
-:mod:`~graphscale.widen` (wide GraphModule + weights) -> :mod:`~graphscale.train` (μP optimizer, state
-transfer, noise, clipping) -> :mod:`~graphscale.verify` (equivalence checks) -> :mod:`~graphscale.cli`.
+Pipeline, one module per stage: :mod:`~graphscale.capture` (model -> fx graph, one module per frontend)
+-> :mod:`~graphscale.infer` (rules -> width classes and graph edits) -> :mod:`~graphscale.derive` (sympy
+scaling laws) -> :mod:`~graphscale.widen` (wide GraphModule + weights; applies the :mod:`~graphscale.edits`)
+-> :mod:`~graphscale.train` (μP optimizer, state transfer, noise, clipping) -> :mod:`~graphscale.verify`
+(equivalence checks) -> :mod:`~graphscale.cli`.
 
 Example:
     >>> import graphscale, torch

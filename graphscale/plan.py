@@ -22,12 +22,15 @@ import torch
 
 from graphscale.capture import Captured, Tracer, capture
 from graphscale.derive import ScalingRule, derive_rules
+from graphscale.edits import Edit
 from graphscale.errors import MultiplierError, UnsupportedOpError
 from graphscale.infer.classes import Classes, HeadsPolicy, WidthClass, classify
 from graphscale.infer.dims import Resolution
 from graphscale.infer.engine import Walk, walk_graph
-from graphscale.infer.rulebook import RuleBook
+from graphscale.infer.rulebook import Rule, RuleBook
+from graphscale.infer.values import Info, Requests
 from graphscale.laws import PLAN_LAWS
+from graphscale.record import AxisReplication
 
 
 @dataclass
@@ -54,6 +57,54 @@ class Plan:
     @property
     def width_classes(self) -> list[WidthClass]:
         return [c for c in self.classes if c.role == "width"]
+
+    # What the later stages read of the walk, by name (they do not reach into ``walk``).
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied tensor names -> the canonical (first) name that holds the tensor."""
+        return self.walk.aliases
+
+    def canonical(self, name: str) -> str:
+        """The name under which a (possibly tied) tensor is stored: ``plan.canonical("lm_head.weight")``."""
+        return self.walk.aliases.get(name, name)
+
+    @property
+    def tensor_dims(self) -> dict[str, tuple[int, ...]]:
+        """Each parameter's and buffer's dimensions (ids resolved by :attr:`resolution`)."""
+        return self.walk.tensor_dims
+
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each parameter's and buffer's narrow shape."""
+        return self.walk.tensor_shapes
+
+    @property
+    def node_info(self) -> dict[str, Info]:
+        """What inference knows about each graph node's value, by node name."""
+        return self.walk.info
+
+    @property
+    def requests(self) -> Requests:
+        """Everything the rules asked for: graph edits, refusals, parameter uses, warnings."""
+        return self.walk.requests
+
+    @property
+    def edits(self) -> list[Edit]:
+        """The graph edits :func:`graphscale.widen` applies, in order (see :mod:`graphscale.edits`)."""
+        return self.walk.requests.edits(self.walk.info)
+
+    def module_rule(self, path: str) -> Rule | None:
+        """The rule that describes the leaf module called at ``path`` (None if not a called module)."""
+        return self.walk.module_rules.get(path)
+
+    def node_rule(self, node: str) -> Rule | None:
+        """The rule that described graph node ``node`` (None for placeholders, attributes and outputs)."""
+        return self.walk.node_rules.get(node)
+
+    def sizes(self, multipliers: int | dict[str, int]) -> Sizes:
+        """The numeric :class:`Sizes` under ``multipliers`` (as :meth:`multipliers` accepts them)."""
+        return Sizes(self, self.multipliers(multipliers))
 
     def multipliers(self, multiplier: int | dict[str, int]) -> dict[str, int]:
         """Resolve ``multiplier`` (an int for all classes, or per class name/member axis) per width class."""
@@ -137,6 +188,48 @@ class Plan:
         return "\n".join(lines)
 
 
+class Sizes:
+    """Numeric sizes and multipliers of dimensions under one choice of class multipliers.
+
+    The one width assignment widen, its graph edits, verify and the record read.
+
+    Example:
+        >>> plan = analyze(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
+        ...                (torch.randn(1, 2),))
+        >>> sizes = plan.sizes(3)
+        >>> d = plan.tensor_dims["0.weight"][0]
+        >>> sizes.mult(d), sizes.wide(d), sizes.class_multipliers()
+        (3, 12, {'0.weight[0]': 3})
+    """
+
+    def __init__(self, plan: Plan, multipliers: dict[str, int]) -> None:
+        self.plan = plan
+        self.res = plan.resolution
+        self.atom_mult = {c.atom: multipliers[c.name] for c in plan.width_classes}
+
+    def record_tree(self, tree: tuple) -> tuple:
+        """A resolution tree with each atom's narrow size and multiplier (the record's axis layout)."""
+        if tree[0] == "atom":
+            return ("atom", self.res.ds.size[tree[1]], self.atom_mult.get(tree[1], 1))
+        return (tree[0], tuple(self.record_tree(c) for c in tree[1]))
+
+    def axis(self, d: int) -> AxisReplication:
+        """How dimension ``d`` is replicated."""
+        return AxisReplication(self.record_tree(self.res.tree(d)))
+
+    def mult(self, d: int) -> int:
+        """Dimension ``d``'s multiplier (1 if it does not grow)."""
+        return self.axis(d).multiplier
+
+    def wide(self, d: int) -> int:
+        """Dimension ``d``'s wide size."""
+        return self.axis(d).wide_size
+
+    def class_multipliers(self) -> dict[str, int]:
+        """Width class name -> multiplier (the argument of :meth:`Plan.substitute`)."""
+        return {c.name: self.atom_mult[c.atom] for c in self.plan.width_classes}
+
+
 def _check_k(k: Any, what: str) -> int:
     if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k or k < 1:
         raise MultiplierError(f"{what} must be an integer >= 1, got {k!r}: widening copies each unit an "
@@ -191,7 +284,7 @@ def _check_refusals(plan: Plan) -> None:
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     width_atoms = {c.atom: c for c in plan.width_classes}
-    for r in plan.walk.requests.refusals:
+    for r in plan.requests.refusals:
         hit = [width_atoms[a] for a in plan.resolution.atoms(r.dim) if a in width_atoms]
         if hit:
             raise UnsupportedOpError(

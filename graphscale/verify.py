@@ -24,11 +24,11 @@ import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphscale.capture import preserved_buffers
+from graphscale.capture import get_frontend, preserved_buffers
 from graphscale.infer.values import TensorInfo
 from graphscale.mupcompat import deepcopy_keeping_tensor_attributes
-from graphscale.plan import Plan, analyze
-from graphscale.widen import _Sizes, widen
+from graphscale.plan import Plan, Sizes, analyze
+from graphscale.widen import widen
 
 DEFAULT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -103,13 +103,13 @@ def run_recording(gm: fx.GraphModule, flat_inputs: list[Any]) -> tuple[Any, dict
 def compare_activations(plan: Plan, multipliers: dict[str, int], narrow: dict[str, torch.Tensor],
                         wide: dict[str, torch.Tensor]) -> dict[str, NodeError]:
     """Each wide activation against the narrow one repeated along its width axes; errors by node."""
-    sizes = _Sizes(plan, multipliers)
-    skip = {m.node for m in plan.walk.requests.multipliers}
+    sizes = Sizes(plan, multipliers)
+    skip = {m.node for m in plan.requests.multipliers}
     # Parameters are not activations: a wide parameter is c * E(P), not E(P).
     skip |= {n.name for n in plan.captured.gm.graph.nodes if n.op == "get_attr"}
     out: dict[str, NodeError] = {}
     for name, a in narrow.items():
-        info = plan.walk.info.get(name)
+        info = plan.node_info.get(name)
         if name in skip or name not in wide or not isinstance(info, TensorInfo) or not a.is_floating_point():
             continue
         expected = a
@@ -229,7 +229,8 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
 
     probe = [x for x in base_plan.captured.flat_inputs if isinstance(x, torch.Tensor)]
     small = [x[:1] if x.dim() > 0 else x for x in probe]
-    vary_batch = base_plan.frontend == "fx" and _runs(base_plan.captured.gm, flat_variant(base_plan, small))
+    vary_batch = get_frontend(base_plan.frontend).shapes_generalize and \
+        _runs(base_plan.captured.gm, flat_variant(base_plan, small))
     mult_st = st.just(base_plan.multipliers(multiplier)) if multiplier is not None else \
         multiplier_strategy(base_plan, choices)
     last_failure: dict[str, Any] = {}

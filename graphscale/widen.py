@@ -29,37 +29,14 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer, preserved_buffers
+from graphscale.capture import Tracer, get_frontend, preserved_buffers, written_operand
 from graphscale.derive import ScalingRule
-from graphscale.errors import GraphscaleError, MultiplierError, UnsupportedOpError, WidthConflictError
+from graphscale.edits import EditContext, get_arg, set_module_attrs
+from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
-from graphscale.infer.values import ArgLoc, SizeInfo
 from graphscale.mupcompat import deepcopy_keeping_tensor_attributes, mup_optimizer_note
-from graphscale.plan import Plan, analyze
+from graphscale.plan import Plan, Sizes, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
-
-
-class _Sizes:
-    """Numeric sizes and multipliers of dimensions under one choice of class multipliers."""
-
-    def __init__(self, plan: Plan, multipliers: dict[str, int]) -> None:
-        self.plan = plan
-        self.res = plan.resolution
-        self.atom_mult = {c.atom: multipliers[c.name] for c in plan.width_classes}
-
-    def record_tree(self, tree: tuple) -> tuple:
-        if tree[0] == "atom":
-            return ("atom", self.res.ds.size[tree[1]], self.atom_mult.get(tree[1], 1))
-        return (tree[0], tuple(self.record_tree(c) for c in tree[1]))
-
-    def axis(self, d: int) -> AxisReplication:
-        return AxisReplication(self.record_tree(self.res.tree(d)))
-
-    def mult(self, d: int) -> int:
-        return self.axis(d).multiplier
-
-    def wide(self, d: int) -> int:
-        return self.axis(d).wide_size
 
 
 def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[str, int] = 2, *,
@@ -89,7 +66,7 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
                               "the widened weights would be the plan's, not this model's. Analyze this "
                               "model (graphscale.analyze(model, inputs)) and pass that plan.")
     mults = plan.multipliers(multiplier)
-    sizes = _Sizes(plan, mults)
+    sizes = Sizes(plan, mults)
     check_memory(plan, sizes)
     record = build_record(plan, sizes, mults)
     check_exact(plan, record)
@@ -101,7 +78,7 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
     wide_tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, scaling in record.params.items():
-            canonical = plan.walk.aliases.get(name, name)  # tied names share one wide tensor
+            canonical = plan.canonical(name)  # tied names share one wide tensor
             if canonical not in wide_tensors:
                 src = state[canonical]
                 t = scaling.widen(src.detach())
@@ -131,13 +108,11 @@ def _keep_node(node: fx.Node) -> bool:
     """Dead-code elimination keeps what has effects beyond its output, not only fx's impure ops: in-place
     writes (a buffer's EMA, ``h.clamp_()``, ``out=``) and modules with buffers (BatchNorm's running
     statistics) or ``inplace=True``."""
-    from graphscale.capture import _written_operand
-
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(str(node.target))
         if getattr(module, "inplace", False) is True or next(module.buffers(), None) is not None:
             return True
-    return node.is_impure() or _written_operand(node) is not None
+    return node.is_impure() or written_operand(node) is not None
 
 
 def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -156,22 +131,22 @@ def _current_state(model: torch.nn.Module, traced: dict[str, torch.Tensor]) -> d
     return out
 
 
-def check_memory(plan: Plan, sizes: _Sizes, available: int | None = None) -> int:
+def check_memory(plan: Plan, sizes: Sizes, available: int | None = None) -> int:
     """Refuse before allocating when the wide tensors would not fit in memory; return their bytes.
 
     Example:
         >>> plan = analyze(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
         ...                (torch.randn(1, 2),))
-        >>> check_memory(plan, _Sizes(plan, plan.multipliers(2)))  # (8*2 + 8 + 1*8 + 1) float32
+        >>> check_memory(plan, plan.sizes(2))  # (8*2 + 8 + 1*8 + 1) float32
         132
     """
     state = _source_state(plan.captured.gm)
     need: dict[str, int] = {}
     for name in plan.rules:
-        t = state.get(plan.walk.aliases.get(name, name))
+        t = state.get(plan.canonical(name))
         if t is None or t.device.type == "meta":
             continue
-        numel = math.prod(sizes.wide(d) for d in plan.walk.tensor_dims[name])
+        numel = math.prod(sizes.wide(d) for d in plan.tensor_dims[name])
         need[str(t.device)] = need.get(str(t.device), 0) + numel * t.element_size()
     for device, nbytes in need.items():
         have = available if available is not None else _available_bytes(torch.device(device))
@@ -183,7 +158,7 @@ def check_memory(plan: Plan, sizes: _Sizes, available: int | None = None) -> int
     return sum(need.values())
 
 
-def sizes_summary(plan: Plan, sizes: _Sizes) -> str:
+def sizes_summary(plan: Plan, sizes: Sizes) -> str:
     return ", ".join(f"{c.name}={sizes.atom_mult[c.atom]}" for c in plan.width_classes) or "1"
 
 
@@ -230,7 +205,7 @@ def check_exact(plan: Plan, record: WideningRecord) -> None:
             weight = str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
         if max_norm is None:
             continue
-        s = record.params.get(plan.walk.aliases.get(weight, weight)) if weight else None
+        s = record.params.get(plan.canonical(weight)) if weight else None
         if s is None or _is_widened(s):
             raise WidthConflictError(
                 f"node {n.name!r} ({n.target if n.op == 'call_module' else 'embedding'}) renormalizes "
@@ -249,7 +224,7 @@ def _note_untraced(plan: Plan, record: WideningRecord, model: torch.nn.Module | 
     source = plan.captured.source if model is None else model
     if source is None:
         return
-    traced = set(plan.rules) | set(record.params) | set(plan.walk.aliases)
+    traced = set(plan.rules) | set(record.params) | set(plan.aliases)
     for r in plan.rules.values():
         traced.update(r.aliases)
     left = [n for n, _ in _named_tensors(source) if n not in traced]
@@ -263,11 +238,11 @@ def _note_untraced(plan: Plan, record: WideningRecord, model: torch.nn.Module | 
         warnings.warn(msg, stacklevel=3 if what == "widen" else 4)  # the user's call
 
 
-def build_record(plan: Plan, sizes: _Sizes, mults: dict[str, int]) -> WideningRecord:
+def build_record(plan: Plan, sizes: Sizes, mults: dict[str, int]) -> WideningRecord:
     """Numeric :class:`ParamScaling` for every tensor under ``mults`` (checks concatenations agree)."""
     params: dict[str, ParamScaling] = {}
     for name, rule in plan.rules.items():
-        dims = plan.walk.tensor_dims[name]
+        dims = plan.tensor_dims[name]
         axes = []
         for i, d in enumerate(dims):
             ax = sizes.axis(d)
@@ -324,7 +299,7 @@ def _get_attr(root: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-def _wide_root(gm: fx.GraphModule, graph: fx.Graph, plan: Plan, sizes: _Sizes,
+def _wide_root(gm: fx.GraphModule, graph: fx.Graph, plan: Plan, sizes: Sizes,
                wide: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The attributes the wide graph needs: wide tensors and shallow clones of leaf modules."""
     root: dict[str, Any] = {}
@@ -353,172 +328,15 @@ def _clone_module(module: torch.nn.Module, path: str, plan: Plan, wide: dict[str
         clone._buffers[name] = wide.get(f"{path}.{name}", b) if b is not None else None
     for name, sub in module._modules.items():
         clone._modules[name] = _clone_module(sub, f"{path}.{name}", plan, wide) if sub is not None else None
-    _set_module_attrs(clone, plan.walk.module_rules.get(path))
+    set_module_attrs(clone, plan.module_rule(path))
     return clone
 
 
-def _set_module_attrs(module: torch.nn.Module, rule: Any) -> None:
-    """Set the size attributes a rule names (``in_features``...) from the module's wide tensors."""
-    for attr, spec in (rule.get("module_attrs", {}) if rule else {}).items():
-        value = _eval_attr(module, spec)
-        if value is not None:
-            setattr(module, attr, value)
-
-
-def _eval_attr(module: torch.nn.Module, spec: str) -> Any:
-    """Evaluate a rule's ``module_attrs`` entry (``"weight[1]"``, ``"weight.shape"``, ``"a[1]*groups"``)."""
-    for alt in spec.split("|"):
-        value: Any = 1
-        ok = True
-        for factor in alt.split("*"):
-            factor = factor.strip()
-            if factor.endswith(".shape"):
-                t = getattr(module, factor.removesuffix(".shape"), None)
-                if t is None:
-                    ok = False
-                    break
-                return tuple(t.shape)
-            if "[" in factor:
-                tname, idx = factor[:-1].split("[")
-                t = getattr(module, tname, None)
-                if t is None:
-                    ok = False
-                    break
-                value *= int(t.shape[int(idx)])
-            else:
-                value *= int(getattr(module, factor))
-        if ok:
-            return value
-    return None
-
-
-# -- graph edits ------------------------------------------------------------------------------------------
-
-
-def _get_loc(node: fx.Node, loc: ArgLoc) -> Any:
-    return node.kwargs.get(loc[1]) if loc[0] == "kw" else node.args[loc[1]]  # type: ignore[index]
-
-
-def _set_loc(node: fx.Node, loc: ArgLoc, value: Any) -> None:
-    if loc[0] == "kw":
-        kwargs = dict(node.kwargs)
-        kwargs[loc[1]] = value  # type: ignore[index]
-        node.kwargs = kwargs
-    else:
-        args = list(node.args)
-        args[loc[1]] = value  # type: ignore[index]
-        node.args = tuple(args)
-
-
-def _mul_target(plan: Plan) -> Any:
-    return torch.ops.aten.mul.Tensor if plan.frontend == "export" else operator.mul
-
-
-def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: _Sizes, root: dict[str, Any]) -> None:
-    nodes = {n.name: n for n in graph.nodes}
-    req = plan.walk.requests
-    for s in req.shapes:
-        node = nodes[s.node]
-        if s.varargs_from is not None:
-            entries = list(node.args[s.varargs_from:])
-        else:
-            raw = _get_loc(node, s.loc)
-            entries = _expand_size_node(graph, node, raw, len(s.entries)) if isinstance(raw, fx.Node) \
-                else list(raw) if isinstance(raw, list | tuple) else [raw]
-        changed = False
-        for k, d in s.entries:
-            if sizes.mult(d) != 1 and not (isinstance(entries[k], int) and entries[k] == -1):
-                entries[k] = sizes.wide(d)
-                changed = True
-        if not changed:
-            continue
-        if s.varargs_from is not None:
-            node.args = tuple(node.args[:s.varargs_from]) + tuple(entries)
-        else:
-            raw = _get_loc(node, s.loc)
-            _set_loc(node, s.loc, tuple(entries) if isinstance(raw, tuple) else
-                     entries if isinstance(raw, list | fx.Node) else entries[0])
-    for sc in req.scalars:
-        if sizes.mult(sc.dim) == 1:
-            continue
-        node = nodes[sc.node]
-        if sc.loc[0] == "attr":
-            module = root[str(node.target)]
-            setattr(module, str(sc.loc[1]), sizes.wide(sc.dim))
-            # attributes computed from it (Conv's in_channels = weight[1] * groups) follow
-            _set_module_attrs(module, plan.walk.module_rules.get(str(node.target)))
-        else:
-            _set_loc(node, sc.loc, sizes.wide(sc.dim))
-    for sl in req.slices:
-        if sizes.mult(sl.part) == 1 and (sl.before is None or sizes.mult(sl.before) == 1):
-            continue
-        node = nodes[sl.node]
-        start = sizes.wide(sl.before) if sl.before is not None else 0
-        stop = start + sizes.wide(sl.part)
-        if sl.loc is not None:  # aten.slice(x, dim, start, end, step)
-            args = list(node.args) + [None] * max(0, 5 - len(node.args))
-            args[2], args[3] = start, stop
-            node.args = tuple(args[:max(len(node.args), 4)])
-        else:
-            index = node.args[1]
-            items = list(index) if isinstance(index, tuple) else [index]
-            old = items[sl.index_pos]
-            items[sl.index_pos] = slice(start, stop, old.step if isinstance(old, slice) else None)
-            node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
-    for at in req.scales:
-        m = sizes.mult(at.dim)
-        if m == 1:
-            continue
-        node = nodes[at.node]
-        old = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-        base = old if old is not None else 1.0 / math.sqrt(at.head_dim)
-        kwargs = dict(node.kwargs)
-        if len(node.args) > 6:
-            node.args = tuple(node.args[:6])
-        kwargs["scale"] = base / m
-        node.kwargs = kwargs
-    for om in req.multipliers:
-        m = math.prod(sizes.mult(d) for d in om.dims)
-        if m != 1:
-            _insert_after(graph, nodes[om.node], 1.0 / m, _mul_target(plan))
-    for use in req.uses:
-        name = plan.walk.aliases.get(use.param, use.param)
-        factor = plan.rules[name].use_multipliers.get(use.node)
-        if factor is None:
-            continue
-        value = plan.substitute(factor, {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes})
-        if value != 1.0 and use.operand is None:  # never drop a shared parameter's compensation silently
-            raise UnsupportedOpError(f"cannot compensate shared parameter {name!r} at node {use.node!r}: the "
-                                     "op's other operand cannot be located in its arguments")
-        if value != 1.0:
-            node = nodes[use.node]
-            operand = _get_loc(node, use.operand)
-            with graph.inserting_before(node):
-                scaled = graph.call_function(_mul_target(plan), (operand, value))
-                scaled.meta["graphscale"] = "inserted multiplier (shared parameter)"
-            _set_loc(node, use.operand, scaled)
-    # Ints read off a width axis (x.size(-1), x.shape[2], aten.sym_size) keep their narrow value, so
-    # arithmetic on them (a scale 1/sqrt(head_dim)) means what it meant; shape arguments were rewritten above.
-    for node in list(graph.nodes):
-        info = plan.walk.info.get(node.name)
-        if isinstance(info, SizeInfo) and info.dim is not None and sizes.mult(info.dim) != 1 and node.users:
-            node.replace_all_uses_with(info.value)  # type: ignore[arg-type]
-
-
-def _expand_size_node(graph: fx.Graph, user: fx.Node, size_node: fx.Node, n: int) -> list[Any]:
-    """``view(x.size())``: split the size tuple into per-axis items so width entries can be replaced."""
-    with graph.inserting_before(user):
-        return [graph.call_function(operator.getitem, (size_node, k)) for k in range(n)]
-
-
-def _insert_after(graph: fx.Graph, node: fx.Node, factor: float, target: Any) -> None:
-    users = list(node.users)
-    node.meta["graphscale"] = f"compensated by the next node (x{factor:.6g})"
-    with graph.inserting_after(node):
-        scaled = graph.call_function(target, (node, factor))
-        scaled.meta["graphscale"] = "inserted multiplier"
-    for u in users:
-        u.replace_input_with(node, scaled)
+def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: Sizes, root: dict[str, Any]) -> None:
+    """Apply the plan's graph edits (:mod:`graphscale.edits`) to the copied graph, in order."""
+    ctx = EditContext(graph, plan, sizes, get_frontend(plan.frontend), root)
+    for edit in plan.edits:
+        edit.apply(ctx)
 
 
 def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
@@ -585,7 +403,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     state = dict(large.named_parameters(remove_duplicate=False))
     state.update(dict(large.named_buffers(remove_duplicate=False)))
     mults = _multipliers_from_shapes(plan, state)
-    sizes = _Sizes(plan, mults)
+    sizes = Sizes(plan, mults)
     check_memory(plan, sizes)
     record = build_record(plan, sizes, mults)
     check_exact(plan, record)
@@ -625,7 +443,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
 
     def wide_tensors(rec: WideningRecord, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {name: s.widen(src[plan.walk.aliases.get(name, name)].detach())
+            return {name: s.widen(src[plan.canonical(name)].detach())
                     for name, s in rec.params.items()}
 
     q_scales = _query_projections(plan, sizes)
@@ -699,14 +517,14 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     raise WidthConflictError(_no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales))
 
 
-def _readouts(plan: Plan, sizes: _Sizes, record: WideningRecord) -> dict[str, list[str]]:
+def _readouts(plan: Plan, sizes: Sizes, record: WideningRecord) -> dict[str, list[str]]:
     """Readout weights whose 1/k the large model's own code may apply: untied output-role weights, and
     tied weights with a width-dependent factor at a shared use. Empty when there is none."""
     untied = [n for n, s in record.params.items()
               if s.role == "output" and s.fan_in_mult > 1 and not s.is_buffer]
     mults = {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes}
-    tied = sorted({plan.walk.aliases.get(u.param, u.param) for u in plan.walk.requests.uses
-                   if (f := plan.rules[plan.walk.aliases.get(u.param, u.param)].use_multipliers.get(u.node))
+    tied = sorted({plan.canonical(u.param) for u in plan.requests.uses
+                   if (f := plan.rules[plan.canonical(u.param)].use_multipliers.get(u.node))
                    is not None and plan.substitute(f, mults) != 1.0})
     return {"untied": untied, "tied": tied} if untied or tied else {}
 
@@ -714,13 +532,13 @@ def _readouts(plan: Plan, sizes: _Sizes, record: WideningRecord) -> dict[str, li
 def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> dict[str, int]:
     """The other parameters (biases) of the ops that use each readout weight, with the readout's m_in."""
     nodes_of = {}
-    for u in plan.walk.requests.uses:
-        name = plan.walk.aliases.get(u.param, u.param)
+    for u in plan.requests.uses:
+        name = plan.canonical(u.param)
         if name in readouts:
             nodes_of[u.node] = record.params[name].fan_in_mult
     out: dict[str, int] = {}
-    for u in plan.walk.requests.uses:
-        name = plan.walk.aliases.get(u.param, u.param)
+    for u in plan.requests.uses:
+        name = plan.canonical(u.param)
         if u.node in nodes_of and name not in readouts and record.params[name].fan_in_mult == 1:
             out[name] = nodes_of[u.node]
     return out
@@ -740,7 +558,7 @@ def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str
     return probe
 
 
-def _no_candidate_message(plan: Plan, sizes: _Sizes, errors: dict[tuple[str, str], float],
+def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str], float],
                           unavailable: dict[str, str], readouts: dict[str, list[str]],
                           q_scales: list[tuple[str, int, int, int, int]]) -> str:
     """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried."""
@@ -759,7 +577,7 @@ def _no_candidate_message(plan: Plan, sizes: _Sizes, errors: dict[tuple[str, str
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    sums = [m for m in plan.walk.requests.multipliers
+    sums = [m for m in plan.requests.multipliers
             if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"]
     if sums:
         parts.append("graphscale.widen would insert 1/k after " + ", ".join(
@@ -769,24 +587,24 @@ def _no_candidate_message(plan: Plan, sizes: _Sizes, errors: dict[tuple[str, str
     return "; ".join(parts)
 
 
-def _compensate_shared_uses(plan: Plan, sizes: _Sizes, record: WideningRecord) -> None:
+def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) -> None:
     """A tied weight's extra factor (inserted as a multiplier by :func:`widen`) must live in weights here:
     move it into the parameters of the op that produces the tied use's input (the final LayerNorm
     before a tied readout), provided nothing else reads that op's output."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     params_of: dict[str, list[str]] = {}
-    for u in plan.walk.requests.uses:
-        params_of.setdefault(u.node, []).append(plan.walk.aliases.get(u.param, u.param))
+    for u in plan.requests.uses:
+        params_of.setdefault(u.node, []).append(plan.canonical(u.param))
     mults = {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes}
-    for use in plan.walk.requests.uses:
-        name = plan.walk.aliases.get(use.param, use.param)
+    for use in plan.requests.uses:
+        name = plan.canonical(use.param)
         factor = plan.rules[name].use_multipliers.get(use.node)
         if factor is None or use.operand is None:
             continue
         value = plan.substitute(factor, mults)
         if value == 1.0:
             continue
-        producer = _get_loc(nodes[use.node], use.operand)
+        producer = get_arg(nodes[use.node], use.operand)
         while isinstance(producer, fx.Node) and producer.name not in params_of and len(producer.users) == 1 \
                 and producer.op in ("call_method", "call_function") and producer.args:
             producer = producer.args[0]  # through views and casts
@@ -821,7 +639,7 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
         axis = int(rest.split("]")[0])
         if name not in state:
             raise WidthConflictError(f"the larger model has no tensor {name!r} to read class {c.name!r} from")
-        small_size, large_size = plan.walk.tensor_shapes[name][axis], state[name].shape[axis]
+        small_size, large_size = plan.tensor_shapes[name][axis], state[name].shape[axis]
         if large_size % small_size:
             raise MultiplierError(f"{name}[{axis}]: the larger model's size {large_size} is not an integer "
                                   f"multiple of the small model's {small_size}")
@@ -829,18 +647,18 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
     return mults
 
 
-def _query_projections(plan: Plan, sizes: _Sizes) -> list[tuple[str, int, int, int, int]]:
+def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, int, int]]:
     """For each attention whose head_dim grows: (tensor, axis, wide start, wide stop, multiplier) of the
     query projection's output rows, found by walking back from the attention's query operand."""
     from graphscale.infer.values import TensorInfo
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.walk.requests.scales]
-    contractions += [(m.node, m.dims[0]) for m in plan.walk.requests.multipliers
+    contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.requests.scales]
+    contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
-                     and getattr(plan.walk.node_rules.get(m.node), "kind", None) != "loss"]  # no attention
+                     and getattr(plan.node_rule(m.node), "kind", None) != "loss"]  # a loss is no attention
     users_of_param = {}
-    for u in plan.walk.requests.uses:
+    for u in plan.requests.uses:
         users_of_param.setdefault(u.node, []).append(u.param)
     out = []
     for node_name, dim in contractions:
@@ -853,18 +671,18 @@ def _query_projections(plan: Plan, sizes: _Sizes) -> list[tuple[str, int, int, i
             if not isinstance(node, fx.Node):
                 break
             if node.name in users_of_param:
-                info = plan.walk.info[node.name]
+                info = plan.node_info[node.name]
                 assert isinstance(info, TensorInfo)
                 out_root = sizes.res.root(info.dims[-1])
                 for pname in users_of_param[node.name]:
-                    pname = plan.walk.aliases.get(pname, pname)
-                    for ax, d in enumerate(plan.walk.tensor_dims[pname]):
+                    pname = plan.canonical(pname)
+                    for ax, d in enumerate(plan.tensor_dims[pname]):
                         if sizes.res.root(d) == out_root:
                             lo, hi = segment or (0, sizes.wide(d))
                             out.append((pname, ax, lo, hi, m))
                 break
             if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-                parts = plan.walk.info.get(node.args[0].name)
+                parts = plan.node_info.get(node.args[0].name)
                 if isinstance(parts, tuple) and isinstance(node.args[1], int):
                     k = node.args[1]
                     part_dims = [p.dims[-1] for p in parts]
@@ -896,7 +714,7 @@ def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.
         state = dict(model.named_parameters(remove_duplicate=False))
         state.update(dict(model.named_buffers(remove_duplicate=False)))
         mults = _multipliers_from_shapes(plan, state)
-        record = build_record(plan, _Sizes(plan, mults), mults)
+        record = build_record(plan, Sizes(plan, mults), mults)
         unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
         for name in unused:
             record.params.pop(name, None)
@@ -908,7 +726,7 @@ def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.
         if c.atom_size % mults[c.name]:
             raise MultiplierError(f"class {c.name!r} has {c.atom_size} units per group, not divisible by its "
                                   f"multiplier {mults[c.name]}")
-    record = build_record(plan, _Sizes(plan, mults), mults)
+    record = build_record(plan, Sizes(plan, mults), mults)
     for name, s in record.params.items():  # the record was built as if model were the base: rescale shapes
         narrow = tuple(n // (a.multiplier if a is not None else 1) for n, a in zip(s.narrow_shape, s.axes))
         record.params[name] = replace(s, narrow_shape=narrow, wide_shape=s.narrow_shape,

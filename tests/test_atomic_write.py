@@ -41,8 +41,8 @@ def _widen_interrupted(out: Path, mode: str) -> subprocess.CompletedProcess[str]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                PYTHONDONTWRITEBYTECODE="1")  # a .pyc written at import must not hit the limit first
     return subprocess.run([sys.executable, "-c", RUNNER, mode, "widen", "mlp", "--multiplier", "2",
-                           "--out", str(out), "--force"], cwd=out.parent, env=env, preexec_fn=_limit_file_size,
-                          capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--force"], cwd=out.parent, env=env,
+                          preexec_fn=_limit_file_size, capture_output=True, text=True, timeout=300)
 
 
 def test_killed_mid_write_keeps_the_old_file(tmp_path: Path) -> None:

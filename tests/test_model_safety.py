@@ -302,10 +302,11 @@ def test_huge_multiplier_is_refused_with_the_bytes() -> None:
     small = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
     with pytest.raises(MultiplierError, match=r"needs [\d,]+ bytes .* only [\d,]+ bytes .* available"):
         graphscale.widen(model, (_x(4, 3),), 99999999999999999999)
-    from graphscale.widen import _Sizes, check_memory
+    from graphscale.plan import Sizes
+    from graphscale.widen import check_memory
 
     plan = graphscale.analyze(small, (_x(4, 3),))
-    sizes = _Sizes(plan, plan.multipliers(2))
+    sizes = Sizes(plan, plan.multipliers(2))
     assert check_memory(plan, sizes) == (8 * 3 + 8 + 2 * 8 + 2) * 8  # float64 wide tensors
     with pytest.raises(MultiplierError, match="needs 400 bytes"):
         check_memory(plan, sizes, available=399)

@@ -40,6 +40,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from graphscale.capture import TRACERS
 from graphscale.cli.files import (
     Terminated,
     check_out,
@@ -521,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "config.json; no code from it runs, a config with an auto_map is refused)")
     model.add_argument("--hf", action="store_true",
                        help="MODEL (and --into) is a Hugging Face config file or directory")
-    model.add_argument("--tracer", choices=["auto", "fx", "export"], default=None,
+    model.add_argument("--tracer", choices=list(TRACERS), default=None,
                        help="graph capture frontend (default: auto)")
     model.add_argument("--heads", choices=["fixed", "grow"], default=None,
                        help="attention: keep the head count and widen head_dim (fixed, the default), "

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from graphscale.capture import TRACERS
 from graphscale.errors import GraphscaleError
 
 __all__ = ["FORMAT_GRAPHMODULE", "FORMAT_MODULE", "load_widened", "read_metadata"]
@@ -159,7 +160,7 @@ def load_widened(model_or_spec: str | nn.Module | tuple[nn.Module, Any], path: s
         options = json.loads(meta.get("graphscale.options", "{}"))
     except (KeyError, ValueError) as e:
         raise GraphscaleError(f"{path}: its graphscale metadata is damaged ({e})") from e
-    allowed = {"tracer": ("auto", "fx", "export"), "heads": ("fixed", "grow"), "outputs": ("fixed", "width")}
+    allowed = {"tracer": TRACERS, "heads": ("fixed", "grow"), "outputs": ("fixed", "width")}
     if not isinstance(options, dict) or any(options[k] not in allowed.get(k, ()) for k in options):
         raise GraphscaleError(f"{path}: unexpected graphscale.options {options!r} in its metadata")
     if "graphscale.rules" in meta and rules is None:

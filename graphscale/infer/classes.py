@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from graphscale.errors import GraphscaleError
-from graphscale.infer.dims import Resolution, _leaves
+from graphscale.infer.dims import Resolution, leaves
 from graphscale.infer.engine import Walk
 
 HeadsPolicy = Literal["fixed", "grow"]
@@ -90,7 +90,7 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     while changed:
         changed = False
         for root in res.prods:
-            atoms = [a for a in _leaves(res.tree(root)) if a in width]
+            atoms = [a for a in leaves(res.tree(root)) if a in width]
             if len(set(atoms)) < 2:
                 continue
             keep = atoms[-1] if heads == "fixed" else atoms[0]
@@ -125,16 +125,16 @@ def _name(a: int, walk: Walk, res: Resolution, params: list[str], width: set[int
     for name in params:
         for i, d in enumerate(walk.tensor_dims[name]):
             tree = res.tree(d)
-            leaves = _leaves(tree)
-            if tree[0] == "prod" and a in leaves and all(x == a or x not in width for x in leaves):
-                others = [res.ds.size[x] for x in leaves if x != a]
+            tree_atoms = leaves(tree)
+            if tree[0] == "prod" and a in tree_atoms and all(x == a or x not in width for x in tree_atoms):
+                others = [res.ds.size[x] for x in tree_atoms if x != a]
                 return (f"{name}[{i}]", res.size(d),
                         f"{' x '.join(map(str, others))} fixed x {res.ds.size[a]} growing")
-            if tree[0] == "sum" and set(leaves) == {a}:  # e.g. a rotary half split: parts of one class
-                return f"{name}[{i}]", res.size(d), f"{len(leaves)} parts of {res.ds.size[a]}"
+            if tree[0] == "sum" and set(tree_atoms) == {a}:  # e.g. a rotary half split: parts of one class
+                return f"{name}[{i}]", res.size(d), f"{len(tree_atoms)} parts of {res.ds.size[a]}"
     for name in params:
         for i, d in enumerate(walk.tensor_dims[name]):
-            if a in _leaves(res.tree(d)):
+            if a in leaves(res.tree(d)):
                 return f"{name}[{i}]:{res.ds.size[a]}", res.ds.size[a], "a factor or part of this axis"
     return res.ds.origin[a], res.ds.size[a], ""
 

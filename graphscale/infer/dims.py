@@ -229,7 +229,7 @@ class Resolution:
 
     def atoms(self, d: int) -> list[int]:
         """The atoms of a dimension, outermost first."""
-        return _leaves(self.tree(d))
+        return leaves(self.tree(d))
 
     def size(self, d: int) -> int:
         return self.ds.size[self.ds.find(d)]
@@ -239,10 +239,16 @@ def _children(t: tuple) -> tuple:
     return t[1] if t[0] in ("sum", "prod") else ()
 
 
-def _leaves(t: tuple) -> list[int]:
+def leaves(t: tuple) -> list[int]:
+    """The atoms of a resolution tree (:meth:`Resolution.tree`), left to right.
+
+    Example:
+        >>> leaves(("prod", (("atom", 3), ("sum", (("atom", 1), ("atom", 2))))))
+        [3, 1, 2]
+    """
     if t[0] == "atom":
         return [t[1]]
     out: list[int] = []
     for c in t[1]:
-        out.extend(_leaves(c))
+        out.extend(leaves(c))
     return out

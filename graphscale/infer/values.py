@@ -2,17 +2,32 @@
 
 The walk (:mod:`graphscale.infer.engine`) gives every node a value description: a tensor's dimensions
 (:class:`TensorInfo`), an integer read off a tensor's shape (:class:`SizeInfo`), a tuple of those, or a
-plain constant. Rules also leave *requests*: an argument to rewrite in the wide graph, a multiplier to
-insert, an op to refuse if an axis turns out to be width. The widen stage carries them out once the
-multipliers are known; nothing here touches the user's model.
+plain constant. Rules also leave *requests*: graph edits (an argument to rewrite in the wide graph, a
+multiplier to insert; the classes, with their ``apply``, are in :mod:`graphscale.edits`), an op to
+refuse if an axis turns out to be width. The widen stage applies the edits once the multipliers are
+known; nothing here touches the user's model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-ArgLoc = tuple[Literal["pos", "kw", "attr"], int | str]  # "attr": an attribute of a called module
+from graphscale.edits import (  # the edits kinds emit; defined with their apply in graphscale.edits
+    ArgLoc,
+    AttentionScale,
+    Edit,
+    NarrowSize,
+    OutputMultiplier,
+    ParamUse,
+    ScalarSize,
+    ShapeEntries,
+    SliceBounds,
+)
+
+__all__ = ["ArgLoc", "AttentionScale", "Const", "Info", "NarrowSize", "Opaque", "OutputMultiplier",
+           "ParamUse", "Refusal", "Requests", "ScalarSize", "ShapeEntries", "SizeInfo", "SliceBounds",
+           "TensorInfo"]
 
 
 @dataclass(frozen=True)
@@ -60,78 +75,12 @@ Info = TensorInfo | SizeInfo | Const | Opaque | tuple  # a tuple holds Infos (sp
 
 
 @dataclass(frozen=True)
-class ShapeEntries:
-    """Rewrite a shape-like argument: entry ``i`` of the sequence at ``loc`` is the size of ``dim``.
-
-    In the wide graph each entry whose dimension grows becomes the wide literal (``-1`` stays); entries of
-    fixed dimensions keep whatever they were (a batch size read at run time stays dynamic).
-    """
-
-    node: str
-    loc: ArgLoc
-    entries: tuple[tuple[int, int], ...]
-    varargs_from: int | None = None  # the sizes were passed as separate positional args from here
-
-
-@dataclass(frozen=True)
-class ScalarSize:
-    """Rewrite a scalar argument that equals the size of ``dim`` (``split`` size, ``groups``, heads)."""
-
-    node: str
-    loc: ArgLoc
-    dim: int
-
-
-@dataclass(frozen=True)
-class SliceBounds:
-    """Rewrite a slice on a width axis: ``start``/``stop`` become the wide offsets of the part ``[dim]``."""
-
-    node: str
-    loc: ArgLoc | None  # for aten.slice (start at loc, end at loc+1); None for fx getitem indices
-    index_pos: int | None  # position in a getitem index tuple
-    before: int | None  # dimension before the part (None: starts at 0)
-    part: int
-
-
-@dataclass(frozen=True)
-class AttentionScale:
-    """SDPA's ``scale``: q.k over ``dim`` grows with its multiplier; the scale is divided by it."""
-
-    node: str
-    dim: int
-    head_dim: int  # narrow head_dim, for scale=None (1/sqrt(head_dim))
-
-
-@dataclass(frozen=True)
-class OutputMultiplier:
-    """A sum over ``dims`` with no parameter to absorb it (``q @ k.T``, ``x.sum(-1)``): scale the output."""
-
-    node: str
-    dims: tuple[int, ...]
-    why: str
-
-
-@dataclass(frozen=True)
 class Refusal:
     """The op at ``node`` is not replication-invariant over ``dim``; refuse if that dimension grows."""
 
     node: str
     dim: int
     why: str
-
-
-@dataclass(frozen=True)
-class ParamUse:
-    """One use of a parameter by an op; ``fan_in_axes`` are the parameter axes the op sums over.
-
-    ``operand`` locates the *other* operand of a contraction (the activation), where a tied parameter's
-    extra compensation is inserted.
-    """
-
-    param: str
-    node: str
-    fan_in_axes: tuple[int, ...]
-    operand: ArgLoc | None = None
 
 
 @dataclass
@@ -146,3 +95,19 @@ class Requests:
     refusals: list[Refusal] = field(default_factory=list)
     uses: list[ParamUse] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def edits(self, info: dict[str, Info] | None = None) -> list[Edit]:
+        """The graph edits, in the order widen applies them: shapes, scalars, slices, attention scales,
+        inserted multipliers, shared-parameter factors, then (given the walk's ``info``) the ints read off
+        width axes, which keep their narrow value.
+
+        Example:
+            >>> Requests(scalars=[ScalarSize("split", ("pos", 1), 3)]).edits()
+            [ScalarSize(node='split', loc=('pos', 1), dim=3)]
+        """
+        out: list[Edit] = [*self.shapes, *self.scalars, *self.slices, *self.scales, *self.multipliers,
+                           *self.uses]
+        for node, value in (info or {}).items():
+            if isinstance(value, SizeInfo) and value.dim is not None:
+                out.append(NarrowSize(node, value.dim, value.value))
+        return out

@@ -1,32 +1,16 @@
-"""Capture: turn a user's model into an fx graph, with ``torch.fx.symbolic_trace`` or ``torch.export``.
-
-``tracer="fx"`` keeps ``torch.nn`` modules as leaves (so a widened model still switches train/eval like
-the original) and proxies buffers (so a causal mask sliced by the sequence length traces).
-``tracer="export"`` runs ``torch.export.export(..., strict=False)`` and works on models fx cannot trace,
-such as Hugging Face transformers 5.x. ``tracer="auto"`` tries fx, and falls back to export when fx
-fails or produces a graph with a leaf module that no rule covers (``nn.MultiheadAttention``, whose
-internals export lowers to ops that rules do cover).
+"""Model safety for capture: trace a private copy, keep custom autograd Functions whole, refuse mutations.
 
 The user's model is never modified: both frontends trace a private deep copy (so a ``forward`` that
-reassigns a buffer, or runs in-place ops, changes only the copy), and the captured graph, the walk and
-the widening read that copy. Captures that would not stay exact are refused with a
-:class:`~graphscale.errors.GraphscaleError` before anything runs:
-
-- a custom ``torch.autograd.Function``: fx would inline its forward and drop its backward, so fx keeps
-  ``Function.apply`` as one call that needs a rule; torch.export, which cannot keep it, refuses it;
-- a ``forward`` that writes into a parameter in place (its effect would repeat on every wide call);
-- a ``forward`` that reassigns a buffer or tensor attribute (``self.n = self.n + 1``): fx cannot carry
-  the assignment, so fx refuses it (``tracer="auto"`` then uses torch.export, which keeps it as a copy);
-- parametrized modules (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, and the
-  older hook-based ``torch.nn.utils.weight_norm``), whose stored tensors are not the ones the graph uses.
-
-In-place updates of buffers (an EMA via ``mul_``/``add_``, ``out=``) are kept in the graph; they are
-listed in :attr:`Captured.mutated_buffers`.
+reassigns a buffer, or runs in-place ops, changes only the copy). Captures that would not stay exact are
+refused with a :class:`~graphscale.errors.GraphscaleError` before anything runs (see
+:mod:`graphscale.capture` for the list). Every frontend uses these checks; none of them depends on how
+the graph was traced.
 
 Example:
-    >>> cap = capture(torch.nn.Sequential(torch.nn.Linear(3, 4)), (torch.randn(2, 3),))
-    >>> cap.frontend, [n.op for n in cap.gm.graph.nodes]  # the Linear stays a leaf module
-    ('fx', ['placeholder', 'call_module', 'output'])
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> private_copy(model) is model, private_copy(model).weight is model.weight
+    (False, False)
 """
 
 from __future__ import annotations
@@ -37,8 +21,7 @@ import operator
 import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -46,94 +29,10 @@ import torch.utils._pytree as pytree
 
 from graphscale.errors import TraceError, UnsupportedOpError
 from graphscale.infer.rulebook import RuleBook
-from graphscale.mupcompat import (
-    assert_in_graph,
-    carry_param_constants,
-    deepcopy_keeping_tensor_attributes,
-    trace_time_constants,
-)
-
-Tracer = Literal["auto", "fx", "export"]
+from graphscale.mupcompat import deepcopy_keeping_tensor_attributes
 
 
-@dataclass
-class Captured:
-    """A traced model: the graph module, which frontend made it, and its flat example inputs."""
-
-    gm: fx.GraphModule
-    frontend: str
-    flat_inputs: list[Any]
-    args: tuple
-    kwargs: dict[str, Any]
-    fallback_reason: str | None = None
-    source: torch.nn.Module | None = None  # the user's model (read-only); gm was traced from a copy of it
-    private: torch.nn.Module | None = None  # the private copy that was traced (runs instead of source)
-    mutated_buffers: dict[str, str] | None = None  # buffer -> graph node that updates it in place
-
-
-class _BufferProxyTracer(fx.Tracer):
-    # Buffers such as a causal mask are sliced by the traced sequence length: they must be proxies.
-    proxy_buffer_attributes = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True  # so errors can name the user's source line
-
-    # μP code (graphscale.mupcompat): mup's per-parameter infshape is a trace-time constant, and an
-    # `assert t <= block_size` on a traced size becomes torch._assert in the graph.
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        return carry_param_constants(super().getattr(attr, attr_val, parameter_proxy_cache), attr_val)
-
-    def to_bool(self, obj: fx.Proxy) -> bool:
-        return assert_in_graph(self, obj)
-
-
-@contextlib.contextmanager
-def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
-    """Run code that may update buffers in place (BatchNorm in train mode) without changing the model."""
-    # Restore every buffer: kernels such as batch_norm update running statistics in place without
-    # bumping the tensor's version counter, so "what changed" cannot be detected cheaply.
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
-
-
-def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """Accept ``x``, ``(x, y)``, ``{"input_ids": ids}`` or ``((x,), {"mask": m})``."""
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2
-            and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)):
-        return example_inputs[0], dict(example_inputs[1])
-    if isinstance(example_inputs, list | tuple):
-        return tuple(example_inputs), {}
-    raise TraceError(f"example_inputs must be a tensor, a tuple of inputs, a dict of keyword inputs or "
-                     f"(args, kwargs); got {type(example_inputs).__name__}")
-
-
-def capture(model: torch.nn.Module, example_inputs: Any, tracer: Tracer = "auto",
-            book: RuleBook | None = None) -> Captured:
-    """Trace ``model`` called on ``example_inputs``; see the module doc for the frontends and refusals.
-
-    ``model`` itself is only read: the graph is traced from a private deep copy.
-    """
-    if tracer not in ("auto", "fx", "export"):
-        raise TraceError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}")
-    args, kwargs = normalize_inputs(example_inputs)
-    _refuse_parametrizations(model)
-    cap = _capture_copy(model, args, kwargs, tracer, book)
-    cap.source = model
-    cap.mutated_buffers = _check_mutations(cap.gm)
-    return cap
-
-
-def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
+def private_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy to trace, so that nothing tracing or running ``forward`` does reaches ``model``."""
     try:
         with warnings.catch_warnings():
@@ -145,66 +44,6 @@ def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "graphscale traces a private copy so that your model is never modified. Make the model "
             "deep-copyable (copy.deepcopy) and try again.") from e
-
-
-def _capture_copy(model: torch.nn.Module, args: tuple, kwargs: dict, tracer: Tracer,
-                  book: RuleBook | None) -> Captured:
-    fx_error: str | None = None
-    if tracer in ("auto", "fx"):
-        private = _private_copy(model)
-        try:
-            cap = _capture_fx(private, args, kwargs)
-        except Exception as e:  # fx raises many kinds of errors on untraceable code
-            if tracer == "fx":
-                raise TraceError(f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
-                                 f"{type(e).__name__}: {e}. Try tracer='export'.") from e
-            fx_error = f"fx could not trace it ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        else:
-            if book is not None:
-                _check_function_rules(cap.gm, book)  # export would inline them too: refuse, no fallback
-            uncovered = _uncovered_modules(cap.gm, book) if book is not None and tracer == "auto" else []
-            if not uncovered:
-                return cap
-            fx_error = f"fx keeps {', '.join(uncovered)} as leaf modules with no rule"
-    private = _private_copy(model)  # a fresh one: fx tracing may have changed the first
-    try:
-        cap = _capture_export(private, args, kwargs)
-    except UnsupportedOpError:
-        raise
-    except Exception as e:
-        extra = f" ({fx_error})" if fx_error else ""
-        raise TraceError(
-            f"could not capture {type(model).__name__} as a graph: torch.export failed with "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}{extra}. graphscale needs a model whose "
-            "forward torch.fx or torch.export can trace for the given example inputs (no data-dependent "
-            "Python control flow).") from e
-    cap.fallback_reason = fx_error
-    return cap
-
-
-def _bind_placeholders(gm: fx.GraphModule, forward: Any, args: tuple, kwargs: dict) -> list[Any]:
-    sig = inspect.signature(forward)
-    bound = sig.bind(*args, **kwargs)
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    flat = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            name = str(n.target).lstrip("*")
-            flat.append(values.get(name, n.args[0] if n.args else None))
-    return flat
-
-
-def _capture_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    # Concrete (non-tensor) keyword inputs are baked in, as fx does for any Python constant.
-    concrete = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-    tracer = _BufferProxyTracer()
-    with _functions_as_calls(tracer):
-        graph = tracer.trace(model, concrete_args=concrete or None)
-    _refuse_reassigned(model)
-    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
-    flat = _bind_placeholders(gm, model.forward, args, {k: v for k, v in kwargs.items() if k not in concrete})
-    return Captured(gm, "fx", flat, args, kwargs, private=model)
 
 
 _ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod object
@@ -371,8 +210,14 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "t", "
 _TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions")
 
 
-def _written_operand(n: fx.Node) -> Any:
-    """The argument ``n`` writes into in place, or None (in-place methods, ``out=``, mutable aten ops)."""
+def written_operand(n: fx.Node) -> Any:
+    """The argument ``n`` writes into in place, or None (in-place methods, ``out=``, mutable aten ops).
+
+    Example:
+        >>> gm = fx.symbolic_trace(lambda x: x.add_(1).relu())
+        >>> [written_operand(n) for n in gm.graph.nodes if n.op == "call_method"]
+        [x, None]
+    """
     if "out" in n.kwargs and n.kwargs["out"] is not None:
         return n.kwargs["out"]
     if n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_") and n.args:
@@ -425,7 +270,7 @@ def _check_mutations(gm: fx.GraphModule) -> dict[str, str]:
     params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
     mutated: dict[str, str] = {}
     for n in gm.graph.nodes:
-        base = _base_attr(_written_operand(n))
+        base = _base_attr(written_operand(n))
         if base is None:
             continue
         target = str(base.target)
@@ -440,24 +285,3 @@ def _check_mutations(gm: fx.GraphModule) -> dict[str, str]:
     return mutated
 
 
-def _capture_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
-    with (warnings.catch_warnings(), preserved_buffers(model), _functions_refused(),
-          trace_time_constants(model)):
-        warnings.simplefilter("ignore")
-        ep = torch.export.export(model, args, kwargs, strict=False)
-    gm = ep.module()
-    flat = pytree.tree_leaves((args, kwargs))
-    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    if len(flat) != n_ph:
-        raise TraceError(f"exported graph takes {n_ph} inputs, example inputs flatten to {len(flat)}")
-    return Captured(gm, "export", flat, args, kwargs, private=model)
-
-
-def _uncovered_modules(gm: fx.GraphModule, book: RuleBook) -> list[str]:
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            mod = gm.get_submodule(str(n.target))
-            if book.lookup_module(mod) is None:
-                out.append(f"{type(mod).__name__} ({n.target})")
-    return out
