@@ -54,12 +54,12 @@ class Mutation:
 M = Mutation
 MUTATIONS: list[Mutation] = [
     # -- capture ------------------------------------------------------------------------------------------
-    M("capture-buffers-not-restored", "graphscale/capture.py",
+    M("capture-buffers-not-restored", "graphscale/capture/frontend.py",
       "                b.copy_(value)", "                b.copy_(b)",
       ("tests/test_widen_property.py::test_source_unchanged_batchnorm_train",),
       "analysis runs train-mode BatchNorm: its running statistics must be restored, the user's model is "
       "never modified"),
-    M("capture-no-export-fallback", "graphscale/capture.py",
+    M("capture-no-export-fallback", "graphscale/capture/__init__.py",
       "            if not uncovered:", "            if True:",
       ("tests/test_infer_property.py::test_mha_model_width_axes",),
       "tracer='auto' must fall back to torch.export when fx keeps a module no rule covers "
@@ -140,17 +140,17 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_verify_can_fail.py::test_dropped_inserted_multiplier_of_a_tied_readout_fails",),
       "a tied embedding/readout needs an inserted multiplier at the use with the larger fan-in"),
     # -- widen --------------------------------------------------------------------------------------------
-    M("widen-sum-multiplier-dropped", "graphscale/widen.py",
-      "_insert_after(graph, nodes[om.node], 1.0 / m, _mul_target(plan))",
-      "_insert_after(graph, nodes[om.node], 1.0, _mul_target(plan))",
+    M("widen-sum-multiplier-dropped", "graphscale/edits.py",
+      "ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0 / m)",
+      "ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0)",
       ("tests/test_widen_edge_cases.py::test_sum_over_a_width_axis_gets_an_inserted_multiplier",),
       "the inserted 1/k after a sum over a width axis"),
-    M("widen-sdpa-scale", "graphscale/widen.py",
-      'kwargs["scale"] = base / m', 'kwargs["scale"] = base',
+    M("widen-sdpa-scale", "graphscale/edits.py",
+      "ctx.frontend.set_attention_scale(node, base / m)", "ctx.frontend.set_attention_scale(node, base)",
       ("tests/test_widen_property.py::test_attention_scalings_both_exact",),
       "SDPA's scale must be divided by head_dim's multiplier"),
-    M("widen-size-reads-wide", "graphscale/widen.py",
-      "            node.replace_all_uses_with(info.value)", "            pass",
+    M("widen-size-reads-wide", "graphscale/edits.py",
+      "            node.replace_all_uses_with(self.value)  # type: ignore[arg-type]", "            pass",
       ("tests/test_widen_edge_cases.py::test_sizes_read_off_a_width_axis_keep_their_narrow_value_in_arithmetic",),
       "an int read off a width axis keeps its narrow value (a computed 1/sqrt(head_dim))"),
     M("widen-no-copy-scale", "graphscale/widen.py",
