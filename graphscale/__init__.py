@@ -13,6 +13,7 @@ Example:
     16
 """
 
+from graphscale import hf as hf
 from graphscale.cli.widened import load_widened
 from graphscale.errors import (
     GraphscaleError,
@@ -42,7 +43,6 @@ from graphscale.train import (
     transfer_optimizer_state,
     transfer_scheduler_state,
 )
-from graphscale import hf as hf
 from graphscale.train import noise as noise
 from graphscale.verify import VerifyReport, verify
 from graphscale.widen import relative_record, widen, widen_into
