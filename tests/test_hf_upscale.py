@@ -62,16 +62,16 @@ def _auto(family: str):
     return transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
 
 
-def _make_source(family: str, directory: Path) -> Path:
+def _make_source(family: str, directory: Path, shard: str = SHARD) -> Path:
     torch.manual_seed(0)
     model = _auto(family).from_config(_config(family), dtype=torch.float64)
     with torch.no_grad():  # default inits leave biases and norms at 0/1: perturb everything
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(directory, max_shard_size=SHARD)
+    model.save_pretrained(directory, max_shard_size=shard)
     (directory / "tokenizer.json").write_text('{"fake": "tokenizer"}')
     (directory / "special_tokens_map.json").write_text("{}")
-    assert (directory / "model.safetensors.index.json").is_file()  # sharded
+    assert (directory / "model.safetensors.index.json").is_file() == (shard == SHARD)  # sharded or one file
     return directory
 
 
@@ -168,7 +168,7 @@ def test_mup_optimizer_from_the_record_in_a_fresh_process(upscaled):
 
 
 def test_noise_is_reproducible_from_the_seed(tmp_path, capsys):
-    src = _make_source("bert", tmp_path / "src")
+    src = _make_source("bert", tmp_path / "src", shard="10MB")  # a single model.safetensors this time
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         argv = ["upscale", str(src), "--multiplier", "2", "--out", str(tmp_path / name), "--noise",
@@ -232,3 +232,16 @@ def test_mixtral_is_refused_naming_the_op(tmp_path):
     with pytest.raises(UnsupportedOpError, match="topk"):
         upscale(src, 2, out=tmp_path / "dst", heads="grow")
     assert not (tmp_path / "dst").exists()
+
+
+def test_no_consistent_config_is_refused_naming_the_fields():
+    """A widening no config field can express (here: the input embedding's vocabulary axis doubled but not
+    the readout's, which vocab_size sets together) is refused, naming the tensor and the fields."""
+    from graphscale import hf
+
+    config = _config("llama")
+    auto = transformers.AutoModelForCausalLM
+    target = hf._shapes(auto, config)
+    target["model.embed_tokens.weight"] = (2 * VOCAB, 32)
+    with pytest.raises(HFUpscaleError, match=r"no consistent config.*embed_tokens\.weight.*vocab_size"):
+        hf._rewrite_config(transformers, auto, config, target, 2, "fixed", set())
