@@ -132,7 +132,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
         large = auto.from_config(new_config, dtype=torch_dtype, **_IMPL, trust_remote_code=False).eval()
     large_w = HFWrapper(large, causal).eval()
     tol = TOLERANCE[torch_dtype]
-    float32_ops = _float32_ops(plan.captured.gm) if torch_dtype == torch.float64 else []
+    float32_ops = _float32_ops(plan, _Sizes(plan, mults)) if torch_dtype == torch.float64 else []
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
@@ -441,16 +441,32 @@ def _hf_record(record: WideningRecord, config: Any, changed: dict[str, tuple[int
     return replace(record, params=params, notes=notes, info=json.loads(json.dumps(info, default=str)))
 
 
-def _float32_ops(gm: torch.fx.GraphModule) -> list[str]:
-    """Nodes of a float64 model's graph that produce float32 tensors (the class's own casts)."""
+def _float32_ops(plan: Any, sizes: Any) -> list[str]:
+    """Nodes of a float64 model's graph that reduce a widened axis in float32 (the class's own casts, e.g.
+    RMSNorm's variance): there the wide model sums k copies with other roundings than the narrow one.
+    Float32 work that keeps every widened axis (a softmax over positions per head) rounds the same in both
+    and does not count."""
+    from graphscale.infer.values import TensorInfo
+
+    def widened_roots(node: Any) -> set[int] | None:
+        val, info = node.meta.get("val"), plan.walk.info.get(node.name)
+        if not isinstance(info, TensorInfo) or not isinstance(val, torch.Tensor):
+            return None
+        if val.dtype != torch.float32:
+            return None
+        return {sizes.res.root(d) for d in info.dims if sizes.mult(d) > 1}
+
     out = []
-    for n in gm.graph.nodes:
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dtype == torch.float32 and n.op != "get_attr":
-            out.append(n.name)
-        elif n.op == "call_method" and (n.target == "float" or torch.float32 in n.args
-                                          or n.kwargs.get("dtype") == torch.float32):
-            out.append(n.name)
+    for n in plan.captured.gm.graph.nodes:
+        info = plan.walk.info.get(n.name)
+        if n.op == "get_attr" or not isinstance(info, TensorInfo):
+            continue
+        kept = {sizes.res.root(d) for d in info.dims}
+        for a in n.all_input_nodes:
+            roots = widened_roots(a)
+            if roots and roots - kept:
+                out.append(n.name)
+                break
     return out
 
 
