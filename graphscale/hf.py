@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import replace
@@ -437,7 +438,8 @@ def _hf_record(record: WideningRecord, config: Any, changed: dict[str, tuple[int
         "source_config": config.to_dict(), "source_dir": str(src), "heads": heads,
         "config_changes": {f: list(v) for f, v in changed.items()},
     }
-    notes = [n.replace("model.", "") for n in record.notes]
+    # the wrapper's prefix only: at the start of a name, so "model.model.layers.0" keeps its own "model."
+    notes = [re.sub(r"(?<![\w.])model\.", "", n) for n in record.notes]
     return replace(record, params=params, notes=notes, info=json.loads(json.dumps(info, default=str)))
 
 
