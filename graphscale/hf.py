@@ -154,7 +154,8 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
         record.notes.append(f"the class computes parts in float32 ({', '.join(float32_ops[:4])}): outputs "
                             f"checked to relative {tol:g}, not float64's {TOLERANCE[torch.float64]:g}")
 
-    tmp = out_dir.parent / f".{out_dir.name}.graphscale-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    _remove_stale_dirs(out_dir.parent)
+    tmp = _temp_dir(out_dir)
     try:
         large.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         _copy_other_files(src_dir, tmp)
@@ -308,11 +309,32 @@ def _copy_other_files(src: Path, dst: Path) -> None:
         shutil.copyfile(p, dst / p.name)
 
 
+def _temp_dir(out: Path) -> Path:
+    """A fresh name beside ``out`` in the CLI's temporary-file pattern (pid and host), so that a later run
+    can tell a killed run's leftovers from a live one's."""
+    from graphscale.cli.files import temp_prefix
+
+    return out.parent / f"{temp_prefix(out)}{secrets.token_hex(4)}.tmp"
+
+
+def _remove_stale_dirs(directory: Path) -> None:
+    """Delete temporary directories that a killed upscale (SIGKILL, power loss) left beside its output."""
+    from graphscale.cli.files import _TEMP, _host, _pid_alive, note
+
+    for p in directory.iterdir():
+        match = _TEMP.match(p.name)
+        if match is None or match["host"] != _host() or _pid_alive(int(match["pid"])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            note(f"removed {p}, a partial directory left by a graphscale run that was killed")
+
+
 def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:  # created by someone else while this ran
             raise HFUpscaleError(f"--out {out} appeared while upscaling; pass --force to replace it")
-        old = out.parent / f".{out.name}.graphscale-old-{os.getpid()}-{secrets.token_hex(4)}"
+        old = _temp_dir(out)
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -198,6 +198,11 @@ def test_refuses_existing_out_without_force(tmp_path, capsys):
     assert main(["upscale", str(src), "--out", str(dst)]) == 2
     assert "--force" in capsys.readouterr().err
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    from graphscale.cli.files import _host
+
+    stale = tmp_path / f".dst.graphscale-999999999-{_host()}.abcd.tmp"  # a killed run's (pid 999999999)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
     assert main(["upscale", str(src), "--out", str(dst), "--force", "--max-shard-size", SHARD]) == 0
     assert not (dst / "keep.txt").exists() and (dst / "graphscale.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
