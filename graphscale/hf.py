@@ -105,9 +105,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
 
     _refuse_remote_code(src_dir / "config.json")
     config = tf.AutoConfig.from_pretrained(str(src_dir), trust_remote_code=False, local_files_only=True)
-    kind, auto = _model_class(tf, config)
-    if kind == "causal" and hasattr(config, "use_cache"):
-        config.use_cache = False
+    kind, auto = _model_class(tf, config)  # the config is written as read, but for the width fields
     torch_dtype = _resolve_dtype(dtype, weight_files)
     small = _load_source(auto, src_dir, config, torch_dtype)
     causal = kind == "causal"

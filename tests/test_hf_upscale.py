@@ -133,6 +133,9 @@ def test_upscaled_directory_loads_cleanly_and_computes_the_source_logits(upscale
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel <= tol, f"{family}: relative logit error {rel:.3g} > {tol:g}"
     record = json.loads((dst / "graphscale.json").read_text())
+    before, after = (json.loads((d / "config.json").read_text()) for d in (src, dst))
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == set(record["info"]["config_changes"]), changed  # nothing but the width fields
     source_config = record["info"]["source_config"]
     assert source_config["model_type"] == cfg_small.model_type
     assert source_config.get("hidden_size", source_config.get("n_embd")) == cfg_small.hidden_size
