@@ -14,6 +14,7 @@ Example:
     16
 """
 
+from graphscale import hf as hf
 from graphscale.cli.widened import load_widened
 from graphscale.errors import (
     GraphscaleError,
@@ -50,7 +51,7 @@ from graphscale.widen import relative_record, widen, widen_into
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
     "RecordFileError", "SchedulerError", "TraceError", "UnsupportedOpError", "VerifyReport", "WideningRecord",
-    "WidthConflictError", "analyze", "clip_grad_norm_", "coord_check", "load_record", "load_widened",
+    "WidthConflictError", "analyze", "hf", "clip_grad_norm_", "coord_check", "load_record", "load_widened",
     "mup_init_", "mup_optimizer", "mup_scheduler", "noise", "record_metadata", "relative_record",
     "save_record", "transfer_optimizer_state", "transfer_scheduler_state", "verify", "widen", "widen_into",
 ]

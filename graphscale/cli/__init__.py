@@ -1,4 +1,8 @@
-"""The ``graphscale`` command: explain, widen and verify a model, or run the demo.
+"""The ``graphscale`` command: explain, widen and verify a model, upscale a Hugging Face directory, or run
+the demo.
+
+``upscale SRC_DIR --out DST_DIR`` widens a Hugging Face model directory into one that ``from_pretrained``
+loads (see :mod:`graphscale.hf`).
 
 MODEL is a model spec (see :mod:`graphscale.cli.spec`): a built-in name (``mlp``, ``cnn``, ``gpt``,
 ``gpt-sdpa``, ``mha``, ``hf-gpt2``, ``hf-llama``, ``hf-bert``), optionally with builder arguments
@@ -26,6 +30,7 @@ Example:
     $ graphscale widen gpt --checkpoint small.safetensors --into gpt:n_embd=128 --out large.safetensors
     $ graphscale widen mlp --multiplier hidden0=3 --multiplier hidden1=2 --out wide.safetensors --force
     $ graphscale verify hf-llama --examples 20
+    $ graphscale upscale path/to/hf-model --multiplier 2 --out path/to/hf-model-x2
     $ graphscale explain --hf path/to/config.json --json
 """
 
@@ -445,6 +450,32 @@ def cmd_widen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """Widen a Hugging Face model directory into a new one (see :func:`graphscale.hf.upscale`)."""
+    from graphscale import hf
+    from graphscale.record import load_record
+
+    if isinstance(args.multiplier, bool) or args.multiplier < 1:
+        raise MultiplierError(f"--multiplier {args.multiplier}: expected an integer >= 1")
+    noise = parse_noise(args.noise)
+    out = hf.upscale(args.src, multiplier=args.multiplier, out=args.out, heads=args.heads, noise=noise,
+                     seed=args.seed, dtype=args.dtype, force=args.force,
+                     max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit()
+                     else args.max_shard_size)
+    record = load_record(out)
+    changes = ", ".join(f"{f} {a} -> {b}" for f, (a, b) in record.info.get("config_changes", {}).items())
+    check = record.info.get("check", {})
+    errors = ", ".join(f"vs {k} {v:.3g}" for k, v in check.get("relative_error", {}).items())
+    print(f"upscaled {args.src} x{args.multiplier} (heads {args.heads}): {changes}")
+    print(f"reloaded {out} with from_pretrained: max relative logit error {errors} "
+          f"(allowed {check.get('tolerance', float('nan')):g}, {check.get('dtype')})")
+    for line in record.notes:
+        if line.startswith(("noise:", "the class computes")):
+            print(line)
+    print(f"wrote {out} (weights, config.json, graphscale.json, and the source's other files)")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check that the widened MODEL computes the same function; exit 1 if a check fails."""
     import graphscale
@@ -576,6 +607,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "STD a finite number >= 0")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.set_defaults(func=cmd_widen)
+
+    p = sub.add_parser("upscale", parents=[debug],
+                       help="widen a Hugging Face model directory (config.json + safetensors) into a new one "
+                            "that from_pretrained loads, with the μP record (graphscale.json)")
+    p.add_argument("src", metavar="SRC_DIR",
+                   help="Hugging Face model directory: config.json and model.safetensors or shards with "
+                        "model.safetensors.index.json; no code from it runs (an auto_map is refused); "
+                        "never modified")
+    p.add_argument("--multiplier", type=int, default=2, metavar="K", help="width multiplier (default 2)")
+    p.add_argument("--out", metavar="DST_DIR", required=True,
+                   help="directory to write (atomically: a temporary directory beside it, then a rename); "
+                        "may not be SRC_DIR, inside it, or contain it")
+    p.add_argument("--heads", choices=["fixed", "grow"], default="fixed",
+                   help="keep the head counts and widen head_dim (fixed, the default), or copy heads (grow; "
+                        "needed where the class derives a rotary embedding from head_dim)")
+    p.add_argument("--noise", metavar="SCHEME[:S]",
+                   help="symmetry-breaking noise, as for widen: none (default), gaussian:STD, "
+                        "spectral:T, ...")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0); the same seed writes the "
+                                                         "same files")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default=None,
+                   help="dtype to load, widen and write in (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest weights shard save_pretrained writes (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST_DIR")
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("verify", parents=[debug, model, mult],
                        help="check that the widened model computes the same function")

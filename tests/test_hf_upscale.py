@@ -1,0 +1,255 @@
+"""graphscale.hf.upscale / `graphscale upscale`: Hugging Face directories in, Hugging Face directories out.
+
+Each family gets a tiny, sharded, randomly initialised float64 source directory written with
+``save_pretrained(max_shard_size=...)``. The upscaled directory must load with ``from_pretrained`` with no
+missing, unexpected or mismatched keys, compute the source's logits, and carry a record that rebuilds the
+μP optimizer in a fresh process.
+
+Tolerances: GPT-2, GPT-NeoX and BERT compute everything in the weights' dtype: float64, relative <= 1e-10.
+Llama and Qwen2 (RMSNorm) compute their norm's variance in float32 whatever the weights' dtype, so the
+wide model's mean over twice as many (copied) values rounds differently: relative <= 1e-6 there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from graphscale.cli import main  # noqa: E402
+from graphscale.errors import GraphscaleError, UnsupportedOpError  # noqa: E402
+from graphscale.hf import HFUpscaleError, upscale  # noqa: E402
+
+VOCAB = 128
+SHARD = "40KB"  # several shards for every family at these sizes
+
+
+def _config(family: str):
+    tf = transformers
+    common = {"vocab_size": VOCAB, "num_hidden_layers": 2, "max_position_embeddings": 32}
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                             architectures=["GPT2LMHeadModel"])
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, architectures=["LlamaForCausalLM"], **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, architectures=["Qwen2ForCausalLM"], **common)
+    if family == "neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, rotary_pct=0.25,
+                                architectures=["GPTNeoXForCausalLM"], **common)
+    if family == "mixtral":
+        return tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                architectures=["MixtralForCausalLM"], **common)
+    if family == "bert":
+        return tf.BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                             architectures=["BertForMaskedLM"], **common)
+    raise AssertionError(family)
+
+
+def _auto(family: str):
+    return transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+
+
+def _make_source(family: str, directory: Path, shard: str = SHARD) -> Path:
+    torch.manual_seed(0)
+    model = _auto(family).from_config(_config(family), dtype=torch.float64)
+    with torch.no_grad():  # default inits leave biases and norms at 0/1: perturb everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(directory, max_shard_size=shard)
+    (directory / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    (directory / "special_tokens_map.json").write_text("{}")
+    assert (directory / "model.safetensors.index.json").is_file() == (shard == SHARD)  # sharded or one file
+    return directory
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _load(family: str, directory: Path):
+    model, info = _auto(family).from_pretrained(directory, dtype=torch.float64, output_loading_info=True,
+                                                attn_implementation="eager")
+    return model.eval(), info
+
+
+# family -> (heads policy, relative tolerance)
+EXACT = {
+    "gpt2": ("fixed", 1e-10),
+    "bert": ("fixed", 1e-10),
+    "neox": ("grow", 1e-10),    # partial rotary: heads fixed is refused, see test_refusals_name_heads_grow
+    "llama": ("grow", 1e-6),    # RMSNorm in float32; heads fixed is refused (rotary follows head_dim)
+    "qwen2": ("grow", 1e-6),
+}
+
+
+@pytest.fixture(scope="module")
+def upscaled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for family, (heads, _) in EXACT.items():
+        src = _make_source(family, root / family)
+        before = _digest(src)
+        dst = upscale(src, multiplier=2, out=root / f"{family}-x2", heads=heads, max_shard_size=SHARD)
+        assert _digest(src) == before, f"{family}: the source directory changed"
+        out[family] = (src, dst)
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(EXACT))
+def test_upscaled_directory_loads_cleanly_and_computes_the_source_logits(upscaled, family):
+    src, dst = upscaled[family]
+    heads, tol = EXACT[family]
+    small, _ = _load(family, src)
+    large, info = _load(family, dst)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert len(list(dst.glob("model-*.safetensors"))) > 1 and (dst / "model.safetensors.index.json").is_file()
+    assert (dst / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    assert (dst / "special_tokens_map.json").is_file()
+    assert sum(p.numel() for p in large.parameters()) > 2 * sum(p.numel() for p in small.parameters())
+    cfg_small, cfg_large = small.config, large.config
+    assert cfg_large.hidden_size == 2 * cfg_small.hidden_size
+    heads_ratio = 2 if heads == "grow" else 1
+    assert cfg_large.num_attention_heads == heads_ratio * cfg_small.num_attention_heads
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    want, got = _logits(small, ids), _logits(large, ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel <= tol, f"{family}: relative logit error {rel:.3g} > {tol:g}"
+    record = json.loads((dst / "graphscale.json").read_text())
+    before, after = (json.loads((d / "config.json").read_text()) for d in (src, dst))
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == set(record["info"]["config_changes"]), changed  # nothing but the width fields
+    source_config = record["info"]["source_config"]
+    assert source_config["model_type"] == cfg_small.model_type
+    assert source_config.get("hidden_size", source_config.get("n_embd")) == cfg_small.hidden_size
+    fields = {"source", "copy_scale", "total_mult", "fan_in_mult"}
+    assert all(fields <= set(p) for p in record["params"].values())
+
+
+def test_intermediate_size_and_kv_heads_are_rewritten(upscaled):
+    src, dst = upscaled["llama"]
+    changes = json.loads((dst / "graphscale.json").read_text())["info"]["config_changes"]
+    assert changes == {"hidden_size": [32, 64], "intermediate_size": [64, 128], "num_attention_heads": [4, 8],
+                       "num_key_value_heads": [2, 4]}, changes
+
+
+_FRESH = r"""
+import sys, torch, transformers, graphscale
+for family, dst in zip(sys.argv[1::2], sys.argv[2::2]):
+    auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(dst, dtype=torch.float64)
+    opt = graphscale.mup_optimizer(model, torch.optim.AdamW, lr=1e-2, record=dst)
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters())), family
+    assert len(lrs) > 1 and min(lrs) < 1e-2, (family, lrs)  # hidden weights get lr/k under μP Adam
+    print(family, lrs)
+"""
+
+
+def test_mup_optimizer_from_the_record_in_a_fresh_process(upscaled):
+    args = [x for family, (_, dst) in sorted(upscaled.items()) for x in (family, str(dst))]
+    run = subprocess.run([sys.executable, "-c", _FRESH, *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all(f in run.stdout for f in EXACT)
+
+
+def test_noise_is_reproducible_from_the_seed(tmp_path, capsys):
+    src = _make_source("bert", tmp_path / "src", shard="10MB")  # a single model.safetensors this time
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        argv = ["upscale", str(src), "--multiplier", "2", "--out", str(tmp_path / name), "--noise",
+                "gaussian:0.1", "--seed", str(seed), "--max-shard-size", SHARD]
+        assert main(argv) == 0
+        runs[name] = _digest(tmp_path / name)
+    assert "noise:" in capsys.readouterr().out
+    assert runs["a"] == runs["b"]
+    weights = [f for f in runs["a"] if f.endswith(".safetensors")]
+    assert weights and any(runs["a"][f] != runs["c"][f] for f in weights)
+
+
+def test_refuses_out_equal_to_or_inside_src(tmp_path):
+    src = _make_source("gpt2", tmp_path / "src")
+    before = _digest(src)
+    for out in (src, src / "wide", tmp_path):
+        with pytest.raises(HFUpscaleError, match="source directory"):
+            upscale(src, 2, out=out, force=True)
+    assert _digest(src) == before
+
+
+def test_refuses_existing_out_without_force(tmp_path, capsys):
+    src = _make_source("gpt2", tmp_path / "src")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["upscale", str(src), "--out", str(dst)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    from graphscale.cli.files import _host
+
+    stale = tmp_path / f".dst.graphscale-999999999-{_host()}.abcd.tmp"  # a killed run's (pid 999999999)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert main(["upscale", str(src), "--out", str(dst), "--force", "--max-shard-size", SHARD]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "graphscale.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_refuses_auto_map(tmp_path):
+    src = _make_source("gpt2", tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "evil.py").write_text("raise SystemExit('code from the directory ran')\n")
+    with pytest.raises(GraphscaleError, match="auto_map"):
+        upscale(src, 2, out=tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_refusals_name_heads_grow(tmp_path):
+    """Heads fixed widens head_dim; Llama's rotary frequencies and GPT-NeoX's partial rotary split follow
+    head_dim from the config, which no weight can fold. Both refuse naming --heads grow, and write nothing."""
+    for family, match in (("llama", "inv_freq.*--heads grow"), ("neox", "--heads grow")):
+        src = _make_source(family, tmp_path / family)
+        with pytest.raises(GraphscaleError, match=match):
+            upscale(src, 2, out=tmp_path / f"{family}-x2", heads="fixed")
+        assert not (tmp_path / f"{family}-x2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_mixtral_is_refused_naming_the_op(tmp_path):
+    """Mixtral's router picks experts with torch.topk, for which today's engine has no rule: refused (no
+    directory written) rather than approximated."""
+    src = _make_source("mixtral", tmp_path / "src")
+    with pytest.raises(UnsupportedOpError, match="topk"):
+        upscale(src, 2, out=tmp_path / "dst", heads="grow")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_no_consistent_config_is_refused_naming_the_fields():
+    """A widening no config field can express (here: the input embedding's vocabulary axis doubled but not
+    the readout's, which vocab_size sets together) is refused, naming the tensor and the fields."""
+    from graphscale import hf
+
+    config = _config("llama")
+    auto = transformers.AutoModelForCausalLM
+    target = hf._shapes(auto, config)
+    target["model.embed_tokens.weight"] = (2 * VOCAB, 32)
+    with pytest.raises(HFUpscaleError, match=r"no consistent config.*embed_tokens\.weight.*vocab_size"):
+        hf._rewrite_config(transformers, auto, config, target, 2, "fixed", set())
