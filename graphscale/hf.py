@@ -101,9 +101,9 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     noise_scheme = _noise(noise)
     weight_files = _weight_files(src_dir)
     tf = _transformers()
-    from graphscale.zoo import HFWrapper, _refuse_remote_code
+    from graphscale.zoo import HFWrapper, refuse_remote_code
 
-    _refuse_remote_code(src_dir / "config.json")
+    refuse_remote_code(src_dir / "config.json")
     config = tf.AutoConfig.from_pretrained(str(src_dir), trust_remote_code=False, local_files_only=True)
     kind, auto = _model_class(tf, config)  # the config is written as read, but for the width fields
     torch_dtype = _resolve_dtype(dtype, weight_files)
@@ -114,12 +114,12 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     small_w = HFWrapper(small, causal).eval()
 
     import graphscale
-    from graphscale.widen import _Sizes, build_record
+    from graphscale.widen import build_record
 
     try:
         plan = graphscale.analyze(small_w, inputs, heads=heads, tracer=_TRACER)
         mults = plan.multipliers(multiplier)
-        expected = build_record(plan, _Sizes(plan, mults), mults)
+        expected = build_record(plan, plan.sizes(mults), mults)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
@@ -131,7 +131,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
         large = auto.from_config(new_config, dtype=torch_dtype, **_IMPL, trust_remote_code=False).eval()
     large_w = HFWrapper(large, causal).eval()
     tol = TOLERANCE[torch_dtype]
-    float32_ops = _float32_ops(plan, _Sizes(plan, mults)) if torch_dtype == torch.float64 else []
+    float32_ops = _float32_ops(plan, plan.sizes(mults)) if torch_dtype == torch.float64 else []
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
@@ -173,7 +173,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
 
 
 def _transformers() -> Any:
-    from graphscale.zoo import _transformers as tf
+    from graphscale.zoo import transformers_module as tf
 
     return tf()
 
@@ -317,11 +317,10 @@ def _temp_dir(out: Path) -> Path:
 
 def _remove_stale_dirs(directory: Path) -> None:
     """Delete temporary directories that a killed upscale (SIGKILL, power loss) left beside its output."""
-    from graphscale.cli.files import _TEMP, _host, _pid_alive, note
+    from graphscale.cli.files import is_stale_temp, note
 
     for p in directory.iterdir():
-        match = _TEMP.match(p.name)
-        if match is None or match["host"] != _host() or _pid_alive(int(match["pid"])):
+        if not is_stale_temp(p.name):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

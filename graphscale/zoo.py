@@ -384,7 +384,8 @@ def mha_model(d: int = 32, heads: int = 4, vocab: int = 50, seed: int = 0) -> Ex
 # Hugging Face transformers (5.x)
 
 
-def _transformers() -> Any:
+def transformers_module() -> Any:
+    """The ``transformers`` package, or a ModelSpecError saying how to install it (the ``hf`` extra)."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -431,7 +432,7 @@ _HF_ATTN = "sdpa"  # eager works too; sdpa is transformers' default and exports 
 def _hf_build(config: Any, kind: str, seed: int, attn_implementation: str = _HF_ATTN,
               seq: int = 8) -> Example:
     """Build, seed and wrap an HF model from ``config``; ``kind`` is ``causal``, ``masked`` or ``base``."""
-    tf = _transformers()
+    tf = transformers_module()
     auto = {"causal": tf.AutoModelForCausalLM, "masked": tf.AutoModelForMaskedLM, "base": tf.AutoModel}[kind]
     with _seeded(seed) as gen:
         # never run Python from a config's directory (an auto_map): refuse rather than ask [y/N]
@@ -453,7 +454,7 @@ def hf_gpt2(n_embd: int = 64, n_head: int = 4, n_layer: int = 2, vocab: int = 10
         >>> model(ids).shape  # doctest: +SKIP
         torch.Size([1, 8, 100])
     """
-    tf = _transformers()
+    tf = transformers_module()
     config = tf.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                            n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)
@@ -471,7 +472,7 @@ def hf_llama(hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads
         >>> model(ids).shape  # doctest: +SKIP
         torch.Size([1, 8, 100])
     """
-    tf = _transformers()
+    tf = transformers_module()
     config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                             max_position_embeddings=64, use_cache=False, tie_word_embeddings=False)
@@ -490,7 +491,7 @@ def hf_bert(hidden: int = 64, intermediate: int = 128, heads: int = 4, layers: i
         >>> model(ids).shape  # doctest: +SKIP
         torch.Size([1, 8, 100])
     """
-    tf = _transformers()
+    tf = transformers_module()
     config = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=64,
                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -511,7 +512,7 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     Example:
         >>> model, (ids,) = hf_from_config("configs/tiny-llama/")  # doctest: +SKIP
     """
-    tf = _transformers()
+    tf = transformers_module()
     p = Path(path)
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -522,7 +523,7 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     else:
         raise ModelSpecError(f"HF config {str(path)!r} is neither a JSON file nor a directory "
                              "with config.json")
-    _refuse_remote_code(file)
+    refuse_remote_code(file)
     try:
         config = tf.AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:  # unknown model_type, malformed JSON, ...
@@ -548,7 +549,7 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     raise ModelSpecError(f"cannot build a model from {path}: " + "; ".join(errors))
 
 
-def _refuse_remote_code(file: Path) -> None:
+def refuse_remote_code(file: Path) -> None:
     """Refuse a config that asks transformers to import Python from its directory (``auto_map``)."""
     import json
 

@@ -106,6 +106,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_stale_temp(name: str) -> bool:
+    """Whether ``name`` is a graphscale temporary file or folder whose writing process on this host is dead.
+
+    Example:
+        >>> is_stale_temp(f".w.safetensors.graphscale-999999999-{_host()}.abc.tmp")
+        True
+        >>> is_stale_temp(temp_prefix("w.safetensors") + "abc.tmp")  # this process: alive
+        False
+    """
+    match = _TEMP.match(name)
+    return match is not None and match["host"] == _host() and not _pid_alive(int(match["pid"]))
+
+
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete graphscale's temporary files in ``directory`` whose writing process is dead; return them.
 
@@ -129,8 +142,7 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     except OSError:
         return removed
     for name in names:
-        match = _TEMP.match(name)
-        if match is None or match["host"] != _host() or _pid_alive(int(match["pid"])):
+        if not is_stale_temp(name):
             continue
         path = Path(directory) / name
         try:
