@@ -106,6 +106,13 @@ def _functions_as_calls(tracer: fx.Tracer) -> Iterator[None]:
             return proxy
         return _ORIGINAL_APPLY.__get__(None, cls)(*args, **kwargs)
 
+    with _apply_replaced_by(apply):
+        yield
+
+
+@contextlib.contextmanager
+def _apply_replaced_by(apply: Any) -> Iterator[None]:
+    """Every ``torch.autograd.Function.apply`` call goes to ``apply(cls, *args, **kwargs)`` meanwhile."""
     torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
     try:
         yield
@@ -122,11 +129,8 @@ def _functions_refused() -> Iterator[None]:
         seen.append(cls)
         return _ORIGINAL_APPLY.__get__(None, cls)(*args, **kwargs)
 
-    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
-    try:
+    with _apply_replaced_by(apply):
         yield
-    finally:
-        torch.autograd.Function.apply = _ORIGINAL_APPLY  # type: ignore[method-assign]
     if seen:
         raise UnsupportedOpError(
             f"the model calls the custom torch.autograd.Function {_describe_function(seen[0])}; torch.export "
