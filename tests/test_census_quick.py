@@ -64,9 +64,11 @@ def test_known_good_models_pass_every_check(quick) -> None:
 
 def test_a_model_without_a_rule_is_listed_with_its_reason(quick) -> None:
     data, _ = quick
-    r = data["results"]["causal/bloom"]  # BLOOM's ALiBi calls aten.baddbmm, which no rule covers yet
+    # BLOOM's GeLUFunction is a custom autograd.Function, which torch.export would keep without its
+    # backward: refused, naming it (after it, ALiBi's aten.baddbmm has no rule yet)
+    r = data["results"]["causal/bloom"]
     assert r["status"] == "fail" and r["stage"] == "analyze"
-    assert "aten.baddbmm" in r["reason"] and "\n" not in r["reason"]
+    assert "GeLUFunction" in r["reason"] and "\n" not in r["reason"]
     census = _census_module()
     classes = dict(census.failure_classes(data["results"]))
     assert any("causal/bloom" in members for members in classes.values())
@@ -78,7 +80,7 @@ def test_readme_section_is_generated_from_the_results(quick) -> None:
     proc = subprocess.run([sys.executable, script, "--readme", "--out", str(out)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "gpt2, llama" in proc.stdout and "| bloom | analyze: no graphscale rule covers" in proc.stdout
+    assert "gpt2, llama" in proc.stdout and "| bloom | analyze: the model calls the custom torch.autograd.Function" in proc.stdout
 
 
 def test_oracle_flags_an_axis_that_grows_with_the_config_but_was_not_widened() -> None:
