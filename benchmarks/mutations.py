@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600  # per mutation; a guard that hangs on a mutant counts as killed (and is reported)
+BASELINE_TIMEOUT_S = 2400  # the baseline runs every guard at once
 
 
 @dataclass(frozen=True)
@@ -258,13 +259,14 @@ def make_copy(root: Path, dest: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int | None, float, str]:
+def run_tests(copy: Path, tests: tuple[str, ...],
+              timeout: float = TIMEOUT_S) -> tuple[int | None, float, str]:
     """``(exit status or None on timeout, seconds, output tail)`` of pytest on ``tests`` in ``copy``."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, time.monotonic() - start, "timeout"
     return proc.returncode, time.monotonic() - start, (proc.stdout + proc.stderr)[-1500:]
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             make_copy(REPO, c)
         if not args.no_baseline:
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-            status, secs, out = run_tests(copies[0], tests)
+            status, secs, out = run_tests(copies[0], tests, BASELINE_TIMEOUT_S)
             print(f"baseline: guarding tests on the unmutated copy: exit {status} ({secs:.0f} s)", flush=True)
             if status != 0:
                 print(out, file=sys.stderr)
