@@ -121,7 +121,7 @@ def assert_in_graph(tracer: fx.Tracer, proxy: fx.Proxy) -> bool:
     raise fx.proxy.TraceError("symbolically traced variables cannot be used as inputs to control flow")
 
 
-_TRACING_FILES = ("mupcompat.py", "capture.py", "fx/proxy.py", "fx/_symbolic_trace.py")
+_TRACING_FILES = ("mupcompat.py", "capture/fx_frontend.py", "fx/proxy.py", "fx/_symbolic_trace.py")
 
 
 def _is_assert(frame: Any) -> bool:
