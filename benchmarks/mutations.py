@@ -57,7 +57,7 @@ MUTATIONS: list[Mutation] = [
     # -- capture ------------------------------------------------------------------------------------------
     M("capture-buffers-not-restored", "graphscale/capture/frontend.py",
       "                b.copy_(value)", "                b.copy_(b)",
-      ("tests/test_widen_property.py::test_source_unchanged_batchnorm_train",),
+      ("tests/test_widen_property.py::test_widen_cnn_batchnorm_train_exact",),
       "analysis runs train-mode BatchNorm: its running statistics must be restored, the user's model is "
       "never modified"),
     M("capture-no-export-fallback", "graphscale/capture/__init__.py",
