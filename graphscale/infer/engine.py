@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,23 +228,23 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Wa
     The walk needs shapes, not values, so it first runs under a fake-tensor mode (no arithmetic: cheap
     for a 124M model); a graph that needs real values (data-dependent ops) is walked for real instead.
     """
-    from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
-
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
-        walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
-        with torch.no_grad(), preserved_buffers(gm), mode:
-            _Walker(gm, book, walk).run(*fake, enable_io_processing=False)
-        return walk
+        return _walk(gm, fake, book, mode)
     except GraphscaleError:
         raise
     except Exception:  # an op fake tensors cannot run (data-dependent): walk with the real values
-        pass
-    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
-    with torch.no_grad(), preserved_buffers(gm):
-        _Walker(gm, book, walk).run(*flat_inputs, enable_io_processing=False)
-    return walk
+        # (inside the handler, so an error of the real walk also shows the fake walk's, as its context)
+        return _walk(gm, flat_inputs, book, contextlib.nullcontext())
 
+
+def _walk(gm: fx.GraphModule, inputs: list[Any], book: RuleBook, mode: Any) -> Walk:
+    from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
+
+    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
+    with torch.no_grad(), preserved_buffers(gm), mode:  # the buffers are saved outside the fake mode
+        _Walker(gm, book, walk).run(*inputs, enable_io_processing=False)
+    return walk
