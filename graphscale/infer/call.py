@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
+from graphscale.edits import get_arg
 from graphscale.errors import UnsupportedOpError
 from graphscale.infer.values import ArgLoc, Const, Info, Opaque, TensorInfo
 
@@ -334,7 +335,7 @@ class Call:
             return None
         if loc[0] == "varargs":
             return tuple(self.node.args[loc[1]:])  # type: ignore[misc]
-        return self.node.kwargs[loc[1]] if loc[0] == "kw" else self.node.args[loc[1]]  # type: ignore[index]
+        return get_arg(self.node, loc)  # type: ignore[arg-type]
 
     def info(self, ref: Ref | str) -> Any:
         """The inferred info of an argument (a tuple for a sequence), None if the argument is absent."""
