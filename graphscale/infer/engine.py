@@ -171,22 +171,27 @@ class _Walker(fx.Interpreter):
     def _rule_for(self, n: fx.Node, module: torch.nn.Module | None) -> Rule:
         if n.op == "call_module":
             rule = self.book.lookup_module(module)
+        elif n.op == "call_method":
+            rule = self.book.lookup_method(str(n.target))
+        else:
+            rule = self.book.lookup_function(n.target)
+        if rule is not None:
+            return rule
+        # naming the op is for the error only: _fn_name scans torch's namespaces (milliseconds a node)
+        if n.op == "call_module":
             what = f"module {type(module).__module__}.{type(module).__qualname__}"
             target = f"module:{type(module).__module__}.{type(module).__qualname__}"
         elif n.op == "call_method":
-            rule = self.book.lookup_method(str(n.target))
             what, target = f"tensor method .{n.target}()", f"method:{n.target}"
         else:
-            rule = self.book.lookup_function(n.target)
-            what, target = f"function {_fn_name(n.target)}", _fn_name(n.target)
-        if rule is None:
-            raise UnsupportedOpError(
-                f"no graphscale rule covers {what}, called at {describe_node(n)}. "
-                f"Add a rule for it: a [[rule]] table with targets = [\"{target}\"] and the kind that says "
-                "how it relates its inputs' axes to its outputs' (see rules/*.toml for examples), in a "
-                ".toml file passed as rules=... (API) or --rules (CLI)."
-            )
-        return rule
+            target = _fn_name(n.target)
+            what = f"function {target}"
+        raise UnsupportedOpError(
+            f"no graphscale rule covers {what}, called at {describe_node(n)}. "
+            f"Add a rule for it: a [[rule]] table with targets = [\"{target}\"] and the kind that says "
+            "how it relates its inputs' axes to its outputs' (see rules/*.toml for examples), in a "
+            ".toml file passed as rules=... (API) or --rules (CLI)."
+        )
 
 
 def describe_node(n: fx.Node) -> str:
