@@ -218,3 +218,11 @@ def test_a_data_dependent_graph_is_walked_with_real_values(monkeypatch: pytest.M
     assert modes == ["FakeTensorMode", "nullcontext"]
     (out,) = [i for n, i in w.info.items() if n.startswith("getitem")]
     assert out.shape == (4,)
+
+
+def test_a_dict_output_s_axes_are_model_outputs() -> None:
+    """fx keeps ``return {"y": y}`` as a dict in the output node: its tensors' axes are the model's outputs
+    (fixed by default) as for a tuple, not a constant the walk skips."""
+    w = walk(lambda m, x: {"y": m.b(m.a(x))}, torch.randn(2, 3), a=nn.Linear(3, 8), b=nn.Linear(8, 5))
+    assert same(w, w.output_dims[-1], w.tensor_dims["b.weight"][0])
+    assert len(w.output_dims) == 2

@@ -79,6 +79,8 @@ class _Walker(fx.Interpreter):
             return self.walk.info[a.name]
         if isinstance(a, list | tuple):
             return tuple(self.info_of(x) for x in a)
+        if isinstance(a, dict):  # a dict output (fx keeps ``return {"y": y}`` as one): its axes count
+            return {k: self.info_of(v) for k, v in a.items()}
         if isinstance(a, torch.Tensor):  # a tensor written into the graph: its axes are unknown
             return Opaque("(a literal argument)", "a tensor literal in the graph")
         return Const(a)
