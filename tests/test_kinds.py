@@ -198,3 +198,31 @@ def test_einsum_call_reads_the_equation() -> None:
     w = walk(lambda m, x: torch.einsum("bi,oi->bo", x, m.fc.weight), torch.randn(2, 4), fc=nn.Linear(4, 8))
     assert same(w, info(w, "einsum").dims[1], w.tensor_dims["fc.weight"][0])
     assert [(u.param, u.fan_in_axes, u.operand) for u in w.requests.uses] == [("fc.weight", (1,), ("pos", 1))]
+
+
+def test_a_data_dependent_graph_is_walked_with_real_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake tensors cannot run a boolean mask (its size depends on the data); the walk falls back to the
+    real values instead of failing, and describes the masked result by its real shape."""
+    import graphscale.infer.engine as engine
+
+    modes: list[str] = []
+    real_walk = engine._walk
+
+    def spy(gm: torch.fx.GraphModule, inputs: list, book: RuleBook, mode: object) -> Walk:
+        modes.append(type(mode).__name__)
+        return real_walk(gm, inputs, book, mode)
+
+    monkeypatch.setattr(engine, "_walk", spy)
+    x = torch.tensor([[1.0, -1.0, 2.0], [-3.0, 4.0, 5.0]])
+    w = walk(lambda m, x: x[x > 0], x)
+    assert modes == ["FakeTensorMode", "nullcontext"]
+    (out,) = [i for n, i in w.info.items() if n.startswith("getitem")]
+    assert out.shape == (4,)
+
+
+def test_a_dict_output_s_axes_are_model_outputs() -> None:
+    """fx keeps ``return {"y": y}`` as a dict in the output node: its tensors' axes are the model's outputs
+    (fixed by default) as for a tuple, not a constant the walk skips."""
+    w = walk(lambda m, x: {"y": m.b(m.a(x))}, torch.randn(2, 3), a=nn.Linear(3, 8), b=nn.Linear(8, 5))
+    assert same(w, w.output_dims[-1], w.tensor_dims["b.weight"][0])
+    assert len(w.output_dims) == 2

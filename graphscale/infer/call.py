@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
+from graphscale.edits import get_arg
 from graphscale.errors import UnsupportedOpError
 from graphscale.infer.values import ArgLoc, Const, Info, Opaque, TensorInfo
 
@@ -156,13 +157,19 @@ def _method_candidates(name: str) -> tuple[inspect.Signature, ...]:
 
 
 def _function_candidates(fn: Any) -> tuple[inspect.Signature, ...]:
-    if isinstance(fn, torch._ops.OpOverload):
-        return (_schema_signature(fn),)
     try:
-        if fn in _FUNCTION_SIGNATURES:
-            return (inspect.signature(_FUNCTION_SIGNATURES[fn]),)
+        hash(fn)
     except TypeError:  # an unhashable target
         return ()
+    return _hashable_function_candidates(fn)  # once per op, not per node (operator.add: ~1 ms)
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: it holds the targets (a user's functions) alive
+def _hashable_function_candidates(fn: Any) -> tuple[inspect.Signature, ...]:
+    if isinstance(fn, torch._ops.OpOverload):
+        return (_schema_signature(fn),)
+    if fn in _FUNCTION_SIGNATURES:
+        return (inspect.signature(_FUNCTION_SIGNATURES[fn]),)
     try:
         return (inspect.signature(fn),)
     except (TypeError, ValueError):
@@ -334,7 +341,7 @@ class Call:
             return None
         if loc[0] == "varargs":
             return tuple(self.node.args[loc[1]:])  # type: ignore[misc]
-        return self.node.kwargs[loc[1]] if loc[0] == "kw" else self.node.args[loc[1]]  # type: ignore[index]
+        return get_arg(self.node, loc)  # type: ignore[arg-type]
 
     def info(self, ref: Ref | str) -> Any:
         """The inferred info of an argument (a tuple for a sequence), None if the argument is absent."""

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,8 @@ class _Walker(fx.Interpreter):
             return self.walk.info[a.name]
         if isinstance(a, list | tuple):
             return tuple(self.info_of(x) for x in a)
+        if isinstance(a, dict):  # a dict output (fx keeps ``return {"y": y}`` as one): its axes count
+            return {k: self.info_of(v) for k, v in a.items()}
         if isinstance(a, torch.Tensor):  # a tensor written into the graph: its axes are unknown
             return Opaque("(a literal argument)", "a tensor literal in the graph")
         return Const(a)
@@ -170,22 +173,27 @@ class _Walker(fx.Interpreter):
     def _rule_for(self, n: fx.Node, module: torch.nn.Module | None) -> Rule:
         if n.op == "call_module":
             rule = self.book.lookup_module(module)
+        elif n.op == "call_method":
+            rule = self.book.lookup_method(str(n.target))
+        else:
+            rule = self.book.lookup_function(n.target)
+        if rule is not None:
+            return rule
+        # naming the op is for the error only: _fn_name scans torch's namespaces (milliseconds a node)
+        if n.op == "call_module":
             what = f"module {type(module).__module__}.{type(module).__qualname__}"
             target = f"module:{type(module).__module__}.{type(module).__qualname__}"
         elif n.op == "call_method":
-            rule = self.book.lookup_method(str(n.target))
             what, target = f"tensor method .{n.target}()", f"method:{n.target}"
         else:
-            rule = self.book.lookup_function(n.target)
-            what, target = f"function {_fn_name(n.target)}", _fn_name(n.target)
-        if rule is None:
-            raise UnsupportedOpError(
-                f"no graphscale rule covers {what}, called at {describe_node(n)}. "
-                f"Add a rule for it: a [[rule]] table with targets = [\"{target}\"] and the kind that says "
-                "how it relates its inputs' axes to its outputs' (see rules/*.toml for examples), in a "
-                ".toml file passed as rules=... (API) or --rules (CLI)."
-            )
-        return rule
+            target = _fn_name(n.target)
+            what = f"function {target}"
+        raise UnsupportedOpError(
+            f"no graphscale rule covers {what}, called at {describe_node(n)}. "
+            f"Add a rule for it: a [[rule]] table with targets = [\"{target}\"] and the kind that says "
+            "how it relates its inputs' axes to its outputs' (see rules/*.toml for examples), in a "
+            ".toml file passed as rules=... (API) or --rules (CLI)."
+        )
 
 
 def describe_node(n: fx.Node) -> str:
@@ -227,23 +235,23 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Wa
     The walk needs shapes, not values, so it first runs under a fake-tensor mode (no arithmetic: cheap
     for a 124M model); a graph that needs real values (data-dependent ops) is walked for real instead.
     """
-    from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
-
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
-        walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
-        with torch.no_grad(), preserved_buffers(gm), mode:
-            _Walker(gm, book, walk).run(*fake, enable_io_processing=False)
-        return walk
+        return _walk(gm, fake, book, mode)
     except GraphscaleError:
         raise
     except Exception:  # an op fake tensors cannot run (data-dependent): walk with the real values
-        pass
-    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
-    with torch.no_grad(), preserved_buffers(gm):
-        _Walker(gm, book, walk).run(*flat_inputs, enable_io_processing=False)
-    return walk
+        # (inside the handler, so an error of the real walk also shows the fake walk's, as its context)
+        return _walk(gm, flat_inputs, book, contextlib.nullcontext())
 
+
+def _walk(gm: fx.GraphModule, inputs: list[Any], book: RuleBook, mode: Any) -> Walk:
+    from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
+
+    walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
+    with torch.no_grad(), preserved_buffers(gm), mode:  # the buffers are saved outside the fake mode
+        _Walker(gm, book, walk).run(*inputs, enable_io_processing=False)
+    return walk

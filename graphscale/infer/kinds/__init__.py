@@ -23,8 +23,6 @@ Example (the rule that covers ``nn.Linear`` in fx and ``aten.linear`` in export 
 
 from __future__ import annotations
 
-from typing import Any
-
 # importing a family registers its kinds (graphscale.infer.schema.KINDS)
 from graphscale.infer.kinds import (  # noqa: F401
     attention,
@@ -40,11 +38,3 @@ from graphscale.infer.kinds import (  # noqa: F401
     reductions,
     shapes,
 )
-
-
-def __getattr__(name: str) -> Any:
-    if name == "KIND_HANDLERS":  # the old table, for code that still reads it
-        from graphscale.infer.schema import KINDS
-
-        return {k: spec.handler for k, spec in KINDS.items()}
-    raise AttributeError(name)

@@ -8,6 +8,14 @@ from graphscale.infer.call import Call, Ref
 from graphscale.infer.values import ShapeEntries, TensorInfo
 
 
+def _check_choice(key: str, choices: tuple[str, ...]) -> Any:
+    """A kind's ``check``: the rule's value for ``key`` must be one of ``choices``."""
+    def check(spec: Any, targets: list[str]) -> list[tuple[str, str]]:
+        value = spec.get(key)
+        return [(key, f"{value!r} is not one of {list(choices)}")] if value not in choices else []
+    return check
+
+
 def _tensor(info: Any) -> TensorInfo | None:
     return info if isinstance(info, TensorInfo) else None
 

@@ -22,25 +22,16 @@ Example (nanoGPT's pattern: the logits' class axis is fixed, the hidden width is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from graphscale.errors import UnsupportedOpError
 from graphscale.infer.call import Call
-from graphscale.infer.kinds._common import _broadcast
+from graphscale.infer.kinds._common import _broadcast, _check_choice
 from graphscale.infer.schema import Key, kind
 from graphscale.infer.values import Info, OutputMultiplier, TensorInfo
 
 _AT_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's Reduction enum
 _REDUCTIONS = ("none", "mean", "sum", "batchmean")
-
-
-def _check_loss(spec: Mapping[str, Any], targets: list[str]) -> list[tuple[str, str]]:
-    default = spec.get("default_reduction")
-    return [("default_reduction", f"{default!r} is not one of {list(_REDUCTIONS)}")] \
-        if default not in _REDUCTIONS else []
 
 
 def _loss_reduction(ctx: Call) -> str:
@@ -61,7 +52,7 @@ def _loss_reduction(ctx: Call) -> str:
     return str(value)
 
 
-@kind("loss", check=_check_loss,
+@kind("loss", check=_check_choice("default_reduction", _REDUCTIONS),
       classes=Key("bool", default=False,
                   doc="the input's axis 1 (0 for a 1-D input) holds classes that the target indexes"),
       operands=Key("refs", default=["input", "target"],

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from graphscale.infer.call import Call
 from graphscale.infer.kinds._common import (
+    _check_choice,
     _dims_arg,
     _norm_dim,
 )
@@ -20,14 +19,7 @@ from graphscale.infer.values import (
 _REDUCE_MODES = ("sum", "mean", "variance", "forbid", "index")
 
 
-def _check_mode(modes: tuple[str, ...]) -> Any:
-    def check(spec: Any, targets: list[str]) -> list[tuple[str, str]]:
-        mode = spec.get("mode")
-        return [("mode", f"{mode!r} is not one of {list(modes)}")] if mode not in modes else []
-    return check
-
-
-@kind("reduce", check=_check_mode(_REDUCE_MODES), input=Key("ref", default="input"),
+@kind("reduce", check=_check_choice("mode", _REDUCE_MODES), input=Key("ref", default="input"),
       dim=Key("ref", default="dim"), keepdim=Key("ref", default="keepdim"),
       correction=Key("ref", default="correction"), unbiased=Key("ref", default="unbiased"),
       mode=Key("str", default="mean", doc=f"one of {_REDUCE_MODES}"))
@@ -68,7 +60,7 @@ def kind_reduce(ctx: Call) -> Info:
     return infos if isinstance(ctx.result, tuple) else infos[0]
 
 
-@kind("along", check=_check_mode(("forbid", "allow")), input=Key("ref", default="input"),
+@kind("along", check=_check_choice("mode", ("forbid", "allow")), input=Key("ref", default="input"),
       dim=Key("ref", default="dim"), mode=Key("str", default="forbid", doc="forbid or allow"),
       why=Key("str", default="along it is not replication-invariant", doc="the refusal's reason"))
 def kind_along(ctx: Call) -> Info:
