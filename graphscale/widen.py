@@ -152,10 +152,23 @@ def check_memory(plan: Plan, sizes: Sizes, available: int | None = None) -> int:
         have = available if available is not None else _available_bytes(torch.device(device))
         if have is not None and nbytes > have:
             raise MultiplierError(
-                f"widening by {sizes_summary(plan, sizes)} needs {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB) "
-                f"for the wide tensors on {device}, but only {have:,} bytes ({have / 2**30:.3g} GiB) are "
+                f"widening by {sizes_summary(plan, sizes)} needs {nbytes:,} bytes ({_gib(nbytes)}) "
+                f"for the wide tensors on {device}, but only {have:,} bytes ({_gib(have)}) are "
                 "available; choose smaller multipliers")
     return sum(need.values())
+
+
+def _gib(nbytes: int) -> str:
+    """``nbytes`` in GiB to three digits, or its order of magnitude past what a float holds.
+
+    Example:
+        >>> _gib(3 * 2**29), _gib(10**400)
+        ('1.5 GiB', 'about 10^390 GiB')
+    """
+    try:
+        return f"{nbytes / 2**30:.3g} GiB"
+    except OverflowError:  # int / int past 1.8e308: the refusal must not fail itself
+        return f"about 10^{len(str(nbytes >> 30)) - 1} GiB"
 
 
 def sizes_summary(plan: Plan, sizes: Sizes) -> str:

@@ -310,6 +310,8 @@ def test_huge_multiplier_is_refused_with_the_bytes() -> None:
     assert check_memory(plan, sizes) == (8 * 3 + 8 + 2 * 8 + 2) * 8  # float64 wide tensors
     with pytest.raises(MultiplierError, match="needs 400 bytes"):
         check_memory(plan, sizes, available=399)
+    with pytest.raises(MultiplierError, match=r"needs [\d,]+ bytes \(about 10\^\d+ GiB\)"):
+        graphscale.widen(model, (_x(4, 3),), 10**320)  # bytes past a float: refused, not an OverflowError
 
 
 # -- 17. verify reports, never raises --------------------------------------------------------------------
