@@ -431,7 +431,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # "own-output" multiplies the readout's output, bias included, by it (a hand-written base/width).
     records: dict[str, WideningRecord] = {}
     unavailable: dict[str, str] = {}
-    graphscale_record = copy.deepcopy(record)
+    graphscale_record = _candidate(record)
     try:
         _compensate_shared_uses(plan, sizes, graphscale_record)
         records["graphscale"] = graphscale_record
@@ -439,14 +439,14 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         unavailable["graphscale"] = str(e)
     readouts = _readouts(plan, sizes, record)
     if readouts:
-        own = copy.deepcopy(record)
+        own = _candidate(record)
         for name in readouts["untied"]:
             s = own.params[name]
             own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
         records["own"] = own
         biases = _readout_biases(plan, readouts["untied"], record)
         if biases:
-            own_output = copy.deepcopy(own)
+            own_output = _candidate(own)
             for name, m in biases.items():
                 for key in [name, *plan.rules[name].aliases]:
                     s = own_output.params[key]
@@ -528,6 +528,13 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         large.graphscale = record  # type: ignore[assignment]
         return record
     raise WidthConflictError(_no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales))
+
+
+def _candidate(record: WideningRecord) -> WideningRecord:
+    """A copy of ``record`` that a candidate convention may edit: its ParamScalings are frozen and edited
+    by replacing them, so new containers suffice (a deep copy would copy every replication map)."""
+    return replace(record, params=dict(record.params), multipliers=dict(record.multipliers),
+                   notes=list(record.notes), info=dict(record.info))
 
 
 def _readouts(plan: Plan, sizes: Sizes, record: WideningRecord) -> dict[str, list[str]]:
