@@ -337,6 +337,21 @@ def test_verify_reports_a_runtime_failure(monkeypatch: pytest.MonkeyPatch) -> No
     assert "widening or running failed" in report.failure
 
 
+def test_verify_names_an_unexpected_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    verify_module = sys.modules["graphscale.verify"]
+
+    def broken_compare(*args: object, **kwargs: object) -> dict:
+        raise KeyError("node_x")  # a bug in the check itself, not a mismatch
+
+    monkeypatch.setattr(verify_module, "compare_activations", broken_compare)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    report = graphscale.verify(model, (_x(4, 3),), multiplier=2, max_examples=3, dtypes=(D,))
+    assert not report.ok
+    assert report.failure == "KeyError: 'node_x'"
+
+
 class ClampsInput(_Head):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x.clamp_(min=0)
