@@ -478,11 +478,13 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         with torch.no_grad(), preserved_buffers(src_model):
             want = src_model(*args, **kwargs)
         out = {}
-        tensors = {ro: wide_tensors(rec, src) for ro, rec in records.items()}
-        for choice in candidates:
-            fill(choice, tensors[choice[1]])
-            with torch.no_grad(), preserved_buffers(large):
-                out[choice] = _max_rel(large(*args, **kwargs), want)
+        for ro, rec in records.items():  # in the order of candidates; one readout's tensors alive at a time
+            tensors = wide_tensors(rec, src)
+            for att in att_order:
+                fill((att, ro), tensors)
+                with torch.no_grad(), preserved_buffers(large):
+                    out[(att, ro)] = _max_rel(large(*args, **kwargs), want)
+            del tensors
         return out
 
     # Try every candidate and keep the closest: with near-uniform attention both may pass the tolerance.
