@@ -29,12 +29,12 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer, get_frontend, preserved_buffers, written_operand
+from graphscale.capture import Tracer, get_frontend, preserved_buffers, private_copy, written_operand
 from graphscale.derive import ScalingRule
 from graphscale.edits import EditContext, get_arg, set_module_attrs
 from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
-from graphscale.mupcompat import deepcopy_keeping_tensor_attributes, mup_optimizer_note
+from graphscale.mupcompat import mup_optimizer_note
 from graphscale.plan import Plan, Sizes, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
 
@@ -569,7 +569,7 @@ def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> 
 def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str]]) -> torch.nn.Module:
     """A deep copy of ``small`` whose readout (and query) weights are random, so that candidate
     conventions that agree on zero or symmetric weights give different outputs. ``small`` is untouched."""
-    probe = deepcopy_keeping_tensor_attributes(small)  # mup's infshape too
+    probe = private_copy(small)  # as capture copies it: mup's infshape kept, deep-copy warnings silenced
     gen = torch.Generator().manual_seed(0)
     names = set(readouts.get("untied", [])) | set(readouts.get("tied", []))
     params = dict(probe.named_parameters(remove_duplicate=False))
