@@ -354,8 +354,7 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: Sizes, root: dict[str, An
 
 def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
     """Every tensor of ``large`` must have the wide shape the record derives (used by ``widen_into``)."""
-    state = dict(large.named_parameters(remove_duplicate=False))
-    state.update(dict(large.named_buffers(remove_duplicate=False)))
+    state = dict(_named_tensors(large))
     for name, s in record.params.items():
         if name not in state:
             raise WidthConflictError(f"the larger model has no tensor {name!r} (the small model has one)")
@@ -413,8 +412,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
                 rtol: float) -> WideningRecord:
     plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
-    state = dict(large.named_parameters(remove_duplicate=False))
-    state.update(dict(large.named_buffers(remove_duplicate=False)))
+    state = dict(_named_tensors(large))
     mults = _multipliers_from_shapes(plan, state)
     sizes = Sizes(plan, mults)
     check_memory(plan, sizes)
@@ -496,8 +494,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         # uniform attention) but train differently: decide on a copy of small with random readouts.
         probe = _probe_copy(small, plan, readouts)
         probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
-        probe_state.update(probe.named_parameters(remove_duplicate=False))
-        probe_state.update(probe.named_buffers(remove_duplicate=False))
+        probe_state.update(_named_tensors(probe))
         probe_errors = errors_on(probe, probe_state)
         passing = [c for c in passing if probe_errors[c] <= rtol] or passing
         best = min(passing, key=probe_errors.__getitem__)
@@ -733,8 +730,7 @@ def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.
     """
     if isinstance(base, torch.nn.Module):
         plan = analyze(base, example_inputs, tracer=tracer, rules=rules, heads=heads)
-        state = dict(model.named_parameters(remove_duplicate=False))
-        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        state = dict(_named_tensors(model))
         mults = _multipliers_from_shapes(plan, state)
         record = build_record(plan, Sizes(plan, mults), mults)
         unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
