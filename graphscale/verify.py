@@ -296,10 +296,15 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
 
 
 def _first_line(e: BaseException) -> str:
+    """The report's reason: the check's own AssertionError as it is; anything else (a bug in the check
+    itself, a Hypothesis error) prefixed with its type, so that it is not mistaken for a mismatch."""
     text = str(e).strip()
     if isinstance(e, BaseExceptionGroup) and e.exceptions:  # Hypothesis's FlakyFailure wraps the cause
         text = f"{text}: {_first_line(e.exceptions[0])}"
-    return (text.splitlines()[0] if text else type(e).__name__)[:500]
+    line = text.splitlines()[0] if text else ""
+    if not isinstance(e, AssertionError):
+        line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return (line or type(e).__name__)[:500]
 
 
 def _argmax(xs: list[float]) -> int:

@@ -29,12 +29,12 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer, get_frontend, preserved_buffers, written_operand
+from graphscale.capture import Tracer, get_frontend, preserved_buffers, private_copy, written_operand
 from graphscale.derive import ScalingRule
 from graphscale.edits import EditContext, get_arg, set_module_attrs
 from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
-from graphscale.mupcompat import deepcopy_keeping_tensor_attributes, mup_optimizer_note
+from graphscale.mupcompat import mup_optimizer_note
 from graphscale.plan import Plan, Sizes, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
 
@@ -152,10 +152,23 @@ def check_memory(plan: Plan, sizes: Sizes, available: int | None = None) -> int:
         have = available if available is not None else _available_bytes(torch.device(device))
         if have is not None and nbytes > have:
             raise MultiplierError(
-                f"widening by {sizes_summary(plan, sizes)} needs {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB) "
-                f"for the wide tensors on {device}, but only {have:,} bytes ({have / 2**30:.3g} GiB) are "
+                f"widening by {sizes_summary(plan, sizes)} needs {nbytes:,} bytes ({_gib(nbytes)}) "
+                f"for the wide tensors on {device}, but only {have:,} bytes ({_gib(have)}) are "
                 "available; choose smaller multipliers")
     return sum(need.values())
+
+
+def _gib(nbytes: int) -> str:
+    """``nbytes`` in GiB to three digits, or its order of magnitude past what a float holds.
+
+    Example:
+        >>> _gib(3 * 2**29), _gib(10**400)
+        ('1.5 GiB', 'about 10^390 GiB')
+    """
+    try:
+        return f"{nbytes / 2**30:.3g} GiB"
+    except OverflowError:  # int / int past 1.8e308: the refusal must not fail itself
+        return f"about 10^{len(str(nbytes >> 30)) - 1} GiB"
 
 
 def sizes_summary(plan: Plan, sizes: Sizes) -> str:
@@ -341,8 +354,7 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: Sizes, root: dict[str, An
 
 def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
     """Every tensor of ``large`` must have the wide shape the record derives (used by ``widen_into``)."""
-    state = dict(large.named_parameters(remove_duplicate=False))
-    state.update(dict(large.named_buffers(remove_duplicate=False)))
+    state = dict(_named_tensors(large))
     for name, s in record.params.items():
         if name not in state:
             raise WidthConflictError(f"the larger model has no tensor {name!r} (the small model has one)")
@@ -400,8 +412,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
                 rtol: float) -> WideningRecord:
     plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
-    state = dict(large.named_parameters(remove_duplicate=False))
-    state.update(dict(large.named_buffers(remove_duplicate=False)))
+    state = dict(_named_tensors(large))
     mults = _multipliers_from_shapes(plan, state)
     sizes = Sizes(plan, mults)
     check_memory(plan, sizes)
@@ -418,7 +429,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # "own-output" multiplies the readout's output, bias included, by it (a hand-written base/width).
     records: dict[str, WideningRecord] = {}
     unavailable: dict[str, str] = {}
-    graphscale_record = copy.deepcopy(record)
+    graphscale_record = _candidate(record)
     try:
         _compensate_shared_uses(plan, sizes, graphscale_record)
         records["graphscale"] = graphscale_record
@@ -426,14 +437,14 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         unavailable["graphscale"] = str(e)
     readouts = _readouts(plan, sizes, record)
     if readouts:
-        own = copy.deepcopy(record)
+        own = _candidate(record)
         for name in readouts["untied"]:
             s = own.params[name]
             own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
         records["own"] = own
         biases = _readout_biases(plan, readouts["untied"], record)
         if biases:
-            own_output = copy.deepcopy(own)
+            own_output = _candidate(own)
             for name, m in biases.items():
                 for key in [name, *plan.rules[name].aliases]:
                     s = own_output.params[key]
@@ -465,11 +476,13 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         with torch.no_grad(), preserved_buffers(src_model):
             want = src_model(*args, **kwargs)
         out = {}
-        tensors = {ro: wide_tensors(rec, src) for ro, rec in records.items()}
-        for choice in candidates:
-            fill(choice, tensors[choice[1]])
-            with torch.no_grad(), preserved_buffers(large):
-                out[choice] = _max_rel(large(*args, **kwargs), want)
+        for ro, rec in records.items():  # in the order of candidates; one readout's tensors alive at a time
+            tensors = wide_tensors(rec, src)
+            for att in att_order:
+                fill((att, ro), tensors)
+                with torch.no_grad(), preserved_buffers(large):
+                    out[(att, ro)] = _max_rel(large(*args, **kwargs), want)
+            del tensors
         return out
 
     # Try every candidate and keep the closest: with near-uniform attention both may pass the tolerance.
@@ -481,8 +494,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         # uniform attention) but train differently: decide on a copy of small with random readouts.
         probe = _probe_copy(small, plan, readouts)
         probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
-        probe_state.update(probe.named_parameters(remove_duplicate=False))
-        probe_state.update(probe.named_buffers(remove_duplicate=False))
+        probe_state.update(_named_tensors(probe))
         probe_errors = errors_on(probe, probe_state)
         passing = [c for c in passing if probe_errors[c] <= rtol] or passing
         best = min(passing, key=probe_errors.__getitem__)
@@ -517,6 +529,13 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     raise WidthConflictError(_no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales))
 
 
+def _candidate(record: WideningRecord) -> WideningRecord:
+    """A copy of ``record`` that a candidate convention may edit: its ParamScalings are frozen and edited
+    by replacing them, so new containers suffice (a deep copy would copy every replication map)."""
+    return replace(record, params=dict(record.params), multipliers=dict(record.multipliers),
+                   notes=list(record.notes), info=dict(record.info))
+
+
 def _readouts(plan: Plan, sizes: Sizes, record: WideningRecord) -> dict[str, list[str]]:
     """Readout weights whose 1/k the large model's own code may apply: untied output-role weights, and
     tied weights with a width-dependent factor at a shared use. Empty when there is none."""
@@ -547,7 +566,7 @@ def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> 
 def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str]]) -> torch.nn.Module:
     """A deep copy of ``small`` whose readout (and query) weights are random, so that candidate
     conventions that agree on zero or symmetric weights give different outputs. ``small`` is untouched."""
-    probe = deepcopy_keeping_tensor_attributes(small)  # mup's infshape too
+    probe = private_copy(small)  # as capture copies it: mup's infshape kept, deep-copy warnings silenced
     gen = torch.Generator().manual_seed(0)
     names = set(readouts.get("untied", [])) | set(readouts.get("tied", []))
     params = dict(probe.named_parameters(remove_duplicate=False))
@@ -711,8 +730,7 @@ def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.
     """
     if isinstance(base, torch.nn.Module):
         plan = analyze(base, example_inputs, tracer=tracer, rules=rules, heads=heads)
-        state = dict(model.named_parameters(remove_duplicate=False))
-        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        state = dict(_named_tensors(model))
         mults = _multipliers_from_shapes(plan, state)
         record = build_record(plan, Sizes(plan, mults), mults)
         unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}

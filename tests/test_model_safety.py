@@ -310,6 +310,8 @@ def test_huge_multiplier_is_refused_with_the_bytes() -> None:
     assert check_memory(plan, sizes) == (8 * 3 + 8 + 2 * 8 + 2) * 8  # float64 wide tensors
     with pytest.raises(MultiplierError, match="needs 400 bytes"):
         check_memory(plan, sizes, available=399)
+    with pytest.raises(MultiplierError, match=r"needs [\d,]+ bytes \(about 10\^\d+ GiB\)"):
+        graphscale.widen(model, (_x(4, 3),), 10**320)  # bytes past a float: refused, not an OverflowError
 
 
 # -- 17. verify reports, never raises --------------------------------------------------------------------
@@ -333,6 +335,21 @@ def test_verify_reports_a_runtime_failure(monkeypatch: pytest.MonkeyPatch) -> No
     report = graphscale.verify(model, (_x(4, 3),), multiplier=2, max_examples=3, dtypes=(D,))
     assert not report.ok
     assert "widening or running failed" in report.failure
+
+
+def test_verify_names_an_unexpected_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    verify_module = sys.modules["graphscale.verify"]
+
+    def broken_compare(*args: object, **kwargs: object) -> dict:
+        raise KeyError("node_x")  # a bug in the check itself, not a mismatch
+
+    monkeypatch.setattr(verify_module, "compare_activations", broken_compare)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    report = graphscale.verify(model, (_x(4, 3),), multiplier=2, max_examples=3, dtypes=(D,))
+    assert not report.ok
+    assert report.failure == "KeyError: 'node_x'"
 
 
 class ClampsInput(_Head):
