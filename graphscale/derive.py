@@ -51,11 +51,12 @@ class ScalingRule:
     @classmethod
     def from_multipliers(cls, name: str, shape: tuple[int, ...], *, total: sympy.Expr, fan_in: sympy.Expr,
                          fan_in_axes: tuple[int, ...] = (), axis_multipliers: tuple[sympy.Expr, ...] = (),
-                         is_buffer: bool = False) -> ScalingRule:
-        return cls(name, shape, axis_multipliers, sympy.sympify(total), sympy.sympify(fan_in), fan_in_axes,
-                   1 / sympy.sympify(fan_in),
-                   laws.weight_role(len(shape), sympy.sympify(total), sympy.sympify(fan_in), is_buffer),
-                   is_buffer)
+                         is_buffer: bool = False, aliases: tuple[str, ...] = ()) -> ScalingRule:
+        """The rule of a tensor with width multiplicity ``total`` (M) and fan-in multiplier ``fan_in``: its
+        copy scale ``1/fan_in`` and its role (:func:`graphscale.laws.weight_role`) follow."""
+        total, fan_in = sympy.sympify(total), sympy.sympify(fan_in)
+        return cls(name, shape, axis_multipliers, total, fan_in, fan_in_axes, 1 / fan_in,
+                   laws.weight_role(len(shape), total, fan_in, is_buffer), is_buffer, aliases)
 
     # Every law comes from the one table in graphscale.laws, evaluated on this tensor's (c, M).
     def hparam_law(self, family: str, hparam: str) -> sympy.Expr:
@@ -166,9 +167,9 @@ def derive_rules(walk: Walk, res: Resolution, classes: Classes,
         base_axes = _smallest_fan_in(name, its_uses)
         fan_in = sympy.Mul(*(axis_m[i] for i in base_axes))
         is_buffer = not walk.is_param[name]
-        rule = ScalingRule(name, shape, axis_m, total, fan_in, base_axes, 1 / fan_in,
-                           laws.weight_role(len(shape), total, fan_in, is_buffer), is_buffer,
-                           tuple(aliases.get(name, ())))
+        rule = ScalingRule.from_multipliers(name, shape, total=total, fan_in=fan_in, fan_in_axes=base_axes,
+                                            axis_multipliers=axis_m, is_buffer=is_buffer,
+                                            aliases=tuple(aliases.get(name, ())))
         for node, axes in its_uses:
             extra = sympy.simplify(fan_in / sympy.Mul(*(axis_m[i] for i in axes)))
             if extra != 1:

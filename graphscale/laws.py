@@ -250,6 +250,12 @@ def weight_role(ndim: int, total: Any, fan_in: Any, is_buffer: bool = False) -> 
     return "output" if readout else "hidden"
 
 
+#: μP init std relative to the base is ``m_in ** -power``: hidden weights 1/2, readouts 1; every other role
+#: (input, vector, fixed) keeps the base std, power 0. :func:`init_std` and
+#: :func:`graphscale.train.mup_init_` both read it.
+INIT_STD_POWER: Mapping[str, sympy.Rational] = {"hidden": sympy.Rational(1, 2), "output": sympy.Integer(1)}
+
+
 def init_std(role: str, fan_in: Any) -> Any:
     """μP init std relative to the base: hidden ``m_in^(-1/2)``, readout ``m_in^(-1)``, others 1.
 
@@ -257,11 +263,10 @@ def init_std(role: str, fan_in: Any) -> Any:
         >>> init_std("hidden", sympy.Integer(4)), init_std("output", sympy.Integer(4))
         (1/2, 1/4)
     """
-    if role == "hidden":
-        return sympy.simplify(sympy.sympify(fan_in) ** sympy.Rational(-1, 2))
-    if role == "output":
-        return sympy.simplify(1 / sympy.sympify(fan_in))
-    return sympy.Integer(1)
+    power = INIT_STD_POWER.get(role)
+    if power is None:
+        return sympy.Integer(1)
+    return sympy.simplify(sympy.sympify(fan_in) ** -power)
 
 
 # --------------------------------------------------------------------------- what the plan shows

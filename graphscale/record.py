@@ -174,9 +174,8 @@ class ParamScaling:
             wide_shape=tuple(int(x) for x in d["wide_shape"]),
             axes=tuple(None if a is None else AxisReplication(_tree_from_json(a)) for a in d["axes"]),
             copy_scale=float(d["copy_scale"]), total_mult=int(d["total_mult"]),
-            fan_in_mult=int(d["fan_in_mult"]), fan_in_axes=tuple(int(x) for x in d.get("fan_in_axes", ())),
-            is_buffer=bool(d.get("is_buffer", False)), role=d.get("role", "fixed"),
-            notes=tuple(str(x) for x in d.get("notes", ())),
+            fan_in_mult=int(d["fan_in_mult"]), fan_in_axes=tuple(int(x) for x in d["fan_in_axes"]),
+            is_buffer=bool(d["is_buffer"]), role=d["role"], notes=tuple(str(x) for x in d["notes"]),
         )
 
     def replicate(self, narrow: torch.Tensor) -> torch.Tensor:
@@ -270,8 +269,7 @@ class WideningRecord:
         try:
             params = {str(n): ParamScaling.from_dict(p) for n, p in d["params"].items()}
             return WideningRecord(params, {str(k): int(v) for k, v in d["multipliers"].items()},
-                                  str(d.get("frontend", "fx")), [str(x) for x in d.get("notes", [])],
-                                  dict(d.get("info", {})))
+                                  str(d["frontend"]), [str(x) for x in d["notes"]], dict(d["info"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RecordFileError(f"{where} is a damaged graphscale record ({type(e).__name__}: {e})") from e
 

@@ -206,6 +206,18 @@ def test_bad_record_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "z.json").write_text(json.dumps(d))
     with pytest.raises(RecordFileError, match="version 99"):
         load_record(tmp_path / "z.json")
+    # every field to_dict writes is required: a lost "role" must not quietly read as "fixed" (which would
+    # turn off noise and mup_init_ for that tensor), nor a lost "frontend" as "fx"
+    for drop in ("role", "fan_in_axes", "is_buffer", "notes"):
+        d = wide.graphscale.to_dict()
+        del d["params"]["0.weight"][drop]
+        with pytest.raises(RecordFileError, match=f"damaged.*{drop}"):
+            WideningRecord.from_dict(d)
+    for drop in ("frontend", "notes", "info"):
+        d = wide.graphscale.to_dict()
+        del d[drop]
+        with pytest.raises(RecordFileError, match=f"damaged.*{drop}"):
+            WideningRecord.from_dict(d)
 
 
 def test_saved_state_dict_without_an_order_is_refused() -> None:

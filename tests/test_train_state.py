@@ -149,3 +149,15 @@ def test_unknown_state_entry_is_refused() -> None:
     with pytest.raises(RecordError, match="'sum'"):
         wide_opt = mup_optimizer(wide, torch.optim.Adagrad, lr=0.1, family="sgd")
         transfer_optimizer_state(narrow, opt, wide, wide_opt)
+
+
+def test_non_tensor_entry_under_a_law_is_refused() -> None:
+    # A law scales a tensor entry by entry; a number in its place would otherwise be copied unscaled.
+    narrow = make_mlp(3, [4], 2)
+    opt = torch.optim.SGD(narrow.parameters(), lr=0.1, momentum=0.9)
+    _train(narrow, opt, make_data(3, 2), 1, seed=0)
+    opt.state[narrow[0].weight]["momentum_buffer"] = 0.5
+    wide = hand_widen(narrow, [2])
+    wide_opt = mup_optimizer(wide, torch.optim.SGD, lr=0.1, momentum=0.9)
+    with pytest.raises(RecordError, match="'momentum_buffer'.*float"):
+        transfer_optimizer_state(narrow, opt, wide, wide_opt)

@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphscale.laws import INIT_STD_POWER
 from graphscale.record import WideningRecord
 from graphscale.train._common import resolve_record, scalings_for
 from graphscale.train.noise import weight_kind
-
-_FACTOR_POWER = {"hidden": 0.5, "input": 0.0, "output": 1.0}  # std factor is m_in ** -power
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -74,7 +73,7 @@ def mup_init_(
             kind = weight_kind(s)
             if kind is None:
                 continue  # vectors and fixed tensors: as constructed
-            factor = float(s.fan_in_mult) ** -_FACTOR_POWER[kind]
+            factor = float(s.fan_in_mult) ** -float(INIT_STD_POWER.get(kind, 0))  # the laws' init std
             if kind == "output" and readout_zero:
                 p.zero_()
             elif std is not None:

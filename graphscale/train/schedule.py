@@ -168,9 +168,13 @@ class MupScheduler:
 
     def _pull(self) -> None:
         """Take over values that other code set on the wide groups since the last write (a manual warm-up,
-        ``optimizer.load_state_dict``): the shadow gets them in narrow units."""
-        for wide, shadow, f, written in zip(self.optimizer.param_groups, self.shadow.param_groups,
-                                            self.lr_factors, self._written):
+        ``optimizer.load_state_dict``): the shadow gets them in narrow units.
+
+        ``_seen`` mirrors the shadow groups since the last :meth:`_push` (only the wrapped scheduler and
+        this class write them), so only the entries taken over here are updated in it: a full snapshot
+        on every step would copy every group twice."""
+        for wide, shadow, f, written, seen in zip(self.optimizer.param_groups, self.shadow.param_groups,
+                                                  self.lr_factors, self._written, self._seen):
             for key in (*LR_KEYS, *WIDTH_FREE_KEYS):
                 if key not in written or key not in wide:
                     continue
@@ -178,7 +182,7 @@ class MupScheduler:
                 if not _same(wide[key], expected):
                     shadow[key] = wide[key] / f if key in LR_KEYS else copy.copy(wide[key])
                     written[key] = copy.copy(shadow[key])
-        self._seen = self._snapshot()
+                    seen[key] = copy.copy(shadow[key])
 
 
 def _same(a: Any, b: Any) -> bool:

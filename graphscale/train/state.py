@@ -46,8 +46,13 @@ def widen_state_entry(key: str, value: Any, scaling: ParamScaling, like: torch.T
     """
     fam = laws.FAMILIES[family]
     if key in fam.state:
-        if not isinstance(value, torch.Tensor):
+        if value is None:
             return value  # SGD keeps None before momentum starts: immutable, sharing is safe
+        if not isinstance(value, torch.Tensor):
+            raise RecordError(
+                f"optimizer state entry {key!r} of {scaling.source} is a {type(value).__name__}, not a "
+                f"tensor shaped like the parameter: the {family!r} law scales a per-entry copy, so this "
+                "state cannot be widened")
         if tuple(value.shape) != tuple(scaling.narrow_shape):
             raise RecordError(
                 f"optimizer state entry {key!r} of {scaling.source} has shape {tuple(value.shape)}, not the "
