@@ -317,14 +317,10 @@ def _temp_dir(out: Path) -> Path:
 
 def _remove_stale_dirs(directory: Path) -> None:
     """Delete temporary directories that a killed upscale (SIGKILL, power loss) left beside its output."""
-    from graphscale.cli.files import is_stale_temp, note
+    from graphscale.cli.files import note, remove_stale_temps
 
-    for p in directory.iterdir():
-        if not is_stale_temp(p.name):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-            note(f"removed {p}, a partial directory left by a graphscale run that was killed")
+    for p in remove_stale_temps(directory, directories=True):
+        note(f"removed {p}, a partial directory left by a graphscale run that was killed")
 
 
 def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
