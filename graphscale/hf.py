@@ -343,23 +343,27 @@ def _strip(name: str) -> str:
     return name.removeprefix("model.")  # the HFWrapper's attribute
 
 
+def _meta_model(auto: Any, config: Any) -> torch.nn.Module:
+    """The class built from ``config`` on the meta device: its shapes and ties, no memory."""
+    with torch.device("meta"):
+        return auto.from_config(config, **_IMPL, trust_remote_code=False)
+
+
 def _shapes(auto: Any, config: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer shape of the class built from ``config`` (on the meta device: no memory),
     under every name (tied weights appear under each of their names)."""
-    with torch.device("meta"):
-        model = auto.from_config(config, **_IMPL, trust_remote_code=False)
+    model = _meta_model(auto, config)
     out = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     out.update({n: tuple(b.shape) for n, b in model.named_buffers(remove_duplicate=False)})
     return out
 
 
-def _tied_names(auto: Any, config: Any) -> list[set[str]]:
-    """Groups of names that the class binds to one tensor (a tied readout and its embedding)."""
-    with torch.device("meta"):
-        model = auto.from_config(config, **_IMPL, trust_remote_code=False)
-    groups: dict[int, set[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), set()).add(n)
+def _tied_names(module: torch.nn.Module) -> list[list[str]]:
+    """Groups of names that ``module`` binds to one tensor (a tied readout and its embedding), each in
+    ``named_parameters`` order."""
+    groups: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -375,7 +379,8 @@ def _with(config: Any, fields: dict[str, Any]) -> Any:
 def _rewrite_config(tf: Any, auto: Any, config: Any, target: dict[str, tuple[int, ...]], k: int,
                     heads: str, ignored: set[str]) -> tuple[Any, dict[str, tuple[int, int]]]:
     """The config whose model has exactly the ``target`` shapes, and the fields changed (old, new)."""
-    for group in _tied_names(auto, config):  # the plan may know a tied tensor by one of its names only
+    # the plan may know a tied tensor by one of its names only
+    for group in _tied_names(_meta_model(auto, config)):
         known = [target[n] for n in sorted(group) if n in target]
         for n in group:
             if known and n not in target:
@@ -434,10 +439,7 @@ def _rewrite_config(tf: Any, auto: Any, config: Any, target: dict[str, tuple[int
 def _add_tied_names(record: WideningRecord, module: torch.nn.Module) -> None:
     """Give every name of a tied tensor (BERT's word embeddings = its MLM decoder) the record's entry, so
     that whichever name ``named_parameters`` keeps after ``from_pretrained`` is found."""
-    groups: dict[int, list[str]] = {}
-    for n, p in module.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(n)
-    for names in groups.values():
+    for names in _tied_names(module):
         known = [n for n in names if n in record.params]
         for n in names:
             if known and n not in record.params:
