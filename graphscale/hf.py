@@ -238,11 +238,14 @@ def _weight_files(src: Path) -> list[Path]:
 
 
 def _model_class(tf: Any, config: Any) -> tuple[str, Any]:
+    from graphscale.zoo import architecture_kind
+
+    kind = architecture_kind(config)
+    if kind == "causal":
+        return kind, tf.AutoModelForCausalLM
+    if kind == "masked":
+        return kind, tf.AutoModelForMaskedLM
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "ForCausalLM" in archs or "LMHeadModel" in archs:
-        return "causal", tf.AutoModelForCausalLM
-    if "ForMaskedLM" in archs:
-        return "masked", tf.AutoModelForMaskedLM
     raise HFUpscaleError(
         f"config.json architectures {archs or 'missing'}: upscale supports causal LMs (...ForCausalLM, "
         "...LMHeadModel) and masked LMs (...ForMaskedLM), whose outputs (logits over the vocabulary) keep "
