@@ -119,7 +119,8 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     try:
         plan = graphscale.analyze(small_w, inputs, heads=heads, tracer=_TRACER)
         mults = plan.multipliers(multiplier)
-        expected = build_record(plan, plan.sizes(mults), mults)
+        sizes = plan.sizes(mults)
+        expected = build_record(plan, sizes, mults)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
@@ -131,7 +132,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
         large = auto.from_config(new_config, dtype=torch_dtype, **_IMPL, trust_remote_code=False).eval()
     large_w = HFWrapper(large, causal).eval()
     tol = TOLERANCE[torch_dtype]
-    float32_ops = _float32_ops(plan, plan.sizes(mults)) if torch_dtype == torch.float64 else []
+    float32_ops = _float32_ops(plan, sizes) if torch_dtype == torch.float64 else []
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
