@@ -100,8 +100,9 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     src_dir, out_dir = _check_paths(src, out, force)
     noise_scheme = _noise(noise)
     weight_files = _weight_files(src_dir)
-    tf = _transformers()
-    from graphscale.zoo import HFWrapper, refuse_remote_code
+    from graphscale.zoo import HFWrapper, refuse_remote_code, transformers_module
+
+    tf = transformers_module()
 
     refuse_remote_code(src_dir / "config.json")
     config = tf.AutoConfig.from_pretrained(str(src_dir), trust_remote_code=False, local_files_only=True)
@@ -171,12 +172,6 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
 
 # ---------------------------------------------------------------------------------------------------------
 # inputs and outputs
-
-
-def _transformers() -> Any:
-    from graphscale.zoo import transformers_module as tf
-
-    return tf()
 
 
 def _with_heads_hint(e: GraphscaleError, heads: str) -> GraphscaleError:
