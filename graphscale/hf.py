@@ -100,8 +100,9 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     src_dir, out_dir = _check_paths(src, out, force)
     noise_scheme = _noise(noise)
     weight_files = _weight_files(src_dir)
-    tf = _transformers()
-    from graphscale.zoo import HFWrapper, refuse_remote_code
+    from graphscale.zoo import HFWrapper, refuse_remote_code, transformers_module
+
+    tf = transformers_module()
 
     refuse_remote_code(src_dir / "config.json")
     config = tf.AutoConfig.from_pretrained(str(src_dir), trust_remote_code=False, local_files_only=True)
@@ -119,7 +120,8 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     try:
         plan = graphscale.analyze(small_w, inputs, heads=heads, tracer=_TRACER)
         mults = plan.multipliers(multiplier)
-        expected = build_record(plan, plan.sizes(mults), mults)
+        sizes = plan.sizes(mults)
+        expected = build_record(plan, sizes, mults)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
@@ -131,7 +133,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
         large = auto.from_config(new_config, dtype=torch_dtype, **_IMPL, trust_remote_code=False).eval()
     large_w = HFWrapper(large, causal).eval()
     tol = TOLERANCE[torch_dtype]
-    float32_ops = _float32_ops(plan, plan.sizes(mults)) if torch_dtype == torch.float64 else []
+    float32_ops = _float32_ops(plan, sizes) if torch_dtype == torch.float64 else []
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
@@ -170,12 +172,6 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
 
 # ---------------------------------------------------------------------------------------------------------
 # inputs and outputs
-
-
-def _transformers() -> Any:
-    from graphscale.zoo import transformers_module as tf
-
-    return tf()
 
 
 def _with_heads_hint(e: GraphscaleError, heads: str) -> GraphscaleError:
@@ -238,11 +234,14 @@ def _weight_files(src: Path) -> list[Path]:
 
 
 def _model_class(tf: Any, config: Any) -> tuple[str, Any]:
+    from graphscale.zoo import architecture_kind
+
+    kind = architecture_kind(config)
+    if kind == "causal":
+        return kind, tf.AutoModelForCausalLM
+    if kind == "masked":
+        return kind, tf.AutoModelForMaskedLM
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "ForCausalLM" in archs or "LMHeadModel" in archs:
-        return "causal", tf.AutoModelForCausalLM
-    if "ForMaskedLM" in archs:
-        return "masked", tf.AutoModelForMaskedLM
     raise HFUpscaleError(
         f"config.json architectures {archs or 'missing'}: upscale supports causal LMs (...ForCausalLM, "
         "...LMHeadModel) and masked LMs (...ForMaskedLM), whose outputs (logits over the vocabulary) keep "
@@ -317,14 +316,10 @@ def _temp_dir(out: Path) -> Path:
 
 def _remove_stale_dirs(directory: Path) -> None:
     """Delete temporary directories that a killed upscale (SIGKILL, power loss) left beside its output."""
-    from graphscale.cli.files import is_stale_temp, note
+    from graphscale.cli.files import note, remove_stale_temps
 
-    for p in directory.iterdir():
-        if not is_stale_temp(p.name):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-            note(f"removed {p}, a partial directory left by a graphscale run that was killed")
+    for p in remove_stale_temps(directory, directories=True):
+        note(f"removed {p}, a partial directory left by a graphscale run that was killed")
 
 
 def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
@@ -347,23 +342,27 @@ def _strip(name: str) -> str:
     return name.removeprefix("model.")  # the HFWrapper's attribute
 
 
+def _meta_model(auto: Any, config: Any) -> torch.nn.Module:
+    """The class built from ``config`` on the meta device: its shapes and ties, no memory."""
+    with torch.device("meta"):
+        return auto.from_config(config, **_IMPL, trust_remote_code=False)
+
+
 def _shapes(auto: Any, config: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer shape of the class built from ``config`` (on the meta device: no memory),
     under every name (tied weights appear under each of their names)."""
-    with torch.device("meta"):
-        model = auto.from_config(config, **_IMPL, trust_remote_code=False)
+    model = _meta_model(auto, config)
     out = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     out.update({n: tuple(b.shape) for n, b in model.named_buffers(remove_duplicate=False)})
     return out
 
 
-def _tied_names(auto: Any, config: Any) -> list[set[str]]:
-    """Groups of names that the class binds to one tensor (a tied readout and its embedding)."""
-    with torch.device("meta"):
-        model = auto.from_config(config, **_IMPL, trust_remote_code=False)
-    groups: dict[int, set[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), set()).add(n)
+def _tied_names(module: torch.nn.Module) -> list[list[str]]:
+    """Groups of names that ``module`` binds to one tensor (a tied readout and its embedding), each in
+    ``named_parameters`` order."""
+    groups: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -379,7 +378,8 @@ def _with(config: Any, fields: dict[str, Any]) -> Any:
 def _rewrite_config(tf: Any, auto: Any, config: Any, target: dict[str, tuple[int, ...]], k: int,
                     heads: str, ignored: set[str]) -> tuple[Any, dict[str, tuple[int, int]]]:
     """The config whose model has exactly the ``target`` shapes, and the fields changed (old, new)."""
-    for group in _tied_names(auto, config):  # the plan may know a tied tensor by one of its names only
+    # the plan may know a tied tensor by one of its names only
+    for group in _tied_names(_meta_model(auto, config)):
         known = [target[n] for n in sorted(group) if n in target]
         for n in group:
             if known and n not in target:
@@ -438,10 +438,7 @@ def _rewrite_config(tf: Any, auto: Any, config: Any, target: dict[str, tuple[int
 def _add_tied_names(record: WideningRecord, module: torch.nn.Module) -> None:
     """Give every name of a tied tensor (BERT's word embeddings = its MLM decoder) the record's entry, so
     that whichever name ``named_parameters`` keeps after ``from_pretrained`` is found."""
-    groups: dict[int, list[str]] = {}
-    for n, p in module.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(n)
-    for names in groups.values():
+    for names in _tied_names(module):
         known = [n for n in names if n in record.params]
         for n in names:
             if known and n not in record.params:

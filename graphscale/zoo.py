@@ -529,11 +529,9 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
     except (ValueError, KeyError, OSError) as e:  # unknown model_type, malformed JSON, ...
         detail = " ".join(str(e).split())[:300]
         raise ModelSpecError(f"HF config {file}: transformers cannot read it ({detail})") from e
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "ForCausalLM" in archs or "LMHeadModel" in archs:
-        kinds = ["causal"]
-    elif "ForMaskedLM" in archs:
-        kinds = ["masked"]
+    named = architecture_kind(config)
+    if named is not None:
+        kinds = [named]
     elif _is_encoder(config):
         kinds = ["masked", "base"]
     else:
@@ -547,6 +545,17 @@ def hf_from_config(path: str | Path, seed: int = 0, attn_implementation: str = _
         except (ValueError, KeyError) as e:  # no model class of this kind for the config type
             errors.append(f"{kind}: {e}")
     raise ModelSpecError(f"cannot build a model from {path}: " + "; ".join(errors))
+
+
+def architecture_kind(config: Any) -> str | None:
+    """``"causal"`` or ``"masked"`` when ``config.architectures`` names a causal or masked LM class
+    (``...ForCausalLM``/``...LMHeadModel``, ``...ForMaskedLM``), else ``None``."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "ForCausalLM" in archs or "LMHeadModel" in archs:
+        return "causal"
+    if "ForMaskedLM" in archs:
+        return "masked"
+    return None
 
 
 def refuse_remote_code(file: Path) -> None:

@@ -115,8 +115,8 @@ def test_widen_plumbing(tmp_path, monkeypatch, capsys) -> None:
     assert rc == 0, capsys.readouterr().err
     assert _sha(ckpt) == before  # the input checkpoint is never modified
     model, multiplier, kwargs = calls[0]
-    plan = kwargs.pop("plan")  # analyzed once by the CLI (for the memory estimate) with the user's options
-    assert multiplier == 3 and kwargs == {"noise": None, "seed": 0} and plan.heads == "grow"
+    # the user's options reach widen, which analyzes once and checks the memory itself
+    assert multiplier == 3 and kwargs == {"noise": None, "seed": 0, "heads": "grow"}
     # the checkpoint's weights (seed 3), not the spec's defaults (seed 0), were loaded before widening
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), narrow.state_dict().values()))
     with safe_open(str(out), "pt") as f:

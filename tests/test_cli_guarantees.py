@@ -22,6 +22,7 @@ from graphscale import cli, zoo
 from graphscale.cli.spec import builtin_kwargs, load_model_spec
 from graphscale.cli.widened import read_metadata
 from graphscale.errors import GraphscaleError, ModelSpecError
+from graphscale.widen import check_memory
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = "mlp"
@@ -223,24 +224,24 @@ def test_absurd_multiplier_is_refused_before_allocating(tmp_path, capsys, k) -> 
     out = tmp_path / "w.safetensors"
     assert cli.main(["widen", MLP, "--multiplier", k, "--out", str(out)]) == 2
     line = _one_line_error(capsys)
-    assert "memory is available" in line and not out.exists()
+    assert "are available; choose smaller multipliers" in line and not out.exists()
 
 
 def test_absurd_multiplier_is_refused_by_verify_and_explain(capsys) -> None:
     assert cli.main(["verify", MLP, "--multiplier", "99999999999999999999", "--examples", "2"]) == 2
-    assert "memory is available" in _one_line_error(capsys)
+    assert "are available; choose smaller multipliers" in _one_line_error(capsys)
     assert cli.main(["explain", MLP, "--multiplier", "99999999999999999999", "--noise", "gaussian:0.1"]) == 2
-    assert "memory is available" in _one_line_error(capsys)
+    assert "are available; choose smaller multipliers" in _one_line_error(capsys)
 
 
-def test_wide_bytes_matches_the_widened_model() -> None:
+def test_memory_estimate_matches_the_widened_model() -> None:
     model, inputs = load_model_spec("gpt:n_embd=32,n_layer=1")
     plan = graphscale.analyze(model, inputs)
     mults = plan.multipliers(3)
     wide = graphscale.widen(model, inputs, multiplier=3, plan=plan)
     storage = {t.data_ptr(): t.numel() * t.element_size() for t in wide.state_dict(keep_vars=True).values()}
     actual = sum(storage.values())  # a tied weight is one tensor in memory
-    assert cli.wide_bytes(plan, mults, 4) == actual
+    assert check_memory(plan, plan.sizes(mults)) == actual
 
 
 # --- item 19: no code from an HF config directory -------------------------------------------------------

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import traceback
@@ -109,44 +108,31 @@ def parse_multiplier(values: list[str] | None, default: int = 2) -> int | dict[s
     return plain[0] if plain else named
 
 
-_NOISE_KINDS = ("gaussian", "spectral", "symmetric", "gaussian_relative", "symmetric_relative")
-
-
 def parse_noise(text: str | None) -> Any:
     """Turn a ``--noise`` value into a noise scheme (``None`` for no noise), refusing what is not a scheme.
 
     ``none``, or ``KIND:VALUE`` with KIND one of gaussian, spectral, symmetric, gaussian_relative,
-    symmetric_relative and VALUE a finite number >= 0. Anything else (``foo:1``, ``gaussian:nan``,
-    ``gaussian:-1``, ``gaussian:inf``) raises :class:`~graphscale.errors.GraphscaleError`.
+    symmetric_relative and VALUE a finite number >= 0, as :func:`graphscale.train.noise.noise_from_spec`
+    reads it. Anything else (``foo:1``, ``gaussian:nan``, ``gaussian:-1``, ``gaussian:inf``) raises
+    :class:`~graphscale.errors.GraphscaleError` naming ``--noise``.
 
     Example:
         >>> parse_noise("gaussian:0.5"), parse_noise("none")
         (GaussianNoise(std=0.5, relative=False), None)
-        >>> parse_noise("gaussian:nan")
+        >>> parse_noise("gaussian:nan")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        graphscale.errors.GraphscaleError: --noise 'gaussian:nan': 'nan' must be a finite number >= 0
+        graphscale.errors.GraphscaleError: --noise 'gaussian:nan': ...must be a finite number >= 0, got nan
     """
+    from graphscale.train.noise import NoNoise, noise_from_spec
+
     if text is None:
         return None
-    name, sep, arg = text.strip().partition(":")
-    if name == "none" and not sep:
-        return None
-    if name not in _NOISE_KINDS:
-        raise GraphscaleError(f"--noise {text!r}: unknown scheme {name!r}; expected none or KIND:VALUE with "
-                              f"KIND one of {', '.join(_NOISE_KINDS)}")
     try:
-        value = float(arg)
-    except ValueError:
-        raise GraphscaleError(f"--noise {text!r}: {arg!r} is not a number (use {name}:VALUE)") from None
-    if not math.isfinite(value) or value < 0:
-        raise GraphscaleError(f"--noise {text!r}: {arg!r} must be a finite number >= 0")
-    from graphscale.train.noise import noise_from_spec
-
-    try:
-        return noise_from_spec(f"{name}:{value!r}")
-    except (ValueError, TypeError) as e:
+        scheme = noise_from_spec(text)
+    except (ValueError, TypeError) as e:  # an unknown kind, not a number, NaN, inf or negative
         raise GraphscaleError(f"--noise {text!r}: {e}") from e
+    return None if isinstance(scheme, NoNoise) else scheme
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
@@ -246,63 +232,6 @@ def _refuse_nonfinite(module: Any, what: str, hint: str, by_design: dict[str, An
         raise GraphscaleError(f"{what} holds NaN or infinite values ({shown}); {hint}")
 
 
-def _available_memory() -> int:
-    """Bytes of memory available to a new allocation (MemAvailable on Linux; free pages elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: let the allocation itself decide
-
-
-def _bytes(n: int) -> str:
-    if n >= 1 << 70:  # an absurd multiplier: the order of magnitude says enough
-        return f"10^{len(str(n)) - 1} bytes"
-    for unit, size in (("EB", 1 << 60), ("PB", 1 << 50), ("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:,} bytes"
-
-
-def wide_bytes(plan: Any, multipliers: dict[str, int], element_size: int) -> int:
-    """Bytes the wide model's tensors take under ``multipliers``, from the plan alone (nothing allocated).
-
-    Each tensor grows by its derived total multiplier ``M`` (exact integer arithmetic, so an absurd
-    multiplier gives an absurd number rather than an overflow).
-
-    Example:
-        >>> import graphscale, torch
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> plan = graphscale.analyze(model, (torch.randn(3, 4),))
-        >>> wide_bytes(plan, plan.multipliers(2), 4)  # (4*16 + 16 + 16*2 + 2) float32 numbers
-        456
-    """
-    import sympy
-
-    subs = {plan.symbols[n]: sympy.Integer(k) for n, k in multipliers.items()}
-    total = 0
-    for rule in plan.rules.values():
-        numel = math.prod(rule.shape)
-        total += numel * int(sympy.ceiling(rule.total.xreplace(subs)))
-    return total * element_size
-
-
-def _check_fits(plan: Any, multipliers: dict[str, int], model: Any) -> None:
-    tensors = [*model.parameters(), *model.buffers()]
-    size = max((t.element_size() for t in tensors), default=4)
-    need = wide_bytes(plan, multipliers, size)
-    have = _available_memory()
-    if need > have:
-        raise MultiplierError(f"--multiplier {multipliers}: the wide model needs about {_bytes(need)} of "
-                              f"tensors, and {_bytes(have)} of memory is available; use a smaller multiplier")
-
-
 def _check_into_multipliers(args: argparse.Namespace, got: dict[str, int]) -> None:
     """With --into the multipliers come from the larger model's shapes; a given --multiplier must agree."""
     if not args.multiplier:
@@ -349,9 +278,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         scheme = scheme if scheme is not None else NoNoise()
         multiplier = parse_multiplier(args.multiplier)
-        mults = plan.multipliers(multiplier)
-        _check_fits(plan, mults, model)
-        wide = graphscale.widen(model, inputs, multiplier=multiplier, plan=plan)
+        wide = graphscale.widen(model, inputs, multiplier=multiplier, plan=plan)  # checks memory first
         formulas = {name: scheme.describe(s) for name, s in wide.graphscale.params.items()}
         data["noise"] = {"scheme": args.noise, "multipliers": wide.graphscale.multipliers,
                          "formulas": formulas}
@@ -418,9 +345,8 @@ def cmd_widen(args: argparse.Namespace) -> int:
             record.notes.append(f"noise: {noise!r} (seed {args.seed})")
         metadata |= {"graphscale.format": FORMAT_MODULE, "graphscale.into": args.into}
     else:
-        plan = graphscale.analyze(model, inputs, **opts)
-        _check_fits(plan, plan.multipliers(multiplier), model)
-        wide = graphscale.widen(model, inputs, multiplier=multiplier, noise=noise, seed=args.seed, plan=plan)
+        wide = graphscale.widen(model, inputs, multiplier=multiplier, noise=noise, seed=args.seed,
+                                **opts)  # refuses a wide model that cannot fit before allocating it
         record = wide.graphscale
         options = {k: v for k, v in opts.items() if k != "rules"}
         metadata |= {"graphscale.format": FORMAT_GRAPHMODULE, "graphscale.options": json.dumps(options)}
@@ -496,8 +422,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     multiplier = parse_multiplier(args.multiplier) if args.multiplier else None
     model, inputs = _load_model(args)
     if multiplier is not None:  # refuse a wide model that cannot fit before verify allocates it
+        from graphscale.widen import check_memory
+
         plan = graphscale.analyze(model, inputs, **_engine_options(args))
-        _check_fits(plan, plan.multipliers(multiplier), model)
+        check_memory(plan, plan.sizes(plan.multipliers(multiplier)))
+        kwargs["plan"] = plan  # verify reuses it rather than analyzing the model again
     report = graphscale.verify(model, inputs, multiplier=multiplier, **kwargs)
     print(report)
     return 0 if report.ok else 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -119,12 +120,13 @@ def is_stale_temp(name: str) -> bool:
     return match is not None and match["host"] == _host() and not _pid_alive(int(match["pid"]))
 
 
-def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temps(directory: str | os.PathLike[str], directories: bool = False) -> list[Path]:
     """Delete graphscale's temporary files in ``directory`` whose writing process is dead; return them.
 
     Only regular files named ``.<name>.graphscale-<pid>-<host>.<random>.tmp`` written on this host whose
     ``<pid>`` runs no process are removed (a live pid's file may be mid-write; another host's pids are not
-    ours to judge).
+    ours to judge). With ``directories``, only (non-symlink) directories of that name are removed, with all
+    they hold: the temporary directories of :func:`graphscale.hf.upscale`.
 
     Example:
         >>> import tempfile
@@ -146,7 +148,11 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
             continue
         path = Path(directory) / name
         try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
+            mode = os.lstat(path).st_mode
+            if directories and stat.S_ISDIR(mode):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif not directories and stat.S_ISREG(mode):
                 os.unlink(path)
                 removed.append(path)
         except OSError:

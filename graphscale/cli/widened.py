@@ -47,9 +47,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         with safe_open(str(path), "pt") as f:
             return dict(f.metadata() or {})
-    except (OSError, ValueError, RuntimeError) as e:
-        raise GraphscaleError(f"cannot read {path} as a safetensors file: {e}") from e
-    except Exception as e:  # safetensors' own SafetensorError is not an OSError
+    except Exception as e:  # OSError, or safetensors' own SafetensorError (not an OSError) for a bad header
         raise GraphscaleError(f"cannot read {path} as a safetensors file: {e}") from e
 
 
