@@ -74,7 +74,8 @@ def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path: Path, monkeypat
     try:
         try:
             status = cli.main(["widen", "mlp", "--multiplier", "2", "--out", str(out), "--force"])
-        except Exception:  # today safetensors' "File too large" escapes as an exception: also a failure
+        except Exception as e:  # today safetensors' "File too large" escapes as an exception: also a failure
+            assert "File too large" in str(e), f"failed before the write, not at it: {e!r}"
             status = None
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -90,6 +90,16 @@ def _train_side_by_side(narrow: torch.nn.Module, wide: torch.nn.Module, n_opt: t
     return worst
 
 
+def _pretrain(narrow: torch.nn.Module, n_opt: torch.optim.Optimizer, batch: Callable[[int], tuple],
+              loss_fn: Callable, steps: int = 20) -> None:
+    """Train the narrow model alone (on batches the side-by-side run never sees) before it is widened."""
+    for i in range(steps):
+        inputs, target = batch(1000 + i)
+        n_opt.zero_grad()
+        loss_fn(narrow(*inputs), target).backward()
+        n_opt.step()
+
+
 @settings(max_examples=24, deadline=None, derandomize=True)
 @given(arch=st.sampled_from(["mlp", "cnn", "gpt"]), opt=st.sampled_from(range(len(OPTIMIZERS))),
        k=st.sampled_from([2, 3]), clip=st.booleans())
@@ -111,11 +121,7 @@ def test_widening_mid_training_with_transferred_state(arch: str, opt: int) -> No
     cls, hp = OPTIMIZERS[opt]
     narrow, example, batch, loss_fn = _task(arch)
     n_opt = cls(narrow.parameters(), **hp)
-    for i in range(20):
-        inputs, target = batch(1000 + i)
-        n_opt.zero_grad()
-        loss_fn(narrow(*inputs), target).backward()
-        n_opt.step()
+    _pretrain(narrow, n_opt, batch, loss_fn)
     wide = graphscale.widen(narrow, example, multiplier=3)
     w_opt = graphscale.mup_optimizer(wide, cls, **hp)
     graphscale.transfer_optimizer_state(narrow, n_opt, wide, w_opt)
@@ -182,11 +188,7 @@ def test_new_families_with_transferred_state(cls: type, hp: dict) -> None:
     RMSprop's momentum buffer is in update units (copied) while its square_avg/grad_avg scale like g^2/g."""
     narrow, example, batch, loss_fn = _task("mlp")
     n_opt = cls(narrow.parameters(), **hp)
-    for i in range(20):
-        inputs, target = batch(1000 + i)
-        n_opt.zero_grad()
-        loss_fn(narrow(*inputs), target).backward()
-        n_opt.step()
+    _pretrain(narrow, n_opt, batch, loss_fn)
     wide = graphscale.widen(narrow, example, multiplier=3)
     w_opt = graphscale.mup_optimizer(wide, cls, **hp)
     graphscale.transfer_optimizer_state(narrow, n_opt, wide, w_opt)

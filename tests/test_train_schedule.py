@@ -135,11 +135,7 @@ def test_carried_scheduler_state_keeps_dynamic_equivalence(saved: bool) -> None:
 
 def test_plain_load_state_dict_breaks_it() -> None:
     """Control: ``wide_sched.load_state_dict(narrow_sched.state_dict())`` with plain torch schedulers."""
-    try:
-        diff = _carried(plain_wide=True)
-    except (ValueError, IndexError):  # a torch that notices the group count mismatch is loud, not wrong
-        return
-    assert diff > 1e3 * TOL
+    assert _carried(plain_wide=True) > 1e3 * TOL
 
 
 def test_saved_state_resumes_in_a_new_scheduler() -> None:
