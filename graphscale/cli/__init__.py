@@ -252,11 +252,15 @@ def _check_into_multipliers(args: argparse.Namespace, got: dict[str, int]) -> No
 
 
 def _write(module: Any, out: Path, metadata: dict[str, str]) -> None:
+    from safetensors import SafetensorError
+
     try:
         write_safetensors_atomic(module, out, metadata)
-    except OSError as e:  # read-only directory, full disk, quota, ...
+    except (OSError, SafetensorError) as e:  # read-only directory, full disk, quota, file-size limit, ...
+        # safetensors reports its own write failures ("File too large (os error 27)") as SafetensorError
+        reason = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0]
         kept = "the existing file is unchanged" if out.exists() else "nothing was written"
-        raise GraphscaleError(f"cannot write --out {out}: {describe_os_error(e)}; {kept}") from e
+        raise GraphscaleError(f"cannot write --out {out}: {reason}; {kept}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
