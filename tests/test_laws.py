@@ -33,9 +33,15 @@ def test_plan_sympy_and_optimizer_floats_come_from_the_same_entry() -> None:
             for key, expr in symbolic["state"].items():
                 f = laws.FAMILIES[fam].state_factor(key, s.copy_scale, s.total_mult)
                 assert math.isclose(plan.substitute(expr, mults), f, rel_tol=1e-12), (name, fam, key)
-        # the exported JSON laws are the table's entries too
-        assert rule.laws()["sgd_lr"] == rule.hparam_law("sgd", "lr")
-        assert rule.laws()["wd_decoupled"] == rule.hparam_law("adamw", "weight_decay")
+        # the laws that analyze/explain export equal the closed forms of docs/math.md §2, written here
+        # independently of the table (reading the table on both sides could not fail)
+        c, m = rule.copy_scale, rule.total
+        expected = {"grad": 1 / (c * m), "sgd_lr": c**2 * m, "adam_lr": c, "adam_eps": 1 / (c * m),
+                    "wd_coupled": 1 / (c**2 * m), "wd_decoupled": 1 / c, "exp_avg": 1 / (c * m),
+                    "exp_avg_sq": 1 / (c * m) ** 2}
+        exported = rule.laws()
+        for key, closed_form in expected.items():
+            assert sympy.simplify(exported[key] - closed_form) == 0, (name, key, exported[key])
 
 
 def test_families_are_recognised_by_subclass_most_specific_first() -> None:
