@@ -19,7 +19,7 @@ from torch import nn
 
 from graphscale import laws
 from graphscale.record import WideningRecord
-from graphscale.train._common import local_part, resolve_record, scalings_for, whole
+from graphscale.train._common import resolve_record, scalings_for
 
 
 def clip_grad_norm_(
@@ -39,7 +39,8 @@ def clip_grad_norm_(
     norm is weighted with its own ``(c, M)`` from the record (``model.graphscale`` unless ``record=``).
     Parameters without a gradient are skipped; tied parameters count once. Under DDP every process holds
     the same averaged gradients; under FSDP2 (``fully_shard``) each gradient is a sharded ``DTensor``,
-    whose norm is reduced across the processes, and each process scales its own shard.
+    and DTensor's own norm and multiply reduce across the shards and scale each process's shard
+    (tests/test_distributed.py).
 
     Example:
         >>> loss.backward()                                              # doctest: +SKIP
@@ -57,8 +58,7 @@ def clip_grad_norm_(
         s = scalings[name]
         m = float(s.total_mult)
         cm = 1.0 / laws.gradient(float(s.copy_scale), m)  # g = (cM) g' on each copy
-        # A sharded (FSDP2) gradient's norm is the norm over all its shards: a reduction across processes.
-        raw = whole(torch.linalg.vector_norm(p.grad.detach(), p_))
+        raw = torch.linalg.vector_norm(p.grad.detach(), p_)
         # ||g||_p**p = (cM)**p / M * ||g'||_p**p; for p = inf the max is unchanged by copying.
         weight = cm if math.isinf(p_) else cm * m ** (-1.0 / p_)
         norms.append(raw * weight)
@@ -73,8 +73,6 @@ def clip_grad_norm_(
     # Same arithmetic as torch: multiply even when the coefficient clamps to 1, so the two stay bitwise
     # comparable (a multiplication by exactly 1.0 is a no-op anyway).
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    with torch.no_grad():
-        for _, p in named:
-            grad = local_part(p.grad.detach())  # every process scales its own shard by the same coef
-            grad.mul_(coef.to(grad.device, grad.dtype))
+    for _, p in named:
+        p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
     return total
