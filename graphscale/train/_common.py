@@ -12,8 +12,9 @@ Wrappers are seen through: ``torch.compile`` (``_orig_mod``), ``DistributedDataP
 innermost module, and the wrapper's parameter names are matched to the record's by tensor identity (the
 wrapper's parameter *is* the inner module's), so the same param groups, clipping and state transfer
 result as for the bare model. FSDP2's ``fully_shard`` keeps the names and swaps every parameter for a
-sharded ``DTensor`` of the same global shape: the record matches as is, and the helpers below let
-clipping reduce norms across shards and state transfer shard the state it writes like its parameter.
+sharded ``DTensor`` of the same global shape: the record matches as is, DTensor's own ops reduce
+clipping's norms across shards, and state transfer shards the state it writes like its parameter
+(:func:`like_parameter`).
 """
 
 from __future__ import annotations
@@ -204,18 +205,6 @@ def is_sharded(t: torch.Tensor) -> bool:
     """
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
-
-
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """The part of ``t`` this process holds: the local shard of a ``DTensor`` (same storage, so in-place
-    changes reach it), ``t`` itself otherwise.
-
-    Example:
-        >>> x = torch.ones(2)
-        >>> local_part(x) is x
-        True
-    """
-    return t.to_local() if is_sharded(t) else t
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
