@@ -164,7 +164,7 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_train_optim.py::test_factor_table_matches_mup_for_each_role",),
       "mup_optimizer must apply each hyperparameter's factor to its group"),
     M("train-state-not-scaled", "graphscale/train/state.py",
-      "return out if factor == 1.0 else out.mul_(factor)", "return out",
+      "        out.mul_(factor)\n", "        pass\n",
       ("tests/test_train_state.py::test_state_is_scaled_by_its_law",),
       "transferred exp_avg/exp_avg_sq are E(buf)/(c M) and E(buf)/(c M)^2"),
     M("train-clip-raw-norm", "graphscale/train/clip.py",

@@ -99,19 +99,100 @@ def test_save_and_pickle_round_trip(kind: str, how: str) -> None:
             == _groups(mup_optimizer(wide, torch.optim.AdamW, lr=1e-3, weight_decay=0.1), wide_names))
 
 
-def test_export_graph_copies_and_refuses_pickle_clearly() -> None:
-    """A torch.export-captured widening deep-copies with its record; pickling it is refused up front (its
-    input guards are generated code and its tracer cannot re-trace it) instead of writing a file that
-    does not load, or failing with a raw pickle error."""
+EXPORT_BUILDERS = {  # the built-in models graphscale captures with torch.export (tiny sizes)
+    "mha": lambda: zoo.mha_model(d=16, heads=2, vocab=11),
+    "hf-gpt2": lambda: zoo.hf_gpt2(n_embd=16, n_head=2, n_layer=1, vocab=32, n_positions=16),
+    "hf-llama": lambda: zoo.hf_llama(hidden=16, intermediate=32, heads=2, kv_heads=1, layers=1, vocab=32),
+    "hf-bert": lambda: zoo.hf_bert(hidden=16, intermediate=32, heads=2, layers=1, vocab=32),
+}
+
+EXPORT_CHILD = textwrap.dedent("""
+    import copy, json, sys, torch
+    import graphscale
+    from graphscale.train import mup_optimizer
+    run, names = sys.argv[1], sys.argv[2:]
+    out = {}
+    for name in names:
+        saved = torch.load(f"{run}/{name}.pt", weights_only=False)
+        wide, inputs, want = saved["wide"], saved["inputs"], saved["outputs"]
+        record = graphscale.WideningRecord.from_json(saved["record"])
+        got = wide(*inputs)
+        dup = copy.deepcopy(wide)
+        opt = mup_optimizer(wide, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+        lrs = {n: g["lr"] for g in opt.param_groups for p in g["params"]
+               for n, q in wide.named_parameters() if q is p}
+        before = [p.detach().clone() for p in wide.parameters()]
+        got.float().square().mean().backward()
+        opt.step()
+        out[name] = {"bitwise": torch.equal(got, want), "record": wide.graphscale == record,
+                     "frontend": wide.graphscale.frontend, "lrs": lrs,
+                     "copy": dup.graphscale == record and torch.equal(dup(*inputs), want),
+                     "stepped": any(not torch.equal(a, p) for a, p in zip(before, wide.parameters()))}
+    print(json.dumps(out))
+""")
+
+
+def test_export_captured_widenings_pickle_and_load_in_a_new_process(tmp_path: Path) -> None:
+    """torch.save of a torch.export-captured widening (built-in mha, hf-gpt2, hf-llama, hf-bert) loads in a
+    fresh process as a module with bitwise the same outputs, its record, and a working μP optimizer."""
+    want_lrs = {}
+    for name, build in EXPORT_BUILDERS.items():
+        with _float64():
+            narrow, inputs = build()
+            wide = graphscale.widen(narrow, inputs, multiplier=2, tracer="export")
+        assert wide.graphscale.frontend == "export"
+        with torch.no_grad():
+            outputs = wide(*inputs)
+        torch.save({"wide": wide, "inputs": inputs, "outputs": outputs, "record": wide.graphscale.to_json()},
+                   tmp_path / f"{name}.pt")
+        opt = mup_optimizer(wide, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+        want_lrs[name] = {n: g["lr"] for g in opt.param_groups for p in g["params"]
+                          for n, q in wide.named_parameters() if q is p}
+        assert len(set(want_lrs[name].values())) > 1  # the factors differ: the comparison below can fail
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", EXPORT_CHILD, str(tmp_path), *EXPORT_BUILDERS],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in EXPORT_BUILDERS:
+        got = child[name]
+        assert got["bitwise"] and got["record"] and got["copy"] and got["stepped"], (name, got)
+        assert got["frontend"] == "export"
+        assert got["lrs"] == want_lrs[name], name
+
+
+def test_export_graph_keeps_its_input_guards_through_pickle() -> None:
+    """The loaded module still refuses inputs of another shape, with torch.export's own message, and a
+    deep copy keeps the record."""
     with _float64():
         narrow, inputs = zoo.mha_model(d=16, heads=2, vocab=11)
         wide = graphscale.widen(narrow, inputs, multiplier=2, tracer="export")
-    assert wide.graphscale.frontend == "export"
     dup = copy.deepcopy(wide)
     assert dup.graphscale == wide.graphscale and torch.equal(dup(*inputs), wide(*inputs))
-    with pytest.raises(UnpicklableModelError, match="save its state_dict and record"):
+    back = pickle.loads(pickle.dumps(wide))
+    assert torch.equal(back(*inputs), wide(*inputs)) and back.graphscale == wide.graphscale
+    short = inputs[0][:, :4]
+    for module in (wide, back):
+        with pytest.raises(AssertionError, match=r"Guard failed: idx.size\(\)\[1\] == 8"):
+            module(short)
+
+
+def test_export_guards_that_are_not_size_checks_are_refused_clearly() -> None:
+    """A generated guard function that does more than assert input sizes cannot be written as data: the
+    pickle is refused up front, naming the submodule, instead of dropping the check."""
+    with _float64():
+        narrow, inputs = zoo.mha_model(d=16, heads=2, vocab=11)
+        wide = graphscale.widen(narrow, inputs, multiplier=2, tracer="export")
+
+    def generated():
+        def _(*args):
+            torch._assert(args[0].min() >= 0, "Guard failed: idx >= 0")
+        return _
+
+    wide._guards_fn.forward = generated()
+    with pytest.raises(UnpicklableModelError, match="_guards_fn.*Save its state_dict and record"):
         pickle.dumps(wide)
-    with pytest.raises(UnpicklableModelError):
+    with pytest.raises(UnpicklableModelError, match="_guards_fn"):
         torch.save(wide, io.BytesIO())
 
 

@@ -11,7 +11,10 @@ Wrappers are seen through: ``torch.compile`` (``_orig_mod``), ``DistributedDataP
 (``_checkpoint_wrapped_module``) rename every parameter with a prefix. The record is looked up on the
 innermost module, and the wrapper's parameter names are matched to the record's by tensor identity (the
 wrapper's parameter *is* the inner module's), so the same param groups, clipping and state transfer
-result as for the bare model.
+result as for the bare model. FSDP2's ``fully_shard`` keeps the names and swaps every parameter for a
+sharded ``DTensor`` of the same global shape: the record matches as is, DTensor's own ops reduce
+clipping's norms across shards, and state transfer shards the state it writes like its parameter
+(:func:`like_parameter`).
 """
 
 from __future__ import annotations
@@ -183,6 +186,56 @@ def scalings_for(
             parts.append(f"{what} whose shape disagrees with the record: {', '.join(wrong)}")
         raise RecordError("; ".join(parts))
     return out
+
+
+def _dtensor_class() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2's ``fully_shard`` parameters, their gradients and state).
+
+    Example:
+        >>> is_sharded(torch.zeros(2))
+        False
+    """
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of ``t``: a ``DTensor``'s shards gathered from every process, ``t`` otherwise.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> whole(x) is x
+        True
+    """
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like_parameter(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor shaped like ``like``) placed as ``like`` is: sharded the same way when
+    ``like`` is a ``DTensor`` (each process keeps its own shard of its own copy: no communication, which
+    is right because every process computed the same ``value``), else moved to ``like``'s device.
+
+    Example:
+        >>> like_parameter(torch.ones(2), torch.zeros(2, dtype=torch.float64)).device.type
+        'cpu'
+    """
+    if not is_sharded(like):
+        return value.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(like.device_mesh.device_type)
+    try:
+        return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # pragma: no cover - torch < 2.6: no src_data_rank; rank 0's equal copy is scattered
+        return distribute_tensor(value, like.device_mesh, like.placements)
 
 
 def _strip_wrapper_prefixes(name: str) -> str:

@@ -37,7 +37,10 @@ def clip_grad_norm_(
     have (see the module doc), so ``torch.nn.utils.clip_grad_norm_(narrow.parameters(), m)`` on the narrow
     model and ``clip_grad_norm_(wide, m)`` on its zero-noise widening clip identically. Each parameter's
     norm is weighted with its own ``(c, M)`` from the record (``model.graphscale`` unless ``record=``).
-    Parameters without a gradient are skipped; tied parameters count once.
+    Parameters without a gradient are skipped; tied parameters count once. Under DDP every process holds
+    the same averaged gradients; under FSDP2 (``fully_shard``) each gradient is a sharded ``DTensor``,
+    and DTensor's own norm and multiply reduce across the shards and scale each process's shard
+    (tests/test_distributed.py).
 
     Example:
         >>> loss.backward()                                              # doctest: +SKIP

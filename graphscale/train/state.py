@@ -22,10 +22,12 @@ from graphscale.record import ParamScaling
 from graphscale.train._common import (
     RecordError,
     RecordLike,
+    like_parameter,
     resolve_record,
     scalings_for,
     source_optimizer,
     unwrap_module,
+    whole,
 )
 from graphscale.train.optim import FAMILY_KEY, optimizer_family
 
@@ -59,8 +61,10 @@ def widen_state_entry(key: str, value: Any, scaling: ParamScaling, like: torch.T
                 f"parameter's {tuple(scaling.narrow_shape)}: the {family!r} law scales a per-entry copy, "
                 "so this state cannot be widened")
         factor = float(fam.state_factor(key, float(scaling.copy_scale), float(scaling.total_mult)))
-        out = scaling.replicate(value).to(like.device)
-        return out if factor == 1.0 else out.mul_(factor)
+        out = scaling.replicate(whole(value))  # a sharded narrow state is gathered first
+        if factor != 1.0:
+            out.mul_(factor)
+        return like_parameter(out, like)  # sharded like the wide parameter under FSDP2
     if key in laws.COUNTERS:
         return value.detach().clone() if isinstance(value, torch.Tensor) else value
     raise RecordError(
