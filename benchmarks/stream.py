@@ -149,8 +149,9 @@ def main() -> None:
         n_params = int(r.stdout.split()[-1])
         src_bytes = _dir_bytes(src)
         shards = len(list(src.glob("*.safetensors")))
-        print(f"source: Llama {args.size} ({n_params / 1e6:.0f}M parameters, {spec['dtype']}), {shards} shards, "
-              f"{src_bytes / 1e9:.2f} GB, built in {time.perf_counter() - t:.0f} s", flush=True)
+        print(f"source: Llama {args.size} ({n_params / 1e6:.0f}M parameters, {spec['dtype']}), "
+              f"{shards} shards, {src_bytes / 1e9:.2f} GB, built in {time.perf_counter() - t:.0f} s",
+              flush=True)
         from graphscale.hf_stream import _ST_DTYPES  # noqa: F401  (fails early if the package is missing)
 
         shard_bytes = {"500MB": 500_000_000, "200MB": 200_000_000, "100KB": 100_000}[spec["shard"]]
@@ -160,14 +161,17 @@ def main() -> None:
             for kind in ("upscale", "copy"):
                 dst = work / f"{kind}-{i}"
                 if kind == "upscale":
-                    cmd = [sys.executable, "-c", _UPSCALE, "upscale", str(src), "--multiplier", "2", "--heads",
-                           "grow", "--stream", "--max-shard-size", spec["shard"], "--out", str(dst)]
+                    cmd = [sys.executable, "-c", _UPSCALE, "upscale", str(src), "--multiplier", "2",
+                           "--heads", "grow", "--stream", "--max-shard-size", spec["shard"],
+                           "--out", str(dst)]
                 else:
                     cmd = [sys.executable, "-c", _COPY, str(src), str(dst), str(shard_bytes), str(ROOT)]
                 wall, hwm, out = _run(cmd, env)
                 runs[kind].append((wall, hwm))
                 if kind == "upscale":
                     wide_bytes, largest = _dir_bytes(dst), _largest_tensor(dst)
+                    phases = json.loads((dst / "graphscale.json").read_text())["info"]["stream"]["seconds"]
+                    print(f"  phases (s): {phases}")
                     if i == 0:
                         print("\n".join("  " + line for line in out.splitlines()[:3]))
                 print(f"run {i} {kind:8s} {wall:7.1f} s  peak RSS {hwm / 1e9:.2f} GB", flush=True)
@@ -186,7 +190,8 @@ def main() -> None:
               f"ratio {figures['ratio']:.2f} (target <= 1.5)")
         print(f"peak RSS upscale {peak / 1e9:.2f} GB = {figures['peak_over_source_plus_wide']:.3f} x (source "
               f"{src_bytes / 1e9:.2f} GB + wide {wide_bytes / 1e9:.2f} GB) = "
-              f"{figures['peak_over_largest_wide_tensor']:.1f} x the largest wide tensor ({largest / 1e9:.3f} GB); "
+              f"{figures['peak_over_largest_wide_tensor']:.1f} x the largest wide tensor "
+              f"({largest / 1e9:.3f} GB); "
               f"copy {figures['copy_peak_rss'] / 1e9:.2f} GB")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -214,8 +214,8 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
     _add_tied_names(record, large_w)
     with torch.no_grad():
         want = small_w(*inputs)
-    return _Widened(large, large_w, record, plan, sizes, new_config, changed, inputs, causal, tol, float32_ops,
-                    want)
+    return _Widened(large, large_w, record, plan, sizes, new_config, changed, inputs, causal, tol,
+                    float32_ops, want)
 
 
 # ---------------------------------------------------------------------------------------------------------

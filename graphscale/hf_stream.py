@@ -40,8 +40,8 @@ into a temporary directory beside ``out`` that is renamed at the end; a killed r
 directory, which the next run removes.
 
 Example:
-    >>> import graphscale.hf                                                             # doctest: +SKIP
-    >>> graphscale.hf.upscale("llama-1b", multiplier=2, out="llama-1b-x2", heads="grow", stream=True)  # doctest: +SKIP
+    >>> import graphscale.hf                                                  # doctest: +SKIP
+    >>> graphscale.hf.upscale("llama-1b", 2, out="llama-1b-x2", stream=True)  # doctest: +SKIP
     PosixPath('llama-1b-x2')
 """
 
@@ -113,8 +113,8 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
                 continue
             dtype = _ST_DTYPES.get(d["dtype"])
             if dtype is None:
-                raise HFUpscaleError(f"{path}: tensor {name} has dtype {d['dtype']}, which graphscale does not "
-                                     f"read (expected one of {', '.join(_ST_DTYPES)})")
+                raise HFUpscaleError(f"{path}: tensor {name} has dtype {d['dtype']}, which graphscale does "
+                                     f"not read (expected one of {', '.join(_ST_DTYPES)})")
             begin, end = (int(x) for x in d["data_offsets"])
             shape = tuple(int(x) for x in d["shape"])
             numel = 1
@@ -350,11 +350,20 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         >>> graphscale.hf.upscale("src", 2, out="dst", stream=True)  # doctest: +SKIP
         PosixPath('dst')
     """
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    def phase(name: str) -> None:  # wall time per phase, kept in the record (info["stream"])
+        now = time.perf_counter()
+        seconds[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     entries: dict[str, TensorEntry] = {}
     for f in weight_files:
         for k, e in read_header(f).items():
             if k in entries:
-                raise HFUpscaleError(f"{src_dir}: tensor {k} is stored in both {entries[k].file.name} and {f.name}")
+                raise HFUpscaleError(f"{src_dir}: tensor {k} is stored in both {entries[k].file.name} and "
+                                     f"{f.name}")
             entries[k] = e
     meta = hf._meta_model(auto, config)
     named = _named(meta)
@@ -382,8 +391,8 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     del small
     wide_fields = {f: new for f, (_, new) in w.changed.items()}
     if {"num_hidden_layers", "vocab_size"} & set(wide_fields):
-        raise HFUpscaleError(f"the widening changes {sorted(wide_fields)}, which the streamed proxy sets; use "
-                             "stream=False (--no-stream)")
+        raise HFUpscaleError(f"the widening changes {sorted(wide_fields)}, which the streamed proxy sets; "
+                             "use stream=False (--no-stream)")
     new_config = hf._with(config, wide_fields)
     with torch.device("meta"):
         wide_meta = auto.from_config(new_config, dtype=dtype, **hf._IMPL, trust_remote_code=False)
@@ -405,6 +414,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")
     proxy_wide = {n: t for n, t in _named(w.large).items()}
+    phase("proxy")
 
     hf._remove_stale_dirs(out_dir.parent)
     tmp = hf._temp_dir(out_dir)
@@ -415,6 +425,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
                                 _Progress(sum(_wide_nbytes(i) for i in items),
                                           sys.stderr.isatty() if progress is None else progress))
         del proxy_wide, w.large, w.large_w
+        phase("write")
         hf._copy_other_files(src_dir, tmp)
         _check_written(tmp, shards, items, wide_named)
         errors = {"the proxy (layer 0) in memory": proxy_error}
@@ -424,9 +435,12 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         bad = {k: v for k, v in errors.items() if not v <= w.tol}
         if bad:
             raise HFUpscaleError("the written model does not reproduce the source (relative error "
-                                 + ", ".join(f"{k}: {v:.3g}" for k, v in bad.items()) + f", allowed {w.tol:g})")
+                                 + ", ".join(f"{k}: {v:.3g}" for k, v in bad.items())
+                                 + f", allowed {w.tol:g})")
         record.info["check"] = {"relative_error": errors, "tolerance": w.tol, "dtype": str(dtype),
                                 "streamed": True}
+        phase("check")
+        record.info["stream"] = {"seconds": seconds, "proxy_vocab": vocab, "layers": layers.count}
         save_record(record, tmp)
         hf._replace_dir(tmp, out_dir, force)
     except BaseException:
@@ -445,10 +459,11 @@ def _check_keys(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor],
     present = {id(named[k]) for k in entries if k in named}
     missing = sorted(n for i, n in stored.items() if i not in present)
     if unknown or wrong or missing:
-        detail = "; ".join(f"{what}: {', '.join(v[:5])}" for what, v in
-                           (("unexpected keys", unknown), ("mismatched", wrong), ("missing keys", missing)) if v)
-        raise HFUpscaleError(f"{src} does not map onto its class key by key ({detail}); streamed upscale reads "
-                             "the checkpoint's tensors by the class's names: use stream=False (--no-stream)")
+        found = (("unexpected keys", unknown), ("mismatched", wrong), ("missing keys", missing))
+        detail = "; ".join(f"{what}: {', '.join(v[:5])}" for what, v in found if v)
+        raise HFUpscaleError(f"{src} does not map onto its class key by key ({detail}); streamed upscale "
+                             "reads the checkpoint's tensors by the class's names: use stream=False "
+                             "(--no-stream)")
 
 
 def _check_homogeneous(named: dict[str, torch.Tensor], layers: _Layers) -> None:
@@ -475,8 +490,8 @@ def _cut_axes(pnamed: dict[str, tuple[int, ...]], named: dict[str, torch.Tensor]
     for pname, shape in pnamed.items():
         real = layers.to_real(pname, 0)
         if real not in named:
-            raise HFUpscaleError(f"the one-layer proxy has {pname}, which the class has not; use stream=False "
-                                 "(--no-stream)")
+            raise HFUpscaleError(f"the one-layer proxy has {pname}, which the class has not; use "
+                                 "stream=False (--no-stream)")
         rshape = tuple(named[real].shape)
         if shape == rshape:
             continue
@@ -484,14 +499,15 @@ def _cut_axes(pnamed: dict[str, tuple[int, ...]], named: dict[str, torch.Tensor]
                 and shape[1:] == rshape[1:]):
             rows[pname] = vocab
             continue
-        raise HFUpscaleError(f"{real} has shape {rshape}, {shape} in the one-layer proxy with {vocab} tokens: "
-                             "only a leading vocabulary axis may differ; use stream=False (--no-stream)")
+        raise HFUpscaleError(f"{real} has shape {rshape}, {shape} in the one-layer proxy with {vocab} "
+                             "tokens: only a leading vocabulary axis may differ; use stream=False "
+                             "(--no-stream)")
     return rows
 
 
-def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor], wide_named: dict[str, torch.Tensor],
-           meta: torch.nn.Module, layers: _Layers, w: Any, rows: dict[str, int],
-           dtype: torch.dtype) -> list[_Item]:
+def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor],
+           wide_named: dict[str, torch.Tensor], meta: torch.nn.Module, layers: _Layers, w: Any,
+           rows: dict[str, int], dtype: torch.dtype) -> list[_Item]:
     """The recipe of every checkpoint key, in the class's parameter order (noise draws in that order), then
     its buffers."""
     recipes = w.record.params
@@ -516,7 +532,8 @@ def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor], wide
         e = entries[key]
         axes = s.axes
         if pname in rows and axes[0] is not None:
-            raise HFUpscaleError(f"{key}: its vocabulary axis would be widened; use stream=False (--no-stream)")
+            raise HFUpscaleError(f"{key}: its vocabulary axis would be widened; use stream=False "
+                                 "(--no-stream)")
         wide_shape = tuple(e.shape[a] if axes[a] is None else s.wide_shape[a] for a in range(len(axes)))
         if wide_shape != tuple(wide_named[key].shape):
             raise HFUpscaleError(f"{key}: widened to {wide_shape}, but the wide config's class has "
@@ -583,7 +600,8 @@ def _widen_one(item: _Item) -> torch.Tensor:
 
 
 def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
-    """``config.json`` and ``generation_config.json`` as ``save_pretrained`` writes them for the wide model."""
+    """``config.json`` and ``generation_config.json``, as ``save_pretrained`` writes them for the wide
+    model."""
     cfg = wide_meta.config
     cfg.dtype = str(wide_meta.dtype).split(".")[1]
     cfg.architectures = [type(wide_meta).__name__]
@@ -593,7 +611,8 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
 
 
 def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
-                   seed: int, proxy_wide: dict[str, torch.Tensor], progress: _Progress) -> dict[str, list[str]]:
+                   seed: int, proxy_wide: dict[str, torch.Tensor],
+                   progress: _Progress) -> dict[str, list[str]]:
     """Write every wide tensor into shards laid out as save_pretrained would; returns file -> keys."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
