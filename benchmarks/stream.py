@@ -1,6 +1,6 @@
 """Streamed ``graphscale upscale`` on a big local checkpoint: time against a plain streamed copy, peak memory.
 
-    python benchmarks/stream.py                      # ~1.1B-parameter Llama, bf16, x2 with --heads grow
+    python benchmarks/stream.py                      # 1.21B-parameter Llama, bf16, x2 with --heads grow
     python benchmarks/stream.py --size 170m          # the ~170M fp32 acceptance check (peak RSS bound)
 
 Builds a Llama checkpoint with random weights in a temporary directory (``save_pretrained`` with
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {  # Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab, dtype)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=16, vocab_size=32000, dtype="bfloat16", shard="500MB"),
     "170m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=8000, dtype="float32", shard="200MB"),
