@@ -312,51 +312,67 @@ sys.exit(main(argv))
 """
 
 
-def test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts(upscaled, tmp_path):
-    """SIGKILL and SIGTERM while the shards are half written: DST_DIR is never touched (an existing one
-    keeps its files), SIGTERM removes its temporary directory and exits 143, SIGKILL leaves it, and the
-    next run removes it and writes the same bytes as the in-memory path (GPT-2: heads fixed, the query's
-    2**-0.5 folded into fused q|k|v rows, tied readout)."""
+def test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts(upscaled, tmp_path, monkeypatch,
+                                                                            capsys):
+    """SIGKILL (a child process) and SIGTERM (this process, through the CLI's handler) while the shards are
+    half written: DST_DIR is never touched (an existing one keeps its files), SIGTERM removes the temporary
+    directory and exits 143, SIGKILL leaves it, and the next run removes it and writes the same bytes as
+    the in-memory path (GPT-2: heads fixed, the query's 2**-0.5 folded into fused q|k|v rows, tied
+    readout)."""
     import os
     import signal
     import time
 
+    from graphscale import hf_stream
+
     src, dst = upscaled["gpt2"]
+    killed, termed = tmp_path / "KILL", tmp_path / "TERM"
+    killed.mkdir()
+    termed.mkdir()
+    out = killed / "out"
+    out.mkdir()  # an existing DST_DIR replaced with --force must survive the kill
+    (out / "keep.txt").write_text("old")
+    argv = ["upscale", str(src), "--out", str(out), "--stream", "--force", "--max-shard-size", SHARD]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    children = {}
-    for sig in ("KILL", "TERM"):
-        parent = tmp_path / sig
-        parent.mkdir()
-        out = parent / "out"
-        if sig == "KILL":  # an existing DST_DIR replaced with --force must survive the kill
-            out.mkdir()
-            (out / "keep.txt").write_text("old")
-        argv = ["upscale", str(src), "--out", str(out), "--stream", "--force", "--max-shard-size", SHARD]
-        children[sig] = (subprocess.Popen([sys.executable, "-c", _KILLED, str(parent / "marker"), *argv],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                         parent, out)
-    deadline = time.monotonic() + 600
-    for sig, (proc, parent, _) in children.items():
-        while not (parent / "marker").exists():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED, str(killed / "marker"), *argv], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        widen_one, calls = hf_stream._widen_one, []
+
+        def terminate(item):  # two tensors written, then SIGTERM to this process
+            calls.append(item)
+            if len(calls) == 3:
+                temps = [p for p in termed.iterdir() if p.name.startswith(".out.graphscale-")]
+                assert len(temps) == 1 and any(p.suffix == ".safetensors" for p in temps[0].iterdir())
+                os.kill(os.getpid(), signal.SIGTERM)
+            return widen_one(item)
+
+        monkeypatch.setattr(hf_stream, "_widen_one", terminate)
+        assert main(["upscale", str(src), "--out", str(termed / "out"), "--stream", "--max-shard-size",
+                     SHARD]) == 143
+        assert "SIGTERM" in capsys.readouterr().err
+        assert len(calls) == 3 and list(termed.iterdir()) == []  # no DST_DIR, no temporary directory
+        monkeypatch.undo()
+
+        deadline = time.monotonic() + 600
+        while not (killed / "marker").exists():
+            assert child.poll() is None, child.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the child never started writing"
             time.sleep(0.2)
-        temps = [p for p in parent.iterdir() if p.name.startswith(".out.graphscale-")]
+        temps = [p for p in killed.iterdir() if p.name.startswith(".out.graphscale-")]
         assert len(temps) == 1 and any(p.suffix == ".safetensors" for p in temps[0].iterdir())  # mid-write
-        proc.send_signal(getattr(signal, f"SIG{sig}"))
-    for sig, (proc, parent, out) in children.items():
-        _, err = proc.communicate(timeout=120)
-        temps = [p for p in parent.iterdir() if p.name.startswith(".out.graphscale-")]
-        if sig == "TERM":
-            assert proc.returncode == 143, err[-3000:]
-            assert not temps and not out.exists()
-        else:
-            assert proc.returncode == -signal.SIGKILL
-            assert len(temps) == 1  # the partial directory, which the next run removes
-            assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-            rerun = upscale(src, multiplier=2, out=out, force=True, stream=True, max_shard_size=SHARD)
-            assert not [p for p in parent.iterdir() if p.name.startswith(".")]
-            _same_files(dst, rerun)
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert len([p for p in killed.iterdir() if p.name.startswith(".out.graphscale-")]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    rerun = upscale(src, multiplier=2, out=out, force=True, stream=True, max_shard_size=SHARD)
+    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # the killed run's directory removed
+    _same_files(dst, rerun)
 
 
 def test_streamed_refuses_a_checkpoint_whose_keys_are_not_the_class_names(tmp_path):
