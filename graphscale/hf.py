@@ -19,6 +19,11 @@
    ``out``, reloads that directory with ``from_pretrained`` and checks its outputs against the source
    (float64: relative error <= 1e-10), then renames the directory to ``out``.
 
+With ``stream=True`` (``--stream``; the default above ``STREAM_ABOVE`` = 1 GiB of source weights) steps 1-4
+run on a one-layer proxy of the class only, and every tensor is then read, widened by its proxy tensor's
+recipe and written one at a time (:mod:`graphscale.hf_stream`, which says what it verifies): the same
+files, without holding the model in memory.
+
 ``out`` also receives every other file of ``SRC_DIR`` (tokenizer, generation config, README, ...) and
 ``graphscale.json``: the widening record (per tensor its source, copy scale c, multiplier M, fan-in
 multiplier, plus the source config in ``record.info["source_config"]``), so that in a new process
