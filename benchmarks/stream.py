@@ -157,6 +157,7 @@ def main() -> None:
         shard_bytes = {"500MB": 500_000_000, "200MB": 200_000_000, "100KB": 100_000}[spec["shard"]]
         runs: dict[str, list[tuple[float, int]]] = {"upscale": [], "copy": []}
         wide_bytes = largest = 0
+        phases: dict[int, dict] = {}
         for i in range(args.repeats):
             for kind in ("upscale", "copy"):
                 dst = work / f"{kind}-{i}"
@@ -170,8 +171,10 @@ def main() -> None:
                 runs[kind].append((wall, hwm))
                 if kind == "upscale":
                     wide_bytes, largest = _dir_bytes(dst), _largest_tensor(dst)
-                    phases = json.loads((dst / "graphscale.json").read_text())["info"]["stream"]["seconds"]
-                    print(f"  phases (s): {phases}")
+                    info = json.loads((dst / "graphscale.json").read_text())["info"]["stream"]
+                    phases[i] = info
+                    print(f"  phases (s): {info['seconds']}; peak RSS per phase (GB): "
+                          + str({k: round(v / 1e9, 2) for k, v in info.get("peak_rss_bytes", {}).items()}))
                     if i == 0:
                         print("\n".join("  " + line for line in out.splitlines()[:3]))
                 print(f"run {i} {kind:8s} {wall:7.1f} s  peak RSS {hwm / 1e9:.2f} GB", flush=True)
@@ -184,7 +187,7 @@ def main() -> None:
             "upscale_s": best["upscale"], "copy_s": best["copy"], "ratio": best["upscale"] / best["copy"],
             "upscale_peak_rss": peak, "copy_peak_rss": max(h for _, h in runs["copy"]),
             "peak_over_source_plus_wide": peak / (src_bytes + wide_bytes),
-            "peak_over_largest_wide_tensor": peak / largest,
+            "peak_over_largest_wide_tensor": peak / largest, "phases": phases,
         }
         print(f"upscale {best['upscale']:.1f} s vs copy {best['copy']:.1f} s (min of {args.repeats}): "
               f"ratio {figures['ratio']:.2f} (target <= 1.5)")

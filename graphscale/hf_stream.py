@@ -215,6 +215,21 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
         os.close(fd)
 
 
+def _peak_rss(reset: bool = False) -> int | None:
+    """This process's peak resident memory so far (``VmHWM``, bytes), then, with ``reset``, start a new peak
+    from the current size (Linux: ``5`` written to ``/proc/self/clear_refs``), so that each phase of a run
+    reports its own peak. None where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return hwm
+    except (OSError, ValueError):
+        return None
+
+
 class _Progress:
     """``upscale  1.2/8.8 GB  14%  310 MB/s  eta 25s`` on stderr, redrawn at most 5 times a second."""
 
@@ -353,10 +368,15 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     clock = [time.perf_counter()]
     seconds: dict[str, float] = {}
 
-    def phase(name: str) -> None:  # wall time per phase, kept in the record (info["stream"])
+    peak: dict[str, int] = {}
+
+    def phase(name: str) -> None:  # wall time and peak memory per phase, kept in the record (info["stream"])
         now = time.perf_counter()
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
+        hwm = _peak_rss(reset=True)
+        if hwm is not None:
+            peak[name] = hwm
 
     entries: dict[str, TensorEntry] = {}
     for f in weight_files:
@@ -440,7 +460,8 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         record.info["check"] = {"relative_error": errors, "tolerance": w.tol, "dtype": str(dtype),
                                 "streamed": True}
         phase("check")
-        record.info["stream"] = {"seconds": seconds, "proxy_vocab": vocab, "layers": layers.count}
+        record.info["stream"] = {"seconds": seconds, "peak_rss_bytes": peak, "proxy_vocab": vocab,
+                                 "layers": layers.count}
         save_record(record, tmp)
         hf._replace_dir(tmp, out_dir, force)
     except BaseException:
