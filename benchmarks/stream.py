@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
     spec = dict(SIZES[args.size])
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GRAPHSCALE_PEAK_RSS_PER_PHASE="1")  # upscale's record then says each phase's own peak
     work = Path(tempfile.mkdtemp(prefix="graphscale-stream-", dir=args.dir))
     try:
         src = work / "src"

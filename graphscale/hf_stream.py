@@ -218,7 +218,8 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
 def _peak_rss(reset: bool = False) -> int | None:
     """This process's peak resident memory so far (``VmHWM``, bytes), then, with ``reset``, start a new peak
     from the current size (Linux: ``5`` written to ``/proc/self/clear_refs``), so that each phase of a run
-    reports its own peak. None where ``/proc`` does not say."""
+    reports its own peak (set ``GRAPHSCALE_PEAK_RSS_PER_PHASE=1``; otherwise each figure is the peak so
+    far). None where ``/proc`` does not say."""
     try:
         with open("/proc/self/status") as f:
             hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
@@ -374,7 +375,8 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         now = time.perf_counter()
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
-        hwm = _peak_rss(reset=True)
+        # resetting the peak would change what the caller's own VmHWM says: only when asked (benchmarks)
+        hwm = _peak_rss(reset=os.environ.get("GRAPHSCALE_PEAK_RSS_PER_PHASE") == "1")
         if hwm is not None:
             peak[name] = hwm
 
