@@ -169,6 +169,9 @@ def main() -> None:
                 else:
                     cmd = [sys.executable, "-c", _COPY, str(src), str(dst), str(shard_bytes), str(ROOT)]
                 wall, hwm, out = _run(cmd, env)
+                if kind == "upscale":  # the peak mark is reset between phases: the run's peak is their max
+                    info = json.loads((dst / "graphscale.json").read_text())["info"]["stream"]
+                    hwm = max([hwm, *info.get("peak_rss_bytes", {}).values()])
                 runs[kind].append((wall, hwm))
                 if kind == "upscale":
                     wide_bytes, largest = _dir_bytes(dst), _largest_tensor(dst)

@@ -215,6 +215,19 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
         os.close(fd)
 
 
+def _release_memory() -> None:
+    """Free what reference cycles hold (fx graphs) and hand freed heap back to the system (glibc), so that
+    the streaming phase starts from the runtime's size, not from the proxy's."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by later allocations instead
+        pass
+
+
 def _peak_rss(reset: bool = False) -> int | None:
     """This process's peak resident memory so far (``VmHWM``, bytes), then, with ``reset``, start a new peak
     from the current size (Linux: ``5`` written to ``/proc/self/clear_refs``), so that each phase of a run
@@ -435,7 +448,12 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     if not proxy_error <= w.tol:
         raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")
-    proxy_wide = {n: t for n, t in _named(w.large).items()}
+    # keep the proxy's wide tensors (check 2 pops each when used) and what the checks need; the rest of the
+    # proxy (its plan holds copies of the narrow model, in reference cycles) goes now
+    proxy_wide = {n: t.detach() for n, t in _named(w.large).items()}
+    tol, inputs, causal = w.tol, w.inputs, w.causal
+    del w
+    _release_memory()
     phase("proxy")
 
     hf._remove_stale_dirs(out_dir.parent)
@@ -446,20 +464,21 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         shards = _write_weights(tmp, items, wide_meta, max_shard_size, noise, seed, proxy_wide,
                                 _Progress(sum(_wide_nbytes(i) for i in items),
                                           sys.stderr.isatty() if progress is None else progress))
-        del proxy_wide, w.large, w.large_w
+        del proxy_wide
+        _release_memory()
         phase("write")
         hf._copy_other_files(src_dir, tmp)
         _check_written(tmp, shards, items, wide_named)
         errors = {"the proxy (layer 0) in memory": proxy_error}
         if layers.count > 1 and noise is None:
             errors[f"layer {layers.count - 1} read back"] = _check_last_layer(
-                auto, config, new_config, layers, vocab, rows, entries, tmp, dtype, w)
-        bad = {k: v for k, v in errors.items() if not v <= w.tol}
+                auto, config, new_config, layers, vocab, rows, entries, tmp, dtype, inputs, causal)
+        bad = {k: v for k, v in errors.items() if not v <= tol}
         if bad:
             raise HFUpscaleError("the written model does not reproduce the source (relative error "
                                  + ", ".join(f"{k}: {v:.3g}" for k, v in bad.items())
-                                 + f", allowed {w.tol:g})")
-        record.info["check"] = {"relative_error": errors, "tolerance": w.tol, "dtype": str(dtype),
+                                 + f", allowed {tol:g})")
+        record.info["check"] = {"relative_error": errors, "tolerance": tol, "dtype": str(dtype),
                                 "streamed": True}
         phase("check")
         record.info["stream"] = {"seconds": seconds, "peak_rss_bytes": peak, "proxy_vocab": vocab,
@@ -684,7 +703,7 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
 
 def _check_against_proxy(item: _Item, wide: torch.Tensor, proxy_wide: dict[str, torch.Tensor]) -> None:
     """A tensor the proxy holds must come out bitwise as widen_into filled it there (check 2 of the doc)."""
-    filled = proxy_wide.get(item.proxy_name)
+    filled = proxy_wide.pop(item.proxy_name, None)  # each is needed once: free it as the write goes on
     if filled is None:
         return
     got = wide if filled.shape == wide.shape else wide.narrow(0, 0, filled.shape[0])
@@ -713,7 +732,7 @@ def _check_written(tmp: Path, shards: dict[str, list[str]], items: list[_Item],
 
 def _check_last_layer(auto: Any, config: Any, new_config: Any, layers: _Layers, vocab: int,
                       rows: dict[str, int], entries: dict[str, TensorEntry], tmp: Path, dtype: torch.dtype,
-                      w: Any) -> float:
+                      inputs: tuple, causal: bool) -> float:
     """Check 3: a one-layer model of the source's last layer against the same read back from ``tmp``."""
     from graphscale.zoo import HFWrapper
 
@@ -733,9 +752,9 @@ def _check_last_layer(auto: Any, config: Any, new_config: Any, layers: _Layers, 
 
     narrow = _load_proxy(auto, _proxy_config(config, layers, last, vocab), dtype, reader(entries))
     with torch.no_grad():
-        want = HFWrapper(narrow, w.causal).eval()(*w.inputs)
+        want = HFWrapper(narrow, causal).eval()(*inputs)
     del narrow
     wide = _load_proxy(auto, _proxy_config(new_config, layers, last, vocab), dtype, reader(written))
     with torch.no_grad():
-        got = HFWrapper(wide, w.causal).eval()(*w.inputs)
+        got = HFWrapper(wide, causal).eval()(*inputs)
     return hf._max_rel(got, want)
