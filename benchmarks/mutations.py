@@ -206,6 +206,20 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_cli.py::test_widen_refuses_to_overwrite_checkpoint",
        "tests/test_cli_faults.py::test_out_refuses_every_input"),
       "--out may not name the checkpoint: the user's files are never modified"),
+    # -- streamed upscale (graphscale/hf_stream.py) ------------------------------------------------------
+    M("stream-query-fold-dropped", "graphscale/hf_stream.py",
+      "        wide.narrow(axis, lo, hi - lo).mul_(m ** -0.5)", "        pass",
+      ("tests/test_hf_upscale.py::test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts",),
+      "streamed recipes carry widen_into's folds: the query rows' k**-0.5 of fused q|k|v (GPT-2)"),
+    M("stream-writes-into-out", "graphscale/hf_stream.py",
+      "    tmp = hf._temp_dir(out_dir)", "    tmp = out_dir",
+      ("tests/test_hf_upscale.py::test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts",),
+      "streamed output is atomic: a temporary directory beside DST_DIR, renamed at the end"),
+    M("stream-noise-order", "graphscale/hf_stream.py",
+      "    order = [n for n, _ in meta.named_parameters()] + [n for n, _ in meta.named_buffers()]",
+      "    order = sorted(n for n, _ in [*meta.named_parameters(), *meta.named_buffers()])",
+      ("tests/test_hf_upscale.py::test_noise_is_reproducible_from_the_seed",),
+      "streamed noise draws in the class's parameter order, as the in-memory path (same seed, same bytes)"),
 ]
 
 

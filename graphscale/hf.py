@@ -19,6 +19,11 @@
    ``out``, reloads that directory with ``from_pretrained`` and checks its outputs against the source
    (float64: relative error <= 1e-10), then renames the directory to ``out``.
 
+With ``stream=True`` (``--stream``; the default above ``STREAM_ABOVE`` = 1 GiB of source weights) steps 1-4
+run on a one-layer proxy of the class only, and every tensor is then read, widened by its proxy tensor's
+recipe and written one at a time (:mod:`graphscale.hf_stream`, which says what it verifies): the same
+files, without holding the model in memory.
+
 ``out`` also receives every other file of ``SRC_DIR`` (tokenizer, generation config, README, ...) and
 ``graphscale.json``: the widening record (per tensor its source, copy scale c, multiplier M, fan-in
 multiplier, plus the source config in ``record.info["source_config"]``), so that in a new process
@@ -37,7 +42,7 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +63,8 @@ HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "n_head", "num_head
 HEAD_DIM_FIELDS = ("head_dim", "kv_channels", "attention_head_dim", "d_kv")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+# source weights above this many bytes are widened tensor by tensor (graphscale/hf_stream.py) by default
+STREAM_ABOVE = 2**30
 # the relative output error allowed (max |wide - narrow| / max |narrow|): what each dtype's rounding allows
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 # a float64 model whose class casts to float32 inside (RMSNorm, rotary) is exact only to float32 rounding
@@ -76,7 +83,8 @@ class HFUpscaleError(GraphscaleError, ValueError):
 def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.PathLike[str] | None = None, *,
             heads: Literal["fixed", "grow"] = "fixed", noise: Any = None, seed: int = 0,
             dtype: str | torch.dtype | None = None, force: bool = False,
-            max_shard_size: str | int = "5GB", seq_len: int = 8) -> Path:
+            max_shard_size: str | int = "5GB", seq_len: int = 8, stream: bool | None = None,
+            progress: bool | None = None) -> Path:
     """Widen the Hugging Face model directory ``src`` by ``multiplier`` into the new directory ``out``.
 
     ``heads``: ``"fixed"`` keeps the head counts and widens ``head_dim``; ``"grow"`` copies heads.
@@ -86,6 +94,12 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     ``max_shard_size`` is passed to ``save_pretrained``. ``src`` is never modified; ``out`` may not be
     ``src`` nor lie inside it (nor contain it); the write is atomic (a temporary directory beside ``out``,
     renamed at the end). Returns ``out``. See the module doc for every step.
+
+    ``stream``: ``True`` widens tensor by tensor without loading the model (memory bounded by a few wide
+    tensors and one wide layer, see :mod:`graphscale.hf_stream` for what it verifies), ``False`` loads,
+    fills and reloads the whole model, ``None`` (the default) streams when the source weights exceed
+    ``STREAM_ABOVE`` bytes (1 GiB). ``progress`` shows a progress bar with bytes/s on stderr while
+    streaming (``None``: only when stderr is a terminal). Both paths write the same bytes.
 
     Example:
         >>> upscale("tiny-gpt2", multiplier=2, out="tiny-gpt2-x2", heads="grow")  # doctest: +SKIP
@@ -100,7 +114,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     src_dir, out_dir = _check_paths(src, out, force)
     noise_scheme = _noise(noise)
     weight_files = _weight_files(src_dir)
-    from graphscale.zoo import HFWrapper, refuse_remote_code, transformers_module
+    from graphscale.zoo import refuse_remote_code, transformers_module
 
     tf = transformers_module()
 
@@ -108,10 +122,71 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     config = tf.AutoConfig.from_pretrained(str(src_dir), trust_remote_code=False, local_files_only=True)
     kind, auto = _model_class(tf, config)  # the config is written as read, but for the width fields
     torch_dtype = _resolve_dtype(dtype, weight_files)
+    if stream is None:
+        stream = _source_bytes(weight_files) > STREAM_ABOVE
+    if stream:
+        from graphscale.hf_stream import stream_upscale
+
+        return stream_upscale(tf, auto, kind, config, src_dir, out_dir, weight_files, multiplier=multiplier,
+                              heads=heads, noise=noise_scheme, seed=seed, dtype=torch_dtype, force=force,
+                              max_shard_size=max_shard_size, seq_len=seq_len, progress=progress)
     small = _load_source(auto, src_dir, config, torch_dtype)
+    w = _widen_loaded(tf, auto, kind, config, small, multiplier, heads, torch_dtype, seq_len)
+    large, large_w, record, inputs, causal, tol = w.large, w.large_w, w.record, w.inputs, w.causal, w.tol
+    if noise_scheme is not None:
+        noise_scheme.apply(large_w, record, torch.Generator().manual_seed(seed))
+        record.notes.append(f"noise: {noise_scheme!r} (seed {seed})")
+    with torch.no_grad():
+        filled = large_w(*inputs)
+    record = _hf_record(record, config, w.changed, src_dir, heads)
+    if w.float32_ops:
+        record.notes.append(f"the class computes parts in float32 ({', '.join(w.float32_ops[:4])}): outputs "
+                            f"checked to relative {tol:g}, not float64's {TOLERANCE[torch.float64]:g}")
+    want = w.want
+
+    _remove_stale_dirs(out_dir.parent)
+    tmp = _temp_dir(out_dir)
+    try:
+        large.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        _copy_other_files(src_dir, tmp)
+        errors = _check_reload(auto, tmp, inputs, causal, torch_dtype, filled,
+                               want if noise_scheme is None else None, tol, large)
+        record.info["check"] = {"relative_error": errors, "tolerance": tol, "dtype": str(torch_dtype)}
+        save_record(record, tmp)
+        _replace_dir(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class _Widened:
+    """What :func:`_widen_loaded` made: the filled large model and everything the checks need."""
+
+    large: Any
+    large_w: Any
+    record: WideningRecord
+    plan: Any
+    sizes: Any
+    new_config: Any
+    changed: dict[str, tuple[int, int]]
+    inputs: tuple
+    causal: bool
+    tol: float
+    float32_ops: list[str]
+    want: torch.Tensor
+
+
+def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multiplier: int, heads: str,
+                  torch_dtype: torch.dtype, seq_len: int) -> _Widened:
+    """Analyze the loaded ``small``, rewrite its config and fill the class built from it with
+    :func:`graphscale.widen_into` (no noise). The streamed path runs this on a model of fewer layers."""
     causal = kind == "causal"
     ids = torch.randint(0, config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
     inputs = (ids,)
+    from graphscale.zoo import HFWrapper
+
     small_w = HFWrapper(small, causal).eval()
 
     import graphscale
@@ -144,30 +219,8 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     _add_tied_names(record, large_w)
     with torch.no_grad():
         want = small_w(*inputs)
-    if noise_scheme is not None:
-        noise_scheme.apply(large_w, record, torch.Generator().manual_seed(seed))
-        record.notes.append(f"noise: {noise_scheme!r} (seed {seed})")
-    with torch.no_grad():
-        filled = large_w(*inputs)
-    record = _hf_record(record, config, changed, src_dir, heads)
-    if float32_ops:
-        record.notes.append(f"the class computes parts in float32 ({', '.join(float32_ops[:4])}): outputs "
-                            f"checked to relative {tol:g}, not float64's {TOLERANCE[torch.float64]:g}")
-
-    _remove_stale_dirs(out_dir.parent)
-    tmp = _temp_dir(out_dir)
-    try:
-        large.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        _copy_other_files(src_dir, tmp)
-        errors = _check_reload(auto, tmp, inputs, causal, torch_dtype, filled,
-                               want if noise_scheme is None else None, tol, large)
-        record.info["check"] = {"relative_error": errors, "tolerance": tol, "dtype": str(torch_dtype)}
-        save_record(record, tmp)
-        _replace_dir(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return _Widened(large, large_w, record, plan, sizes, new_config, changed, inputs, causal, tol,
+                    float32_ops, want)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,6 +284,10 @@ def _weight_files(src: Path) -> list[Path]:
     raise HFUpscaleError(f"{src} has neither {WEIGHTS_FILE} nor {INDEX_FILE}"
                          + (f" (it has {', '.join(others)}: graphscale reads safetensors only, since pickled "
                             "weights can run code; convert them with save_pretrained)" if others else ""))
+
+
+def _source_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
 
 
 def _model_class(tf: Any, config: Any) -> tuple[str, Any]:

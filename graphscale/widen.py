@@ -514,6 +514,10 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                                 f"own 1/width ({', '.join(readouts['untied'])} copied without 1/k, "
                                 f"{', '.join(biases)} times k)")
         if best[0] == "standard" and q_scales:
+            # what fill() did, to redo it tensor by tensor (graphscale.hf_stream): rows lo:hi of axis times
+            # m**-0.5 after widening with the copy scale before the fold
+            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale]
+                                           for name, axis, lo, hi, m in q_scales]
             for name, axis, lo, hi, m in q_scales:
                 s = record.params[name]
                 if lo == 0 and hi == s.wide_shape[axis]:

@@ -173,13 +173,18 @@ def test_mup_optimizer_from_the_record_in_a_fresh_process(upscaled):
 def test_noise_is_reproducible_from_the_seed(tmp_path, capsys):
     src = _make_source("bert", tmp_path / "src", shard="10MB")  # a single model.safetensors this time
     runs = {}
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4), ("streamed", 3)):
         argv = ["upscale", str(src), "--multiplier", "2", "--out", str(tmp_path / name), "--noise",
                 "gaussian:0.1", "--seed", str(seed), "--max-shard-size", SHARD]
+        argv += ["--stream", "--progress"] if name == "streamed" else ["--no-stream"]
         assert main(argv) == 0
         runs[name] = _digest(tmp_path / name)
-    assert "noise:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "noise:" in captured.out
+    assert "MB/s" in captured.err  # the progress bar, asked for with --progress
     assert runs["a"] == runs["b"]
+    # streamed: the same noise draws, tensor by tensor, in the class's parameter order
+    _same_files(tmp_path / "a", tmp_path / "streamed")
     weights = [f for f in runs["a"] if f.endswith(".safetensors")]
     assert weights and any(runs["a"][f] != runs["c"][f] for f in weights)
 
@@ -253,3 +258,128 @@ def test_no_consistent_config_is_refused_naming_the_fields():
     target["model.embed_tokens.weight"] = (2 * VOCAB, 32)
     with pytest.raises(HFUpscaleError, match=r"no consistent config.*embed_tokens\.weight.*vocab_size"):
         hf._rewrite_config(transformers, auto, config, target, 2, "fixed", set())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streamed upscale (graphscale/hf_stream.py): the same files as the in-memory path, tensor by tensor
+
+
+def _same_files(a: Path, b: Path) -> None:
+    """``b`` has exactly ``a``'s files with the same bytes, but the record, whose params and multipliers
+    must be equal (its notes and check figures say how each was made)."""
+    da, db = _digest(a), _digest(b)
+    assert set(da) == set(db), set(da) ^ set(db)
+    differ = sorted(f for f in da if da[f] != db[f] and f != "graphscale.json")
+    assert not differ, f"streamed files differ from the in-memory path's: {differ}"
+    ra, rb = (json.loads((d / "graphscale.json").read_text()) for d in (a, b))
+    assert ra["params"] == rb["params"]
+    assert ra["multipliers"] == rb["multipliers"]
+    assert rb["info"]["check"]["streamed"] is True
+
+
+def test_streamed_llama_writes_the_in_memory_bytes(upscaled, tmp_path, monkeypatch):
+    """Llama (GQA, heads grow, RMSNorm): every shard, the index and the configs are bitwise the in-memory
+    path's. Streaming is chosen here by size (the default, with the threshold at 0 bytes)."""
+    from graphscale import hf
+
+    src, dst = upscaled["llama"]
+    monkeypatch.setattr(hf, "STREAM_ABOVE", 0)
+    out = upscale(src, multiplier=2, out=tmp_path / "llama-x2", heads="grow", max_shard_size=SHARD)
+    _same_files(dst, out)
+    record = json.loads((out / "graphscale.json").read_text())
+    assert set(record["info"]["check"]["relative_error"]) == {"the proxy (layer 0) in memory",
+                                                              "layer 1 read back"}
+
+
+_KILLED = r"""
+import sys, time
+from pathlib import Path
+import graphscale.hf_stream as hs
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+widen_one, calls = hs._widen_one, []
+
+def slow(item):  # two tensors written, then wait to be killed mid-write
+    calls.append(item)
+    if len(calls) == 3:
+        marker.write_text("writing")
+        time.sleep(300)
+    return widen_one(item)
+
+hs._widen_one = slow
+from graphscale.cli import main
+sys.exit(main(argv))
+"""
+
+
+def test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts(upscaled, tmp_path, monkeypatch,
+                                                                            capsys):
+    """SIGKILL (a child process) and SIGTERM (this process, through the CLI's handler) while the shards are
+    half written: DST_DIR is never touched (an existing one keeps its files), SIGTERM removes the temporary
+    directory and exits 143, SIGKILL leaves it, and the next run removes it and writes the same bytes as
+    the in-memory path (GPT-2: heads fixed, the query's 2**-0.5 folded into fused q|k|v rows, tied
+    readout)."""
+    import os
+    import signal
+    import time
+
+    from graphscale import hf_stream
+
+    src, dst = upscaled["gpt2"]
+    killed, termed = tmp_path / "KILL", tmp_path / "TERM"
+    killed.mkdir()
+    termed.mkdir()
+    out = killed / "out"
+    out.mkdir()  # an existing DST_DIR replaced with --force must survive the kill
+    (out / "keep.txt").write_text("old")
+    argv = ["upscale", str(src), "--out", str(out), "--stream", "--force", "--max-shard-size", SHARD]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    child = subprocess.Popen([sys.executable, "-c", _KILLED, str(killed / "marker"), *argv], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        widen_one, calls = hf_stream._widen_one, []
+
+        def terminate(item):  # two tensors written, then SIGTERM to this process
+            calls.append(item)
+            if len(calls) == 3:
+                temps = [p for p in termed.iterdir() if p.name.startswith(".out.graphscale-")]
+                assert len(temps) == 1 and any(p.suffix == ".safetensors" for p in temps[0].iterdir())
+                os.kill(os.getpid(), signal.SIGTERM)
+            return widen_one(item)
+
+        monkeypatch.setattr(hf_stream, "_widen_one", terminate)
+        assert main(["upscale", str(src), "--out", str(termed / "out"), "--stream", "--max-shard-size",
+                     SHARD]) == 143
+        assert "SIGTERM" in capsys.readouterr().err
+        assert len(calls) == 3 and list(termed.iterdir()) == []  # no DST_DIR, no temporary directory
+        monkeypatch.undo()
+
+        deadline = time.monotonic() + 600
+        while not (killed / "marker").exists():
+            assert child.poll() is None, child.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the child never started writing"
+            time.sleep(0.2)
+        temps = [p for p in killed.iterdir() if p.name.startswith(".out.graphscale-")]
+        assert len(temps) == 1 and any(p.suffix == ".safetensors" for p in temps[0].iterdir())  # mid-write
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert len([p for p in killed.iterdir() if p.name.startswith(".out.graphscale-")]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    rerun = upscale(src, multiplier=2, out=out, force=True, stream=True, max_shard_size=SHARD)
+    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # the killed run's directory removed
+    _same_files(dst, rerun)
+
+
+def test_streamed_refuses_a_checkpoint_whose_keys_are_not_the_class_names(tmp_path):
+    """GPT-NeoX stores its readout as embed_out.weight, which transformers renames on load: the streamed
+    path reads tensors by the class's names, so it refuses, naming the keys and --no-stream."""
+    src = _make_source("neox", tmp_path / "src")
+    with pytest.raises(HFUpscaleError, match=r"unexpected keys: embed_out\.weight.*--no-stream"):
+        upscale(src, 2, out=tmp_path / "dst", heads="grow", stream=True)
+    assert not (tmp_path / "dst").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

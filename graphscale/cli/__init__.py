@@ -391,13 +391,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     out = hf.upscale(args.src, multiplier=args.multiplier, out=args.out, heads=args.heads, noise=noise,
                      seed=args.seed, dtype=args.dtype, force=args.force,
                      max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit()
-                     else args.max_shard_size)
+                     else args.max_shard_size, stream=args.stream, progress=args.progress or None)
     record = load_record(out)
     changes = ", ".join(f"{f} {a} -> {b}" for f, (a, b) in record.info.get("config_changes", {}).items())
     check = record.info.get("check", {})
     errors = ", ".join(f"vs {k} {v:.3g}" for k, v in check.get("relative_error", {}).items())
     print(f"upscaled {args.src} x{args.multiplier} (heads {args.heads}): {changes}")
-    print(f"reloaded {out} with from_pretrained: max relative logit error {errors} "
+    how = ("streamed tensor by tensor; checked one-layer models" if check.get("streamed")
+           else f"reloaded {out} with from_pretrained")
+    print(f"{how}: max relative logit error {errors} "
           f"(allowed {check.get('tolerance', float('nan')):g}, {check.get('dtype')})")
     for line in record.notes:
         if line.startswith(("noise:", "the class computes")):
@@ -565,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest weights shard save_pretrained writes (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing DST_DIR")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="widen tensor by tensor without loading the model (--stream), or load, fill and "
+                        "reload it whole (--no-stream); default: stream when the weights exceed 1 GiB")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar with bytes/s on stderr while streaming (default: only when "
+                        "stderr is a terminal)")
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("verify", parents=[debug, model, mult],

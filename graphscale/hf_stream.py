@@ -1,0 +1,760 @@
+"""Streamed ``graphscale upscale``: widen a Hugging Face checkpoint tensor by tensor, never loading the model.
+
+:func:`graphscale.hf.upscale` calls :func:`stream_upscale` with ``stream=True`` (or by default when the source
+weights exceed ``graphscale.hf.STREAM_ABOVE`` bytes). It writes the same files as the in-memory path
+(shards, index, ``config.json``, ``generation_config.json``: bitwise, tested on tiny models), with memory
+bounded by a few wide tensors plus one wide layer, whatever the depth.
+
+**Where each tensor's recipe comes from.** Widening a tensor is ``c * E(W)`` (replicate each width index
+of every axis, times the copy scale ``c``), plus the factors :func:`graphscale.widen_into` folds into
+weights: the query rows' ``k**-0.5`` for standard attention with a wider head (rows of a fused q|k|v),
+a tied readout's ``1/k`` moved into the final norm, the readout convention of the class. All of these are
+properties of the graph around a tensor, which is the same in every layer of a stack of identical layers.
+So the in-memory path itself (analyze, config rewrite, :func:`~graphscale.widen_into`, its output check)
+runs on a **proxy**: the same class and config with one layer and the vocabulary cut to a few tokens
+(vocabulary axes are never widened), loaded with the checkpoint's own embeddings (their first rows), layer
+0 and final tensors. Every tensor of layer ``i`` takes the recipe of the proxy's layer-0 tensor of the same
+name; the run is refused (use ``stream=False``) when the layers do not all have the same tensor names and
+shapes, when a vocabulary-sized axis would be widened, or when a checkpoint key is not one of the class's
+tensors (a renamed or converted layout).
+
+**What is verified in streamed mode** (before the temporary directory is renamed to ``out``):
+
+1. the proxy (real layer 0, embeddings and head) widened in memory computes the source proxy's logits
+   within the dtype's tolerance (as the in-memory path checks the whole model);
+2. every streamed tensor that the proxy holds (embeddings, layer 0, final norm, head) is bitwise equal to
+   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly;
+3. a second one-layer model made of the checkpoint's **last** layer (plus embeddings and head), read back
+   from the written files, computes the source's logits for that layer within the tolerance (skipped with
+   noise, which changes the function);
+4. every written shard is read back by ``safetensors`` and holds exactly the planned keys, shapes and
+   dtypes, and the wide config builds (on the meta device) a model with exactly those shapes.
+
+Not verified: the function of the full-depth wide model, and the values of layers 1 .. L-2 beyond being
+written by the same per-tensor recipe as layers 0 and L-1 (a full check needs the memory streaming avoids;
+run ``stream=False`` where it fits).
+
+Files are read with ``pread`` and written with ``pwrite`` (no ``mmap``: mapped pages count as the process's
+memory), in the safetensors layout that ``save_pretrained`` writes (same sharding, header, tensor order),
+into a temporary directory beside ``out`` that is renamed at the end; a killed run leaves only that
+directory, which the next run removes.
+
+Example:
+    >>> import graphscale.hf                                                  # doctest: +SKIP
+    >>> graphscale.hf.upscale("llama-1b", 2, out="llama-1b-x2", stream=True)  # doctest: +SKIP
+    PosixPath('llama-1b-x2')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphscale import hf
+from graphscale.hf import HFUpscaleError
+from graphscale.record import ParamScaling, WideningRecord, save_record
+
+__all__ = ["TensorEntry", "read_header", "read_tensor", "stream_upscale", "write_safetensors"]
+
+# safetensors dtype names, in the order the safetensors writer sorts tensors (descending): the layout
+# save_pretrained writes, so a streamed shard is byte-identical to it
+_ST_ORDER = ["U64", "I64", "F64", "U32", "F32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL"]
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+_IO_CHUNK = 1 << 30  # one pread/pwrite moves at most ~2 GiB on Linux
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are (absolute offset), its dtype and shape."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
+    """The tensors of the safetensors file ``path`` (name -> :class:`TensorEntry`), from its header only.
+
+    Example:
+        >>> import tempfile, safetensors.torch
+        >>> f = Path(tempfile.mkdtemp()) / "a.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.ones(2, 3)}, f)
+        >>> e = read_header(f)["w"]; (e.dtype, e.shape, e.nbytes)
+        (torch.float32, (2, 3), 24)
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < n <= _MAX_HEADER:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+        out: dict[str, TensorEntry] = {}
+        for name, d in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(d["dtype"])
+            if dtype is None:
+                raise HFUpscaleError(f"{path}: tensor {name} has dtype {d['dtype']}, which graphscale does "
+                                     f"not read (expected one of {', '.join(_ST_DTYPES)})")
+            begin, end = (int(x) for x in d["data_offsets"])
+            shape = tuple(int(x) for x in d["shape"])
+            numel = 1
+            for x in shape:
+                numel *= x
+            if end - begin != numel * dtype.itemsize or 8 + n + end > size or begin < 0:
+                raise ValueError(f"tensor {name}: offsets {begin}:{end} do not fit its shape or the file")
+            out[name] = TensorEntry(path, dtype, shape, 8 + n + begin, end - begin)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise HFUpscaleError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def read_tensor(entry: TensorEntry, rows: int | None = None) -> torch.Tensor:
+    """Read one tensor (only its first ``rows`` rows along axis 0 if given) with ``pread``: no ``mmap``, so
+    nothing but the returned tensor stays in the process's memory.
+
+    Example:
+        >>> import tempfile, safetensors.torch
+        >>> f = Path(tempfile.mkdtemp()) / "a.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.arange(6.).reshape(3, 2)}, f)
+        >>> read_tensor(read_header(f)["w"], rows=2)
+        tensor([[0., 1.],
+                [2., 3.]])
+    """
+    shape = entry.shape if rows is None else (rows, *entry.shape[1:])
+    out = torch.empty(shape, dtype=entry.dtype)
+    buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+    if buf is None:
+        return out
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(buf):
+            got = os.preadv(fd, [buf[done:done + _IO_CHUNK]], entry.offset + done)
+            if got <= 0:
+                raise HFUpscaleError(f"{entry.file}: unexpected end of file reading a tensor")
+            done += got
+    finally:
+        os.close(fd)
+    return out
+
+
+def _layout(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+            metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The header bytes and each tensor's offset (from the start of the file) of a safetensors file holding
+    ``tensors``, exactly as ``safetensors.torch.save_file`` lays it out (sorted by dtype, then name;
+    header padded with spaces to 8 bytes)."""
+    order = sorted(tensors, key=lambda n: (_ST_ORDER.index(_ST_NAMES[tensors[n][0]]), n))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    pos, starts = 0, {}
+    for name in order:
+        dtype, shape = tensors[name]
+        numel = 1
+        for x in shape:
+            numel *= x
+        nbytes = numel * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        starts[name] = pos
+        pos += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, {n: len(prefix) + s for n, s in starts.items()}
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + _IO_CHUNK], offset + done)
+
+
+def _tensor_bytes(t: torch.Tensor) -> Any:
+    t = t.contiguous()
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as ``safetensors.torch.save_file`` does (the same bytes), one tensor at a time.
+
+    Example:
+        >>> import tempfile, hashlib, safetensors.torch
+        >>> d = Path(tempfile.mkdtemp()); sd = {"b": torch.ones(3), "a": torch.zeros(2, dtype=torch.int64)}
+        >>> safetensors.torch.save_file(sd, d / "x", metadata={"format": "pt"})
+        >>> write_safetensors(d / "y", sd, metadata={"format": "pt"})
+        >>> (d / "x").read_bytes() == (d / "y").read_bytes()
+        True
+    """
+    prefix, offsets = _layout({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata or {})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _pwrite_all(fd, prefix, 0)
+        for name, t in tensors.items():
+            _pwrite_all(fd, _tensor_bytes(t), offsets[name])
+    finally:
+        os.close(fd)
+
+
+def _release_memory() -> None:
+    """Free what reference cycles hold (fx graphs) and hand freed heap back to the system (glibc), so that
+    the streaming phase starts from the runtime's size, not from the proxy's."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by later allocations instead
+        pass
+
+
+def _peak_rss(reset: bool = False) -> int | None:
+    """This process's peak resident memory so far (``VmHWM``, bytes), then, with ``reset``, start a new peak
+    from the current size (Linux: ``5`` written to ``/proc/self/clear_refs``), so that each phase of a run
+    reports its own peak (set ``GRAPHSCALE_PEAK_RSS_PER_PHASE=1``; otherwise each figure is the peak so
+    far). None where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return hwm
+    except (OSError, ValueError):
+        return None
+
+
+class _Progress:
+    """``upscale  1.2/8.8 GB  14%  310 MB/s  eta 25s`` on stderr, redrawn at most 5 times a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            sys.stderr.write(f"\rupscale {self.done / 1e9:7.2f}/{self.total / 1e9:.2f} GB "
+                             f"{100 * self.done / max(self.total, 1):3.0f}%  {rate / 1e6:6.0f} MB/s  "
+                             f"eta {eta:4.0f}s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the proxy: the same class at one layer and a cut vocabulary
+
+
+@dataclass
+class _Layers:
+    """The checkpoint's layer stacks: the module lists of ``count`` layers (their dotted paths)."""
+
+    count: int
+    paths: list[str]
+
+    def split(self, name: str) -> tuple[str, int, str] | None:
+        """``(stack path, layer index, rest)`` for a name inside a layer, else None."""
+        for p in self.paths:
+            m = re.match(re.escape(p) + r"\.(\d+)\.(.+)$", name)
+            if m:
+                return p, int(m.group(1)), m.group(2)
+        return None
+
+    def to_proxy(self, name: str) -> str:
+        """The proxy's name for ``name``: every layer becomes the proxy's only layer, 0."""
+        s = self.split(name)
+        return name if s is None else f"{s[0]}.0.{s[2]}"
+
+    def to_real(self, proxy_name: str, layer: int) -> str:
+        s = self.split(proxy_name)
+        return proxy_name if s is None else f"{s[0]}.{layer}.{s[2]}"
+
+
+def _proxy_config(config: Any, layers: _Layers, layer: int, vocab: int) -> Any:
+    """``config`` at one layer (the list fields with one entry per layer keep ``layer``'s) and ``vocab``
+    tokens."""
+    fields: dict[str, Any] = {"num_hidden_layers": 1}
+    for k, v in config.to_dict().items():
+        if isinstance(v, list) and len(v) == layers.count and layers.count > 1:
+            fields[k] = [v[layer]]
+    if getattr(config, "vocab_size", None) is not None:
+        fields["vocab_size"] = vocab
+    return hf._with(config, fields)
+
+
+def _proxy_vocab(config: Any) -> int:
+    """A few tokens, more than any special token id the config names (the class may check them)."""
+    ids = [v for k, v in config.to_dict().items() if k.endswith("_token_id") and isinstance(v, int)]
+    ids += [x for k, v in config.to_dict().items() if k.endswith("_token_id") and isinstance(v, list)
+            for x in v if isinstance(x, int)]
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    return min(vocab, max(64, max(ids, default=0) + 1)) if vocab else 0
+
+
+def _named(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _layer_stacks(meta: torch.nn.Module, config: Any) -> _Layers:
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int) or count < 1:
+        raise HFUpscaleError("streamed upscale needs the config's num_hidden_layers (the proxy is built at "
+                             "one layer); use stream=False (--no-stream)")
+    paths = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return _Layers(count, paths)
+
+
+def _load_proxy(auto: Any, pconfig: Any, dtype: torch.dtype, read: Any) -> torch.nn.Module:
+    """The class built from ``pconfig`` with every stored tensor replaced by ``read(proxy name, shape)``."""
+    with torch.random.fork_rng():  # its random init is overwritten; leave the caller's RNG as it was
+        model = auto.from_config(pconfig, dtype=dtype, **hf._IMPL, trust_remote_code=False).eval()
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, t in _named(model).items():
+            if id(t) in seen:
+                continue
+            value = read(name, tuple(t.shape))
+            if value is not None:
+                seen.add(id(t))
+                t.copy_(value)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the streamed upscale
+
+
+@dataclass
+class _Item:
+    """One checkpoint key: where it is read, how it is widened, where it is written."""
+
+    key: str
+    src: TensorEntry
+    scaling: ParamScaling  # the final recipe (record, noise): copy_scale with every fold
+    widen_scale: float  # the copy scale widening multiplies by (before the query fold, as widen_into does)
+    query: list[tuple[int, int, int, int]]  # (axis, lo, hi, m): rows lo:hi times m**-0.5
+    is_param: bool
+    proxy_name: str | None  # the proxy tensor with the same recipe and values (layer 0, non-layer tensors)
+    dtype: torch.dtype
+
+
+def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, out_dir: Path,
+                   weight_files: list[Path], *, multiplier: int, heads: str, noise: Any, seed: int,
+                   dtype: torch.dtype, force: bool, max_shard_size: str | int, seq_len: int = 8,
+                   progress: bool | None = None) -> Path:
+    """Widen ``src_dir`` into ``out_dir`` tensor by tensor (called by :func:`graphscale.hf.upscale` with its
+    checked arguments; see the module doc for the recipes and what is verified). Returns ``out_dir``.
+
+    Example:
+        >>> graphscale.hf.upscale("src", 2, out="dst", stream=True)  # doctest: +SKIP
+        PosixPath('dst')
+    """
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    peak: dict[str, int] = {}
+
+    def phase(name: str) -> None:  # wall time and peak memory per phase, kept in the record (info["stream"])
+        now = time.perf_counter()
+        seconds[name] = round(now - clock[0], 3)
+        clock[0] = now
+        # resetting the peak would change what the caller's own VmHWM says: only when asked (benchmarks)
+        hwm = _peak_rss(reset=os.environ.get("GRAPHSCALE_PEAK_RSS_PER_PHASE") == "1")
+        if hwm is not None:
+            peak[name] = hwm
+
+    entries: dict[str, TensorEntry] = {}
+    for f in weight_files:
+        for k, e in read_header(f).items():
+            if k in entries:
+                raise HFUpscaleError(f"{src_dir}: tensor {k} is stored in both {entries[k].file.name} and "
+                                     f"{f.name}")
+            entries[k] = e
+    meta = hf._meta_model(auto, config)
+    named = _named(meta)
+    layers = _layer_stacks(meta, config)
+    _check_keys(entries, named, meta, src_dir)
+    _check_homogeneous(named, layers)
+
+    vocab = _proxy_vocab(config)
+    first_proxy = _proxy_config(config, layers, 0, vocab)
+    pmeta = hf._meta_model(auto, first_proxy)
+    pnamed = {n: tuple(t.shape) for n, t in _named(pmeta).items()}
+    rows = _cut_axes(pnamed, named, layers, config, vocab)
+
+    def source_reader(layer: int) -> Any:
+        def read(pname: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+            e = entries.get(layers.to_real(pname, layer))
+            if e is None:
+                return None  # not stored: a non-persistent buffer the class computes, or a tied name
+            t = read_tensor(e, rows=rows.get(pname))
+            return t.to(dtype) if t.is_floating_point() else t
+        return read
+
+    small = _load_proxy(auto, first_proxy, dtype, source_reader(0))
+    w = hf._widen_loaded(tf, auto, kind, first_proxy, small, multiplier, heads, dtype, seq_len)
+    del small
+    wide_fields = {f: new for f, (_, new) in w.changed.items()}
+    if {"num_hidden_layers", "vocab_size"} & set(wide_fields):
+        raise HFUpscaleError(f"the widening changes {sorted(wide_fields)}, which the streamed proxy sets; "
+                             "use stream=False (--no-stream)")
+    new_config = hf._with(config, wide_fields)
+    with torch.device("meta"):
+        wide_meta = auto.from_config(new_config, dtype=dtype, **hf._IMPL, trust_remote_code=False)
+    wide_named = _named(wide_meta)
+    items = _items(entries, named, wide_named, meta, layers, w, rows, dtype)
+
+    record = _full_record(w.record, named, layers)
+    record = hf._hf_record(record, config, w.changed, src_dir, heads)
+    record.notes.append(f"streamed: recipes from a one-layer proxy (vocabulary cut to {vocab}), see "
+                        "graphscale.hf_stream")
+    if noise is not None:
+        record.notes.append(f"noise: {noise!r} (seed {seed})")
+    if w.float32_ops:
+        record.notes.append(f"the class computes parts in float32 ({', '.join(w.float32_ops[:4])}): outputs "
+                            f"checked to relative {w.tol:g}, not float64's {hf.TOLERANCE[torch.float64]:g}")
+    with torch.no_grad():
+        proxy_error = hf._max_rel(w.large_w(*w.inputs), w.want)
+    if not proxy_error <= w.tol:
+        raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
+                             f"(allowed {w.tol:g}); use stream=False (--no-stream)")
+    # keep the proxy's wide tensors (check 2 pops each when used) and what the checks need; the rest of the
+    # proxy (its plan holds copies of the narrow model, in reference cycles) goes now
+    proxy_wide = {n: t.detach() for n, t in _named(w.large).items()}
+    tol, inputs, causal = w.tol, w.inputs, w.causal
+    del w
+    _release_memory()
+    phase("proxy")
+
+    hf._remove_stale_dirs(out_dir.parent)
+    tmp = hf._temp_dir(out_dir)
+    try:
+        tmp.mkdir()
+        _write_non_weights(wide_meta, tmp)
+        shards = _write_weights(tmp, items, wide_meta, max_shard_size, noise, seed, proxy_wide,
+                                _Progress(sum(_wide_nbytes(i) for i in items),
+                                          sys.stderr.isatty() if progress is None else progress))
+        del proxy_wide
+        _release_memory()
+        phase("write")
+        hf._copy_other_files(src_dir, tmp)
+        _check_written(tmp, shards, items, wide_named)
+        errors = {"the proxy (layer 0) in memory": proxy_error}
+        if layers.count > 1 and noise is None:
+            errors[f"layer {layers.count - 1} read back"] = _check_last_layer(
+                auto, config, new_config, layers, vocab, rows, entries, tmp, dtype, inputs, causal)
+        bad = {k: v for k, v in errors.items() if not v <= tol}
+        if bad:
+            raise HFUpscaleError("the written model does not reproduce the source (relative error "
+                                 + ", ".join(f"{k}: {v:.3g}" for k, v in bad.items())
+                                 + f", allowed {tol:g})")
+        record.info["check"] = {"relative_error": errors, "tolerance": tol, "dtype": str(dtype),
+                                "streamed": True}
+        phase("check")
+        record.info["stream"] = {"seconds": seconds, "peak_rss_bytes": peak, "proxy_vocab": vocab,
+                                 "layers": layers.count}
+        save_record(record, tmp)
+        hf._replace_dir(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_keys(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor], meta: torch.nn.Module,
+                src: Path) -> None:
+    """Every checkpoint key is one of the class's tensors with its shape, and every stored tensor is there."""
+    unknown = sorted(k for k in entries if k not in named)
+    wrong = sorted(f"{k}: {entries[k].shape} (the class: {tuple(named[k].shape)})" for k in entries
+                   if k in named and entries[k].shape != tuple(named[k].shape))
+    stored = {id(t): n for n, t in meta.state_dict(keep_vars=True).items()}
+    present = {id(named[k]) for k in entries if k in named}
+    missing = sorted(n for i, n in stored.items() if i not in present)
+    if unknown or wrong or missing:
+        found = (("unexpected keys", unknown), ("mismatched", wrong), ("missing keys", missing))
+        detail = "; ".join(f"{what}: {', '.join(v[:5])}" for what, v in found if v)
+        raise HFUpscaleError(f"{src} does not map onto its class key by key ({detail}); streamed upscale "
+                             "reads the checkpoint's tensors by the class's names: use stream=False "
+                             "(--no-stream)")
+
+
+def _check_homogeneous(named: dict[str, torch.Tensor], layers: _Layers) -> None:
+    """Every layer of a stack has the same tensor names and shapes as layer 0 (the proxy's recipes hold)."""
+    per: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
+    for n, t in named.items():
+        s = layers.split(n)
+        if s is not None:
+            per.setdefault((s[0], s[1]), {})[s[2]] = tuple(t.shape)
+    for (path, i), tensors in sorted(per.items()):
+        first = per.get((path, 0))
+        if tensors != first:
+            diff = sorted(set(tensors.items()) ^ set((first or {}).items()))[:4]
+            raise HFUpscaleError(f"{path}.{i} differs from {path}.0 ({diff}): streamed upscale takes every "
+                                 "layer's recipe from one layer; use stream=False (--no-stream)")
+
+
+def _cut_axes(pnamed: dict[str, tuple[int, ...]], named: dict[str, torch.Tensor], layers: _Layers,
+              config: Any, vocab: int) -> dict[str, int]:
+    """Proxy tensors whose first axis is the cut vocabulary: name -> rows to read. Any other difference
+    between the proxy and the class is refused."""
+    full = int(getattr(config, "vocab_size", 0) or 0)
+    rows: dict[str, int] = {}
+    for pname, shape in pnamed.items():
+        real = layers.to_real(pname, 0)
+        if real not in named:
+            raise HFUpscaleError(f"the one-layer proxy has {pname}, which the class has not; use "
+                                 "stream=False (--no-stream)")
+        rshape = tuple(named[real].shape)
+        if shape == rshape:
+            continue
+        if (len(shape) == len(rshape) and shape[0] == vocab and rshape[0] == full
+                and shape[1:] == rshape[1:]):
+            rows[pname] = vocab
+            continue
+        raise HFUpscaleError(f"{real} has shape {rshape}, {shape} in the one-layer proxy with {vocab} "
+                             "tokens: only a leading vocabulary axis may differ; use stream=False "
+                             "(--no-stream)")
+    return rows
+
+
+def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor],
+           wide_named: dict[str, torch.Tensor], meta: torch.nn.Module, layers: _Layers, w: Any,
+           rows: dict[str, int], dtype: torch.dtype) -> list[_Item]:
+    """The recipe of every checkpoint key, in the class's parameter order (noise draws in that order), then
+    its buffers."""
+    recipes = w.record.params
+    query: dict[str, list[tuple[int, int, int, int]]] = {}
+    before: dict[str, float] = {}
+    for name, axis, lo, hi, m, c in w.record.info.get("query_scales", []):
+        query.setdefault(hf._strip(name), []).append((axis, lo, hi, m))
+        before.setdefault(hf._strip(name), c)
+    param_ids = {id(p) for p in meta.parameters()}
+    key_of = {id(named[k]): k for k in entries}
+    order = [n for n, _ in meta.named_parameters()] + [n for n, _ in meta.named_buffers()]
+    items: list[_Item] = []
+    for n in order:
+        key = key_of.pop(id(named[n]), None)
+        if key is None:
+            continue
+        pname = layers.to_proxy(key)
+        s = recipes.get("model." + pname)
+        if s is None:
+            raise HFUpscaleError(f"{key}: the widening has no recipe for it (a stored tensor the traced "
+                                 "forward does not use); use stream=False (--no-stream)")
+        e = entries[key]
+        axes = s.axes
+        if pname in rows and axes[0] is not None:
+            raise HFUpscaleError(f"{key}: its vocabulary axis would be widened; use stream=False "
+                                 "(--no-stream)")
+        wide_shape = tuple(e.shape[a] if axes[a] is None else s.wide_shape[a] for a in range(len(axes)))
+        if wide_shape != tuple(wide_named[key].shape):
+            raise HFUpscaleError(f"{key}: widened to {wide_shape}, but the wide config's class has "
+                                 f"{tuple(wide_named[key].shape)}; use stream=False (--no-stream)")
+        scaling = replace(s, name=key, source=layers.to_real(hf._strip(s.source), _layer(layers, key)),
+                          narrow_shape=e.shape, wide_shape=wide_shape)
+        split = layers.split(key)
+        items.append(_Item(key, e, scaling, before.get(pname, s.copy_scale), query.get(pname, []),
+                           id(named[key]) in param_ids, pname if split is None or split[1] == 0 else None,
+                           dtype if e.dtype.is_floating_point else e.dtype))
+    return items
+
+
+def _layer(layers: _Layers, name: str) -> int:
+    s = layers.split(name)
+    return 0 if s is None else s[1]
+
+
+def _full_record(proxy: WideningRecord, named: dict[str, torch.Tensor], layers: _Layers) -> WideningRecord:
+    """The proxy's record under every name of the full class (layer i's tensors get layer 0's rules)."""
+    params = {}
+    for n in named:
+        s = proxy.params.get("model." + layers.to_proxy(n))
+        if s is None:
+            continue
+        i = _layer(layers, n)
+        shape = tuple(named[n].shape)
+        wide = tuple(shape[a] if s.axes[a] is None else s.wide_shape[a] for a in range(len(shape)))
+        params["model." + n] = replace(s, name="model." + n,
+                                       source="model." + layers.to_real(hf._strip(s.source), i),
+                                       narrow_shape=shape, wide_shape=wide)
+    info = {k: v for k, v in proxy.info.items() if k != "query_scales"}  # proxy names; the rule is per tensor
+    # a layer's width classes (its heads, its MLP) exist once per layer of the full model
+    mults: dict[str, int] = {}
+    per_layer: list[tuple[str, int]] = []
+    for name, k in proxy.multipliers.items():
+        if layers.split(hf._strip(name)) is None:
+            mults[name] = k
+        else:
+            per_layer.append((name, k))
+    for i in range(layers.count):
+        for name, k in per_layer:
+            mults["model." + layers.to_real(hf._strip(name), i)] = k
+    return replace(proxy, params=params, multipliers=mults, notes=list(proxy.notes), info=info)
+
+
+def _wide_nbytes(item: _Item) -> int:
+    n = item.dtype.itemsize
+    for x in item.scaling.wide_shape:
+        n *= x
+    return n
+
+
+def _widen_one(item: _Item) -> torch.Tensor:
+    """The wide tensor of one key, by the operations widen_into's fill performs (so, bitwise, its values)."""
+    t = read_tensor(item.src)
+    if t.is_floating_point():
+        t = t.to(item.dtype)
+    wide = replace(item.scaling, copy_scale=item.widen_scale).widen(t)
+    del t
+    for axis, lo, hi, m in item.query:
+        wide.narrow(axis, lo, hi - lo).mul_(m ** -0.5)
+    return wide
+
+
+def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
+    """``config.json`` and ``generation_config.json``, as ``save_pretrained`` writes them for the wide
+    model."""
+    cfg = wide_meta.config
+    cfg.dtype = str(wide_meta.dtype).split(".")[1]
+    cfg.architectures = [type(wide_meta).__name__]
+    cfg.save_pretrained(str(tmp))
+    if wide_meta.can_generate():
+        wide_meta.generation_config.save_pretrained(str(tmp))
+
+
+def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
+                   seed: int, proxy_wide: dict[str, torch.Tensor],
+                   progress: _Progress) -> dict[str, list[str]]:
+    """Write every wide tensor into shards laid out as save_pretrained would; returns file -> keys."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    by_key = {i.key: i for i in items}
+    state_order = [k for k in wide_meta.state_dict() if k in by_key]
+    with torch.device("meta"):
+        plan_sd = {k: torch.empty(by_key[k].scaling.wide_shape, dtype=by_key[k].dtype) for k in state_order}
+    split = split_torch_state_dict_into_shards(plan_sd, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    fds: dict[str, int] = {}
+    where: dict[str, tuple[str, int]] = {}
+    try:
+        for fname, keys in split.filename_to_tensors.items():
+            prefix, offsets = _layout({k: (by_key[k].dtype, by_key[k].scaling.wide_shape) for k in keys},
+                                      {"format": "pt"})
+            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            fds[fname] = fd
+            _pwrite_all(fd, prefix, 0)
+            where.update({k: (fname, offsets[k]) for k in keys})
+        gen = torch.Generator().manual_seed(seed) if noise is not None else None
+        for item in items:
+            wide = _widen_one(item)
+            if item.proxy_name is not None:
+                _check_against_proxy(item, wide, proxy_wide)
+            if noise is not None and item.is_param and wide.is_floating_point():
+                holder = torch.nn.Module()
+                holder.p = torch.nn.Parameter(wide, requires_grad=False)
+                noise.apply(holder, WideningRecord({"p": replace(item.scaling, name="p")}, {}), gen)
+            fname, offset = where[item.key]
+            _pwrite_all(fds[fname], _tensor_bytes(wide), offset)
+            progress.update(_wide_nbytes(item))
+            del wide
+        for fd in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        progress.close()
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": wide_meta.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        with open(tmp / hf.INDEX_FILE, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return dict(split.filename_to_tensors)
+
+
+def _check_against_proxy(item: _Item, wide: torch.Tensor, proxy_wide: dict[str, torch.Tensor]) -> None:
+    """A tensor the proxy holds must come out bitwise as widen_into filled it there (check 2 of the doc)."""
+    filled = proxy_wide.pop(item.proxy_name, None)  # each is needed once: free it as the write goes on
+    if filled is None:
+        return
+    got = wide if filled.shape == wide.shape else wide.narrow(0, 0, filled.shape[0])
+    if got.shape != filled.shape or not torch.equal(got, filled.to(got.dtype)):
+        raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
+                             "one-layer proxy; use stream=False (--no-stream) and report this")
+
+
+def _check_written(tmp: Path, shards: dict[str, list[str]], items: list[_Item],
+                   wide_named: dict[str, torch.Tensor]) -> None:
+    """Each shard opens with safetensors and holds exactly the planned keys, shapes and dtypes (check 4)."""
+    from safetensors import safe_open
+
+    by_key = {i.key: i for i in items}
+    for fname, keys in shards.items():
+        with safe_open(str(tmp / fname), framework="pt") as f:
+            if sorted(f.keys()) != sorted(keys):
+                raise HFUpscaleError(f"{fname} was written with other keys than planned")
+            for k in keys:
+                sl = f.get_slice(k)
+                if tuple(sl.get_shape()) != by_key[k].scaling.wide_shape \
+                        or by_key[k].scaling.wide_shape != tuple(wide_named[k].shape) \
+                        or _ST_DTYPES[sl.get_dtype()] != by_key[k].dtype:
+                    raise HFUpscaleError(f"{fname}: {k} was written with another shape or dtype than planned")
+
+
+def _check_last_layer(auto: Any, config: Any, new_config: Any, layers: _Layers, vocab: int,
+                      rows: dict[str, int], entries: dict[str, TensorEntry], tmp: Path, dtype: torch.dtype,
+                      inputs: tuple, causal: bool) -> float:
+    """Check 3: a one-layer model of the source's last layer against the same read back from ``tmp``."""
+    from graphscale.zoo import HFWrapper
+
+    last = layers.count - 1
+    written: dict[str, TensorEntry] = {}
+    for f in sorted(tmp.glob("*.safetensors")):
+        written.update(read_header(f))
+
+    def reader(store: dict[str, TensorEntry]) -> Any:
+        def read(pname: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+            e = store.get(layers.to_real(pname, last))
+            if e is None:
+                return None
+            t = read_tensor(e, rows=rows.get(pname))
+            return t.to(dtype) if t.is_floating_point() else t
+        return read
+
+    narrow = _load_proxy(auto, _proxy_config(config, layers, last, vocab), dtype, reader(entries))
+    with torch.no_grad():
+        want = HFWrapper(narrow, causal).eval()(*inputs)
+    del narrow
+    wide = _load_proxy(auto, _proxy_config(new_config, layers, last, vocab), dtype, reader(written))
+    with torch.no_grad():
+        got = HFWrapper(wide, causal).eval()(*inputs)
+    return hf._max_rel(got, want)
