@@ -142,8 +142,8 @@ MUTATIONS: list[Mutation] = [
       "a tied embedding/readout needs an inserted multiplier at the use with the larger fan-in"),
     # -- widen --------------------------------------------------------------------------------------------
     M("widen-sum-multiplier-dropped", "graphscale/edits.py",
-      "ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0 / m)",
-      "ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0)",
+      "ctx.frontend.insert_multiply_after(ctx.graph, node, 1.0 / m)",
+      "ctx.frontend.insert_multiply_after(ctx.graph, node, 1.0)",
       ("tests/test_widen_edge_cases.py::test_sum_over_a_width_axis_gets_an_inserted_multiplier",),
       "the inserted 1/k after a sum over a width axis"),
     M("widen-sdpa-scale", "graphscale/edits.py",

@@ -164,3 +164,43 @@ def test_no_grad_region_is_walked_into_and_keeps_its_grad_mode() -> None:
     wide(xs[1]).sum().backward()  # the gate stays out of autograd, so input gradients match
     assert (xs[0].grad - xs[1].grad).abs().max().item() <= TOL
     assert torch.is_grad_enabled()
+
+
+class SmallOps(nn.Module):
+    """eye, item, a random fill, floor_divide and a binary torch.min around a width axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("eps", torch.tensor(0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.min(self.a(x), self.eps)  # elementwise, not a reduction
+        scale = (x.mean() * 0 + 2).item()
+        noise = torch.empty_like(x).uniform_(0.0, 1.0)  # random: its axes stay fixed
+        steps = torch.floor_divide(torch.arange(3), 2).sum()
+        return self.b(h * scale) + (torch.eye(3, dtype=x.dtype) @ x[:, :3]).sum() + 0 * noise.sum() + steps
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_eye_item_random_fill_floor_divide_and_binary_min(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = SmallOps().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    plan = _exact(model, (x,), tracer)
+    assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
+
+
+class EmptySlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.cat([h[..., :4], h[..., 4:4], h[..., 4:]], dim=-1))
+
+
+def test_an_empty_axis_widens_instead_of_dividing_by_zero() -> None:
+    torch.manual_seed(0)
+    _exact(EmptySlice().double(), (torch.randn(3, 4, dtype=torch.float64),), "export")
