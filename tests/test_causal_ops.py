@@ -204,3 +204,31 @@ class EmptySlice(nn.Module):
 def test_an_empty_axis_widens_instead_of_dividing_by_zero() -> None:
     torch.manual_seed(0)
     _exact(EmptySlice().double(), (torch.randn(3, 4, dtype=torch.float64),), "export")
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """A function fx keeps as one call (like torchvision's stochastic_depth); export lowers it."""
+    return x * torch.sigmoid(x)
+
+
+torch.fx.wrap("gate")
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(gate(self.a(x)))
+
+
+def test_auto_falls_back_to_export_when_fx_calls_a_function_with_no_rule() -> None:
+    torch.manual_seed(0)
+    model = Gated().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(UnsupportedOpError, match=r"no graphscale rule covers function .*gate"):
+        graphscale.analyze(model, (x,), tracer="fx")
+    plan = _exact(model, (x,), "auto")
+    assert plan.frontend == "export"
+    assert any("gate" in note and "no rule covers" in note for note in plan.notes)
