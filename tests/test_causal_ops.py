@@ -232,3 +232,23 @@ def test_auto_falls_back_to_export_when_fx_calls_a_function_with_no_rule() -> No
     plan = _exact(model, (x,), "auto")
     assert plan.frontend == "export"
     assert any("gate" in note and "no rule covers" in note for note in plan.notes)
+
+
+class Clamped(nn.Module):
+    """T5's relative-position buckets and xIELU clamp with torch.min(x, y): elementwise, not a reduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("eps", torch.tensor(0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.min(h, self.eps) + torch.max(h, 0.5 * h) + h.max(-1, keepdim=True)[0])
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_binary_min_and_max_are_elementwise(tracer: str) -> None:
+    torch.manual_seed(0)
+    plan = _exact(Clamped().double(), (torch.randn(3, 4, dtype=torch.float64),), tracer)
+    assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
