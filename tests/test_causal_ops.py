@@ -167,7 +167,7 @@ def test_no_grad_region_is_walked_into_and_keeps_its_grad_mode() -> None:
 
 
 class SmallOps(nn.Module):
-    """eye, item, a random fill, floor_divide and a binary torch.min around a width axis."""
+    """eye, item, a random fill, floor_divide, masked_fill_ and a binary torch.min around a width axis."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -176,6 +176,7 @@ class SmallOps(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.min(self.a(x), self.eps)  # elementwise, not a reduction
+        h = h.clone().masked_fill_(x[:, :1] > 10.0, 0.0)  # in place, kept so by export (XLM)
         scale = (x.mean() * 0 + 2).item()
         noise = torch.empty_like(x).uniform_(0.0, 1.0)  # random: its axes stay fixed
         steps = torch.floor_divide(torch.arange(3), 2).sum()
