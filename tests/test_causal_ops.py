@@ -253,3 +253,19 @@ def test_binary_min_and_max_are_elementwise(tracer: str) -> None:
     torch.manual_seed(0)
     plan = _exact(Clamped().double(), (torch.randn(3, 4, dtype=torch.float64),), tracer)
     assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
+
+
+class Concatenate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.concatenate([h, torch.tanh(h)], dim=-1))  # aten.concatenate under export
+
+
+def test_concatenate_alias_is_a_concatenation() -> None:
+    torch.manual_seed(0)
+    plan = _exact(Concatenate().double(), (torch.randn(3, 4, dtype=torch.float64),), "export")
+    assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
