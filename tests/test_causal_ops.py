@@ -269,3 +269,25 @@ def test_concatenate_alias_is_a_concatenation() -> None:
     torch.manual_seed(0)
     plan = _exact(Concatenate().double(), (torch.randn(3, 4, dtype=torch.float64),), "export")
     assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
+
+
+class ComplexRotary(nn.Module):
+    """Llama 4's rotary embedding: pairs as complex numbers, rotated by polar(1, angle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("freqs", torch.linspace(0.1, 1.0, 4, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.view_as_complex(self.a(x).reshape(x.shape[0], 4, 2))
+        rotation = torch.polar(torch.ones_like(self.freqs), 3.0 * self.freqs)
+        return self.b(torch.view_as_real(z * rotation).flatten(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_complex_rotary_grows_the_pairs_not_the_real_imaginary_axis(tracer: str) -> None:
+    torch.manual_seed(0)
+    plan = _exact(ComplexRotary().double(), (torch.randn(3, 4, dtype=torch.float64),), tracer)
+    (cls,) = plan.width_classes
+    assert cls.reason == "2 fixed x 4 growing"

@@ -27,6 +27,7 @@ from __future__ import annotations
 from graphscale.infer.kinds import (  # noqa: F401
     addproduct,
     attention,
+    complexview,
     contraction,
     einsum,
     elementwise,
