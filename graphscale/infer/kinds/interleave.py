@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from graphscale.errors import UnsupportedOpError
 from graphscale.infer.call import Call
 from graphscale.infer.kinds._common import _norm_dim
@@ -45,7 +47,7 @@ def kind_repeat_interleave(ctx: Call) -> Info:
     where = f"repeat_interleave at {ctx.where()}"
     dim = ctx.value(ctx.spec("dim"))
     if dim is None:  # flattened first: one output axis, the row-major merge of every input axis
-        src = ctx.ds.new(out_shape[0] // max(reps, 1) if reps else 0, f"{ctx.node.name} (flattened input)")
+        src = ctx.ds.new(math.prod(info.shape), f"{ctx.node.name} (flattened input)")
         ctx.ds.prod(src, [d for d, s in zip(info.dims, info.shape) if s != 1], where)
         dims, axis = [ctx.ds.new(out_shape[0], f"{ctx.node.name}[0]")], 0
     else:
