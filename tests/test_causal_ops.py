@@ -291,3 +291,27 @@ def test_complex_rotary_grows_the_pairs_not_the_real_imaginary_axis(tracer: str)
     plan = _exact(ComplexRotary().double(), (torch.randn(3, 4, dtype=torch.float64),), tracer)
     (cls,) = plan.width_classes
     assert cls.reason == "2 fixed x 4 growing"
+
+
+class PairRotary(nn.Module):
+    """RoFormer's rotary: sin/cos duplicated per pair with stack + reshape_as, pairs split with x[::2]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("angle", torch.linspace(0.1, 1.0, 8, dtype=torch.float64).view(2, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # (batch=2, 8)
+        sin, cos = torch.stack([self.angle.sin()] * 2, dim=-1), torch.stack([self.angle.cos()] * 2, dim=-1)
+        sin, cos = sin[0].reshape_as(h[0]), cos[0].reshape_as(h[0])
+        rotated = torch.stack([-h[..., 1::2], h[..., ::2]], dim=-1).reshape_as(h)
+        return self.b(h * cos + rotated * sin)
+
+
+def test_stepped_pair_slices_leave_the_rotated_axis_width() -> None:
+    """The stepped slices used to fix the whole axis, so the projection feeding the rotary stayed narrow
+    (the two-width oracle's miss on RoFormer)."""
+    torch.manual_seed(0)
+    plan = _exact(PairRotary().double(), (torch.randn(2, 4, dtype=torch.float64),), "fx")
+    assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
