@@ -106,7 +106,7 @@ HF_GENERIC: dict[str, Any] = {
 DROP = "<drop>"
 HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "falcon": {"head_dim": DROP},
-    "xlstm": {"v_head_dim": DROP},
+    "xlstm": {"v_head_dim": DROP, "ffn_proj_factor": 2.0},  # its FFN width is ffn_proj_factor x hidden
     "gpt2": {"n_inner": "2w"},
     "gpt_bigcode": {"n_inner": "2w"},
     "openai-gpt": {},
