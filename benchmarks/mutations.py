@@ -61,10 +61,11 @@ MUTATIONS: list[Mutation] = [
       "analysis runs train-mode BatchNorm: its running statistics must be restored, the user's model is "
       "never modified"),
     M("capture-no-export-fallback", "graphscale/capture/__init__.py",
-      "            if not uncovered:", "            if True:",
-      ("tests/test_infer_property.py::test_mha_model_width_axes",),
-      "tracer='auto' must fall back to torch.export when fx keeps a module no rule covers "
-      "(nn.MultiheadAttention)"),
+      "            if not uncovered and not calls:", "            if True:",
+      ("tests/test_infer_property.py::test_mha_model_width_axes",
+       "tests/test_causal_ops.py::test_auto_falls_back_to_export_when_fx_calls_a_function_with_no_rule"),
+      "tracer='auto' must fall back to torch.export when fx keeps a module or calls a function no rule "
+      "covers (nn.MultiheadAttention, stochastic_depth)"),
     # -- rules --------------------------------------------------------------------------------------------
     M("rules-var-as-mean", "rules/reductions.toml",
       'mode = "variance"', 'mode = "mean"',
@@ -142,8 +143,8 @@ MUTATIONS: list[Mutation] = [
       "a tied embedding/readout needs an inserted multiplier at the use with the larger fan-in"),
     # -- widen --------------------------------------------------------------------------------------------
     M("widen-sum-multiplier-dropped", "graphscale/edits.py",
-      "ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0 / m)",
-      "ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0)",
+      "ctx.frontend.insert_multiply_after(ctx.graph, node, 1.0 / m)",
+      "ctx.frontend.insert_multiply_after(ctx.graph, node, 1.0)",
       ("tests/test_widen_edge_cases.py::test_sum_over_a_width_axis_gets_an_inserted_multiplier",),
       "the inserted 1/k after a sum over a width axis"),
     M("widen-sdpa-scale", "graphscale/edits.py",

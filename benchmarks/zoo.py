@@ -106,7 +106,7 @@ HF_GENERIC: dict[str, Any] = {
 DROP = "<drop>"
 HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "falcon": {"head_dim": DROP},
-    "xlstm": {"v_head_dim": DROP},
+    "xlstm": {"v_head_dim": DROP, "ffn_proj_factor": 2.0},  # its FFN width is ffn_proj_factor x hidden
     "gpt2": {"n_inner": "2w"},
     "gpt_bigcode": {"n_inner": "2w"},
     "openai-gpt": {},
@@ -117,6 +117,7 @@ HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "xlnet": {"d_inner": "2w"},
     "xlm": {"emb_dim": "w", "n_layers": 2, "n_heads": 4},
     "opt": {"ffn_dim": "2w", "word_embed_proj_dim": "w"},
+    "xglm": {"ffn_dim": "2w"},
     "mpt": {"expansion_ratio": 2},
     "t5": {"d_ff": "2w", "d_kv": "w/4", "num_layers": 2, "num_decoder_layers": 2},
     "bart": {"encoder_ffn_dim": "2w", "decoder_ffn_dim": "2w", "encoder_layers": 2, "decoder_layers": 2,
@@ -127,7 +128,7 @@ HF_OVERRIDE_ALIASES = {
     "mt5": "t5", "umt5": "t5", "longt5": "t5", "switch_transformers": "t5",
     "mbart": "bart", "pegasus": "bart", "marian": "bart", "blenderbot": "bart", "blenderbot-small": "bart",
     "plbart": "bart", "mvp": "bart", "bigbird_pegasus": "bart", "m2m_100": "bart", "led": "bart",
-    "pegasus_x": "bart", "nllb-moe": "bart", "xglm": "bart", "trocr": "bart", "whisper": "bart",
+    "pegasus_x": "bart", "nllb-moe": "bart", "trocr": "bart", "whisper": "bart",
     "prophetnet": "bart", "fsmt": "bart", "musicgen": "bart", "musicgen_melody": "bart",
 }
 HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders

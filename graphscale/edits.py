@@ -253,12 +253,23 @@ class OutputMultiplier:
     node: str
     dims: tuple[int, ...]
     why: str
+    # where the op adds another term to the sum (baddbmm's ``input + b1 @ b2``), scale this factor of the
+    # product instead of the whole output
+    operand: ArgLoc | None = None
 
     def apply(self, ctx: EditContext) -> None:
-        """Insert ``* 1/k`` after the node, k the product of the summed dimensions' multipliers."""
+        """Insert ``* 1/k`` after the node (or on ``operand``), k the product of the summed dimensions'
+        multipliers."""
         m = math.prod(ctx.sizes.mult(d) for d in self.dims)
-        if m != 1:
-            ctx.frontend.insert_multiply_after(ctx.graph, ctx.nodes[self.node], 1.0 / m)
+        if m == 1:
+            return
+        node = ctx.nodes[self.node]
+        if self.operand is None:
+            ctx.frontend.insert_multiply_after(ctx.graph, node, 1.0 / m)
+            return
+        scaled = ctx.frontend.insert_multiply_before(ctx.graph, node, get_arg(node, self.operand), 1.0 / m)
+        scaled.meta["graphscale"] = "inserted multiplier (a sum with no parameter to absorb it)"
+        set_arg(node, self.operand, scaled)
 
 
 @dataclass(frozen=True)

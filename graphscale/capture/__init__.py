@@ -9,8 +9,8 @@ argument normalization, the multiply it inserts, where slice and attention argum
 the original) and proxies buffers (so a causal mask sliced by the sequence length traces).
 ``tracer="export"`` runs ``torch.export.export(..., strict=False)`` and works on models fx cannot trace,
 such as Hugging Face transformers 5.x. ``tracer="auto"`` tries fx, and falls back to export when fx
-fails or produces a graph with a leaf module that no rule covers (``nn.MultiheadAttention``, whose
-internals export lowers to ops that rules do cover).
+fails or produces a graph with a leaf module or a function that no rule covers (``nn.MultiheadAttention``,
+``torchvision.ops.stochastic_depth``, whose internals export lowers to ops that rules do cover).
 
 The user's model is never modified: both frontends trace a private deep copy (so a ``forward`` that
 reassigns a buffer, or runs in-place ops, changes only the copy), and the captured graph, the walk and
@@ -112,9 +112,12 @@ def _capture_copy(model: torch.nn.Module, args: tuple, kwargs: dict, tracer: Tra
             if book is not None:
                 _check_function_rules(cap.gm, book)  # export would inline them too: refuse, no fallback
             uncovered = _uncovered_modules(cap.gm, book) if book is not None and tracer == "auto" else []
-            if not uncovered:
+            calls = _uncovered_calls(cap.gm, book) if book is not None and tracer == "auto" else []
+            if not uncovered and not calls:
                 return cap
-            fx_error = f"fx keeps {', '.join(uncovered)} as leaf modules with no rule"
+            fx_error = "; ".join(
+                ([f"fx keeps {', '.join(uncovered)} as leaf modules with no rule"] if uncovered else [])
+                + ([f"fx's graph calls {', '.join(calls)}, which no rule covers"] if calls else []))
     private = private_copy(model)  # a fresh one: fx tracing may have changed the first
     try:
         cap = FRONTENDS["export"].trace(private, args, kwargs)
@@ -129,6 +132,19 @@ def _capture_copy(model: torch.nn.Module, args: tuple, kwargs: dict, tracer: Tra
             "Python control flow).") from e
     cap.fallback_reason = fx_error
     return cap
+
+
+def _uncovered_calls(gm: fx.GraphModule, book: RuleBook) -> list[str]:
+    """The functions and tensor methods in an fx graph that no rule covers (the walk would stop at the
+    first; torch.export lowers most of them, e.g. ``torchvision.ops.stochastic_depth``, to ATen ops)."""
+    out: dict[str, str] = {}  # op -> the first node calling it
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and book.lookup_function(n.target) is None:
+            name = f"{getattr(n.target, '__module__', '') or ''}.{getattr(n.target, '__name__', n.target)}"
+            out.setdefault(name.lstrip("."), n.name)
+        elif n.op == "call_method" and book.lookup_method(str(n.target)) is None:
+            out.setdefault(f".{n.target}()", n.name)
+    return [f"{op} (node {node!r})" for op, node in list(out.items())[:5]]  # enough to say why
 
 
 def _uncovered_modules(gm: fx.GraphModule, book: RuleBook) -> list[str]:

@@ -3,7 +3,9 @@
 It works on models fx cannot trace (Hugging Face transformers 5.x) and lowers modules to ATen ops, so
 every op needs a rule. Its graphs are specialized to the example's shapes, take the inputs' pytree
 leaves as placeholders and multiply with ``aten.mul.Tensor``. A custom ``torch.autograd.Function`` is
-refused (export keeps only its forward); an attribute reassigned in ``forward`` is kept as a copy.
+refused (export keeps only its forward); an attribute reassigned in ``forward`` is kept as a copy. A
+``torch.no_grad()`` block, which export wraps in a higher-order op with its own graph, is inlined
+between grad-mode switches (:mod:`graphscale.capture.inline`).
 
 Example:
     >>> cap = ExportFrontend().trace(torch.nn.Linear(3, 4), (torch.randn(2, 3),), {})
@@ -21,6 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphscale.capture.frontend import Captured, Frontend, preserved_buffers
+from graphscale.capture.inline import inline_grad_mode_regions
 from graphscale.capture.safety import _functions_refused
 from graphscale.errors import TraceError
 from graphscale.mupcompat import trace_time_constants
@@ -39,6 +42,7 @@ class ExportFrontend(Frontend):
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, args, kwargs, strict=False)
         gm = ep.module()
+        inline_grad_mode_regions(gm)  # one flat graph for inference and edits (no_grad blocks kept)
         return Captured(gm, self.name, self.bind_inputs(gm, model, args, kwargs), args, kwargs, private=model)
 
     def bind_inputs(self, gm: fx.GraphModule, model: torch.nn.Module, args: tuple,

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 # importing a family registers its kinds (graphscale.infer.schema.KINDS)
 from graphscale.infer.kinds import (  # noqa: F401
+    addproduct,
     attention,
+    complexview,
     contraction,
     einsum,
     elementwise,
     indexing,
+    interleave,
     layout,
     losses,
     normalization,

@@ -52,7 +52,8 @@ def _einsum_core(ctx: Call, operands: list[tuple[str, Any, Loc | None]], pattern
 
     ``operands`` are ``(label, info, where)`` per pattern operand (``where`` locates an activation, for a
     tied parameter's compensation); ``natures`` gives the letter lists ``index``/``fixed``/``forbid``/
-    ``invariant`` and the operand positions that are ``weights``.
+    ``invariant``, the operand positions that are ``weights``, and ``scale_operand``: the operand (a
+    :class:`Ref`) that carries an inserted ``1/k`` instead of the output, where the op adds another term.
     """
     natures = natures if natures is not None else {}
     if len(pattern.operands) != len(operands):
@@ -125,8 +126,15 @@ def _einsum_core(ctx: Call, operands: list[tuple[str, Any, Loc | None]], pattern
     absorbed = {x for _, _, _, axes, _ in param_ops for x in axes}
     free = tuple(letters[x] for x in contracted if x not in absorbed)
     if free:
+        scale_at = natures.get("scale_operand")
+        loc = ctx.loc(scale_at) if scale_at is not None else None
+        if scale_at is not None and (loc is None or loc[0] not in ("pos", "kw")):
+            raise UnsupportedOpError(f"{ctx.where()}: {ctx.rule.name!r} sums over a width axis with no "
+                                     f"parameter, and its operand {str(scale_at)!r} cannot be located to "
+                                     "carry the compensating 1/k")
         ctx.requests.multipliers.append(OutputMultiplier(
-            ctx.node.name, free, f"{ctx.rule.name} sums over these axes with no parameter to absorb it"))
+            ctx.node.name, free, f"{ctx.rule.name} sums over these axes with no parameter to absorb it",
+            loc))  # type: ignore[arg-type]
     return TensorInfo(out_dims, out_shape)
 
 

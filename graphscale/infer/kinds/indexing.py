@@ -96,11 +96,14 @@ def kind_split(ctx: Call) -> Info:
 
 
 def _slice_part(ctx: Call, dim: int, size: int, start: int | None, stop: int | None,
-                step: int | None, out_size: int) -> tuple[int, int | None] | None:
-    """Relate a contiguous slice to its axis; returns (part, before) or None for a full slice."""
+                step: int | None, out_size: int) -> tuple[int, int | None, int] | None:
+    """Relate a slice to its axis; returns (part, before, span) or None for a full slice. The slice's
+    bounds are rewritten to ``[wide(before), wide(before) + wide(span))``."""
     if step not in (None, 1):
-        ctx.ds.fix(dim, "an axis sliced with a step")
-        return None
+        got = _stepped_part(ctx, dim, size, start, step, out_size)
+        if got is None:
+            ctx.ds.fix(dim, "an axis sliced with a step")
+        return got
     lo = 0 if start is None else (start + size if start < 0 else min(start, size))
     hi = size if stop is None else (stop + size if stop < 0 else min(stop, size))
     lo, hi = max(lo, 0), max(hi, lo)
@@ -115,7 +118,27 @@ def _slice_part(ctx: Call, dim: int, size: int, start: int | None, stop: int | N
     if hi < size:
         pieces.append(ctx.ds.new(size - hi, f"{ctx.node.name} after"))
     ctx.ds.concat(dim, pieces, f"slice at {ctx.where()}")
-    return part, before
+    return part, before, part
+
+
+def _stepped_part(ctx: Call, dim: int, size: int, start: int | None, step: int,
+                  out_size: int) -> tuple[int, int | None, int] | None:
+    """``x[j::s]`` over a whole axis of ``n x s`` elements (``j < s``): the axis is the row-major product
+    ``(n) x (s)`` and the slice takes position ``j`` of the inner factor (an interleaved pair's halves,
+    ``x[..., ::2]`` / ``x[..., 1::2]``). Replicating the outer factor commutes with it; the stride ``s``
+    is fixed. Other stepped slices: None (the caller fixes the axis)."""
+    lo = 0 if start is None else (start + size if start < 0 else start)
+    if step <= 1 or size % step or not 0 <= lo < step or out_size != size // step:
+        return None
+    outer = ctx.ds.new(out_size, f"{ctx.node.name} every {step}th")
+    stride = ctx.ds.new(step, f"{ctx.node.name} stride")
+    ctx.ds.fix(stride, "the stride of a stepped slice")
+    ctx.ds.prod(dim, [outer, stride], f"stepped slice at {ctx.where()}")
+    before = None
+    if lo:
+        before = ctx.ds.new(lo, f"{ctx.node.name} offset")
+        ctx.ds.fix(before, "the offset of a stepped slice")
+    return outer, before, dim
 
 
 @kind("getitem")
@@ -158,7 +181,7 @@ def _tensor_index(ctx: Call, info: TensorInfo, index: Any) -> Info:
                 dims.append(d if out_size == size else ctx.ds.new(out_size, ctx.node.name))
             else:
                 dims.append(got[0])
-                ctx.requests.slices.append(SliceBounds(ctx.node.name, None, pos, got[1], got[0]))
+                ctx.requests.slices.append(SliceBounds(ctx.node.name, None, pos, got[1], got[2]))
             axis += 1
         elif isinstance(it, int):
             ctx.ds.fix(info.dims[axis], "an axis indexed at one position")
@@ -191,7 +214,7 @@ def kind_slice(ctx: Call) -> Info:
     dims = list(info.dims)
     if got is not None:
         dims[d] = got[0]
-        ctx.requests.slices.append(SliceBounds(ctx.node.name, ("pos", 2), None, got[1], got[0]))
+        ctx.requests.slices.append(SliceBounds(ctx.node.name, ("pos", 2), None, got[1], got[2]))
     elif out_shape[d] != info.shape[d]:
         dims[d] = ctx.ds.new(out_shape[d], ctx.node.name)
     return TensorInfo(tuple(dims), out_shape, _view_param(info, tuple(dims)))

@@ -8,6 +8,7 @@ from graphscale.infer.kinds._common import (
     _dims_arg,
     _norm_dim,
 )
+from graphscale.infer.kinds.elementwise import kind_elementwise
 from graphscale.infer.schema import Key, kind
 from graphscale.infer.values import (
     Info,
@@ -25,6 +26,8 @@ _REDUCE_MODES = ("sum", "mean", "variance", "forbid", "index")
       mode=Key("str", default="mean", doc=f"one of {_REDUCE_MODES}"))
 def kind_reduce(ctx: Call) -> Info:
     """Reductions: a mean or max over a width axis is invariant, a sum is compensated, others refused."""
+    if ctx.has("other") and isinstance(ctx.info("other"), TensorInfo):
+        return kind_elementwise(ctx)  # torch.min(x, y), aten.max.other: elementwise, not a reduction
     info = ctx.tensor(ctx.spec("input"))
     nd = len(info.dims)
     dims = _dims_arg(ctx.value(ctx.spec("dim")), nd)
