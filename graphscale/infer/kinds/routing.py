@@ -36,22 +36,18 @@ def kind_rank(ctx: Call) -> Info:
     info = ctx.tensor(ctx.spec("input"))
     nd = len(info.dims)
     d = _norm_dim(int(ctx.value(ctx.spec("dim"), -1)), nd) if nd else 0
-    infos = []
-    for r in _results(ctx):
-        shape = tuple(r.shape)
-        if not nd:
-            infos.append(TensorInfo((), shape))
-            continue
-        ctx.ds.fix(info.dims[d], f"an axis {ctx.spec('why')} by {ctx.rule.name}")
-        dims = list(info.dims)
-        if len(shape) == nd:
-            if shape[d] != info.shape[d]:
-                dims[d] = ctx.ds.new(shape[d], f"{ctx.node.name}[{d}]")
-                ctx.ds.fix(dims[d], f"the k of {ctx.rule.name}")
-        else:  # kthvalue/median without keepdim: the axis is removed
-            del dims[d]
-        infos.append(TensorInfo(tuple(dims), shape))
-    return _pack(ctx, infos)
+    shape = tuple(_results(ctx)[0].shape)  # values and indices have the same axes
+    if not nd:
+        return _pack(ctx, [TensorInfo((), shape) for _ in _results(ctx)])
+    ctx.ds.fix(info.dims[d], f"an axis {ctx.spec('why')} by {ctx.rule.name}")
+    dims = list(info.dims)
+    if len(shape) == nd:
+        if shape[d] != info.shape[d]:
+            dims[d] = ctx.ds.new(shape[d], f"{ctx.node.name}[{d}]")
+            ctx.ds.fix(dims[d], f"the k of {ctx.rule.name}")
+    else:  # kthvalue without keepdim: the axis is removed
+        del dims[d]
+    return _pack(ctx, [TensorInfo(tuple(dims), shape) for _ in _results(ctx)])
 
 
 @kind("one_hot", input=Key("ref", default="input"))
