@@ -203,3 +203,30 @@ def test_tiny_moe_widens_exactly_with_experts_and_top_k_fixed(cls: type[DenseMoE
     with torch.no_grad():
         want, got = model(x), wide(x)
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+class WhereMoE(nn.Module):
+    """Tokens located per expert with the one-argument ``torch.where(mask)`` (data-dependent sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.router, self.out = nn.Linear(3, 8), nn.Linear(8, 4), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        tok, _ = torch.where(self.router(h) > 0)
+        return self.out(torch.zeros_like(h).index_add(0, tok, h[tok]))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_where_of_a_mask_locates_along_fixed_axes_and_widens_exactly(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = WhereMoE().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    plan = graphscale.analyze(model, (x,), tracer=tracer)
+    assert [c.name for c in plan.width_classes] == ["inp.weight[0]"]
+    assert plan.classification.lookup("router.weight[0]").role == "fixed"
+    wide = graphscale.widen(model, (x,), 2, plan=plan)
+    with torch.no_grad():
+        want, got = model(x), wide(x)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
