@@ -79,8 +79,13 @@ class AxisReplication:
 
     @property
     def multiplier(self) -> int:
-        """The axis's multiplier (wide size over narrow size)."""
-        return self.wide_size // self.narrow_size
+        """The axis's multiplier (wide size over narrow size; 1 for an empty axis, which has no unit to copy).
+
+        >>> AxisReplication.atomic(0, 2).multiplier, AxisReplication.atomic(4, 3).multiplier
+        (1, 3)
+        """
+        narrow = self.narrow_size
+        return self.wide_size // narrow if narrow else 1
 
     def index(self, device: torch.device | None = None) -> torch.Tensor:
         """Long tensor of length ``wide_size``: the narrow index each wide position copies."""
