@@ -130,10 +130,10 @@ def kind_count(ctx: Call) -> Info:
     depends on how many entries there are, so every axis of the input is fixed, and the result's axes
     are new fixed ones."""
     ctx.tensor(ctx.spec("input"))  # must be a tensor graphscale can describe
-    return count_positions(ctx)
+    return _count_positions(ctx)
 
 
-def count_positions(ctx: Call) -> Info:
+def _count_positions(ctx: Call) -> Info:
     """The relations of :func:`kind_count`, for any op whose results count or locate entries of its
     tensor arguments (also the one-argument ``torch.where(mask)``, which the elementwise rule covers)."""
     for arg in ctx.arg_infos():  # the input, and bincount's weights (summed per bin)
