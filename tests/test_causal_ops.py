@@ -78,17 +78,26 @@ def test_repeated_kv_heads_widen_exactly(heads: str) -> None:
         assert wide.kv.weight.shape[0] == 32 and wide.q.weight.shape[0] == 32
 
 
-def test_repeat_interleave_by_a_tensor_of_counts_is_refused() -> None:
+def test_repeat_interleave_by_a_tensor_of_counts_keeps_the_axis_fixed() -> None:
+    """Per-entry counts (MoE token routing) make the layout depend on the values: the repeated axis stays
+    narrow while the rest of the model widens, and the widening is exact."""
     class PerElement(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a = nn.Linear(4, 2)
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(3, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.a(x).repeat_interleave(torch.tensor([1, 2]), dim=-1)
+            h = self.b(torch.relu(self.a(x)))
+            return self.c(h.repeat_interleave(torch.tensor([1, 2]), dim=-1))
 
-    with pytest.raises(UnsupportedOpError, match=r"repeat_interleave.*int repeat count"):
-        graphscale.analyze(PerElement(), (torch.randn(3, 4),), tracer="fx")
+    model = PerElement().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    plan = graphscale.analyze(model, (x,), tracer="fx")
+    assert [c.name for c in plan.width_classes] == ["a.weight[0]"]
+    wide = graphscale.widen(model, (x,), multiplier=2, tracer="fx")
+    assert wide.b.weight.shape == (2, 16)
+    with torch.no_grad():
+        assert (wide(x) - model(x)).abs().max().item() <= TOL
 
 
 class InterleavedRotary(nn.Module):

@@ -24,7 +24,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from graphscale.cli import main  # noqa: E402
-from graphscale.errors import GraphscaleError, UnsupportedOpError  # noqa: E402
+from graphscale.errors import GraphscaleError  # noqa: E402
 from graphscale.hf import HFUpscaleError, upscale  # noqa: E402
 
 VOCAB = 128
@@ -238,13 +238,32 @@ def test_refusals_name_heads_grow(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_mixtral_is_refused_naming_the_op(tmp_path):
-    """Mixtral's router picks experts with torch.topk, for which today's engine has no rule: refused (no
-    directory written) rather than approximated."""
+def test_mixtral_upscales_with_experts_and_top_k_fixed(tmp_path):
+    """Mixtral's router picks experts with torch.topk over a fixed expert axis (docs/math.md, "Routing"):
+    the upscaled sharded directory loads cleanly, keeps the expert count and top-k, widens the residual
+    stream and each expert's hidden width, and computes the source's logits (router softmax and RMSNorm
+    in float32: relative <= 1e-6). The experts load as batched_mm (grouped_mm has no float64 kernel)."""
     src = _make_source("mixtral", tmp_path / "src")
-    with pytest.raises(UnsupportedOpError, match="topk"):
-        upscale(src, 2, out=tmp_path / "dst", heads="grow")
-    assert not (tmp_path / "dst").exists()
+    before = _digest(src)
+    dst = upscale(src, 2, out=tmp_path / "dst", heads="grow", max_shard_size=SHARD)
+    assert _digest(src) == before
+    models = []
+    for d in (src, dst):
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float64, output_loading_info=True, attn_implementation="eager",
+            experts_implementation="batched_mm")
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        models.append(model.eval())
+    small, large = models
+    assert len(list(dst.glob("model-*.safetensors"))) > 1
+    changes = json.loads((dst / "graphscale.json").read_text())["info"]["config_changes"]
+    assert changes == {"hidden_size": [32, 64], "intermediate_size": [64, 128], "num_attention_heads": [4, 8],
+                       "num_key_value_heads": [2, 4]}, changes  # experts and top-k unchanged
+    assert large.config.num_local_experts == 4 and large.config.num_experts_per_tok == 2
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    want, got = _logits(small, ids), _logits(large, ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel <= 1e-6, f"relative logit error {rel:.3g}"
 
 
 def test_no_consistent_config_is_refused_naming_the_fields():

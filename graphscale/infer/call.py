@@ -116,6 +116,7 @@ def _getattr(obj: Any, name: str, default: Any = None, /) -> None:
 _FUNCTION_SIGNATURES: dict[Any, Callable[..., Any]] = {
     torch.zeros: _creation, torch.ones: _creation, torch.empty: _creation, torch.randn: _creation,
     torch.rand: _creation, getattr: _getattr,
+    torch.nonzero: lambda input, *, out=None, as_tuple=False: None,  # its docstring has no signature
 }
 
 

@@ -39,5 +39,6 @@ from graphscale.infer.kinds import (  # noqa: F401
     padding,
     pooling,
     reductions,
+    routing,
     shapes,
 )

@@ -34,6 +34,10 @@ def kind_elementwise(ctx: Call) -> Info:
     if ctx.spec("warn") and _training(ctx):
         ctx.requests.warnings.append(f"{ctx.where()}: {ctx.spec('warn')}")
     result = ctx.result
+    if isinstance(result, tuple | list) and result and all(isinstance(r, torch.Tensor) for r in result):
+        from graphscale.infer.kinds.routing import _count_positions  # torch.where(mask): positions
+
+        return _count_positions(ctx)
     if not isinstance(result, torch.Tensor):
         if isinstance(result, int) and sizes:
             return SizeInfo(result, None)  # arithmetic on sizes: a derived int, not a size read

@@ -199,7 +199,12 @@ def _tensor_index(ctx: Call, info: TensorInfo, index: Any) -> Info:
         dims = list(ctx.fresh(out_shape))
         for d in dims:
             ctx.ds.fix(d, "an axis produced by advanced indexing")
-    return TensorInfo(tuple(dims), out_shape)
+        return TensorInfo(tuple(dims), out_shape)
+    # rows of a parameter picked by tensors along fixed axes (an MoE's experts, w[expert_ids]), every
+    # other axis kept whole: each entry is an entry of the parameter, so a contraction with it absorbs
+    # its fan-in into the parameter as for the parameter itself
+    whole = tensor_seen and all(isinstance(it, torch.Tensor) or it == slice(None) for it in items)
+    return TensorInfo(tuple(dims), out_shape, _view_param(info, tuple(dims)) if whole else None)
 
 
 @kind("slice")

@@ -7,7 +7,8 @@ count, not a width): interleaved rotary frequencies (``repeat_interleave(freqs, 
 neighbours, and repeated key/value heads keep ``r`` queries per kv head while the kv heads (the input
 axis) may grow. Replicating the input axis commutes with the op: ``[a, b, a, b]`` interleaved twice is
 ``[a, a, b, b, a, a, b, b]``, the replication of ``[a, a, b, b]``. With ``dim=None`` the input is
-flattened first. A tensor of per-element counts is not covered (its output size depends on the values).
+flattened first. With a tensor of per-entry counts (MoE token routing) the layout depends on the values:
+the repeated axis and the result's axis are fixed.
 
 Example:
     >>> import graphscale, torch
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import math
 
-from graphscale.errors import UnsupportedOpError
 from graphscale.infer.call import Call
 from graphscale.infer.kinds._common import _norm_dim
 from graphscale.infer.schema import Key, kind
@@ -39,11 +39,9 @@ def kind_repeat_interleave(ctx: Call) -> Info:
     """The repeated axis is ``input axis x r`` (copy index innermost, fixed); other axes pass through."""
     info = ctx.tensor(ctx.spec("input"))
     reps = ctx.value(ctx.spec("repeats"))
-    if isinstance(reps, bool) or not isinstance(reps, int):
-        raise UnsupportedOpError(
-            f"{ctx.where()}: {ctx.rule.name!r} covers an int repeat count; this call repeats by "
-            f"{type(reps).__name__} (per-element counts make the output size depend on the values)")
     out_shape = tuple(ctx.result.shape)
+    if isinstance(reps, bool) or not isinstance(reps, int):
+        return _per_entry_counts(ctx, info, out_shape)
     where = f"repeat_interleave at {ctx.where()}"
     dim = ctx.value(ctx.spec("dim"))
     if dim is None:  # flattened first: one output axis, the row-major merge of every input axis
@@ -61,4 +59,22 @@ def kind_repeat_interleave(ctx: Call) -> Info:
     loc = ctx.loc(ctx.spec("output_size"))
     if loc is not None and loc[0] != "attr" and ctx.value(ctx.spec("output_size")) is not None:
         ctx.requests.scalars.append(ScalarSize(ctx.node.name, loc, dims[axis]))  # type: ignore[arg-type]
+    return TensorInfo(tuple(dims), out_shape)
+
+
+def _per_entry_counts(ctx: Call, info: TensorInfo, out_shape: tuple[int, ...]) -> Info:
+    """Per-entry counts: the repeated axis (every axis without ``dim``) and the result's axis stay fixed."""
+    dim = ctx.value(ctx.spec("dim"))
+    axes = range(len(info.dims)) if dim is None else [_norm_dim(int(dim), len(info.dims))]
+    for a in axes:
+        ctx.ds.fix(info.dims[a], f"an axis repeated entry by entry by {ctx.rule.name} at {ctx.where()}")
+    if dim is None:
+        dims = ctx.fresh(out_shape)
+        for x in dims:
+            ctx.ds.fix(x, f"an axis made by {ctx.rule.name} with per-entry counts")
+        return TensorInfo(dims, out_shape)
+    d = _norm_dim(int(dim), len(info.dims))
+    dims = list(info.dims)
+    dims[d] = ctx.ds.new(out_shape[d], f"{ctx.node.name}[{d}]")
+    ctx.ds.fix(dims[d], f"an axis made by {ctx.rule.name} with per-entry counts")
     return TensorInfo(tuple(dims), out_shape)

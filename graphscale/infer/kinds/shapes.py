@@ -51,6 +51,12 @@ def kind_attribute(ctx: Call) -> Info:
         if name in _CONST_ATTRIBUTES:  # x.dtype of an opaque tensor is still just a dtype
             return Const(result)
         ctx.tensor("input", f" (reading its {name!r})")  # a size use or a view of it: refused, naming both
+    obj = ctx.value("input")
+    if isinstance(info, tuple) and isinstance(obj, tuple) and len(info) == len(obj):
+        # a named field of an op's tuple result (topk(...).indices, max(x, 1).values): that item
+        for item_info, item in zip(info, obj):
+            if item is result:
+                return item_info
     if not isinstance(info, TensorInfo):
         if isinstance(result, torch.Tensor):
             return Opaque(ctx.node.name, f"attribute {name!r} of a value graphscale cannot describe")
