@@ -86,7 +86,7 @@ def settings(task: str, mode: str) -> Settings:
                             lrs=(1e-3, 2e-3, 4e-3, 8e-3), warmup=40,
                             noise=("symmetric_relative", 1.0), naive_noise=0.03,
                             data=dict(n_layer=4, n_head=4, batch=32, block_size=64, eval_batches=16))
-        return Settings("gpt", n=16, small_steps=300, budgets=(75, 150, 300), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
+        return Settings("gpt", n=16, small_steps=200, budgets=(50, 100, 200), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
                         warmup=10, noise=("symmetric_relative", 1.0), naive_noise=0.03,
                         data=dict(n_layer=2, n_head=2, batch=16, block_size=32, eval_batches=8))
     raise SystemExit(f"--task {task!r}: use mlp or gpt")

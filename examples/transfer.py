@@ -74,7 +74,7 @@ def settings(task: str, quick: bool) -> Settings:
             return Settings("gpt", (4, 8, 16), base_steps=20, base_lr=8e-3, post_steps=10,
                             lrs=(8e-3, 3.2e-2), noises=(("symmetric_relative", 0.0),), naive_noise=0.03,
                             warmup=2, data=dict(eval_batches=1, batch=8, block_size=16))
-        return Settings("gpt", (8, 16, 32), base_steps=300, base_lr=8e-3, post_steps=150,
+        return Settings("gpt", (8, 16, 32), base_steps=200, base_lr=8e-3, post_steps=100,
                         lrs=(8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1),
                         noises=(("symmetric_relative", 0.0), ("symmetric_relative", 1.0)), naive_noise=0.03,
                         warmup=10, data=dict(n_layer=2, n_head=2, batch=16, block_size=32, eval_batches=8))
