@@ -163,7 +163,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             tests = [r["widths"][t][method][k]["test"] for r, k in zip(runs, best_keys)]
             out["targets"].setdefault(t, {})[method] = dict(
                 regret_test_mean=m, regret_test_ci95=h, regret_test_per_seed=regret,
-                regret_val_mean=vm, regret_val_ci95=vh, target_best_per_seed=best_keys,
+                regret_val_mean=vm, regret_val_ci95=vh, regret_val_per_seed=val_regret,
+                target_best_per_seed=best_keys,
                 target_best_test=P.mean_ci(tests), tuning_cost_ratio=ratio,
                 optimum_move_log2_mean=mm, optimum_move_log2_ci95=mh, optimum_move_seeds=len(fin),
                 optimum_move_per_seed=moves)
