@@ -55,8 +55,11 @@ def frontier_table(r: dict[str, Any], task: str) -> str:
             c = pm(a[arm]["test_mean"], a[arm]["test_ci95"])
             if arm == "scratch":
                 c += f" (at {a[arm]['compute_tuned']:.2g})"
-            if a[arm]["lr_on_grid_edge"]:
-                c += f" [lr on grid edge: {a[arm]['lr_on_grid_edge']}/{len(r['seeds'])}]"
+            lrs = a[arm]["lr_per_seed"]
+            top, low = sum(x == max(s["lrs"]) for x in lrs), sum(x == min(s["lrs"]) for x in lrs)
+            if top or low:  # the optimum may lie past the grid: the loss there is an upper bound
+                c += " [lr on the grid's " + ", ".join(f"{e} edge: {k}/{len(lrs)}" for e, k in
+                                                       (("top", top), ("low", low)) if k) + "]"
             cells.append(c)
         best = row["best_equal_compute_control"]
         d = row["upscaled_minus"][best]
@@ -100,7 +103,16 @@ def transfer_table(r: dict[str, Any], task: str) -> str:
             lines.append(f"| {t} | {name} | {pm(m['regret_test_mean'], m['regret_test_ci95'])} | "
                          f"{pm(m['regret_val_mean'], m['regret_val_ci95'])} | {pm(*m['target_best_test'])} | "
                          f"{m['tuning_cost_ratio']:.1f}x | {move} |")
+    top = f"{max(s['lrs']):g}"
     for method, name in (("graphscale", "graphscale"), ("naive", "the naive SP control")):
+        picks = r[f"{method}_proxy_choice_per_seed"] + [k for by in r["targets"].values()
+                                                         for k in by[method]["target_best_per_seed"]]
+        on_top = sum(k.split()[0] == top for k in picks)
+        if on_top:
+            lines.append(f"\n{name}: {on_top} of {len(picks)} val-best choices (proxy and targets, all "
+                         "seeds) "
+                         f"sit on the lr grid's top edge ({top}): there a regret near 0 says only that proxy "
+                         "and target both want an lr at or past the edge, not where their optima are.")
         held = [t for t, by in r["targets"].items()
                 if by[method]["regret_test_mean"] - by[method]["regret_test_ci95"] <= 0]
         lines.append(f"\n{name}: the regret's 95 % interval includes 0 at {len(held)} of "
