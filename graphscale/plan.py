@@ -272,6 +272,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
     notes = list(walk.requests.warnings)
     if cap.fallback_reason:
         notes.append(f"captured with torch.export because {cap.fallback_reason}")
+    notes += classes.notes
     plan = Plan(classes.width + classes.fixed, derived, symbols, cap.frontend, cap, walk, res, classes,
                 heads, notes)
     _check_refusals(plan)
