@@ -1,10 +1,10 @@
 """Partial rotary attention (GPT-NeoX, Phi, StableLM, ...) with the default heads="fixed".
 
 head_dim there is a concatenation: the rotary part (its size set by the frequency buffer ``inv_freq``) and
-the pass-through part. With heads="fixed" the plan either grows head_dim whole (rotary part, slice bound and
-``inv_freq`` repeated with it) or, where a part of head_dim cannot grow (a size-1 rotary part, whose axis
-broadcasting cannot tell from a fixed one), grows the heads instead. Either way the default call widens
-exactly (float64, relative <= 1e-10), and the plan says which it did. Before, both were a MultiplierError
+the pass-through part. With heads="fixed" the plan grows the heads of such an attention instead of its
+head_dim (a size-1 rotary part cannot grow at all; growing rotary and pass together repeats the rotary
+frequencies, which a model built at the wider head_dim computes otherwise). The default call widens
+exactly (float64, relative <= 1e-10), and the plan says what it did. Before, a MultiplierError
 ("concatenates parts that would grow by different multipliers").
 """
 
@@ -36,15 +36,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_rotary_part_grows_with_head_dim():
-    """head_dim 16 = rotary 4 | pass 12: every part grows, inv_freq is repeated with the rotary part."""
+def test_heads_grow_where_head_dim_concatenates_rotary_and_pass() -> None:
+    """head_dim 16 = rotary 4 | pass 12: the heads grow (head_dim, its rotary slice and inv_freq keep
+    their sizes, as a model built with twice the heads has them), and the plan says so."""
     model, inputs = _neox(hidden=32, heads=2, rotary_pct=0.25)
     plan = graphscale.analyze(model, inputs)
-    assert not plan.classification.heads_grown and plan.classification.head_dim_grown
-    assert any("grow together" in n and "inv_freq" in n for n in plan.notes), plan.notes
+    assert plan.classification.heads_grown and not plan.classification.head_dim_grown
+    assert any("its heads grow instead" in n and "rotary | pass" in n for n in plan.notes), plan.notes
     wide = graphscale.widen(model, inputs, 2, plan=plan)
-    inv = wide.get_buffer("model.gpt_neox.rotary_emb.inv_freq")
-    assert inv.shape == (4,)  # the rotary part doubled: 2 frequencies, each repeated
+    assert wide.get_buffer("model.gpt_neox.rotary_emb.inv_freq").shape == (2,)
     with torch.no_grad():
         assert _rel(wide(*inputs), model(*inputs)) <= 1e-10
 

@@ -107,16 +107,19 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
             keep = growing[-1] if heads == "fixed" else growing[0]
             axis = _axis_name(root, walk, res, params) if heads == "fixed" else ""
             if heads == "fixed" and not _can_grow_whole(res.tree(root)[1][keep], width):
-                # head_dim is a concatenation with a fixed part (a rotary slice pinned by its frequency
-                # buffer, a size-1 part): it cannot grow by one multiplier, so the heads grow instead
+                # head_dim is a concatenation of parts (a partial rotary's rotary | pass): a fixed part
+                # (a size-1 frequency axis) cannot grow at all, and growing the parts together would
+                # repeat the rotary frequencies, which a model built at the wider head_dim computes
+                # otherwise; the heads grow instead and head_dim keeps its layout
                 keep = growing[0]
                 heads_grown.append(axis)
                 why = ", ".join(sorted({fixed.get(a, "carried by no parameter")
-                                        for a in leaves(res.tree(root)[1][growing[-1]]) if a not in width}))
+                                        for a in leaves(res.tree(root)[1][growing[-1]]) if a not in width})
+                                ) or "parts of several classes, e.g. a partial rotary's rotary | pass"
                 for a in factors[keep]:
-                    grew_heads[a] = "heads grow: head_dim has a fixed part"
+                    grew_heads[a] = "heads grow: head_dim cannot grow as one"
                 notes.append(f"heads='fixed': {axis} is heads x head_dim, and head_dim concatenates parts "
-                             f"that cannot grow ({why}), so its heads grow instead (head_dim kept)")
+                             f"that cannot grow as one ({why}), so its heads grow instead (head_dim kept)")
             elif heads == "fixed":
                 head_dim_grown.append(axis)
             for i in growing:
@@ -126,7 +129,7 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                     width.discard(a)
                     fixed[a] = ("a head count (heads='fixed')" if heads == "fixed" and i < keep
                                 else "a per-head size (heads='grow')" if heads == "grow"
-                                else "a per-head size (head_dim has a fixed part; heads grow)")
+                                else "a per-head size (heads grow: head_dim cannot grow as one)")
                     changed = True
     by_atom: dict[int, WidthClass] = {}
     out_width, out_fixed = [], []
@@ -166,9 +169,11 @@ def _joint_parts_notes(walk: Walk, res: Resolution, params: list[str], width: se
 
 
 def _can_grow_whole(tree: tuple, width: set[int]) -> bool:
-    """Whether every atom of a product's factor is width, so one multiplier grows it whole (a factor with
-    a fixed part would concatenate parts growing by different multipliers)."""
-    return all(a in width for a in leaves(tree))
+    """Whether a product's factor is one width class (possibly in several parts, as a rotary half split),
+    so that head_dim grows as one: a factor with a fixed part would concatenate parts growing by
+    different multipliers, and one of several classes is a partial rotary's rotary | pass."""
+    atoms = set(leaves(tree))
+    return len(atoms) == 1 and atoms <= width
 
 
 def _axis_name(d: int, walk: Walk, res: Resolution, params: list[str]) -> str:
