@@ -96,6 +96,16 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     grew_heads: dict[int, str] = {}
     heads_grown: list[str] = []
     head_dim_grown: list[str] = []
+    # heads that must grow: where their head_dim cannot grow as one; every product over such a head
+    # count then grows it (v's plain head_dim, o's input), so q, k, v and o stay consistent
+    must_grow: set[int] = set()
+    if heads == "fixed":
+        for root in res.prods:
+            children = res.tree(root)[1]
+            factors = [[a for a in leaves(f) if a in width] for f in children]
+            growing = [i for i, f in enumerate(factors) if f]
+            if len(growing) >= 2 and not _can_grow_whole(children[growing[-1]], width):
+                must_grow.update(factors[growing[0]])
     changed = True
     while changed:
         changed = False
@@ -106,7 +116,8 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                 continue  # one factor, a concatenation of parts: they grow together
             keep = growing[-1] if heads == "fixed" else growing[0]
             axis = _axis_name(root, walk, res, params) if heads == "fixed" else ""
-            if heads == "fixed" and not _can_grow_whole(res.tree(root)[1][keep], width):
+            if heads == "fixed" and (not _can_grow_whole(res.tree(root)[1][keep], width)
+                                     or must_grow & set(factors[growing[0]])):
                 # head_dim is a concatenation of parts (a partial rotary's rotary | pass): a fixed part
                 # (a size-1 frequency axis) cannot grow at all, and growing the parts together would
                 # repeat the rotary frequencies, which a model built at the wider head_dim computes
@@ -118,8 +129,13 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                                 ) or "parts of several classes, e.g. a partial rotary's rotary | pass"
                 for a in factors[keep]:
                     grew_heads[a] = "heads grow: head_dim cannot grow as one"
-                notes.append(f"heads='fixed': {axis} is heads x head_dim, and head_dim concatenates parts "
-                             f"that cannot grow as one ({why}), so its heads grow instead (head_dim kept)")
+                if _can_grow_whole(res.tree(root)[1][growing[-1]], width):
+                    notes.append(f"heads='fixed': {axis} shares its heads with an attention whose head_dim "
+                                 "cannot grow as one, so its heads grow too (head_dim kept)")
+                else:
+                    notes.append(f"heads='fixed': {axis} is heads x head_dim, and head_dim concatenates "
+                                 f"parts that cannot grow as one ({why}), so its heads grow instead "
+                                 "(head_dim kept)")
             elif heads == "fixed":
                 head_dim_grown.append(axis)
             for i in growing:
