@@ -9,7 +9,8 @@
    class that ``config.architectures`` names, checking that no key is missing, unexpected or mismatched;
 2. analyzes the narrow model and derives every tensor's wide shape;
 3. rewrites the config: head counts (``num_attention_heads``, ``num_key_value_heads``, ``n_head``, ...) grow
-   by k with ``heads="grow"`` and stay with ``heads="fixed"``, where a ``head_dim`` field grows instead;
+   by k with ``heads="grow"`` and stay with ``heads="fixed"``, where a ``head_dim`` field grows instead
+   (unless the plan grows the heads because head_dim cannot grow: a partial rotary's fixed part);
    every other integer field is scaled by k exactly when building the model with it scaled moves parameter
    axes to their wide sizes (``hidden_size``, ``intermediate_size``, ``moe_intermediate_size``, ...). The
    model built from the new config must have every widened shape, else it is refused naming the fields;
@@ -201,7 +202,7 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
         raise _with_heads_hint(e, heads) from e
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
     target = {_strip(n): s.wide_shape for n, s in expected.params.items() if n not in unused}
-    new_config, changed = _rewrite_config(tf, auto, config, target, multiplier, heads,
+    new_config, changed = _rewrite_config(tf, auto, config, target, multiplier, _config_heads(plan, heads),
                                           {_strip(n) for n in unused})
 
     with torch.random.fork_rng():  # its random init is overwritten; leave the caller's RNG as it was
@@ -225,6 +226,20 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
 
 # ---------------------------------------------------------------------------------------------------------
 # inputs and outputs
+
+
+def _config_heads(plan: Any, heads: str) -> str:
+    """The head policy the config must follow: with heads="fixed", the plan grows the heads of an attention
+    whose head_dim cannot grow (a partial rotary's fixed part); the config then scales the head counts.
+    One config field cannot say both, so attentions that disagree are refused."""
+    grown, kept = plan.classification.heads_grown, plan.classification.head_dim_grown
+    if heads != "fixed" or not grown:
+        return heads
+    if kept:
+        raise HFUpscaleError(
+            f"heads='fixed' grows head_dim at {kept[0]} but the heads at {grown[0]} (its head_dim has a part "
+            "that cannot grow): one config cannot describe both; use --heads grow")
+    return "grow"
 
 
 def _with_heads_hint(e: GraphscaleError, heads: str) -> GraphscaleError:

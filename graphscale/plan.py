@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -272,10 +273,39 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
     notes = list(walk.requests.warnings)
     if cap.fallback_reason:
         notes.append(f"captured with torch.export because {cap.fallback_reason}")
+    notes += classes.notes
+    pinned = _pinned_hidden_fan_in(walk, res, classes) if outputs == "fixed" else []
+    if pinned:
+        from graphscale.zoo import HFWrapper
+
+        cls = type(model.model if isinstance(model, HFWrapper) else model).__name__
+        msg = (f"{cls}: its output is a hidden state, so with outputs='fixed' (the default) "
+               f"the width of {', '.join(pinned[:3])} stays narrow although hidden weights sum over it; "
+               "pass outputs='width' to widen it (the wide model's output then grows too)")
+        notes.append(msg)
+        warnings.warn(msg, stacklevel=2)
     plan = Plan(classes.width + classes.fixed, derived, symbols, cap.frontend, cap, walk, res, classes,
                 heads, notes)
     _check_refusals(plan)
     return plan
+
+
+def _pinned_hidden_fan_in(walk: Walk, res: Resolution, classes: Classes) -> list[str]:
+    """Fixed classes pinned only by being a model output axis that a hidden weight (one with a width axis)
+    sums over: a backbone's residual stream (BertModel's last_hidden_state) left narrow by outputs='fixed'."""
+    out: list[str] = []
+    for u in walk.requests.uses:
+        name = walk.aliases.get(u.param, u.param)
+        dims = walk.tensor_dims.get(name, ())
+        if not any(classes.by_atom.get(a) is not None and classes.by_atom[a].role == "width"
+                   for d in dims for a in res.atoms(d)):
+            continue
+        for ax in u.fan_in_axes:
+            for a in res.atoms(dims[ax]):
+                c = classes.by_atom.get(a)
+                if c is not None and c.reason == "an axis of a model output" and c.name not in out:
+                    out.append(c.name)
+    return out
 
 
 def _check_refusals(plan: Plan) -> None:

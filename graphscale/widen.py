@@ -530,7 +530,41 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
-    raise WidthConflictError(_no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales))
+    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales)
+    constants = _width_dependent_constants(plan, large, example_inputs)
+    if constants:
+        message += ("; the larger model's code computes constants from its own sizes, which no weight "
+                    "carries here: " + ", ".join(constants[:6]) + (f" and {len(constants) - 6} more" if
+                                                          len(constants) > 6 else "")
+                    + " (e.g. an embedding scale sqrt(d_model)); use graphscale.widen, whose graph keeps the "
+                      "small model's constants")
+    raise WidthConflictError(message)
+
+
+def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any) -> list[str]:
+    """The float literals of ``large``'s graph that differ from the small graph's at the same op: constants
+    its code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``). Only
+    read when widen_into has failed, to say why; empty when the graphs cannot be paired op by op."""
+    from graphscale.capture import capture
+
+    try:
+        gm = capture(large, example_inputs, plan.frontend).gm  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
+        return []
+    small = [n for n in plan.captured.gm.graph.nodes if n.op == "call_function"]
+    big = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
+        return []
+    out = []
+    for a, b in zip(small, big):
+        for i, (x, y) in enumerate(zip(a.args, b.args)):
+            if isinstance(x, float) and isinstance(y, float) and x != y:
+                out.append(f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} in the larger")
+        for key in a.kwargs.keys() & b.kwargs.keys():
+            x, y = a.kwargs[key], b.kwargs[key]
+            if isinstance(x, float) and isinstance(y, float) and x != y and key != "scale":
+                out.append(f"{a.name} {key}={x:.6g} in the small model, {y:.6g} in the larger")
+    return out
 
 
 def _candidate(record: WideningRecord) -> WideningRecord:

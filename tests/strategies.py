@@ -362,6 +362,80 @@ def transformer_archs(draw: Any, heads: Literal["fixed", "grow"] = "fixed") -> T
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Routed weights: parameters that reach their contraction through chunk/split/transpose/reshape
+
+ROUTES = ("plain", "chunk", "split", "transpose", "reshape")
+
+
+@dataclass(frozen=True)
+class RoutedArch:
+    """An MLP whose hidden layers hold their weights in another layout than the contraction reads them:
+    ``chunk`` a packed (2h, fan_in) weight halved into a gated pair (``a * sigmoid(b)``, as a packed
+    q|k|v or gate|up), ``split`` the same with ``torch.split``, ``transpose`` a (fan_in, h) weight used as
+    ``x @ W``, ``reshape`` a (h, 1, fan_in) weight reshaped to (h, fan_in). The readout is a plain
+    Linear."""
+
+    d_in: int
+    d_out: int
+    hidden: tuple[int, ...]
+    routes: tuple[str, ...]
+    batch: int
+    seed: int
+
+
+class RoutedNet(nn.Module):
+    def __init__(self, arch: RoutedArch, k: int) -> None:
+        super().__init__()
+        self.routes = arch.routes
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        fan_in = arch.d_in
+        for h, route in zip(arch.hidden, arch.routes):
+            h *= k
+            shape = {"plain": (h, fan_in), "chunk": (2 * h, fan_in), "split": (2 * h, fan_in),
+                     "transpose": (fan_in, h), "reshape": (h, 1, fan_in)}[route]
+            self.weights.append(nn.Parameter(torch.empty(shape)))
+            self.biases.append(nn.Parameter(torch.empty(2 * h if route in ("chunk", "split") else h)))
+            fan_in = h
+        self.readout = nn.Linear(fan_in, arch.d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for route, w, b in zip(self.routes, self.weights, self.biases):
+            if route == "plain":
+                x = torch.tanh(F.linear(x, w, b))
+            elif route == "reshape":
+                x = torch.tanh(F.linear(x, w.reshape(w.shape[0], w.shape[-1]), b))
+            elif route == "transpose":
+                x = torch.tanh(x @ w + b)
+            else:
+                if route == "split":
+                    (wa, wb), (ba, bb) = torch.split(w, w.shape[0] // 2), torch.split(b, b.shape[0] // 2)
+                else:
+                    (wa, wb), (ba, bb) = w.chunk(2), b.chunk(2)
+                x = torch.tanh(F.linear(x, wa, ba)) * torch.sigmoid(F.linear(x, wb, bb))
+        return self.readout(x)
+
+
+def build_routed(arch: RoutedArch, scale: int = 1) -> Example:
+    model = _seeded_build(arch.seed, lambda: RoutedNet(arch, scale))
+    x = torch.randn(arch.batch, arch.d_in, generator=_input_gen(arch.seed))
+    return model.eval(), (x,)
+
+
+@st.composite
+def routed_archs(draw: Any, max_width: int = 12) -> RoutedArch:
+    depth = draw(st.integers(1, 2))
+    return RoutedArch(
+        d_in=draw(st.integers(1, 6)),
+        d_out=draw(st.integers(1, 4)),
+        hidden=tuple(draw(st.integers(2, max_width)) for _ in range(depth)),
+        routes=tuple(draw(st.sampled_from(ROUTES)) for _ in range(depth)),
+        batch=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**20)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Dispatch
 
 

@@ -94,7 +94,7 @@ def _load(family: str, directory: Path):
 EXACT = {
     "gpt2": ("fixed", 1e-10),
     "bert": ("fixed", 1e-10),
-    "neox": ("grow", 1e-10),    # partial rotary: heads fixed is refused, see test_refusals_name_heads_grow
+    "neox": ("grow", 1e-10),    # heads fixed grows heads too: test_partial_rotary_upscales_with_...
     "llama": ("grow", 1e-6),    # RMSNorm in float32; heads fixed is refused (rotary follows head_dim)
     "qwen2": ("grow", 1e-6),
 }
@@ -228,14 +228,26 @@ def test_refuses_auto_map(tmp_path):
 
 
 def test_refusals_name_heads_grow(tmp_path):
-    """Heads fixed widens head_dim; Llama's rotary frequencies and GPT-NeoX's partial rotary split follow
-    head_dim from the config, which no weight can fold. Both refuse naming --heads grow, and write nothing."""
-    for family, match in (("llama", "inv_freq.*--heads grow"), ("neox", "--heads grow")):
-        src = _make_source(family, tmp_path / family)
-        with pytest.raises(GraphscaleError, match=match):
-            upscale(src, 2, out=tmp_path / f"{family}-x2", heads="fixed")
-        assert not (tmp_path / f"{family}-x2").exists()
+    """Heads fixed widens head_dim; Llama's rotary frequencies follow head_dim from the config, which no
+    weight can fold. Refused naming --heads grow, and nothing written."""
+    src = _make_source("llama", tmp_path / "llama")
+    with pytest.raises(GraphscaleError, match="inv_freq.*--heads grow"):
+        upscale(src, 2, out=tmp_path / "llama-x2", heads="fixed")
+    assert not (tmp_path / "llama-x2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_partial_rotary_upscales_with_the_default_heads(tmp_path):
+    """GPT-NeoX's head_dim 8 = rotary 2 | pass 6 cannot grow by one multiplier (the size-1 frequency axis
+    stays fixed), so the default heads="fixed" grows its heads: the config's head count doubles, and the
+    written directory computes the source's logits. Before, a MultiplierError."""
+    src = _make_source("neox", tmp_path / "neox")
+    dst = upscale(src, 2, out=tmp_path / "neox-x2")
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["num_attention_heads"] == 8 and cfg["hidden_size"] == 64
+    record = json.loads((dst / "graphscale.json").read_text())
+    assert record["info"]["check"]["relative_error"]["the source"] <= 1e-10
+    assert any("heads grow instead" in n for n in record["notes"]), record["notes"]
 
 
 def test_mixtral_upscales_with_experts_and_top_k_fixed(tmp_path):

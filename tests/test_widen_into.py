@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -70,3 +71,27 @@ def test_widen_into_refuses_a_different_architecture() -> None:
     large, _ = zoo.mlp(widths=(16, 16, 16))
     with pytest.raises(graphscale.GraphscaleError):
         graphscale.widen_into(small, large, inputs)
+
+
+class _ScaledEmbedding(torch.nn.Module):
+    """An embedding scaled by sqrt(d) computed from the model's own width (BioGPT, CTRL, Gemma, ...)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, d)
+        self.scale = math.sqrt(d)
+        self.readout = torch.nn.Linear(d, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.tanh(self.embed(idx) * self.scale))
+
+
+def test_width_dependent_constant_is_named_in_the_refusal() -> None:
+    """The larger model's sqrt(d_model) differs from the small one's, and no weight carries the ratio
+    through the tanh: refused, naming the op and both constants (before: only the output error)."""
+    torch.manual_seed(0)
+    small, large = _ScaledEmbedding(4), _ScaledEmbedding(8)
+    idx = torch.randint(0, 10, (2, 3))
+    want = r"constants from its own sizes.*mul.*: 2 in the small model, 2\.82843 in the larger"
+    with pytest.raises(graphscale.WidthConflictError, match=want):
+        graphscale.widen_into(small, large, (idx,))

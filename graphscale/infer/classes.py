@@ -51,6 +51,11 @@ class Classes:
     by_atom: dict[int, WidthClass]
     width: list[WidthClass]
     fixed: list[WidthClass]
+    notes: list[str] = field(default_factory=list)  # policy decisions the plan reports
+    # under heads="fixed": the heads x head_dim axes where head_dim grew, and those where it could not
+    # (a concatenation with a fixed part) and the heads grew instead
+    head_dim_grown: list[str] = field(default_factory=list)
+    heads_grown: list[str] = field(default_factory=list)
 
     def lookup(self, key: str) -> WidthClass:
         for c in self.width + self.fixed:
@@ -85,30 +90,121 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         if ds.size[a] == 1:
             fixed.setdefault(a, "size 1")
     width = {a for a in carried if a not in fixed}
-    # heads policy: a product keeps one growing factor
+    # heads policy: a product keeps one growing factor (a concatenation such as a partial-rotary head,
+    # rotary | pass, is one factor: all its width atoms grow together)
+    notes: list[str] = []
+    grew_heads: dict[int, str] = {}
+    heads_grown: list[str] = []
+    head_dim_grown: list[str] = []
+    # heads that must grow: where their head_dim cannot grow as one; every product over such a head
+    # count then grows it (v's plain head_dim, o's input), so q, k, v and o stay consistent
+    must_grow: set[int] = set()
+    if heads == "fixed":
+        for root in res.prods:
+            children = res.tree(root)[1]
+            factors = [[a for a in leaves(f) if a in width] for f in children]
+            growing = [i for i, f in enumerate(factors) if f]
+            if len(growing) >= 2 and not _can_grow_whole(children[growing[-1]], width):
+                must_grow.update(factors[growing[0]])
     changed = True
     while changed:
         changed = False
         for root in res.prods:
-            atoms = [a for a in leaves(res.tree(root)) if a in width]
-            if len(set(atoms)) < 2:
-                continue
-            keep = atoms[-1] if heads == "fixed" else atoms[0]
-            for a in set(atoms) - {keep}:
-                width.discard(a)
-                fixed[a] = ("a head count (heads='fixed')" if heads == "fixed"
-                            else "a per-head size (heads='grow')")
-                changed = True
+            factors = [[a for a in leaves(f) if a in width] for f in res.tree(root)[1]]
+            growing = [i for i, f in enumerate(factors) if f]
+            if len(growing) < 2:
+                continue  # one factor, a concatenation of parts: they grow together
+            keep = growing[-1] if heads == "fixed" else growing[0]
+            axis = _axis_name(root, walk, res, params) if heads == "fixed" else ""
+            if heads == "fixed" and (not _can_grow_whole(res.tree(root)[1][keep], width)
+                                     or must_grow & set(factors[growing[0]])):
+                # head_dim is a concatenation of parts (a partial rotary's rotary | pass): a fixed part
+                # (a size-1 frequency axis) cannot grow at all, and growing the parts together would
+                # repeat the rotary frequencies, which a model built at the wider head_dim computes
+                # otherwise; the heads grow instead and head_dim keeps its layout
+                keep = growing[0]
+                heads_grown.append(axis)
+                why = ", ".join(sorted({fixed.get(a, "carried by no parameter")
+                                        for a in leaves(res.tree(root)[1][growing[-1]]) if a not in width})
+                                ) or "parts of several classes, e.g. a partial rotary's rotary | pass"
+                for a in factors[keep]:
+                    grew_heads[a] = "heads grow: head_dim cannot grow as one"
+                if _can_grow_whole(res.tree(root)[1][growing[-1]], width):
+                    notes.append(f"heads='fixed': {axis} shares its heads with an attention whose head_dim "
+                                 "cannot grow as one, so its heads grow too (head_dim kept)")
+                else:
+                    notes.append(f"heads='fixed': {axis} is heads x head_dim, and head_dim concatenates "
+                                 f"parts that cannot grow as one ({why}), so its heads grow instead "
+                                 "(head_dim kept)")
+            elif heads == "fixed":
+                head_dim_grown.append(axis)
+            for i in growing:
+                if i == keep:
+                    continue
+                for a in factors[i]:
+                    width.discard(a)
+                    fixed[a] = ("a head count (heads='fixed')" if heads == "fixed" and i < keep
+                                else "a per-head size (heads='grow')" if heads == "grow"
+                                else "a per-head size (heads grow: head_dim cannot grow as one)")
+                    changed = True
     by_atom: dict[int, WidthClass] = {}
     out_width, out_fixed = [], []
     for a in sorted(carried, key=lambda a: _first_index(a, carried[a], params)):
         name, size, detail = _name(a, walk, res, params, width)
         role = "width" if a in width else "fixed"
-        cls = WidthClass(name, role, size, carried[a], fixed.get(a, detail), a, ds.size[a])
+        cls = WidthClass(name, role, size, carried[a], fixed.get(a, grew_heads.get(a, detail)), a, ds.size[a])
         by_atom[a] = cls
         (out_width if role == "width" else out_fixed).append(cls)
     _dedupe_names(out_width + out_fixed)
-    return Classes(by_atom, out_width, out_fixed)
+    notes += _joint_parts_notes(walk, res, params, width, by_atom)
+    return Classes(by_atom, out_width, out_fixed, notes, head_dim_grown, heads_grown)
+
+
+def _joint_parts_notes(walk: Walk, res: Resolution, params: list[str], width: set[int],
+                       by_atom: dict[int, WidthClass]) -> list[str]:
+    """Say where a product's growing factor is a concatenation of several classes (a partial-rotary
+    head_dim, rotary | pass): they grow together, and the buffers over them (the rotary frequencies) are
+    repeated with them."""
+    notes, seen = [], set()
+    for root in res.prods:
+        children = res.tree(root)[1]
+        factors = [[a for a in leaves(f) if a in width] for f in children]
+        growing = [f for f in factors if f]
+        if len(growing) != 1 or len(set(growing[0])) < 2 or frozenset(growing[0]) in seen:
+            continue
+        atoms = list(dict.fromkeys(growing[0]))
+        seen.add(frozenset(atoms))
+        buffers = [n for n, is_p in walk.is_param.items() if not is_p
+                   and any(a in atoms for d in walk.tensor_dims[n] for a in res.atoms(d))]
+        names = ", ".join(f"{by_atom[a].name} ({res.ds.size[a]})" for a in atoms)
+        notes.append(f"{_axis_name(root, walk, res, params)}: one factor of this product concatenates "
+                     f"the classes {names}; they grow together (give them one multiplier)"
+                     + (f", and the buffers over them ({', '.join(buffers)}) are repeated with them"
+                        if buffers else ""))
+    return notes
+
+
+def _can_grow_whole(tree: tuple, width: set[int]) -> bool:
+    """Whether a product's factor is one width class (possibly in several parts, as a rotary half split),
+    so that head_dim grows as one: a factor with a fixed part would concatenate parts growing by
+    different multipliers, and one of several classes is a partial rotary's rotary | pass."""
+    atoms = set(leaves(tree))
+    return len(atoms) == 1 and atoms <= width
+
+
+def _axis_name(d: int, walk: Walk, res: Resolution, params: list[str]) -> str:
+    """The first parameter axis whose tree contains dimension ``d``'s (for messages), else its origin."""
+    r = res.root(d)
+    target = res.tree(r)
+    for name in params:
+        for i, e in enumerate(walk.tensor_dims[name]):
+            if _contains(res.tree(e), target):
+                return f"{name}[{i}]"
+    return res.ds.origin[r]
+
+
+def _contains(tree: tuple, sub: tuple) -> bool:
+    return tree == sub or (tree[0] in ("sum", "prod") and any(_contains(c, sub) for c in tree[1]))
 
 
 def _first_index(a: int, members: list[str], params: list[str]) -> tuple[int, str]:

@@ -91,7 +91,9 @@ def kind_split(ctx: Call) -> Info:
     result = []
     for o, p in zip(outs, part_dims):
         dims = info.dims[:d] + (p,) + info.dims[d + 1:]
-        result.append(TensorInfo(dims, tuple(o.shape)))
+        # a part of a parameter is still that parameter, axis for axis (a packed q|k|v weight split
+        # before its linears): the contraction then takes its fan-in from it, as from the whole tensor
+        result.append(TensorInfo(dims, tuple(o.shape), info.param))
     return tuple(result)
 
 
