@@ -65,6 +65,11 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_infer_property.py::test_mha_model_width_axes",),
       "tracer='auto' must fall back to torch.export when fx keeps a module no rule covers "
       "(nn.MultiheadAttention)"),
+    M("capture-shared-weights-renormalized", "graphscale/capture/__init__.py",
+      "    if writes_parameters_in_kernels(cap.gm):", "    if False:",
+      ("tests/test_model_safety.py::test_embedding_max_norm_is_refused",),
+      "the traced copy shares the model's weights: a graph whose kernels write one (an embedding with "
+      "max_norm) must get its own, or running it (verify) renormalizes the user's embedding"),
     # -- rules --------------------------------------------------------------------------------------------
     M("rules-var-as-mean", "rules/reductions.toml",
       'mode = "variance"', 'mode = "mean"',
