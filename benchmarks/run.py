@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -43,8 +44,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("graphscale") is None:  # run from a checkout without installing (PYTHONPATH=
+    sys.path.insert(0, str(ROOT))                   # another checkout measures that one)
 
 FULL = {"n_layer": 12, "n_embd": 768, "vocab": 50257, "block_size": 1024, "n_head": 12}
 QUICK = {"n_layer": 4, "n_embd": 256, "vocab": 4096, "block_size": 128, "n_head": 4}
@@ -273,10 +274,15 @@ def _run_child(mode: str, quick: bool, spec_path: str | None = None) -> dict[str
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode] + (["--quick"] if quick else [])
     if spec_path:
         cmd += ["--spec", spec_path]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if res.returncode != 0:
-        raise RuntimeError(f"child {mode} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    for attempt in range(3):  # a shared machine's free memory comes and goes: widen refuses, retry
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if res.returncode == 0:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+        if "MultiplierError" not in res.stderr or attempt == 2:
+            break
+        print(f"  {mode}: not enough free memory now, retrying in 30 s", file=sys.stderr)
+        time.sleep(30)
+    raise RuntimeError(f"child {mode} failed:\n{res.stderr[-3000:]}")
 
 
 def _stats(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
