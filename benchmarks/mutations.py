@@ -66,6 +66,11 @@ MUTATIONS: list[Mutation] = [
        "tests/test_causal_ops.py::test_auto_falls_back_to_export_when_fx_calls_a_function_with_no_rule"),
       "tracer='auto' must fall back to torch.export when fx keeps a module or calls a function no rule "
       "covers (nn.MultiheadAttention, stochastic_depth)"),
+    M("capture-shared-weights-renormalized", "graphscale/capture/__init__.py",
+      "    if writes_parameters_in_kernels(cap.gm):", "    if False:",
+      ("tests/test_model_safety.py::test_embedding_max_norm_is_refused",),
+      "the traced copy shares the model's weights: a graph whose kernels write one (an embedding with "
+      "max_norm) must get its own, or running it (verify) renormalizes the user's embedding"),
     # -- rules --------------------------------------------------------------------------------------------
     M("rules-var-as-mean", "rules/reductions.toml",
       'mode = "variance"', 'mode = "mean"',

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import sympy
 import torch
 
-from graphscale.capture import Captured, Tracer, capture
+from graphscale.capture import Captured, Tracer, capture, parameters_unchanged
 from graphscale.derive import ScalingRule, derive_rules
 from graphscale.edits import Edit
 from graphscale.errors import MultiplierError, UnsupportedOpError
@@ -257,7 +257,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
     """
     book = rules if isinstance(rules, RuleBook) else RuleBook.load(rules)
     cap = capture(model, example_inputs, tracer, book)
-    walk = walk_graph(cap.gm, cap.flat_inputs, book)
+    with parameters_unchanged(model, "the width walk"):  # the graph shares the model's weights
+        walk = walk_graph(cap.gm, cap.flat_inputs, book)
     res = walk.ds.resolve()
     classes = classify(walk, res, heads=heads, outputs=outputs)
     for key, new in (names or {}).items():

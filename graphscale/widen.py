@@ -366,7 +366,8 @@ def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
 def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *,
                tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
                heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
-               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4) -> WideningRecord:
+               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4,
+               plan: Plan | None = None) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
     Transactional: if anything fails (a shape, the output check, an exception in ``large``'s forward),
@@ -379,6 +380,8 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     wider head_dim is its own: ``attention="standard"`` (1/sqrt(head_dim): W_q and b_q get a further
     ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), or ``"auto"``, which tries both and keeps the
     one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error).
+    ``plan`` is ``graphscale.analyze(small, example_inputs, ...)`` if the caller already made it (it is
+    then not made again; the engine options are the plan's).
     ``small`` is never modified; ``large``'s parameters and buffers are overwritten in place. Returns the
     record, also attached as ``large.graphscale``.
 
@@ -392,7 +395,7 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     saved = [(t, t.detach().clone()) for t in _unique_tensors(large)]
     try:
         return _widen_into(small, large, example_inputs, tracer=tracer, rules=rules, heads=heads,
-                           outputs=outputs, attention=attention, rtol=rtol)
+                           outputs=outputs, attention=attention, rtol=rtol, plan=plan)
     except BaseException:
         with torch.no_grad():
             for t, value in saved:
@@ -410,8 +413,12 @@ def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
                 rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
                 outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
-                rtol: float) -> WideningRecord:
-    plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+                rtol: float, plan: Plan | None = None) -> WideningRecord:
+    if plan is None:
+        plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
+    elif plan.captured.source is not small:
+        raise GraphscaleError("plan= was made from a different model than the small one passed to "
+                              "widen_into; analyze it (graphscale.analyze(small, inputs)) and pass that plan")
     state = dict(_named_tensors(large))
     mults = _multipliers_from_shapes(plan, state)
     sizes = Sizes(plan, mults)

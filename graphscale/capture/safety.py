@@ -26,24 +26,159 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphscale.errors import TraceError, UnsupportedOpError
 from graphscale.infer.rulebook import RuleBook
 from graphscale.mupcompat import deepcopy_keeping_tensor_attributes
 
 
-def private_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy to trace, so that nothing tracing or running ``forward`` does reaches ``model``."""
+def private_copy(model: torch.nn.Module, share_parameters: bool = False) -> torch.nn.Module:
+    """A deep copy to trace, so that nothing tracing or running ``forward`` does reaches ``model``.
+
+    ``share_parameters=True`` (what capture uses) gives the copy new ``nn.Parameter`` objects over the
+    same storage as ``model``'s instead of cloning every weight: tracing and the width walk only read
+    parameters (a graph that writes one is refused), and a 124M model's clone was a third of analyze.
+    Everything else (buffers, attributes, submodules) is copied. Never write into such a copy's
+    parameters; :func:`parameters_unchanged` refuses a capture that did.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> twin = private_copy(lin, share_parameters=True)
+        >>> twin.weight is lin.weight, twin.weight.data_ptr() == lin.weight.data_ptr()
+        (False, True)
+    """
+    memo: dict[int, Any] = {}
+    if share_parameters:
+        for p in model.parameters():
+            if type(p) is torch.nn.Parameter:  # a subclass may carry state its own __deepcopy__ copies
+                memo[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return deepcopy_keeping_tensor_attributes(model)  # mup's p.infshape too
+            return deepcopy_keeping_tensor_attributes(model, memo)  # mup's p.infshape too
     except Exception as e:
         raise TraceError(
             f"could not deep-copy {type(model).__name__} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "graphscale traces a private copy so that your model is never modified. Make the model "
             "deep-copyable (copy.deepcopy) and try again.") from e
+
+
+def writes_parameters_in_kernels(gm: fx.GraphModule) -> bool:
+    """Whether running ``gm`` for real may write a parameter inside a kernel, where the graph shows no
+    in-place op: an embedding with ``max_norm`` (it renormalizes rows in place), a custom autograd
+    Function, a leaf module whose code is not ``torch.nn``'s. Such a capture gets its own weights.
+
+    Example:
+        >>> writes_parameters_in_kernels(fx.symbolic_trace(torch.nn.Embedding(4, 2, max_norm=1.0)))
+        True
+    """
+    for module in gm.modules():
+        if getattr(module, "max_norm", None) is not None:
+            return True
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            cls = type(gm.get_submodule(str(n.target)))
+            if not cls.__module__.startswith("torch.nn."):
+                return True
+        elif n.op == "call_function":
+            if _function_class(n.target) is not None or "renorm" in str(n.target):
+                return True
+            if n.target in (torch.nn.functional.embedding, torch.nn.functional.embedding_bag) and \
+                    any(a is not None for a in (n.kwargs.get("max_norm"), *n.args[2:3])):
+                return True
+    return False
+
+
+def unshare_parameters(*modules: torch.nn.Module) -> None:
+    """Give the parameters of ``modules`` storage of their own (one clone per shared storage), in place of
+    the user's model's that :func:`private_copy` shared."""
+    clones: dict[tuple[int, torch.dtype, tuple, tuple, int], torch.Tensor] = {}
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                key = (p.untyped_storage().data_ptr(), p.dtype, tuple(p.shape), tuple(p.stride()),
+                       p.storage_offset())
+                if key not in clones:
+                    clones[key] = p.detach().clone()
+                p.data = clones[key]
+
+
+@contextlib.contextmanager
+def parameters_unchanged(model: torch.nn.Module, what: str) -> Iterator[None]:
+    """Refuse, naming the parameter, when code run meanwhile wrote into one of ``model``'s parameters in
+    place (a private copy made with ``share_parameters=True`` shares their storage). In-place ops bump a
+    tensor's version counter, which the copy's parameters share with ``model``'s.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> with parameters_unchanged(lin, "tracing"):
+        ...     _ = lin(torch.randn(1, 2))
+    """
+    before = {name: p._version for name, p in model.named_parameters()}
+    yield
+    for name, p in model.named_parameters():
+        if name in before and p._version != before[name]:
+            raise TraceError(
+                f"{what} wrote into parameter {name!r} in place (its forward modifies its own weights, e.g. "
+                "through self.parameters()); graphscale cannot widen a model whose forward changes its "
+                "weights, and the write has reached your model. Move the update out of forward (into the "
+                "training step) and reload the weights.")
+
+
+class ParameterWriteError(TraceError):
+    """Tracing ``forward`` tried to write into one of the model's parameters (refused before the write)."""
+
+
+class refuse_parameter_writes(TorchDispatchMode):
+    """While active, an in-place write (any ATen op whose schema marks an argument as written, ``out=``
+    included) into the storage of one of ``model``'s parameters raises :class:`ParameterWriteError`
+    *before* the kernel runs. fx tracing runs ``forward``'s eager code on real tensors; a private copy made
+    with ``share_parameters=True`` shares its storage with the user's model, so a ``forward`` that writes its
+    weights through ``self.parameters()`` or ``.data`` (which no version counter sees) must be stopped
+    before the write, not detected after it.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> with refuse_parameter_writes(lin, "tracing"):
+        ...     lin.weight.data.mul_(0.5)
+        Traceback (most recent call last):
+        graphscale.capture.safety.ParameterWriteError: tracing tried to write into parameter 'weight' ...
+    """
+
+    def __init__(self, model: torch.nn.Module, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.storages = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            ptr = _storage_ptr(p)
+            if ptr:
+                self.storages.setdefault(ptr, name)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = kwargs.get(arg.name) if arg.kwarg_only or i >= len(args) else args[i]
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                name = self.storages.get(_storage_ptr(t)) if isinstance(t, torch.Tensor) else None
+                if name is not None:
+                    raise ParameterWriteError(
+                        f"{self.what} tried to write into parameter {name!r} in place ({func}; its forward "
+                        "modifies its own weights, e.g. through self.parameters() or .data); refused before "
+                        "the write, so your model is unchanged. graphscale cannot widen a model whose "
+                        "forward changes its weights: move the update out of forward (into the training "
+                        "step).")
+        return func(*args, **kwargs)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # fake, meta or otherwise storage-less tensors hold no weights
+        return 0
 
 
 _ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod object

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,24 +235,57 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook) -> Wa
 
     The walk needs shapes, not values, so it first runs under a fake-tensor mode (no arithmetic: cheap
     for a 124M model); a graph that needs real values (data-dependent ops) is walked for real instead.
+    The parameters are swapped for stand-ins meanwhile (fake tensors, or clones for the real walk): a
+    kernel can write a weight in place (``nn.Embedding(max_norm=...)`` renormalizes rows), and the
+    graph's parameters share storage with the user's model (see :mod:`graphscale.capture`). The fake
+    walk's buffers are fake too (nothing to save and restore); the real walk restores them.
     """
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
-        return _walk(gm, fake, book, mode)
+        with _tensors_replaced(gm, mode.from_tensor, buffers=True):
+            return _walk(gm, fake, book, mode)
     except GraphscaleError:
         raise
     except Exception:  # an op fake tensors cannot run (data-dependent): walk with the real values
         # (inside the handler, so an error of the real walk also shows the fake walk's, as its context)
-        return _walk(gm, flat_inputs, book, contextlib.nullcontext())
+        with _tensors_replaced(gm, lambda p: p.detach().clone(), buffers=False):
+            return _walk(gm, flat_inputs, book, contextlib.nullcontext())
+
+
+@contextlib.contextmanager
+def _tensors_replaced(gm: fx.GraphModule, stand_in: Any, buffers: bool) -> Iterator[None]:
+    """Every parameter (and buffer) of ``gm`` is ``stand_in(t)`` meanwhile (tied ones one object, Python
+    attributes such as mup's ``infshape`` kept), then the originals are put back."""
+    made: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for module in gm.modules():
+            for store in (module._parameters, module._buffers) if buffers else (module._parameters,):
+                for name, p in list(store.items()):
+                    if p is None:
+                        continue
+                    if id(p) not in made:
+                        new = stand_in(p)
+                        for attr, value in vars(p).items():
+                            setattr(new, attr, value)
+                        made[id(p)] = new
+                    swapped.append((store, name, p))
+                    store[name] = made[id(p)]
+        yield
+    finally:
+        for store, name, p in swapped:
+            store[name] = p
 
 
 def _walk(gm: fx.GraphModule, inputs: list[Any], book: RuleBook, mode: Any) -> Walk:
     from graphscale.capture import preserved_buffers  # capture imports the rulebook, not the engine
 
     walk = Walk(DimSystem(), {}, {}, {}, {}, {}, Requests())
-    with torch.no_grad(), preserved_buffers(gm), mode:  # the buffers are saved outside the fake mode
+    # a real walk's kernels update buffers in place (BatchNorm): save them, outside the fake mode
+    saved = preserved_buffers(gm) if isinstance(mode, contextlib.nullcontext) else contextlib.nullcontext()
+    with torch.no_grad(), saved, mode:
         _Walker(gm, book, walk).run(*inputs, enable_io_processing=False)
     return walk
