@@ -58,9 +58,13 @@ def _worst(small: nn.Module, large: nn.Module, record: WideningRecord) -> float:
     return worst
 
 
-def _train_pair(small, large, record, cls, hp, vocab, steps=4, clip=None):
-    no = cls(small.parameters(), **hp)
+def _train_pair(small, large, record, cls, hp, vocab, steps=4, clip=None, no=None):
+    """Train both (the narrow one with ``no`` if given, its state then carried over) and compare."""
     wo = graphscale.mup_optimizer(large, cls, record=record, **hp)
+    if no is None:
+        no = cls(small.parameters(), **hp)
+    else:
+        graphscale.transfer_optimizer_state(small, no, large, wo, record=record)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         ids = torch.randint(0, vocab, (3, 6), generator=gen)
@@ -85,13 +89,18 @@ def test_whole_tensor_query_fold_is_in_the_copy_scale_and_trains_exactly(cls, hp
     torch.manual_seed(0)
     small, large = SeparateQ(8, 2).double(), SeparateQ(16, 2).double()  # heads fixed: head_dim grows 2x
     idx = torch.randint(0, 11, (3, 6))
+    no = cls(small.parameters(), **hp)  # two narrow steps first: their state is carried over
+    for _ in range(2):
+        no.zero_grad()
+        _loss(small, idx).backward()
+        no.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error", SliceFoldWarning)  # a whole-tensor fold is no partial one
         record = graphscale.widen_into(small, large, (idx,), heads="fixed", attention="standard")
     assert record["q_proj.weight"].copy_scale == pytest.approx(0.5 * 2 ** -0.5, rel=1e-15)
     assert record["q_proj.bias"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-15)
     assert not any(s.slice_folds for s in record.params.values())
-    assert _train_pair(small, large, record, cls, hp, 11, clip=1e3) <= TOL
+    assert _train_pair(small, large, record, cls, hp, 11, clip=1e3, no=no) <= TOL
 
 
 def _gpt_pair(heads: str):
