@@ -41,3 +41,8 @@ class ModelSpecError(GraphscaleError):
 class RuleError(GraphscaleError):
     """A rule file is wrong: an unknown key, a wrong type, a malformed pattern, a target that resolves to
     nothing. The message names the file, the rule and the key."""
+
+
+class SliceFoldWarning(UserWarning):
+    """A widened model is exact, but a factor was folded onto part of a tensor (a fused q|k|v projection's
+    query rows): no per-tensor optimizer can train it like the narrow model, so training pieces refuse it."""

@@ -41,6 +41,9 @@ METADATA_KEY = "graphscale"
 #: Name of the record's format in its JSON, and its version: a reader refuses other formats and versions.
 RECORD_FORMAT = "graphscale-widening-record"
 RECORD_VERSION = 1
+#: The version written when some tensor has ``slice_folds``: a reader of version 1 would ignore them and
+#: train that tensor silently wrong, so it must refuse the file instead. This graphscale reads both.
+RECORD_VERSION_SLICE_FOLDS = 2
 
 
 class RecordFileError(GraphscaleError, ValueError):
@@ -140,6 +143,11 @@ class ParamScaling:
     the axes the consuming op contracts (``fan_in_axes``, e.g. ``(1,)`` for a Linear weight);
     ``copy_scale`` is ``c`` (``1/m_in`` times any compensation the weight carries, e.g. ``k**-0.5`` for
     standard attention when the user's class fixes the formula).
+
+    ``slice_folds`` lists factors folded onto only PART of the tensor, beyond ``c``: ``(axis, start, stop,
+    factor, why)`` says wide indices ``start:stop`` of ``axis`` carry a further ``factor`` (the query rows of
+    a fused q|k|v projection with ``heads="fixed"``). The function stays exact, but no per-tensor optimizer
+    can train such a tensor like the narrow one (docs/math.md §8), so the train-time pieces refuse it.
     """
 
     name: str
@@ -154,6 +162,7 @@ class ParamScaling:
     is_buffer: bool = False
     role: Role = "fixed"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    slice_folds: tuple[tuple[int, int, int, float, str], ...] = ()
 
     @property
     def fan_out_mult(self) -> int:
@@ -161,7 +170,7 @@ class ParamScaling:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with every field (axis trees as nested lists); :meth:`from_dict` inverts it."""
-        return {
+        out = {
             "name": self.name, "source": self.source, "narrow_shape": list(self.narrow_shape),
             "wide_shape": list(self.wide_shape),
             "axes": [None if a is None else _tree_to_json(a.tree) for a in self.axes],
@@ -169,6 +178,10 @@ class ParamScaling:
             "fan_in_mult": int(self.fan_in_mult), "fan_in_axes": list(self.fan_in_axes),
             "is_buffer": bool(self.is_buffer), "role": self.role, "notes": list(self.notes),
         }
+        if self.slice_folds:  # only when present: records without one stay as they were written before
+            out["slice_folds"] = [[int(a), int(lo), int(hi), float(f), str(why)]
+                                  for a, lo, hi, f, why in self.slice_folds]
+        return out
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ParamScaling:
@@ -181,6 +194,8 @@ class ParamScaling:
             copy_scale=float(d["copy_scale"]), total_mult=int(d["total_mult"]),
             fan_in_mult=int(d["fan_in_mult"]), fan_in_axes=tuple(int(x) for x in d["fan_in_axes"]),
             is_buffer=bool(d["is_buffer"]), role=d["role"], notes=tuple(str(x) for x in d["notes"]),
+            slice_folds=tuple((int(a), int(lo), int(hi), float(f), str(why))
+                              for a, lo, hi, f, why in d.get("slice_folds", ())),
         )
 
     def replicate(self, narrow: torch.Tensor) -> torch.Tensor:
@@ -279,7 +294,9 @@ class WideningRecord:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the whole record, tagged with its format and version."""
         return {
-            "format": RECORD_FORMAT, "version": RECORD_VERSION,
+            "format": RECORD_FORMAT,
+            "version": RECORD_VERSION_SLICE_FOLDS if any(p.slice_folds for p in self.params.values())
+            else RECORD_VERSION,
             "multipliers": {k: int(v) for k, v in self.multipliers.items()},
             "frontend": self.frontend, "notes": list(self.notes), "info": dict(self.info),
             "params": {name: p.to_dict() for name, p in self.params.items()},
@@ -291,9 +308,10 @@ class WideningRecord:
         if not isinstance(d, dict) or d.get("format") != RECORD_FORMAT:
             raise RecordFileError(f"{where} is not a graphscale widening record (no format "
                                   f"{RECORD_FORMAT!r}); write it with graphscale.save_record")
-        if d.get("version") != RECORD_VERSION:
+        if d.get("version") not in (RECORD_VERSION, RECORD_VERSION_SLICE_FOLDS):
             raise RecordFileError(f"{where} has record version {d.get('version')!r}; this graphscale reads "
-                                  f"version {RECORD_VERSION}: upgrade graphscale or re-save the record")
+                                  f"versions {RECORD_VERSION} and {RECORD_VERSION_SLICE_FOLDS}: upgrade "
+                                  "graphscale or re-save the record")
         try:
             params = {str(n): ParamScaling.from_dict(p) for n, p in d["params"].items()}
             return WideningRecord(params, {str(k): int(v) for k, v in d["multipliers"].items()},

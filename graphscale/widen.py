@@ -32,7 +32,7 @@ import torch.fx as fx
 from graphscale.capture import Tracer, get_frontend, preserved_buffers, private_copy, written_operand
 from graphscale.derive import ScalingRule
 from graphscale.edits import EditContext, get_arg, set_module_attrs
-from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
+from graphscale.errors import GraphscaleError, MultiplierError, SliceFoldWarning, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.mupcompat import mup_optimizer_note
 from graphscale.plan import Plan, Sizes, analyze
@@ -525,13 +525,18 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             # m**-0.5 after widening with the copy scale before the fold
             record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale]
                                            for name, axis, lo, hi, m in q_scales]
+            partial = []
             for name, axis, lo, hi, m in q_scales:
                 s = record.params[name]
-                if lo == 0 and hi == s.wide_shape[axis]:
-                    record.params[name] = replace(s, copy_scale=s.copy_scale * m ** -0.5)
-                else:  # a fused q|k|v tensor: one copy scale cannot describe it; say so
-                    record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a "
-                                        f"further {m}**-0.5 that its copy scale does not show")
+                if lo == 0 and hi == s.wide_shape[axis]:  # a whole tensor: a change of its copy scale
+                    for key in [name, *plan.rules[name].aliases]:
+                        if key in record.params:
+                            t = record.params[key]
+                            record.params[key] = replace(t, copy_scale=t.copy_scale * m ** -0.5)
+                else:  # a fused q|k|v tensor: one copy scale cannot describe it; the record marks it
+                    partial.append((name, axis, lo, hi, m))
+            if partial:
+                _mark_slice_folds(plan, record, partial, small, example_inputs, tracer, rules, heads)
             record.notes.append("widen_into: query projections carry a further k**-0.5 "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
         record.notes.extend(mup_optimizer_note(small, large, record))
@@ -572,6 +577,45 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
             if isinstance(x, float) and isinstance(y, float) and x != y and key != "scale":
                 out.append(f"{a.name} {key}={x:.6g} in the small model, {y:.6g} in the larger")
     return out
+
+
+def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
+                      small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
+                      rules: str | Path | list[str | Path] | None, heads: HeadsPolicy) -> None:
+    """Record the query k**-0.5 folded onto part of a fused tensor (``slice_folds``) and warn once: the
+    result is exact, but no per-tensor optimizer trains it like the narrow model (docs/math.md §8)."""
+    grow = _grow_alternative(small, example_inputs, tracer, rules) if heads == "fixed" else \
+        "heads='grow' was asked for, yet head_dim grows here"
+    for name, axis, lo, hi, m in partial:
+        why = (f"the query's further {m}**-0.5 of standard attention (1/sqrt(head_dim), head_dim grown "
+               f"{m}x); {grow}")
+        for key in [name, *plan.rules[name].aliases]:
+            if key in record.params:
+                s = record.params[key]
+                record.params[key] = replace(s, slice_folds=s.slice_folds + ((axis, lo, hi, m ** -0.5, why),))
+        record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a further "
+                            f"{m}**-0.5 that its copy scale does not show")
+    names = ", ".join(sorted({p[0] for p in partial}))
+    warnings.warn(f"graphscale: the widened model is exact, but {names} carry the query's k**-0.5 on part "
+                  "of the tensor only (a fused q|k|v projection with heads='fixed'), so no per-tensor "
+                  "optimizer can train it like the narrow model: mup_optimizer, transfer_optimizer_state "
+                  f"and clip_grad_norm_ refuse it; {grow}", SliceFoldWarning,
+                  stacklevel=4)
+
+
+def _grow_alternative(small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
+                      rules: str | Path | list[str | Path] | None) -> str:
+    """Whether heads='grow' would avoid every query fold (head_dim unchanged), said as advice."""
+    try:
+        plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads="grow")
+        left = _query_projections(plan, Sizes(plan, {c.name: 2 for c in plan.width_classes}))
+    except GraphscaleError as e:
+        return f"heads='grow' is not possible for this model ({e}), so it cannot be trained equivalently"
+    if left:
+        return ("heads='grow' does not help here: head_dim still grows with it "
+                f"({', '.join(sorted({q[0] for q in left}))}), so it cannot be trained equivalently")
+    return ("heads='grow' (more heads, head_dim kept: nothing folded) widens it so that it trains "
+            "equivalently")
 
 
 def _candidate(record: WideningRecord) -> WideningRecord:

@@ -4,6 +4,7 @@ All of them read only the :class:`~graphscale.record.WideningRecord` that wideni
 ``module.graphscale`` (docs/math.md §2), so they work on any widened model, whatever its architecture.
 """
 
+from graphscale.train._common import SliceFoldError
 from graphscale.train.clip import clip_grad_norm_
 from graphscale.train.coord import CoordCheckResult, RMSRecorder, coord_check
 from graphscale.train.init import mup_init_
@@ -33,6 +34,7 @@ __all__ = [
     "NoiseScheme",
     "RMSRecorder",
     "SchedulerError",
+    "SliceFoldError",
     "SpectralNoise",
     "SymmetricNoise",
     "clip_grad_norm_",

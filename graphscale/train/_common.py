@@ -238,6 +238,40 @@ def like_parameter(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return distribute_tensor(value, like.device_mesh, like.placements)
 
 
+class SliceFoldError(RecordError):
+    """A tensor carries a factor folded onto part of it (``ParamScaling.slice_folds``): no per-tensor
+    optimizer, state transfer or clipping can treat it like the narrow model's tensor."""
+
+
+def refuse_slice_folds(scalings: Mapping[str, ParamScaling], what: str) -> None:
+    """Raise :class:`SliceFoldError` naming every tensor with ``slice_folds``, the fold and what works.
+
+    Each ``ParamScaling`` has one copy scale ``c``, and the μP laws give each hyperparameter one factor in
+    ``c`` per tensor; rows carrying a further factor need another one, which torch's optimizers, their
+    state and the gradient norm cannot express per tensor (docs/math.md §8). Training on would be silently
+    wrong, so it is refused.
+
+    Example:
+        >>> s = ParamScaling("w", "w", (6, 2), (12, 2), (None, None), 1.0, 2, 1,
+        ...                  slice_folds=((0, 0, 4, 0.5 ** 0.5, "the query's further 2**-0.5"),))
+        >>> try:
+        ...     refuse_slice_folds({"w": s}, "mup_optimizer")
+        ... except SliceFoldError as e:
+        ...     print(str(e)[:61])
+        mup_optimizer cannot train w (indices 0:4 of axis 0: x0.7071)
+    """
+    folds = [(name, axis, lo, hi, f, why) for name, s in scalings.items()
+             for axis, lo, hi, f, why in s.slice_folds]
+    if not folds:
+        return
+    where = ", ".join(f"{name} (indices {lo}:{hi} of axis {axis}: x{f:.4g})"
+                      for name, axis, lo, hi, f, _ in folds)
+    whys = "; ".join(dict.fromkeys(why for *_, why in folds))
+    raise SliceFoldError(f"{what} cannot train {where} like the narrow model: those indices carry a factor "
+                         "beyond the tensor's copy scale, and a per-tensor optimizer has one factor per "
+                         f"tensor. The fold: {whys}")
+
+
 def _strip_wrapper_prefixes(name: str) -> str:
     """``name`` without leading wrapper segments (``_orig_mod.module.fc.weight`` -> ``fc.weight``); used only
     when the full name is not in the record, and the shape check still applies."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from graphscale import laws
 from graphscale.record import WideningRecord
-from graphscale.train._common import resolve_record, scalings_for
+from graphscale.train._common import refuse_slice_folds, resolve_record, scalings_for
 
 
 def clip_grad_norm_(
@@ -50,6 +50,7 @@ def clip_grad_norm_(
     record = resolve_record(model, record)
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     scalings = scalings_for(named, record)
+    refuse_slice_folds(scalings, "clip_grad_norm_")
     p_ = float(norm_type)
     if not named:
         return torch.tensor(0.0)

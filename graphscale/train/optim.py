@@ -38,6 +38,7 @@ from graphscale.train._common import (
     OptimizerFamilyError,
     RecordError,
     RecordLike,
+    refuse_slice_folds,
     resolve_record,
     scalings_for,
 )
@@ -229,6 +230,7 @@ def mup_optimizer(
     if foreign:
         raise RecordError(f"params= holds tensors that are not parameters of the model: {', '.join(foreign)}")
     by_name = scalings_for(((names[id(p)], p) for p in used), record)
+    refuse_slice_folds(by_name, "mup_optimizer")
     scalings = {id(p): by_name[names[id(p)]] for p in used}
 
     defaults = {**constructor_defaults(optimizer_cls), **hparams}

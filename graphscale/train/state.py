@@ -23,6 +23,7 @@ from graphscale.train._common import (
     RecordError,
     RecordLike,
     like_parameter,
+    refuse_slice_folds,
     resolve_record,
     scalings_for,
     source_optimizer,
@@ -108,6 +109,7 @@ def transfer_optimizer_state(
     in_opt = {id(p) for g in wide_opt.param_groups for p in g["params"]}
     wide_named = [(n, p) for n, p in wide.named_parameters() if id(p) in in_opt]
     scalings = scalings_for(wide_named, record)
+    refuse_slice_folds(scalings, "transfer_optimizer_state")
     # remove_duplicate=False: a source named by its tied alias must still resolve.
     small_params = dict(small.named_parameters(remove_duplicate=False))
     missing = sorted({s.source for s in scalings.values() if s.source not in small_params})
