@@ -90,11 +90,11 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     while changed:
         changed = False
         for root in res.prods:
-            atoms = [a for a in leaves(res.tree(root)) if a in width]
-            if len(set(atoms)) < 2:
+            groups = [g for g in (_width_factors(res, root, width)) if g]
+            if len(groups) < 2:
                 continue
-            keep = atoms[-1] if heads == "fixed" else atoms[0]
-            for a in set(atoms) - {keep}:
+            keep = groups[-1] if heads == "fixed" else groups[0]
+            for a in {a for g in groups for a in g} - set(keep):
                 width.discard(a)
                 fixed[a] = ("a head count (heads='fixed')" if heads == "fixed"
                             else "a per-head size (heads='grow')")
@@ -109,6 +109,23 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         (out_width if role == "width" else out_fixed).append(cls)
     _dedupe_names(out_width + out_fixed)
     return Classes(by_atom, out_width, out_fixed)
+
+
+def _width_factors(res: Resolution, root: int, width: set[int]) -> list[list[int]]:
+    """The width atoms of each factor of ``root``'s product, nested products flattened. A factor that is a
+    concatenation is one group: its parts sit side by side in one factor (a fused q|k|v reshaped to
+    heads x head_dim, a shuffled channel axis), so the policy keeps or fixes them together."""
+    def groups(t: tuple) -> list[list[int]]:
+        if t[0] == "atom":
+            return [[t[1]]]
+        if t[0] == "prod":
+            return [g for c in t[1] for g in groups(c)]
+        return [leaves(t)]
+
+    out: list[list[int]] = []
+    for f in res.prods[root][0]:
+        out.extend(groups(res.tree(f)))
+    return [[a for a in g if a in width] for g in out]
 
 
 def _first_index(a: int, members: list[str], params: list[str]) -> tuple[int, str]:
