@@ -82,11 +82,13 @@ def _constant(value: Any) -> Any:
     return width_mult
 
 
-def deepcopy_keeping_tensor_attributes(model: torch.nn.Module) -> torch.nn.Module:
+def deepcopy_keeping_tensor_attributes(model: torch.nn.Module,
+                                       memo: dict[int, Any] | None = None) -> torch.nn.Module:
     """``copy.deepcopy(model)``, with the Python attributes of its parameters (mup's ``infshape``) copied too.
 
     ``nn.Parameter.__deepcopy__`` keeps only the data and ``requires_grad``; a mup model's ``forward``
     reads ``self.weight.infshape``, so a private copy without it could not run. ``model`` is only read.
+    ``memo`` may hold copies decided beforehand (``copy.deepcopy``'s memo, keyed by ``id``).
 
     Example:
         >>> lin = torch.nn.Linear(2, 2)
@@ -95,7 +97,7 @@ def deepcopy_keeping_tensor_attributes(model: torch.nn.Module) -> torch.nn.Modul
         >>> twin.weight.infshape, twin.weight is lin.weight
         ('base shape', False)
     """
-    memo: dict[int, Any] = {}
+    memo = {} if memo is None else memo
     twin = copy.deepcopy(model, memo)
     copies = dict(twin.named_parameters(remove_duplicate=False))
     for name, p in model.named_parameters(remove_duplicate=False):

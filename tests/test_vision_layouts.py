@@ -371,3 +371,47 @@ def test_a_layout_no_widening_keeps_is_fixed_not_refused() -> None:
     assert [c.name for c in plan.width_classes] == ["c1.weight[0]"]
     assert "no widening keeps consistent" in plan.classification.lookup("a.weight[0]").reason
     _exact(model, (_x(2, 3, 4, 4),), plan=plan)
+
+
+class CachedBiases(nn.Module):
+    """Attention biases gathered from a table and cached per device in eval mode (LeViT)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, n: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.attention_biases = nn.Parameter(torch.randn(heads, 7))
+        self.register_buffer("idx", torch.randint(0, 7, (n, n), generator=torch.Generator().manual_seed(0)),
+                             persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def biases(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.attention_biases[:, self.idx]
+        if str(device) not in self.cache:
+            self.cache[str(device)] = self.attention_biases[:, self.idx]
+        return self.cache[str(device)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * 0.5 + self.biases(x.device)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_forward_cache_neither_blocks_nor_is_poisoned_by_tracing(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = CachedBiases().double().eval()
+    x = _x(2, 4, 8)
+    want = model(x)  # with autograd on: the cache now holds a tensor with history (not deep-copyable)
+    cached = model.cache["cpu"]
+    assert cached.grad_fn is not None
+    for _ in range(2):  # analyze, then widen: each traces
+        plan = graphscale.analyze(model, (x,), tracer=tracer)
+        wide = graphscale.widen(model, (x,), 2, tracer=tracer)
+        with torch.no_grad():
+            assert (wide(x) - want).abs().max().item() <= 1e-12
+    assert plan.width_classes
+    assert model.cache == {"cpu": cached}  # the user's cache is the same tensor, not a proxy or a copy
+    assert not any(isinstance(v, torch.fx.Proxy) for v in vars(model).values())

@@ -37,13 +37,40 @@ def private_copy(model: torch.nn.Module) -> torch.nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return deepcopy_keeping_tensor_attributes(model)  # mup's p.infshape too
+            return deepcopy_keeping_tensor_attributes(model, _detached_caches(model))  # mup's p.infshape too
     except Exception as e:
         raise TraceError(
             f"could not deep-copy {type(model).__name__} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "graphscale traces a private copy so that your model is never modified. Make the model "
             "deep-copyable (copy.deepcopy) and try again.") from e
+
+
+def _detached_caches(model: torch.nn.Module) -> dict[int, Any]:
+    """Copies, for ``copy.deepcopy``'s memo, of the non-leaf tensors a module keeps in plain attributes.
+
+    A forward that caches a tensor computed from parameters (attention biases cached per device in eval
+    mode) leaves one with autograd history, which ``copy.deepcopy`` refuses; the private copy gets it
+    detached, as a forward under ``torch.no_grad`` would have cached it. ``model`` keeps its own.
+    """
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 3 and isinstance(value, list | tuple):
+            for v in value:
+                visit(v, depth + 1)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                visit(value, 0)
+    return memo
 
 
 _ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod object
