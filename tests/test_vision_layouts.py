@@ -415,3 +415,11 @@ def test_a_forward_cache_neither_blocks_nor_is_poisoned_by_tracing(tracer: str) 
     assert plan.width_classes
     assert model.cache == {"cpu": cached}  # the user's cache is the same tensor, not a proxy or a copy
     assert not any(isinstance(v, torch.fx.Proxy) for v in vars(model).values())
+
+
+def test_in_place_dropout_is_covered_in_export_graphs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1, inplace=True), nn.Linear(8, 2))
+    plan = graphscale.analyze(model.double().eval(), (_x(3, 4),), tracer="export")
+    assert "aten.dropout_.default" in {str(n.target) for n in plan.captured.gm.graph.nodes}
+    _exact(model, (_x(3, 4),), plan=plan)
