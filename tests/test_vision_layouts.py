@@ -422,3 +422,14 @@ def test_in_place_dropout_is_covered_in_export_graphs() -> None:
     plan = graphscale.analyze(model.double().eval(), (_x(3, 4),), tracer="export")
     assert "aten.dropout_.default" in {str(n.target) for n in plan.captured.gm.graph.nodes}
     _exact(model, (_x(3, 4),), plan=plan)
+
+
+def test_concatenated_parts_that_cannot_grow_alike_are_fixed_together() -> None:
+    """All but the last channel of cat(primary, cheap) is kept: the channel cut off is a size-1 part
+    (fixed), so the parts of the stem's channel axis cannot share a multiplier; widening keeps that axis
+    (exact) instead of refusing at widen time."""
+    torch.manual_seed(0)
+    model = GhostUnit(8, 7).double()
+    plan = graphscale.analyze(model, (_x(2, 3, 4, 4),))
+    assert "cannot grow alike" in plan.classification.lookup("stem.weight[0]").reason
+    _exact(model, (_x(2, 3, 4, 4),), plan=plan)

@@ -85,10 +85,20 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         if ds.size[a] == 1:
             fixed.setdefault(a, "size 1")
     width = {a for a in carried if a not in fixed}
+    # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
+    concats = [[leaves(part) for part in node[1]] for name in params for d in walk.tensor_dims[name]
+               for node in _sums(res.tree(d))]
     # heads policy: a product keeps one growing factor
     changed = True
     while changed:
         changed = False
+        for parts in concats:
+            counts = {sum(1 for a in part if a in width) for part in parts}
+            if len(counts) > 1:  # some parts stay fixed (a layout no widening keeps, a head count)
+                for a in {a for part in parts for a in part} & width:
+                    width.discard(a)
+                    fixed[a] = "a part of a concatenated axis whose other parts cannot grow alike"
+                changed = True
         for root in res.prods:
             groups = [g for g in (_width_factors(res, root, width)) if g]
             if len(groups) < 2:
@@ -109,6 +119,14 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         (out_width if role == "width" else out_fixed).append(cls)
     _dedupe_names(out_width + out_fixed)
     return Classes(by_atom, out_width, out_fixed)
+
+
+def _sums(t: tuple) -> list[tuple]:
+    """The concatenation nodes of a resolution tree, outermost first."""
+    if t[0] == "atom":
+        return []
+    own = [t] if t[0] == "sum" else []
+    return own + [s for c in t[1] for s in _sums(c)]
 
 
 def _width_factors(res: Resolution, root: int, width: set[int]) -> list[list[int]]:
