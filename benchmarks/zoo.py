@@ -760,7 +760,8 @@ def _vision_python(arg: str | None) -> str | None:
 def _select(entries: list[str], only: list[str] | None) -> list[str]:
     if not only:
         return entries
-    return [e for e in entries if e in only or e.split("/", 1)[1] in only or e.split("/", 1)[0] in only]
+    return [e for e in entries if e in only or e.split("/", 1)[1] in only or e.split("/", 1)[0] in only
+            or _group_of(e) in only]  # "vision" names torchvision/* and timm/* together
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def private_copy(model: torch.nn.Module, share_parameters: bool = False) -> torc
         >>> twin.weight is lin.weight, twin.weight.data_ptr() == lin.weight.data_ptr()
         (False, True)
     """
-    memo: dict[int, Any] = {}
+    memo = _detached_caches(model)  # a forward's cached non-leaf tensors, which deepcopy refuses
     if share_parameters:
         for p in model.parameters():
             if type(p) is torch.nn.Parameter:  # a subclass may carry state its own __deepcopy__ copies
@@ -179,6 +179,33 @@ def _storage_ptr(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
     except Exception:  # fake, meta or otherwise storage-less tensors hold no weights
         return 0
+
+
+def _detached_caches(model: torch.nn.Module) -> dict[int, Any]:
+    """Copies, for ``copy.deepcopy``'s memo, of the non-leaf tensors a module keeps in plain attributes.
+
+    A forward that caches a tensor computed from parameters (attention biases cached per device in eval
+    mode) leaves one with autograd history, which ``copy.deepcopy`` refuses; the private copy gets it
+    detached, as a forward under ``torch.no_grad`` would have cached it. ``model`` keeps its own.
+    """
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 3 and isinstance(value, list | tuple):
+            for v in value:
+                visit(v, depth + 1)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                visit(value, 0)
+    return memo
 
 
 _ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod object

@@ -101,22 +101,26 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     must_grow: set[int] = set()
     if heads == "fixed":
         for root in res.prods:
-            children = res.tree(root)[1]
+            children = _factor_trees(res, root)
             factors = [[a for a in leaves(f) if a in width] for f in children]
             growing = [i for i, f in enumerate(factors) if f]
             if len(growing) >= 2 and not _can_grow_whole(children[growing[-1]], width):
                 must_grow.update(factors[growing[0]])
+    # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
+    concats = [[leaves(part) for part in node[1]] for name in params for d in walk.tensor_dims[name]
+               for node in _sums(res.tree(d))]
     changed = True
     while changed:
         changed = False
         for root in res.prods:
-            factors = [[a for a in leaves(f) if a in width] for f in res.tree(root)[1]]
+            trees = _factor_trees(res, root)
+            factors = [[a for a in leaves(f) if a in width] for f in trees]
             growing = [i for i, f in enumerate(factors) if f]
             if len(growing) < 2:
                 continue  # one factor, a concatenation of parts: they grow together
             keep = growing[-1] if heads == "fixed" else growing[0]
             axis = _axis_name(root, walk, res, params) if heads == "fixed" else ""
-            if heads == "fixed" and (not _can_grow_whole(res.tree(root)[1][keep], width)
+            if heads == "fixed" and (not _can_grow_whole(trees[keep], width)
                                      or must_grow & set(factors[growing[0]])):
                 # head_dim is a concatenation of parts (a partial rotary's rotary | pass): a fixed part
                 # (a size-1 frequency axis) cannot grow at all, and growing the parts together would
@@ -125,11 +129,11 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                 keep = growing[0]
                 heads_grown.append(axis)
                 why = ", ".join(sorted({fixed.get(a, "carried by no parameter")
-                                        for a in leaves(res.tree(root)[1][growing[-1]]) if a not in width})
+                                        for a in leaves(trees[growing[-1]]) if a not in width})
                                 ) or "parts of several classes, e.g. a partial rotary's rotary | pass"
                 for a in factors[keep]:
                     grew_heads[a] = "heads grow: head_dim cannot grow as one"
-                if _can_grow_whole(res.tree(root)[1][growing[-1]], width):
+                if _can_grow_whole(trees[growing[-1]], width):
                     notes.append(f"heads='fixed': {axis} shares its heads with an attention whose head_dim "
                                  "cannot grow as one, so its heads grow too (head_dim kept)")
                 else:
@@ -147,6 +151,14 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                                 else "a per-head size (heads='grow')" if heads == "grow"
                                 else "a per-head size (heads grow: head_dim cannot grow as one)")
                     changed = True
+        # after the heads policy: a part left with more growing factors than another cannot grow alike
+        for parts in concats:
+            counts = {sum(1 for a in part if a in width) for part in parts}
+            if len(counts) > 1:  # some parts stay fixed (a layout no widening keeps, a head count)
+                for a in {a for part in parts for a in part} & width:
+                    width.discard(a)
+                    fixed[a] = "a part of a concatenated axis whose other parts cannot grow alike"
+                changed = True
     by_atom: dict[int, WidthClass] = {}
     out_width, out_fixed = [], []
     for a in sorted(carried, key=lambda a: _first_index(a, carried[a], params)):
@@ -157,7 +169,8 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         (out_width if role == "width" else out_fixed).append(cls)
     _dedupe_names(out_width + out_fixed)
     notes += _joint_parts_notes(walk, res, params, width, by_atom)
-    return Classes(by_atom, out_width, out_fixed, notes, head_dim_grown, heads_grown)
+    dedupe = lambda xs: list(dict.fromkeys(xs))  # noqa: E731 - the policy loop may revisit a product
+    return Classes(by_atom, out_width, out_fixed, dedupe(notes), dedupe(head_dim_grown), dedupe(heads_grown))
 
 
 def _joint_parts_notes(walk: Walk, res: Resolution, params: list[str], width: set[int],
@@ -205,6 +218,25 @@ def _axis_name(d: int, walk: Walk, res: Resolution, params: list[str]) -> str:
 
 def _contains(tree: tuple, sub: tuple) -> bool:
     return tree == sub or (tree[0] in ("sum", "prod") and any(_contains(c, sub) for c in tree[1]))
+
+
+def _sums(t: tuple) -> list[tuple]:
+    """The concatenation nodes of a resolution tree, outermost first."""
+    if t[0] == "atom":
+        return []
+    own = [t] if t[0] == "sum" else []
+    return own + [s for c in t[1] for s in _sums(c)]
+
+
+def _factor_trees(res: Resolution, root: int) -> list[tuple]:
+    """The factors of ``root``'s product, nested products flattened. A factor that is a concatenation
+    stays one factor: its parts sit side by side in it (a fused q|k|v reshaped to heads x head_dim, a
+    partial rotary's rotary | pass, a shuffled channel axis), so the heads policy keeps or fixes them
+    together."""
+    def flat(tree: tuple) -> list[tuple]:
+        return [f for c in tree[1] for f in flat(c)] if tree[0] == "prod" else [tree]
+
+    return flat(res.tree(root))
 
 
 def _first_index(a: int, members: list[str], params: list[str]) -> tuple[int, str]:

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 from graphscale.errors import WidthConflictError
 
+#: passes of :meth:`DimSystem.resolve`; each is linear in the relations, and real models settle in a few
+MAX_PASSES = 200
+
 
 @dataclass
 class DimSystem:
@@ -86,11 +89,17 @@ class DimSystem:
 
     def resolve(self) -> Resolution:
         """Close all relations and return the atom tree of every dimension."""
-        for _ in range(10_000):
+        for _ in range(MAX_PASSES):
             if not self._refine_once():
                 break
-        else:  # pragma: no cover - guards against a rule that keeps splitting
-            raise WidthConflictError("width inference did not converge: the shape relations cycle")
+        else:  # bounded work: a relation that keeps changing is named, not looped on
+            where = sorted({self.origin[self.find(r)] for r in self._changed})[:4]
+            why = sorted({w for t, _, w in self.prods + self.sums
+                          if self.find(t) in {self.find(r) for r in self._changed}})[:2]
+            raise WidthConflictError(
+                f"width inference did not settle in {MAX_PASSES} passes over the shape relations: the "
+                f"decomposition of {', '.join(where)} keeps changing (from {'; '.join(why)}). graphscale "
+                "cannot relate this layout; mark the classes involved fixed, or report it with the model")
         return Resolution(self)
 
     # -- closing the relations -------------------------------------------------------------------------
@@ -123,26 +132,28 @@ class DimSystem:
         linear in the graph size (a pass per change would make it quadratic).
         """
         prods, sums = self._defs()
-        changed = False
+        self._changed = []
         for root, defs in prods.items():
             single = [fs[0] for fs in defs if len(fs) == 1 and self.find(fs[0]) != self.find(root)]
             if single:
                 self.union(root, single[0], "a product with one factor")
-                changed = True
+                self._changed.append(root)
             elif len(defs) > 1:
                 flat = [self._flatten(fs, prods, product=True) for fs in defs[:2]]
-                changed |= self._align(flat[0], flat[1], product=True)
+                if self._align(flat[0], flat[1], product=True):
+                    self._changed.append(root)
         for root, defs in sums.items():
             single = [ps[0] for ps in defs if len(ps) == 1 and self.find(ps[0]) != self.find(root)]
             if single:
                 self.union(root, single[0], "a concatenation with one part")
-                changed = True
+                self._changed.append(root)
             elif len(defs) > 1:
                 flat = [self._flatten(ps, sums, product=False) for ps in defs[:2]]
-                changed |= self._align(flat[0], flat[1], product=False)
-            if root in prods:
-                changed |= self._reconcile(root, prods[root][0], defs[0])
-        return changed
+                if self._align(flat[0], flat[1], product=False):
+                    self._changed.append(root)
+            if root in prods and self._reconcile(root, prods[root][0], defs[0], sums, prods):
+                self._changed.append(root)
+        return bool(self._changed)
 
     def _flatten(self, pieces: list[int], defs: dict[int, list[list[int]]], product: bool) -> list[int]:
         """Expand pieces through their first decomposition of the same kind, down to undivided pieces."""
@@ -171,9 +182,13 @@ class DimSystem:
                 continue
             small, big, rest_of_big = (x, y, b) if sx < sy else (y, x, a)
             if product and self.size[big] % self.size[small]:
-                raise WidthConflictError(
-                    f"{self.origin[big]} (size {self.size[big]}) is split two incompatible ways "
-                    f"(one way starts with a factor of size {self.size[small]})")
+                # e.g. a spatial axis cut into windows (8 x 7) and into a grid (7 x 8): no common
+                # refinement relates the factors, so none of them may grow (fixing is exact)
+                why = (f"a factor of {self.origin[big]} (size {self.size[big]}), split two incompatible "
+                       f"ways ({self.size[x]} against {self.size[y]} first)")
+                for d in [x, y, *a, *b]:
+                    self.fix(d, why)
+                return changed
             rest_size = self.size[big] // self.size[small] if product else self.size[big] - self.size[small]
             rest = self.new(rest_size, f"{self.origin[big]}/rest")
             (self.prod if product else self.concat)(big, [small, rest], "refining a decomposition")
@@ -182,21 +197,56 @@ class DimSystem:
             return True
         return changed
 
-    def _reconcile(self, root: int, factors: list[int], parts: list[int]) -> bool:
-        """A dimension both ``n x rest`` and ``p_1 | ... | p_n`` (equal parts): each ``p_i = rest``."""
+    def _reconcile(self, root: int, factors: list[int], parts: list[int],
+                   sums: dict[int, list[list[int]]], prods: dict[int, list[list[int]]]) -> bool:
+        """A dimension both ``outer x inner`` and ``p_1 | ... | p_n``.
+
+        With ``n`` outer positions and equal parts, each part is one: ``p_i = inner`` (the outer factor,
+        a count of parts, is fixed). Where every part is a whole number of ``inner`` blocks, each part is
+        a slice of the outer factor: ``outer = o_1 | ... | o_n`` and ``p_i = o_i x inner`` (a channel
+        shuffle flattens ``(c, g)`` and then halves it; heads split into groups of different sizes).
+        Otherwise every dimension involved is fixed: widening keeps them, which is exact.
+        """
+        if len(factors) < 2:  # a product with one factor is an equality, which the product pass applies
+            return False
         outer, inner = factors[0], factors[1:]
-        if self.size[outer] != len(parts) or len({self.size[p] for p in parts}) != 1:
-            raise WidthConflictError(
-                f"{self.origin[root]} is both reshaped into {[self.size[f] for f in factors]} and "
-                f"concatenated from parts {[self.size[p] for p in parts]}; graphscale cannot relate the two")
-        rest = inner[0] if len(inner) == 1 else None
-        if rest is None:
-            rest = self.new(self.size[parts[0]], f"{self.origin[root]}/part")
-            self.prod(rest, inner, "a reshaped concatenation")
+        n, sizes = len(parts), [self.size[p] for p in parts]
+        block = self.size[root] // self.size[outer]
         changed = False
-        for p in parts:
-            if self.find(p) != self.find(rest):
-                self.union(p, rest, "a reshaped concatenation")
+        if self.size[outer] == n and len(set(sizes)) == 1:
+            self.fix(outer, "the count of concatenated parts an axis is reshaped into")
+            rest = parts[0]  # every part is inner; relate them once (no fresh dimension per pass)
+            for p in parts[1:]:
+                if self.find(p) != self.find(rest):
+                    self.union(p, rest, "a reshaped concatenation")
+                    changed = True
+            want = [self.find(f) for f in inner if self.size[f] != 1]
+            if len(want) == 1 and want[0] != self.find(rest):
+                self.union(rest, want[0], "a reshaped concatenation")
+                changed = True
+            elif len(want) > 1 and want not in prods.get(self.find(rest), []):
+                self.prod(rest, inner, "a reshaped concatenation")
+                changed = True
+            return changed
+        if any(s % block for s in sizes):
+            # a part ends inside a block of the inner factors (channel shuffles nested deeper than the
+            # outer factor halves): no replication of the atoms keeps both layouts, so none may grow
+            why = (f"{self.origin[root]} is both reshaped into {[self.size[f] for f in factors]} and "
+                   f"concatenated from parts {sizes}, which no widening keeps consistent")
+            for d in [root, *factors, *parts]:
+                self.fix(d, why)
+            return False
+        counts = [s // block for s in sizes]
+        pieces = next((ps for ps in sums.get(self.find(outer), [])
+                       if [self.size[q] for q in ps] == counts), None)
+        if pieces is None:
+            pieces = [self.new(c, f"{self.origin[outer]}/{i}") for i, c in enumerate(counts)]
+            self.concat(outer, pieces, "a reshaped concatenation")
+            changed = True
+        for p, piece in zip(parts, pieces):
+            want = [self.find(f) for f in [piece, *inner] if self.size[f] != 1]
+            if want not in prods.get(self.find(p), []) and want != [self.find(p)]:
+                self.prod(p, [piece, *inner], "a slice of a reshaped concatenation")
                 changed = True
         return changed
 

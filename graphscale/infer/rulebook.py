@@ -74,6 +74,9 @@ class RuleBook:
         self.methods: dict[str, Rule] = {}
         self.modules: list[tuple[type, Rule]] = []
         self.unresolved: list[str] = []  # optional targets this torch version does not have
+        # optional targets in a module nothing has imported (torchvision's ops next to a model that may
+        # never import it): matched by their dotted name when a node calls them, never imported here
+        self.lazy: dict[str, Rule] = {}
         self.rules: list[Rule] = []
         self.allow_imports = allow_imports
 
@@ -136,6 +139,9 @@ class RuleBook:
                 self.modules.insert(0, (obj, rule))  # newest first, so user rules win
                 return
         else:
+            if optional and not target.startswith("aten.") and self._unimported(target):
+                self.lazy[target] = rule
+                return
             obj = _resolve_aten(target) if target.startswith("aten.") else self._resolve(target, where)
             if obj is not None and (callable(obj) or isinstance(obj, torch._ops.OpOverloadPacket)):
                 self.functions[obj] = rule
@@ -178,14 +184,26 @@ class RuleBook:
                 "opt in with RuleBook.load(..., allow_imports=True) / --rules-allow-imports")
         return None
 
+    def _unimported(self, path: str) -> bool:
+        """Whether no prefix of ``path`` outside the safe roots is an imported module (and imports are
+        not allowed), so that resolving it now would fail."""
+        parts = path.split(".")
+        if parts[0] in _SAFE_ROOTS or self.allow_imports:
+            return False
+        return not any(".".join(parts[:cut]) in sys.modules for cut in range(len(parts), 0, -1))
+
     def lookup_function(self, fn: Any) -> Rule | None:
-        """The rule for a ``call_function`` target (an ATen overload falls back to its packet)."""
+        """The rule for a ``call_function`` target (an ATen overload falls back to its packet; a lazy
+        optional target matches the function's ``module.qualname``)."""
         try:
             rule = self.functions.get(fn)
         except TypeError:  # an unhashable callable
             return None
         if rule is None and isinstance(fn, torch._ops.OpOverload):
             rule = self.functions.get(fn.overloadpacket)  # "aten.add" covers every overload
+        if rule is None and self.lazy:
+            name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', None)}"
+            rule = self.lazy.get(name)
         return rule
 
     def lookup_method(self, name: str) -> Rule | None:

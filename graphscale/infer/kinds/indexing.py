@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -97,6 +98,10 @@ def kind_split(ctx: Call) -> Info:
     return tuple(result)
 
 
+#: a stop at least this large means "to the end" (torch.export writes ``x[1:]`` with end = sys.maxsize)
+_UNBOUNDED = sys.maxsize // 2
+
+
 def _slice_part(ctx: Call, dim: int, size: int, start: int | None, stop: int | None,
                 step: int | None, out_size: int) -> tuple[int, int | None, int] | None:
     """Relate a slice to its axis; returns (part, before, span) or None for a full slice. The slice's
@@ -110,7 +115,11 @@ def _slice_part(ctx: Call, dim: int, size: int, start: int | None, stop: int | N
     hi = size if stop is None else (stop + size if stop < 0 else min(stop, size))
     lo, hi = max(lo, 0), max(hi, lo)
     if lo == 0 and hi == size:
-        return None
+        if start in (None, 0) and (stop is None or stop >= _UNBOUNDED):
+            return None
+        # the whole axis, but its bounds are written out (cat(...)[:, :n] with n the whole size, x[-n:]):
+        # they must become the wide axis's, or the wide slice would keep the narrow size
+        return dim, None, dim
     part = ctx.ds.new(out_size, f"{ctx.node.name} slice")
     pieces, before = [], None
     if lo > 0:
@@ -180,7 +189,7 @@ def _tensor_index(ctx: Call, info: TensorInfo, index: Any) -> Info:
             out_size = len(range(*it.indices(size)))
             got = _slice_part(ctx, d, size, it.start, it.stop, it.step, out_size)
             if got is None:
-                dims.append(d if out_size == size else ctx.ds.new(out_size, ctx.node.name))
+                dims.append(d if out_size == size else _stepped(ctx, out_size))
             else:
                 dims.append(got[0])
                 ctx.requests.slices.append(SliceBounds(ctx.node.name, None, pos, got[1], got[2]))
@@ -223,8 +232,16 @@ def kind_slice(ctx: Call) -> Info:
         dims[d] = got[0]
         ctx.requests.slices.append(SliceBounds(ctx.node.name, ("pos", 2), None, got[1], got[2]))
     elif out_shape[d] != info.shape[d]:
-        dims[d] = ctx.ds.new(out_shape[d], ctx.node.name)
+        dims[d] = _stepped(ctx, out_shape[d])
     return TensorInfo(tuple(dims), out_shape, _view_param(info, tuple(dims)))
+
+
+def _stepped(ctx: Call, size: int) -> int:
+    """The axis a stepped slice (``x[0::2]``) makes: fixed like the axis it strides over, since its
+    size is read off that axis's narrow size (a fresh unconstrained axis could be widened alone)."""
+    d = ctx.ds.new(size, ctx.node.name)
+    ctx.ds.fix(d, "an axis made by a slice with a step")
+    return d
 
 
 @kind("select", dim=Key("ref", default="dim"))
@@ -254,3 +271,40 @@ def kind_index(ctx: Call) -> Info:
     indices = ctx.value("indices")
     items = [slice(None) if i is None else i for i in indices]
     return _tensor_index(ctx, info, tuple(items))
+
+
+def _check_carry(spec: Any, targets: list[str]) -> list[tuple[str, str]]:
+    if any(a < -1 for a in spec.get("axes", ())):
+        return [("axes", "each entry is an input axis (>= 0) or -1 (a fixed axis of the output)")]
+    return []
+
+
+@kind("carry_axes", check=_check_carry,
+      input=Key("ref", required=True, doc="the tensor whose axes the output carries"),
+      axes=Key("ints", required=True, doc="per output axis: the input axis it equals, or -1 (fixed)"))
+def kind_carry_axes(ctx: Call) -> Info:
+    """An opaque lookup that carries some axes of one input unchanged (a table gathered by an index and
+    rearranged): each output axis equals the input axis ``axes`` names, or is fixed (-1); the input's
+    axes the output does not carry are fixed (they were indexed)."""
+    info = ctx.tensor(ctx.spec("input"))
+    out_shape = tuple(ctx.result.shape)
+    axes = ctx.spec("axes")
+    if len(axes) != len(out_shape) or any(a >= len(info.dims) for a in axes):
+        raise UnsupportedOpError(f"{ctx.where()}: rule {ctx.rule.name!r} maps {len(axes)} output axes onto "
+                                 f"an input of rank {len(info.dims)}, but the op returned shape "
+                                 f"{list(out_shape)}; the rule's axes do not describe this call")
+    dims: list[int] = []
+    for k, a in enumerate(axes):
+        if a >= 0 and info.shape[a] == out_shape[k]:
+            dims.append(info.dims[a])
+        elif a >= 0:
+            raise UnsupportedOpError(f"{ctx.where()}: rule {ctx.rule.name!r} says output axis {k} is input "
+                                     f"axis {a}, but their sizes differ ({out_shape[k]} vs {info.shape[a]})")
+        else:
+            d = ctx.ds.new(out_shape[k], f"{ctx.node.name}[{k}]")
+            ctx.ds.fix(d, f"an axis made by {ctx.rule.name}")
+            dims.append(d)
+    for a, d in enumerate(info.dims):
+        if a not in axes:
+            ctx.ds.fix(d, f"an axis looked up by {ctx.rule.name}")
+    return TensorInfo(tuple(dims), out_shape)
