@@ -116,7 +116,7 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_vision_layouts.py::test_stepped_slices_keep_their_axes_fixed",),
       "x[..., 0::2] makes an axis sized off a fixed one: it must stay fixed, or it widens alone"),
     M("infer-whole-slice-bounds-kept", "graphscale/infer/kinds/indexing.py",
-      "        return dim, None\n", "        return None\n",
+      "        return dim, None, dim\n", "        return None\n",
       ("tests/test_vision_layouts.py::test_concat_sliced_back_by_a_literal_bound_widens_exactly",),
       "a whole-axis slice with literal bounds must get the wide bounds"),
     M("infer-shuffle-part-not-sliced", "graphscale/infer/dims.py",

@@ -119,8 +119,10 @@ def build_wide_dir(args: argparse.Namespace, workdir: Path, train: torch.Tensor,
     narrow_val = val_loss(narrow, val, args, torch.device("cpu"))
     narrow.save_pretrained(workdir / "narrow")
     noise = None if args.noise == "none" else args.noise
+    # heads="grow": with heads fixed, GPT-2's fused c_attn would carry the query's k**-0.5 on its query
+    # rows only, which no per-tensor optimizer trains like the narrow model (docs/math.md §8)
     wide_dir = graphscale.hf.upscale(workdir / "narrow", multiplier=args.multiplier, out=workdir / "wide",
-                                     noise=noise, seed=0, force=True)
+                                     heads="grow", noise=noise, seed=0, force=True)
     print(f"[upscale] n_embd {args.width} -> {args.width * args.multiplier}: {wide_dir}", flush=True)
     return wide_dir, narrow_val
 

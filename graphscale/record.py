@@ -411,34 +411,226 @@ def _deepcopy_keeping_record(self: torch.fx.GraphModule, memo: dict[int, Any]) -
 
 
 def _reduce_keeping_record(self: torch.fx.GraphModule) -> tuple[Any, ...]:
+    if _export_layout(self):
+        return _reduce_export_graph(self)
     _refuse_unloadable(self)
     rebuild, args = torch.fx.GraphModule.__reduce__(self)[:2]
     return (_rebuild_keeping_record, (rebuild, args))
 
 
-def _refuse_unloadable(gm: torch.fx.GraphModule) -> None:
-    """Refuse, before anything is written, a GraphModule whose pickle would fail or would not load back.
+class InputGuards(torch.nn.Module):
+    """Stands in, in a pickled widening, for the input guards ``torch.export`` generated.
 
-    torch.export's GraphModules carry input guards as generated code (a module whose ``forward`` is a local
-    function, which pickle cannot write), and their tracer class needs arguments that unpickling, which
-    re-traces the code with that class, does not give. Without the guards the graph would run on inputs
-    it was not specialised for, so they are not dropped: the model is refused.
+    ``torch.export`` inserts a ``_guards_fn`` submodule whose ``forward`` is code generated at export time
+    (a local function, which pickle cannot write) that asserts the graph's specialisation, e.g.
+    ``torch._assert(args[0].size()[1] == 8, "Guard failed: idx.size()[1] == 8")``. This module makes the
+    same assertions, in the same order, with the same messages, from plain data: ``checks`` holds one
+    ``(argument index, dimension, size, message)`` per assertion. Like the original it is impure, so
+    dead-code elimination keeps its call.
+
+    Example:
+        >>> guards = InputGuards([(0, 1, 8, "Guard failed: idx.size()[1] == 8")])
+        >>> guards(torch.zeros(2, 8)) is None
+        True
+        >>> guards(torch.zeros(2, 7))
+        Traceback (most recent call last):
+        ...
+        AssertionError: Guard failed: idx.size()[1] == 8
     """
-    why = []
-    for name, module in gm.named_modules():
-        forward = module.__dict__.get("forward")
-        if forward is not None and "<locals>" in getattr(forward, "__qualname__", ""):
-            why.append(f"submodule {name or '(root)'} runs generated code (torch.export input guards)")
+
+    _is_impure = True
+
+    def __init__(self, checks: list[tuple[int, int, int, str]]) -> None:
+        super().__init__()
+        self.checks = [(int(i), int(d), int(n), str(msg)) for i, d, n, msg in checks]
+
+    def forward(self, *args: Any) -> None:
+        for i, d, n, msg in self.checks:
+            torch._assert(args[i].size()[d] == n, msg)
+        return None
+
+
+#: Bytecode instructions that carry no meaning for :func:`_size_guards` (version-specific bookkeeping).
+_IGNORED_OPS = frozenset({"RESUME", "PRECALL", "CACHE", "PUSH_NULL", "NOP", "EXTENDED_ARG", "TO_BOOL",
+                          "NOT_TAKEN", "COPY_FREE_VARS", "MAKE_CELL"})
+_SAME_OPS = {"LOAD_METHOD": "LOAD_ATTR", "CALL_METHOD": "CALL", "CALL_FUNCTION": "CALL",
+             "LOAD_FAST_BORROW": "LOAD_FAST", "LOAD_SMALL_INT": "LOAD_CONST"}
+
+
+def _size_guards(fn: Any) -> list[tuple[int, int, int, str]] | None:
+    """The ``(argument index, dimension, size, message)`` of each assertion of a generated guard function
+    made only of ``torch._assert(args[i].size()[d] == n, "message")`` statements (what ``torch.export``
+    writes for a graph specialised to static shapes), read from its bytecode; ``None`` when the function
+    does anything else, so that the caller refuses it rather than guess."""
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_freevars or code.co_varnames[:1] != ("args",) or code.co_argcount != 0:
+        return None
+    import dis
+
+    ops = []
+    for ins in dis.get_instructions(fn):
+        name = _SAME_OPS.get(ins.opname, ins.opname)
+        if name in _IGNORED_OPS:
+            continue
+        if name == "BINARY_OP" and ins.argrepr == "[]":
+            name = "BINARY_SUBSCR"
+        ops.append((name, ins.argval))
+    checks: list[tuple[int, int, int, str]] = []
+    pattern = ["LOAD_GLOBAL", "LOAD_ATTR", "LOAD_FAST", "LOAD_CONST", "BINARY_SUBSCR", "LOAD_ATTR", "CALL",
+               "LOAD_CONST", "BINARY_SUBSCR", "LOAD_CONST", "COMPARE_OP", "LOAD_CONST", "CALL", "POP_TOP"]
+    while len(ops) >= len(pattern) and ops[0] == ("LOAD_GLOBAL", "torch"):
+        step, ops = ops[:len(pattern)], ops[len(pattern):]
+        if [op for op, _ in step] != pattern:
+            return None
+        v = [arg for _, arg in step]
+        if (v[1], v[2], v[5], v[6], v[12]) != ("_assert", "args", "size", 0, 2) \
+                or v[10] not in ("==", "bool(==)") or not isinstance(v[11], str) \
+                or not all(type(x) is int for x in (v[3], v[7], v[9])):
+            return None
+        checks.append((v[3], v[7], v[9], v[11]))
+    if ops in ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)]):
+        return checks
+    return None
+
+
+def _export_layout(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` is laid out as ``torch.export``'s ``ExportedProgram.module()`` builds it: pytree input
+    and output handling in its code, or a tracer class that cannot be rebuilt without arguments."""
+    from torch.fx.graph import _PyTreeCodeGen
+
+    return isinstance(gm.graph._codegen, _PyTreeCodeGen) or bool(_tracer_arguments(gm))
+
+
+def _tracer_arguments(gm: torch.fx.GraphModule) -> list[str]:
+    """The arguments that ``gm``'s tracer class needs (unpickling re-traces the code with it)."""
     tracer_cls = gm.__dict__.get("_tracer_cls")
-    if tracer_cls is not None:
-        try:
-            required = [p for p in inspect.signature(tracer_cls.__init__).parameters.values()
-                        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD][1:]
-        except (TypeError, ValueError):  # pragma: no cover - a tracer class without a signature
-            required = []
-        if required:
-            why.append(f"unpickling re-traces it with {tracer_cls.__name__}, which needs arguments "
-                       f"({', '.join(p.name for p in required)})")
+    if tracer_cls is None:
+        return []
+    try:
+        params = inspect.signature(tracer_cls.__init__).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a tracer class without a signature
+        return []
+    return [p.name for p in params
+            if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD][1:]
+
+
+def _generated_forward(module: torch.nn.Module) -> Any:
+    """The function ``module`` runs instead of its class's ``forward`` when that is generated code (a
+    local function set on the instance), unwrapped; ``None`` otherwise."""
+    forward = module.__dict__.get("forward")
+    if forward is None or "<locals>" not in getattr(forward, "__qualname__", ""):
+        return None
+    for _ in range(8):  # unwrap decorators: functools.wraps's __wrapped__, or a closure over ``func``
+        code = getattr(forward, "__code__", None)
+        if hasattr(forward, "__wrapped__"):
+            forward = forward.__wrapped__
+        elif code is not None and "func" in code.co_freevars and forward.__closure__:
+            forward = forward.__closure__[code.co_freevars.index("func")].cell_contents
+        else:
+            break
+    return forward
+
+
+def _reduce_export_graph(gm: torch.fx.GraphModule) -> tuple[Any, ...]:
+    """Pickle a ``torch.export``-captured widening: flat code, pytree layout and guards kept apart.
+
+    torch's own ``GraphModule.__reduce__`` writes the module's code and re-traces it on load with the
+    module's tracer class. For an exported graph that cannot work: the tracer class (``_ModuleStackTracer``)
+    needs arguments, the code's pytree flattening of inputs and outputs would be traced away, and the
+    input-guard submodule runs generated code. So the code is written *flat* (one placeholder per input
+    leaf, the outputs as a tuple), re-traced on load with the plain ``torch.fx.Tracer`` (every submodule
+    a leaf, as torch does), and the pytree layout (argument names, input and output specs) is put back
+    before the code is regenerated: the loaded module runs the same ATen calls in the same order, so its
+    outputs are bitwise equal. The generated input-guard function is replaced by an :class:`InputGuards`
+    holding the same assertions as data; a guard function that does anything else is refused, since
+    dropping it would let the graph run on inputs it was not specialised for.
+    """
+    from torch.fx.graph import _PyTreeCodeGen
+
+    modules = dict(gm._modules)
+    guards = []
+    for name, module in gm.named_modules():
+        forward = _generated_forward(module)
+        if forward is None:
+            continue
+        checks = _size_guards(forward) if name and "." not in name else None
+        if checks is None:
+            guards.append(name or "(root)")
+        else:
+            modules[name] = InputGuards(checks)
+    if guards:
+        raise UnpicklableModelError(
+            f"cannot pickle this widened {type(gm).__name__}: submodule(s) {', '.join(guards)} run code "
+            "generated at capture time that is not only input-size assertions (torch.export guards), so "
+            "graphscale cannot write it as data, and pickle cannot write code. Save its state_dict and "
+            "record instead -- torch.save(wide.state_dict(), ...) and graphscale.save_record(wide, ...) -- "
+            "and rebuild it with graphscale.widen (or fill your own larger model with graphscale.widen_into)")
+    codegen = gm.graph._codegen
+    pytree_info = None
+    if isinstance(codegen, _PyTreeCodeGen):
+        info = codegen.pytree_info
+        pytree_info = (list(info.orig_args), _spec_state(info.in_spec), _spec_state(info.out_spec))
+    flat = torch.fx.Graph()
+    flat.output(flat.graph_copy(gm.graph, {}))  # a copy with the default (flat) code generation
+    # torch's reduction of a module built on the flat graph gives its code and the imports it needs.
+    _, (flat_body, import_block) = torch.fx.GraphModule.__reduce__(torch.fx.GraphModule(gm, flat))[:2]
+    body = {k: v for k, v in gm.__dict__.items() if k not in ("_graph", "_tracer_cls", "_tracer_extras")}
+    body["_modules"] = modules
+    body["_code"] = flat_body["_code"]
+    body["_graphmodule_cls_name"] = type(gm).__name__
+    import torch.utils._pytree as pytree
+
+    specs = {k: _spec_state(body.pop(k)) for k, v in list(body.items()) if isinstance(v, pytree.TreeSpec)}
+    return (_rebuild_export_graph, (body, import_block, pytree_info, specs))
+
+
+def _rebuild_export_graph(body: dict[str, Any], import_block: str, pytree_info: Any,
+                          specs: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Unpickle what :func:`_reduce_export_graph` wrote: torch re-traces the flat code, then the pytree
+    layout is restored and the record re-attached."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    from torch.fx.graph_module import reduce_graph_module
+
+    body.update({k: _spec_from_state(v) for k, v in (specs or {}).items()})  # e.g. _in_spec, _out_spec
+    module = reduce_graph_module(body, import_block)
+    if pytree_info is not None:
+        orig_args, in_spec, out_spec = pytree_info
+        module.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(orig_args, _spec_from_state(in_spec),
+                                                           _spec_from_state(out_spec)))
+        module.recompile()
+    record = module.__dict__.get("graphscale")
+    if isinstance(record, WideningRecord):
+        attach_record(module, record)
+    return module
+
+
+def _spec_state(spec: Any) -> Any:
+    """A pytree spec as pytree's own JSON (pickling a spec object warns on load in torch >= 2.10); the
+    spec itself when its containers have no JSON form (a user's registered type)."""
+    if spec is None:
+        return None
+    import torch.utils._pytree as pytree
+
+    try:
+        return ("json", pytree.treespec_dumps(spec))
+    except (TypeError, NotImplementedError, ValueError):
+        return ("spec", spec)
+
+
+def _spec_from_state(state: Any) -> Any:
+    if state is None:
+        return None
+    import torch.utils._pytree as pytree
+
+    kind, value = state
+    return pytree.treespec_loads(value) if kind == "json" else value
+
+
+def _refuse_unloadable(gm: torch.fx.GraphModule) -> None:
+    """Refuse, before anything is written, a GraphModule whose pickle would fail or would not load back:
+    one whose submodules run generated code (a local function, which pickle cannot write)."""
+    why = [f"submodule {name or '(root)'} runs generated code" for name, module in gm.named_modules()
+           if _generated_forward(module) is not None]
     if why:
         raise UnpicklableModelError(
             f"cannot pickle this widened {type(gm).__name__} ({'; '.join(why)}): save its state_dict and "
