@@ -862,6 +862,10 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the reason --finalize gives the models a stopped census did not reach
+STOPPED_REASON = "the census was stopped before this model"
+
+
 def readme_section(results: dict[str, dict]) -> str:
     """The README's "Supported architectures" census part, generated from the results."""
     summary = summarize(results)
@@ -884,13 +888,18 @@ def readme_section(results: dict[str, dict]) -> str:
         ok = [e.split("/", 1)[1] if g != "vision" else e for e in entries if results[e]["status"] == "ok"]
         lines += ["", f"**{GROUP_TITLES[g]}, exact:** {', '.join(ok) or '(none)'}.", "",
                   "| not yet | reason |", "| --- | --- |"]
+        unreached = [e for e in entries if results[e]["status"] == "not run"
+                     and results[e].get("reason", "").startswith(STOPPED_REASON)]
         for e in entries:
             r = results[e]
-            if r["status"] == "ok":
+            if r["status"] == "ok" or e in unreached:
                 continue
             label = e.split("/", 1)[1] if g != "vision" else e
             prefix = r["status"] if r["status"] != "fail" else r.get("stage")
             lines.append(f"| {label} | {_cell(prefix + ': ' + _short(r.get('reason', ''))[:200])} |")
+        if unreached:  # one line, not one row each: they were never checked
+            names = [e.split("/", 1)[1] if g != "vision" else e for e in unreached]
+            lines += ["", f"Not reached before the census was stopped ({len(names)}): {', '.join(names)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -987,8 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.finalize:  # record what a stopped census did not reach, as such
         for e in hf + vision:
             results[e] = {"status": "not run", "stage": None, "checks": {},
-                          "reason": "the census was stopped before this model (python benchmarks/zoo.py "
-                                    "--resume runs it)"}
+                          "reason": f"{STOPPED_REASON} (python benchmarks/zoo.py --resume runs it)"}
         hf = vision = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
