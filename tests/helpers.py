@@ -255,3 +255,38 @@ def rounding_sensitivity(build, cls, hp: dict, data, steps: int, clip: float | N
     worst, _ = train_pair(a, b, cls(a.parameters(), **hp), cls(b.parameters(), **hp), data, steps,
                           clip=clip, wide_clip=torch_clip if clip is not None else None)
     return worst
+
+
+class Fn(nn.Module):
+    """A module whose forward is ``fn(self, *inputs)``, with ``modules`` as its submodules: one op under test
+    wrapped in the least model capture can trace."""
+
+    def __init__(self, fn, **modules: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        for name, m in modules.items():
+            self.add_module(name, m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self, x)
+
+
+class Fn3(Fn):
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.fn(self, a, b, c)
+
+
+def walk_fn(fn, *xs: torch.Tensor, tracer: str = "fx", **modules: nn.Module):
+    """The width walk of ``Fn(fn, **modules)`` on one input (or ``Fn3`` on three), with the built-in rules."""
+    from graphscale.capture import capture
+    from graphscale.infer.engine import walk_graph
+    from graphscale.infer.rulebook import RuleBook
+
+    book = RuleBook.load()
+    cap = capture((Fn if len(xs) == 1 else Fn3)(fn, **modules), xs, tracer, book)
+    return walk_graph(cap.gm, cap.flat_inputs, book)
+
+
+def same_dim(w, a: int, b: int) -> bool:
+    """Whether dimensions ``a`` and ``b`` of walk ``w`` are one."""
+    return w.ds.find(a) == w.ds.find(b)

@@ -12,28 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphscale
-from graphscale.capture import capture
-from graphscale.infer.engine import Walk, walk_graph
+from graphscale.infer.engine import Walk
 from graphscale.infer.rulebook import RuleBook
 from graphscale.infer.values import TensorInfo
+from tests.helpers import Fn, same_dim, walk_fn
 
 BOOK = RuleBook.load()
 
 
-class Fn(nn.Module):
-    def __init__(self, fn: Callable[..., torch.Tensor], **modules: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-        for name, m in modules.items():
-            self.add_module(name, m)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self, x)
-
-
 def walk(fn: Callable[..., torch.Tensor], x: torch.Tensor, tracer: str = "fx", **modules: nn.Module) -> Walk:
-    cap = capture(Fn(fn, **modules), (x,), tracer, BOOK)
-    return walk_graph(cap.gm, cap.flat_inputs, BOOK)
+    return walk_fn(fn, x, tracer=tracer, **modules)
 
 
 def node(w: Walk, target: str) -> TensorInfo:
@@ -43,8 +31,7 @@ def node(w: Walk, target: str) -> TensorInfo:
     return i if isinstance(i, TensorInfo) else i[0]
 
 
-def same(w: Walk, a: int, b: int) -> bool:
-    return w.ds.find(a) == w.ds.find(b)
+same = same_dim
 
 
 def fixed(w: Walk, d: int) -> bool:

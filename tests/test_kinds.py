@@ -13,29 +13,13 @@ from graphscale.capture import capture
 from graphscale.infer.engine import Walk, walk_graph
 from graphscale.infer.rulebook import RuleBook
 from graphscale.infer.values import Opaque, SizeInfo, TensorInfo
+from tests.helpers import Fn, same_dim, walk_fn
 
 BOOK = RuleBook.load()
 
 
-class Fn(nn.Module):
-    def __init__(self, fn: Callable[..., torch.Tensor], **modules: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-        for name, m in modules.items():
-            self.add_module(name, m)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self, x)
-
-
-class Fn3(Fn):
-    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.fn(self, a, b, c)
-
-
 def walk(fn: Callable[..., torch.Tensor], *xs: torch.Tensor, **modules: nn.Module) -> Walk:
-    cap = capture((Fn if len(xs) == 1 else Fn3)(fn, **modules), xs, "fx", BOOK)
-    return walk_graph(cap.gm, cap.flat_inputs, BOOK)
+    return walk_fn(fn, *xs, **modules)
 
 
 def info(w: Walk, node: str) -> TensorInfo:
@@ -44,8 +28,7 @@ def info(w: Walk, node: str) -> TensorInfo:
     return i
 
 
-def same(w: Walk, a: int, b: int) -> bool:
-    return w.ds.find(a) == w.ds.find(b)
+same = same_dim
 
 
 def test_einsum_linear_relates_input_weight_and_output() -> None:
