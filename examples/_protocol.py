@@ -8,6 +8,8 @@ Selection (an lr, a noise) always reads the **val** split; every reported loss i
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -250,3 +252,19 @@ def fresh(data: Data, width: int, seed: int) -> nn.Module:
 def save(obj: Any, path: Path) -> None:
     """Write results JSON (non-finite floats as null)."""
     C.save_json(obj, path)
+
+
+def aggregate_seeds(out: Path, settings: Any, summarize: Callable[[list[dict]], dict],
+                    plot: Callable[[dict, Path], None], figure: str) -> dict[str, Any] | None:
+    """Summarize every seed file under ``out/seeds`` run with the dataclass ``settings`` (files of other
+    settings are ignored), write ``out/results.json`` and the figure ``out/<figure>``; None if no seed."""
+    want = json.loads(json.dumps(dataclasses.asdict(settings)))
+    runs = [r for f in sorted((out / "seeds").glob("seed*.json"))
+            if (r := json.loads(f.read_text()))["settings"] == want]
+    if not runs:
+        return None
+    runs.sort(key=lambda r: r["seed"])
+    summary = summarize(runs)
+    save(summary, out / "results.json")
+    plot(summary, out / figure)
+    return summary

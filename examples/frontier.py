@@ -309,19 +309,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def aggregate(out: Path, s: Settings) -> dict[str, Any] | None:
     """Summarize every seed file under ``out/seeds`` run with settings ``s`` (others are ignored)."""
-    want = json.loads(json.dumps(dataclasses.asdict(s)))
-    runs = []
-    for f in sorted((out / "seeds").glob("seed*.json")):
-        r = json.loads(f.read_text())
-        if r["settings"] == want:
-            runs.append(r)
-    if not runs:
-        return None
-    runs.sort(key=lambda r: r["seed"])
-    summary = summarize(runs)
-    P.save(summary, out / "results.json")
-    plot(summary, out / "frontier.png")
-    return summary
+    return P.aggregate_seeds(out, s, summarize, plot, "frontier.png")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

@@ -208,17 +208,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def aggregate(out: Path, s: Settings) -> dict[str, Any] | None:
-    """Summarize every seed file under ``out/seeds`` with settings ``s``."""
-    want = json.loads(json.dumps(dataclasses.asdict(s)))
-    runs = [r for f in sorted((out / "seeds").glob("seed*.json"))
-            if (r := json.loads(f.read_text()))["settings"] == want]
-    if not runs:
-        return None
-    runs.sort(key=lambda r: r["seed"])
-    summary = summarize(runs)
-    P.save(summary, out / "results.json")
-    plot(summary, out / "transfer.png")
-    return summary
+    """Summarize every seed file under ``out/seeds`` run with settings ``s`` (others are ignored)."""
+    return P.aggregate_seeds(out, s, summarize, plot, "transfer.png")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
