@@ -169,8 +169,12 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         (out_width if role == "width" else out_fixed).append(cls)
     _dedupe_names(out_width + out_fixed)
     notes += _joint_parts_notes(walk, res, params, width, by_atom)
-    dedupe = lambda xs: list(dict.fromkeys(xs))  # noqa: E731 - the policy loop may revisit a product
-    return Classes(by_atom, out_width, out_fixed, dedupe(notes), dedupe(head_dim_grown), dedupe(heads_grown))
+    # the policy loop may revisit a product: each note and axis once, in first-seen order
+    return Classes(by_atom, out_width, out_fixed, _unique(notes), _unique(head_dim_grown), _unique(heads_grown))
+
+
+def _unique(xs: list[str]) -> list[str]:
+    return list(dict.fromkeys(xs))
 
 
 def _joint_parts_notes(walk: Walk, res: Resolution, params: list[str], width: set[int],
