@@ -170,7 +170,8 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     _dedupe_names(out_width + out_fixed)
     notes += _joint_parts_notes(walk, res, params, width, by_atom)
     # the policy loop may revisit a product: each note and axis once, in first-seen order
-    return Classes(by_atom, out_width, out_fixed, _unique(notes), _unique(head_dim_grown), _unique(heads_grown))
+    return Classes(by_atom, out_width, out_fixed, _unique(notes), _unique(head_dim_grown),
+                   _unique(heads_grown))
 
 
 def _unique(xs: list[str]) -> list[str]:
