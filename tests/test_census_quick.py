@@ -144,3 +144,38 @@ def test_census_rules_detach_inplace_widens_exactly(tracer: str) -> None:
     wide = graphscale.widen(model, x, 2, tracer=tracer)
     assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
     assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
+
+
+def _mlp_pair() -> tuple[torch.nn.Module, torch.nn.Module, tuple]:
+    import graphscale
+
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    x = (torch.randn(4, 6, dtype=torch.float64),)
+    return small, graphscale.widen(small, x, 2), x
+
+
+def test_census_training_check_catches_a_wrong_law_at_the_first_step(monkeypatch) -> None:
+    """The first-step bound: training the x2 model with the plain optimizer (no μP law) differs by ~lr
+    after one step, far above the widen tolerance, while mup_optimizer matches to rounding."""
+    import graphscale
+
+    census = _census_module()
+    small, wide, x = _mlp_pair()
+    hp = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
+    first, worst = census._train(census.copy.deepcopy(small), wide, x, torch.optim.SGD, hp)
+    assert first <= census.TOL_F64 and worst <= census.TRAIN_TOL_F64
+    monkeypatch.setattr(graphscale, "mup_optimizer", lambda model, cls, **kw: cls(model.parameters(), **kw))
+    small, wide, x = _mlp_pair()
+    first, _ = census._train(small, wide, x, torch.optim.SGD, hp)
+    assert first > 1e3 * census.TOL_F64
+
+
+def test_census_chaos_control_grows_with_the_learning_rate() -> None:
+    """The control measures the narrow model's own sensitivity: a 1e-8 perturbation stays ~1e-8 at a
+    small lr and grows by orders of magnitude where the narrow trajectory itself is unstable."""
+    census = _census_module()
+    small, _, x = _mlp_pair()
+    calm = census._chaos_control(small, x, torch.optim.SGD, {"lr": 1e-3}, 1e-8)
+    wild = census._chaos_control(small, x, torch.optim.SGD, {"lr": 30.0, "momentum": 0.9}, 1e-8)
+    assert calm < 1e-7 and wild > 1e3 * calm
