@@ -51,6 +51,7 @@ import torch
 
 from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
 from graphscale.record import RECORD_FILE, WideningRecord, save_record
+from graphscale.tolerance import FLOAT32_INSIDE_TOLERANCE, TOLERANCE, float32_reductions
 
 __all__ = ["HFUpscaleError", "upscale"]
 
@@ -67,9 +68,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 # source weights above this many bytes are widened tensor by tensor (graphscale/hf_stream.py) by default
 STREAM_ABOVE = 2**30
 # the relative output error allowed (max |wide - narrow| / max |narrow|): what each dtype's rounding allows
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
-# a float64 model whose class casts to float32 inside (RMSNorm, rotary) is exact only to float32 rounding
-FLOAT32_INSIDE_TOLERANCE = 1e-6
 # the class's own attention and expert code in plain torch ops, in the checkpoint's dtype (sdpa may fuse;
 # the grouped-matmul experts are a custom autograd.Function that the engine refuses, the eager experts loop
 # over the experts hit, which torch.export cannot trace; batched_mm gathers each token's expert weights)
@@ -209,7 +207,7 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
         large = auto.from_config(new_config, dtype=torch_dtype, **_IMPL, trust_remote_code=False).eval()
     large_w = HFWrapper(large, causal).eval()
     tol = TOLERANCE[torch_dtype]
-    float32_ops = _float32_ops(plan, sizes) if torch_dtype == torch.float64 else []
+    float32_ops = float32_reductions(plan, sizes) if torch_dtype == torch.float64 else []
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
@@ -529,35 +527,6 @@ def _hf_record(record: WideningRecord, config: Any, changed: dict[str, tuple[int
     # the wrapper's prefix only: at the start of a name, so "model.model.layers.0" keeps its own "model."
     notes = [re.sub(r"(?<![\w.])model\.", "", n) for n in record.notes]
     return replace(record, params=params, notes=notes, info=json.loads(json.dumps(info, default=str)))
-
-
-def _float32_ops(plan: Any, sizes: Any) -> list[str]:
-    """Nodes of a float64 model's graph that reduce a widened axis in float32 (the class's own casts, e.g.
-    RMSNorm's variance): there the wide model sums k copies with other roundings than the narrow one.
-    Float32 work that keeps every widened axis (a softmax over positions per head) rounds the same in both
-    and does not count."""
-    from graphscale.infer.values import TensorInfo
-
-    def widened_roots(node: Any) -> set[int] | None:
-        val, info = node.meta.get("val"), plan.walk.info.get(node.name)
-        if not isinstance(info, TensorInfo) or not isinstance(val, torch.Tensor):
-            return None
-        if val.dtype != torch.float32:
-            return None
-        return {sizes.res.root(d) for d in info.dims if sizes.mult(d) > 1}
-
-    out = []
-    for n in plan.captured.gm.graph.nodes:
-        info = plan.walk.info.get(n.name)
-        if n.op == "get_attr" or not isinstance(info, TensorInfo):
-            continue
-        kept = {sizes.res.root(d) for d in info.dims}
-        for a in n.all_input_nodes:
-            roots = widened_roots(a)
-            if roots and roots - kept:
-                out.append(n.name)
-                break
-    return out
 
 
 def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:

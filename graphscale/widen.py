@@ -37,6 +37,7 @@ from graphscale.infer.classes import HeadsPolicy
 from graphscale.mupcompat import mup_optimizer_note
 from graphscale.plan import Plan, Sizes, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
+from graphscale.tolerance import exactness_tolerance
 
 
 def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[str, int] = 2, *,
@@ -366,7 +367,7 @@ def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
 def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *,
                tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
                heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
-               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4,
+               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float | None = None,
                plan: Plan | None = None) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
@@ -379,7 +380,9 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
     wider head_dim is its own: ``attention="standard"`` (1/sqrt(head_dim): W_q and b_q get a further
     ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), or ``"auto"``, which tries both and keeps the
-    one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error).
+    one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error; by
+    default :func:`graphscale.tolerance.exactness_tolerance`: 1e-10 for float64, float32's rounding where
+    the model computes in float32, 1e-5 for float32 weights).
     ``plan`` is ``graphscale.analyze(small, example_inputs, ...)`` if the caller already made it (it is
     then not made again; the engine options are the plan's).
     ``small`` is never modified; ``large``'s parameters and buffers are overwritten in place. Returns the
@@ -413,7 +416,7 @@ def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
                 rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
                 outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
-                rtol: float, plan: Plan | None = None) -> WideningRecord:
+                rtol: float | None, plan: Plan | None = None) -> WideningRecord:
     if plan is None:
         plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
     elif plan.captured.source is not small:
@@ -423,6 +426,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     mults = _multipliers_from_shapes(plan, state)
     sizes = Sizes(plan, mults)
     check_memory(plan, sizes)
+    if rtol is None:
+        rtol = exactness_tolerance(plan, sizes)
     record = build_record(plan, sizes, mults)
     check_exact(plan, record)
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
@@ -798,7 +803,15 @@ def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, in
                     segment = (lo, lo + sizes.wide(part_dims[k]))
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             node = tensor_args[0] if tensor_args else None
-    return out
+    # a projection shared by several attentions (ALBERT applies one layer at every depth) is folded once
+    unique: dict[tuple[str, int, int, int], int] = {}
+    for name, axis, lo, hi, m in out:
+        if unique.setdefault((name, axis, lo, hi), m) != m:
+            raise WidthConflictError(
+                f"{name} (axis {axis}, {lo}:{hi}) is the query of attentions whose head_dim grows by "
+                f"{unique[(name, axis, lo, hi)]} and by {m}: no one factor folded into it suits both; use "
+                "graphscale.widen, which scales each attention in the graph")
+    return [(*key, m) for key, m in unique.items()]
 
 
 def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.Module | dict[str, int], *,

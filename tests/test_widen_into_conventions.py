@@ -85,3 +85,39 @@ def test_fx_records_an_assert_on_a_traced_size_and_still_refuses_control_flow() 
         wide(torch.randn(7, 4, dtype=torch.float64))
     with pytest.raises(graphscale.errors.TraceError, match="control flow"):
         graphscale.analyze(_Checked(branch=True), (x,), tracer="fx")
+
+
+class SharedAttention(torch.nn.Module):
+    """One attention layer applied at every depth (ALBERT's parameter sharing), heads fixed, standard
+    1/sqrt(head_dim) scaling from the model's own width."""
+
+    def __init__(self, width: int, heads: int = 2, depth: int = 3) -> None:
+        super().__init__()
+        self.heads, self.depth = heads, depth
+        self.embed = torch.nn.Linear(5, width)
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.out = torch.nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, t, d = h.shape
+        for _ in range(self.depth):
+            q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                       for p in (self.q, self.k, self.v))
+            h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.out(h)
+
+
+def test_a_query_shared_by_several_attentions_is_folded_once() -> None:
+    """Before: the query's k**-0.5 was folded once per attention that uses it (0.5 instead of 0.71 at
+    x2), off by ~1e-2 here and still accepted at 2e-6 on ALBERT, whose tiny random attention is nearly
+    uniform. Now: exact to float64 rounding, and the default tolerance is float64's."""
+    torch.manual_seed(0)
+    small, large = SharedAttention(8).double(), SharedAttention(16).double()
+    with torch.no_grad():
+        for p in small.parameters():
+            p.mul_(4)  # attention far from uniform, so a wrong scale shows
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,))
+    assert _rel(large(x), small(x)) <= 1e-12
+    assert sum("query projections carry" in n for n in record.notes) == 1
