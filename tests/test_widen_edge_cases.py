@@ -103,3 +103,36 @@ def test_sizes_read_off_a_width_axis_keep_their_narrow_value_in_arithmetic() -> 
     # Without freezing q.size(-1) to its narrow value the scale would shrink by sqrt(k) on top of the
     # inserted 1/k, and the softmax would see different logits.
     assert _exact(RuntimeScale(), torch.randn(2, 5, 4)) <= 1e-12
+
+
+class ShapeOnlySelect(nn.Module):
+    """BART's ``embed_positions(inputs_embeds[:, :, -1])  # needed for the shape only`` (``shape_only``:
+    a select of the hidden axis whose value only its shape is read), and a select nothing reads."""
+
+    def __init__(self, shape_only: bool) -> None:
+        super().__init__()
+        self.shape_only = shape_only
+        self.embed, self.pos, self.out = nn.Embedding(11, 8), nn.Embedding(16, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        unused = h[..., 0]  # noqa: F841 - dead code, as models carry it
+        like = h[:, :, -1] if self.shape_only else ids
+        return self.out(torch.tanh(h + self.pos(torch.arange(like.shape[1], device=like.device))))
+
+
+def test_a_select_whose_value_is_unused_does_not_pin_the_width() -> None:
+    """Before: the walk fixed the hidden axis as "an axis indexed at one position" for a select nothing
+    reads (fx and export) and for export's shape-only select (static shapes leave it unused): BART and
+    mBART widened nothing. Now unused pure values are dropped at capture; the hidden axis is width and
+    widens exactly. (fx keeps a shape-only select: its shape is read at run time.)"""
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    for tracer, shape_only in (("fx", False), ("export", False), ("export", True)):
+        model = ShapeOnlySelect(shape_only).double()
+        plan = graphscale.analyze(model, (ids,), tracer=tracer)
+        names = [c.name for c in plan.width_classes]
+        assert "embed.weight[1]" in names, (tracer, shape_only, names)
+        wide = graphscale.widen(model, (ids,), 2, plan=plan)
+        assert tuple(wide.get_parameter("out.weight").shape) == (3, 16)
+        with torch.no_grad():
+            assert (wide(ids) - model(ids)).abs().max().item() <= 1e-12

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphscale.capture.frontend import Captured, Frontend, preserved_buffers
+from graphscale.capture.frontend import Captured, Frontend, drop_unused_values, preserved_buffers
 from graphscale.capture.inline import inline_grad_mode_regions
 from graphscale.capture.safety import _functions_refused
 from graphscale.errors import TraceError
@@ -43,6 +43,7 @@ class ExportFrontend(Frontend):
             ep = torch.export.export(model, args, kwargs, strict=False)
         gm = ep.module()
         inline_grad_mode_regions(gm)  # one flat graph for inference and edits (no_grad blocks kept)
+        drop_unused_values(gm)
         return Captured(gm, self.name, self.bind_inputs(gm, model, args, kwargs), args, kwargs, private=model)
 
     def bind_inputs(self, gm: fx.GraphModule, model: torch.nn.Module, args: tuple,

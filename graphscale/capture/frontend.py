@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -146,3 +147,29 @@ def get_frontend(name: str) -> Frontend:
         from graphscale.errors import TraceError
 
         raise TraceError(f"unknown frontend {name!r}; the frontends are {', '.join(FRONTENDS)}") from None
+
+
+def drop_unused_values(gm: fx.GraphModule) -> None:
+    """Remove the calls whose value nothing uses and that have no effect: pure ATen ops (no mutable
+    schema, no side effects, as torch judges them) and ``operator.getitem``. Models keep such code, e.g.
+    BART's ``embed_positions(inputs_embeds[:, :, -1])  # needed for the shape only``: with static
+    shapes the select is dead, yet walking it would fix d_model as "an axis indexed at one position".
+    Modules (export's input guards), methods and other functions stay: an unused in-place call is not
+    dead.
+
+    Example:
+        >>> g = fx.symbolic_trace(lambda x: (x[:, -1], x + 1)[1])
+        >>> drop_unused_values(g); [n.op for n in g.graph.nodes]
+        ['placeholder', 'call_function', 'output']
+    """
+    removed = False
+    for n in reversed(gm.graph.nodes):  # reversed: a dead chain goes user first
+        if n.op != "call_function" or n.users:
+            continue
+        pure_aten = isinstance(n.target, torch._ops.OpOverload) and not n.is_impure()
+        if n.target is operator.getitem or pure_aten:
+            gm.graph.erase_node(n)
+            removed = True
+    if removed:
+        gm.recompile()
+

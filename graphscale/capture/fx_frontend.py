@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphscale.capture.frontend import Captured, Frontend
+from graphscale.capture.frontend import Captured, Frontend, drop_unused_values
 from graphscale.capture.safety import _functions_as_calls, _refuse_reassigned
 from graphscale.mupcompat import assert_in_graph, carry_param_constants
 
@@ -80,6 +80,7 @@ class FxFrontend(Frontend):
             graph = tracer.trace(model, concrete_args=concrete or None)
         _refuse_reassigned(model)
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+        drop_unused_values(gm)
         flat = self.bind_inputs(gm, model, args, {k: v for k, v in kwargs.items() if k not in concrete})
         return Captured(gm, self.name, flat, args, kwargs, private=model)
 
