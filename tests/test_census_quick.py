@@ -179,3 +179,25 @@ def test_census_chaos_control_grows_with_the_learning_rate() -> None:
     calm = census._chaos_control(small, x, torch.optim.SGD, {"lr": 1e-3}, 1e-8)
     wild = census._chaos_control(small, x, torch.optim.SGD, {"lr": 30.0, "momentum": 0.9}, 1e-8)
     assert calm < 1e-7 and wild > 1e3 * calm
+
+
+class _AliasArithmetic(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.multiply(self.a(x), torch.tanh(self.c(x)))  # ConvBERT writes torch.multiply
+        return self.down(torch.subtract(h, 1.0).divide(2.0))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_census_rules_arithmetic_aliases_widen_exactly(tracer: str) -> None:
+    """rules/elementwise.toml: multiply/subtract/divide (ConvBERT's aten.multiply.Tensor) are mul/sub/div."""
+    import graphscale
+
+    torch.manual_seed(0)
+    model, x = _AliasArithmetic().double(), (torch.randn(5, 4, dtype=torch.float64),)
+    wide = graphscale.widen(model, x, 2, tracer=tracer)
+    assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
+    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
