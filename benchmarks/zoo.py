@@ -18,7 +18,11 @@ in order, in float64 (each check recorded):
 1. ``oracle``: inference against the two-width oracle. The model is built at width w and 2w; every
    parameter/buffer axis whose size differs between the two must be widened to the 2w size by
    ``widen(..., 2)``. An axis the config keeps fixed but graphscale widens (an extra inferred class)
-   is allowed and listed; it must then pass the exactness checks like any other.
+   is allowed and listed; it must then pass the exactness checks like any other. The 2w model follows
+   the plan's head policy: where the plan grows the heads rather than head_dim (a partial rotary's fixed
+   part keeps head_dim from growing as one, ``plan.classification.heads_grown``), it is built with the
+   per-head sizes (``HF_PER_HEAD``) kept at w and the head counts doubled; the result's ``oracle`` says
+   which (and check 3 fills that model).
 2. ``widen``: ``graphscale.widen`` x2; the output matches within 1e-10 (relative to 1 + max |out|), or
    1e-6 where the model's own code computes in float32 (its graph casts to float32).
 3. ``widen_into``: ``graphscale.widen_into`` fills the model built at 2w; same tolerance.
@@ -146,6 +150,11 @@ HF_OVERRIDE_ALIASES = {
     "prophetnet": "bart", "fsmt": "bart", "musicgen": "bart", "musicgen_melody": "bart",
 }
 HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders
+# The heads-grown oracle (where the plan grows heads, not head_dim: a partial rotary's fixed part): these
+# per-head sizes keep their value at w, and these head counts scale with the width instead.
+HF_PER_HEAD = {"head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "d_kv"}
+HF_HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "n_heads", "encoder_attention_heads",
+                  "decoder_attention_heads"}
 
 
 def _scale(value: Any, w: int) -> Any:
@@ -159,16 +168,29 @@ def _scale(value: Any, w: int) -> Any:
     return value
 
 
-def hf_config(model_type: str, w: int) -> Any:
+def hf_config(model_type: str, w: int, head_w: int | None = None) -> Any:
     """The tiny config of ``model_type`` at width ``w``: the generic table, renamed through the config
-    class's ``attribute_map``, plus the type's overrides."""
+    class's ``attribute_map``, plus the type's overrides. ``head_w``: the width whose per-head sizes
+    (``HF_PER_HEAD``) the config keeps, the head counts (``HF_HEAD_COUNTS``) growing by ``w / head_w``
+    instead (the heads-grown oracle); by default ``w`` (head_dim scales, the head counts are fixed)."""
     from transformers import AutoConfig
+
+    head_w = w if head_w is None else head_w
+    if w % head_w:
+        raise ValueError(f"width {w} is not a multiple of the head width {head_w}")
+
+    def scaled(key: str, value: Any) -> Any:
+        if key in HF_PER_HEAD:
+            return _scale(value, head_w)
+        if key in HF_HEAD_COUNTS and isinstance(value, int):
+            return value * (w // head_w)
+        return _scale(value, w)
 
     cls = type(AutoConfig.for_model(model_type))
     amap = getattr(cls, "attribute_map", {}) or {}
-    kwargs = {amap.get(k, k): _scale(v, w) for k, v in HF_GENERIC.items()}
+    kwargs = {amap.get(k, k): scaled(k, v) for k, v in HF_GENERIC.items()}
     override = HF_OVERRIDES.get(model_type, HF_OVERRIDES.get(HF_OVERRIDE_ALIASES.get(model_type, ""), {}))
-    kwargs.update({k: _scale(v, w) for k, v in override.items()})
+    kwargs.update({k: scaled(k, v) for k, v in override.items()})
     kwargs = {k: v for k, v in kwargs.items() if v != DROP}
     if model_type in HF_VISION:
         kwargs.update(image_size=32, patch_size=8, num_channels=3, num_labels=10)
@@ -208,14 +230,15 @@ def _image_wrapper(model: Any) -> Any:
     return Image(model)
 
 
-def build_hf(group: str, model_type: str, w: int) -> tuple[Any, tuple]:
-    """``(float64 model in eval mode, example inputs)`` of one HF type at width ``w``."""
+def build_hf(group: str, model_type: str, w: int, head_w: int | None = None) -> tuple[Any, tuple]:
+    """``(float64 model in eval mode, example inputs)`` of one HF type at width ``w`` (``head_w``: see
+    ``hf_config``)."""
     import torch
     import transformers as tf
 
     from graphscale import zoo
 
-    config = hf_config(model_type, w)
+    config = hf_config(model_type, w, head_w)
     if group == "causal":
         auto, wrap = tf.AutoModelForCausalLM, lambda m: zoo.HFWrapper(m, causal=True)
     elif group == "seq2seq":
@@ -550,7 +573,7 @@ OPTIMIZERS = {
 CHECKS = ["oracle", "widen", "widen_into", *OPTIMIZERS]
 
 
-def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: bool) -> dict[str, Any]:
+def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dict[str, Any]:
     """Run every check on one model; see the module doc. Returns the JSON-ready result."""
     import torch
 
@@ -609,11 +632,21 @@ def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: boo
     except Exception as e:
         checks["widen"] = f"fail: {_reason(e, 'widen')}"
     large = None
+    oracle_note = ""
     if has_width:
+        # the oracle follows the plan's head policy: where it grows heads (head_dim cannot grow as one),
+        # the 2w model keeps the per-head sizes and doubles the head counts instead
+        grown, kept = plan.classification.heads_grown, plan.classification.head_dim_grown
+        res["oracle"] = "2w, heads grown (per-head sizes kept at w)" if grown else "2w"
+        if grown:
+            oracle_note = " (oracle: 2w with the heads grown, per-head sizes kept at w)"
         try:
-            large, _ = build(2 * WIDTH)
+            if grown and kept:
+                raise ValueError(f"the plan grows the heads at {grown[0]} but head_dim at {kept[0]}; one "
+                                 "config cannot describe both")
+            large, _ = build(2 * WIDTH, WIDTH) if grown else build(2 * WIDTH)
         except Exception as e:
-            checks["oracle"] = f"fail: the 2w model does not build: {_reason(e, 'oracle')}"
+            checks["oracle"] = f"fail: the 2w model does not build{oracle_note}: {_reason(e, 'oracle')}"
     else:
         checks["oracle"] = checks["widen_into"] = "n/a (the builder has no width argument)"
     if "oracle" not in checks:
@@ -622,8 +655,8 @@ def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: boo
         else:
             missed, extra, unused = _oracle(plan, wide.graphscale, small, large)
             res["extra_classes"], res["unused_differing"] = extra, unused
-            checks["oracle"] = (f"fail: {len(missed)} axes not inferred as width, e.g. {missed[0]}"
-                                if missed else "ok")
+            checks["oracle"] = (f"fail: {len(missed)} axes not inferred as width{oracle_note}, e.g. "
+                                f"{missed[0]}" if missed else f"ok{oracle_note}")
     if wide is not None and "widen" not in checks:
         try:
             with torch.no_grad():
@@ -681,12 +714,19 @@ def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: boo
 # Running: one forked subprocess per model, at most --jobs at once
 
 
-def _builder(entry: str) -> tuple[Callable[[int | None], tuple[Any, tuple]], bool]:
+def _builder(entry: str) -> tuple[Callable[..., tuple[Any, tuple]], bool]:
+    """``(build(w, head_w=None), has_width)`` of one entry; see ``hf_config`` for ``head_w``."""
     group, name = entry.split("/", 1)
     if group in ("causal", "encoder", "seq2seq"):
-        return (lambda w: build_hf(group, name, w)), True
+        return (lambda w, head_w=None: build_hf(group, name, w, head_w)), True
     table = TV if group == "torchvision" else TIMM
-    return (lambda w: build_vision(group, name, w)), table[name][1] is not None
+
+    def vision(w: int | None, head_w: int | None = None) -> tuple[Any, tuple]:
+        if head_w is not None:
+            raise ValueError(f"{entry} has no heads-grown variant (its builder takes one width)")
+        return build_vision(group, name, w)
+
+    return vision, table[name][1] is not None
 
 
 def _cpu_seconds(pid: int) -> float:
