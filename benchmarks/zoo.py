@@ -528,6 +528,11 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], 
         if sizes is not None and plan.canonical(name) in plan.tensor_dims:
             c, how = sizes.wide(plan.tensor_dims[plan.canonical(name)][ax]), " (the extra classes kept)"
         if c != b:
+            try:  # why graphscale kept it: the census reason then names the cause
+                cls = plan.classification.lookup(f"{name}[{ax}]")
+                how += f"; graphscale fixed it: {cls.reason}" if cls.role == "fixed" and cls.reason else ""
+            except KeyError:
+                pass
             missed.append(f"{name}[{ax}] is {a} at w and {b} at 2w but widened to {c}{how}")
     return missed, sorted(extra), unused
 
