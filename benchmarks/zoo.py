@@ -487,7 +487,7 @@ def _state(model: Any) -> dict[str, Any]:
 
 def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], list[str], list[str]]:
     """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
-    tensors that differ at 2w but are not in the graph.
+    tensors that differ at 2w but are not in the graph (or that the output does not depend on).
 
     An extra class is found on an axis the config keeps; every axis is then compared with its size under
     the extra classes at multiplier 1 and the others at 2, so a concatenated axis with an extra part
@@ -495,7 +495,15 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], 
     its other parts rather than missed."""
     small_s, large_s = _state(small), _state(large)
     gm = plan.captured.gm
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    # a buffer read only by computations the output does not depend on (a rotary embedding computed for
+    # layers this config does not build) does not affect the function: not a miss
+    live, todo = set(), [n for n in gm.graph.nodes if n.op == "output"]
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo.extend(n.all_input_nodes)
+    used = {str(n.target) for n in live if n.op == "get_attr"}
     used |= {n for n, _ in gm.named_parameters(remove_duplicate=False)}  # fx keeps modules, not get_attr
     missed, extra, unused = [], set(), []
     compared = []  # (name, axis, size at w, size at 2w, size widened x2)

@@ -144,6 +144,33 @@ def test_oracle_holds_a_concatenated_axis_with_an_extra_part_to_the_2w_size_of_t
     assert missed == ["x_proj.weight[0] is 8 at w and 11 at 2w but widened to 10 (the extra classes kept)"]
 
 
+class _DeadBuffer(torch.nn.Module):
+    """A frequency buffer sized by the width whose computation the output never uses (Flint's rotary
+    embedding where no layer of the config is rotary)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, width), torch.nn.Linear(width, 3)
+        self.register_buffer("freq", torch.arange(width // 2, dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.freq.cos()  # computed, never used
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_oracle_does_not_count_a_buffer_the_output_does_not_depend_on() -> None:
+    import graphscale
+
+    census = _census_module()
+    x = (torch.randn(2, 4, dtype=torch.float64),)
+    small = _DeadBuffer(8).double()
+    plan = graphscale.analyze(small, x, tracer="fx")
+    assert any(n.op == "get_attr" and n.target == "freq" for n in plan.captured.gm.graph.nodes)
+    wide = graphscale.widen(small, x, 2, plan=plan)
+    missed, _, unused = census._oracle(plan, wide.graphscale, small, _DeadBuffer(16).double())
+    assert not missed and unused == ["freq"], (missed, unused)
+
+
 class _LogSigmoidMLP(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
