@@ -18,11 +18,14 @@ in order, in float64 (each check recorded):
 1. ``oracle``: inference against the two-width oracle. The model is built at width w and 2w; every
    parameter/buffer axis whose size differs between the two must be widened to the 2w size by
    ``widen(..., 2)``. An axis the config keeps fixed but graphscale widens (an extra inferred class)
-   is allowed and listed; it must then pass the exactness checks like any other. The 2w model follows
-   the plan's head policy: where the plan grows the heads rather than head_dim (a partial rotary's fixed
-   part keeps head_dim from growing as one, ``plan.classification.heads_grown``), it is built with the
-   per-head sizes (``HF_PER_HEAD``) kept at w and the head counts doubled; the result's ``oracle`` says
-   which (and check 3 fills that model).
+   is allowed and listed; it must then pass the exactness checks like any other. Every differing axis is
+   compared with its size under the extra classes at multiplier 1 (a concatenated axis with an extra
+   part, Mamba's x_proj dt_rank | state | state, is held to the 2w size of the rest), and a buffer the
+   output does not depend on is listed as unused, not missed. A miss names the reason graphscale fixed
+   the axis. The 2w model follows the plan's head policy: where the plan grows the heads rather than
+   head_dim (a partial rotary's fixed part keeps head_dim from growing as one,
+   ``plan.classification.heads_grown``), it is built with the per-head sizes (``HF_PER_HEAD``) kept at
+   w and the head counts doubled; the result's ``oracle`` says which (and check 3 fills that model).
 2. ``widen``: ``graphscale.widen`` x2; the output matches within 1e-10 (relative to 1 + max |out|), or
    1e-6 where the model's own code computes in float32 (its graph casts to float32).
 3. ``widen_into``: ``graphscale.widen_into`` fills the model built at 2w; same tolerance.
