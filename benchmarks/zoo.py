@@ -488,6 +488,47 @@ def _state(model: Any) -> dict[str, Any]:
     return out
 
 
+def _inplace(node: Any) -> bool:
+    """An op that writes into its first argument (``aten.add_.Tensor``, ``x.copy_(...)``)."""
+    target = str(node.target)
+    op = target.split(".")[1] if target.startswith("aten.") else target.rsplit(".", 1)[-1]
+    return node.op in ("call_function", "call_method") and op.endswith("_") and not op.endswith("__")
+
+
+def _live_attrs(gm: Any) -> set[str]:
+    """The attributes the graph's output depends on: through data edges, and through an in-place op
+    writing into a tensor that is itself live (its result node may have no users)."""
+    live: set[Any] = set()
+    targets: set[str] = set()
+
+    def mark(start: Any) -> None:
+        todo = [start]
+        while todo:
+            n = todo.pop()
+            if n not in live:
+                live.add(n)
+                if n.op == "get_attr":
+                    targets.add(str(n.target))
+                todo.extend(n.all_input_nodes)
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            mark(n)
+    changed = True
+    while changed:
+        changed = False
+        for n in gm.graph.nodes:
+            if n in live:
+                continue
+            first = n.args[0] if n.args else None
+            written = getattr(first, "op", None) is not None and (
+                first in live or (first.op == "get_attr" and str(first.target) in targets))
+            if (_inplace(n) and written) or (n.op == "get_attr" and str(n.target) in targets):
+                mark(n)
+                changed = True
+    return targets
+
+
 def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], list[str], list[str]]:
     """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
     tensors that differ at 2w but are not in the graph (or that the output does not depend on).
@@ -500,13 +541,7 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], 
     gm = plan.captured.gm
     # a buffer read only by computations the output does not depend on (a rotary embedding computed for
     # layers this config does not build) does not affect the function: not a miss
-    live, todo = set(), [n for n in gm.graph.nodes if n.op == "output"]
-    while todo:
-        n = todo.pop()
-        if n not in live:
-            live.add(n)
-            todo.extend(n.all_input_nodes)
-    used = {str(n.target) for n in live if n.op == "get_attr"}
+    used = _live_attrs(gm)
     used |= {n for n, _ in gm.named_parameters(remove_duplicate=False)}  # fx keeps modules, not get_attr
     missed, extra, unused = [], set(), []
     compared = []  # (name, axis, size at w, size at 2w, size widened x2)

@@ -148,14 +148,18 @@ class _DeadBuffer(torch.nn.Module):
     """A frequency buffer sized by the width whose computation the output never uses (Flint's rotary
     embedding where no layer of the config is rotary)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, inplace: bool = False) -> None:
         super().__init__()
+        self.inplace = inplace
         self.inp, self.out = torch.nn.Linear(4, width), torch.nn.Linear(width, 3)
         self.register_buffer("freq", torch.arange(width // 2, dtype=torch.float64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.freq.cos()  # computed, never used
-        return self.out(torch.tanh(self.inp(x)))
+        h = torch.tanh(self.inp(x))
+        if self.inplace:  # used after all: written into h in place, the add's own result unused
+            h.add_(self.freq.sum())
+        return self.out(h)
 
 
 def test_oracle_does_not_count_a_buffer_the_output_does_not_depend_on() -> None:
@@ -169,6 +173,12 @@ def test_oracle_does_not_count_a_buffer_the_output_does_not_depend_on() -> None:
     wide = graphscale.widen(small, x, 2, plan=plan)
     missed, _, unused = census._oracle(plan, wide.graphscale, small, _DeadBuffer(16).double())
     assert not missed and unused == ["freq"], (missed, unused)
+    # the same buffer added in place into a live activation: it is used, and its kept size is a miss
+    small = _DeadBuffer(8, inplace=True).double()
+    plan = graphscale.analyze(small, x, tracer="fx")
+    wide = graphscale.widen(small, x, 2, plan=plan)
+    missed, _, _ = census._oracle(plan, wide.graphscale, small, _DeadBuffer(16, inplace=True).double())
+    assert missed and missed[0].startswith("freq[0] is 4 at w and 8 at 2w"), missed
 
 
 class _LogSigmoidMLP(torch.nn.Module):
