@@ -103,6 +103,21 @@ def test_oracle_flags_an_axis_that_grows_with_the_config_but_was_not_widened() -
     assert not missed and extra == ["0.weight[0]"]
 
 
+def test_heads_grown_oracle_config_keeps_per_head_sizes_and_doubles_head_counts() -> None:
+    """The oracle's 2w config where the plan grows heads (a partial rotary): head_dim and rotary_dim keep
+    their value at w, the head counts double, and hidden_size is 2w as in the plain 2w config."""
+    pytest.importorskip("transformers")
+    census = _census_module()
+    w = census.WIDTH
+    plain, grown = census.hf_config("gptj", 2 * w), census.hf_config("gptj", 2 * w, w)
+    narrow = census.hf_config("gptj", w)
+    assert plain.n_embd == grown.n_embd == 2 * w
+    assert (plain.n_head, plain.rotary_dim) == (narrow.n_head, 2 * narrow.rotary_dim)
+    assert (grown.n_head, grown.rotary_dim) == (2 * narrow.n_head, narrow.rotary_dim)
+    llama = census.hf_config("llama", 2 * w, w)
+    assert (llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim) == (8, 4, w // 4)
+
+
 class _SplitProj(torch.nn.Module):
     """Mamba's x_proj pattern: one projection split into a rank part that grows with the config and two
     parts of a size the config keeps (graphscale widens that one too: an extra class)."""
