@@ -19,7 +19,14 @@ in order, in float64 (each check recorded):
 1. ``oracle``: inference against the two-width oracle. The model is built at width w and 2w; every
    parameter/buffer axis whose size differs between the two must be widened to the 2w size by
    ``widen(..., 2)``. An axis the config keeps fixed but graphscale widens (an extra inferred class)
-   is allowed and listed; it must then pass the exactness checks like any other.
+   is allowed and listed; it must then pass the exactness checks like any other. Every differing axis is
+   compared with its size under the extra classes at multiplier 1 (a concatenated axis with an extra
+   part, Mamba's x_proj dt_rank | state | state, is held to the 2w size of the rest), and a buffer the
+   output does not depend on is listed as unused, not missed. A miss names the reason graphscale fixed
+   the axis. The 2w model follows the plan's head policy: where the plan grows the heads rather than
+   head_dim (a partial rotary's fixed part keeps head_dim from growing as one,
+   ``plan.classification.heads_grown``), it is built with the per-head sizes (``HF_PER_HEAD``) kept at
+   w and the head counts doubled; the result's ``oracle`` says which (and check 3 fills that model).
 2. ``widen``: ``graphscale.widen`` x2; the output matches within 1e-10 (relative to 1 + max |out|), or
    1e-6 where the model's own code computes in float32 (its graph casts to float32).
 3. ``widen_into``: ``graphscale.widen_into`` fills the model built at 2w; same tolerance.
@@ -148,6 +155,11 @@ HF_OVERRIDE_ALIASES = {
     "prophetnet": "bart", "fsmt": "bart", "musicgen": "bart", "musicgen_melody": "bart",
 }
 HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders
+# The heads-grown oracle (where the plan grows heads, not head_dim: a partial rotary's fixed part): these
+# per-head sizes keep their value at w, and these head counts scale with the width instead.
+HF_PER_HEAD = {"head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "d_kv"}
+HF_HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "n_heads", "encoder_attention_heads",
+                  "decoder_attention_heads"}
 
 
 def _scale(value: Any, w: int) -> Any:
@@ -161,16 +173,29 @@ def _scale(value: Any, w: int) -> Any:
     return value
 
 
-def hf_config(model_type: str, w: int) -> Any:
+def hf_config(model_type: str, w: int, head_w: int | None = None) -> Any:
     """The tiny config of ``model_type`` at width ``w``: the generic table, renamed through the config
-    class's ``attribute_map``, plus the type's overrides."""
+    class's ``attribute_map``, plus the type's overrides. ``head_w``: the width whose per-head sizes
+    (``HF_PER_HEAD``) the config keeps, the head counts (``HF_HEAD_COUNTS``) growing by ``w / head_w``
+    instead (the heads-grown oracle); by default ``w`` (head_dim scales, the head counts are fixed)."""
     from transformers import AutoConfig
+
+    head_w = w if head_w is None else head_w
+    if w % head_w:
+        raise ValueError(f"width {w} is not a multiple of the head width {head_w}")
+
+    def scaled(key: str, value: Any) -> Any:
+        if key in HF_PER_HEAD:
+            return _scale(value, head_w)
+        if key in HF_HEAD_COUNTS and isinstance(value, int):
+            return value * (w // head_w)
+        return _scale(value, w)
 
     cls = type(AutoConfig.for_model(model_type))
     amap = getattr(cls, "attribute_map", {}) or {}
-    kwargs = {amap.get(k, k): _scale(v, w) for k, v in HF_GENERIC.items()}
+    kwargs = {amap.get(k, k): scaled(k, v) for k, v in HF_GENERIC.items()}
     override = HF_OVERRIDES.get(model_type, HF_OVERRIDES.get(HF_OVERRIDE_ALIASES.get(model_type, ""), {}))
-    kwargs.update({k: _scale(v, w) for k, v in override.items()})
+    kwargs.update({k: scaled(k, v) for k, v in override.items()})
     kwargs = {k: v for k, v in kwargs.items() if v != DROP}
     if model_type in HF_VISION:
         kwargs.update(image_size=32, patch_size=8, num_channels=3, num_labels=10)
@@ -210,14 +235,15 @@ def _image_wrapper(model: Any) -> Any:
     return Image(model)
 
 
-def build_hf(group: str, model_type: str, w: int) -> tuple[Any, tuple]:
-    """``(float64 model in eval mode, example inputs)`` of one HF type at width ``w``."""
+def build_hf(group: str, model_type: str, w: int, head_w: int | None = None) -> tuple[Any, tuple]:
+    """``(float64 model in eval mode, example inputs)`` of one HF type at width ``w`` (``head_w``: see
+    ``hf_config``)."""
     import torch
     import transformers as tf
 
     from graphscale import zoo
 
-    config = hf_config(model_type, w)
+    config = hf_config(model_type, w, head_w)
     if group == "causal":
         auto, wrap = tf.AutoModelForCausalLM, lambda m: zoo.HFWrapper(m, causal=True)
     elif group == "seq2seq":
@@ -464,14 +490,63 @@ def _state(model: Any) -> dict[str, Any]:
     return out
 
 
+def _inplace(node: Any) -> bool:
+    """An op that writes into its first argument (``aten.add_.Tensor``, ``x.copy_(...)``)."""
+    target = str(node.target)
+    op = target.split(".")[1] if target.startswith("aten.") else target.rsplit(".", 1)[-1]
+    return node.op in ("call_function", "call_method") and op.endswith("_") and not op.endswith("__")
+
+
+def _live_attrs(gm: Any) -> set[str]:
+    """The attributes the graph's output depends on: through data edges, and through an in-place op
+    writing into a tensor that is itself live (its result node may have no users)."""
+    live: set[Any] = set()
+    targets: set[str] = set()
+
+    def mark(start: Any) -> None:
+        todo = [start]
+        while todo:
+            n = todo.pop()
+            if n not in live:
+                live.add(n)
+                if n.op == "get_attr":
+                    targets.add(str(n.target))
+                todo.extend(n.all_input_nodes)
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            mark(n)
+    changed = True
+    while changed:
+        changed = False
+        for n in gm.graph.nodes:
+            if n in live:
+                continue
+            first = n.args[0] if n.args else None
+            written = getattr(first, "op", None) is not None and (
+                first in live or (first.op == "get_attr" and str(first.target) in targets))
+            if (_inplace(n) and written) or (n.op == "get_attr" and str(n.target) in targets):
+                mark(n)
+                changed = True
+    return targets
+
+
 def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], list[str], list[str]]:
     """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
-    tensors that differ at 2w but are not in the graph."""
+    tensors that differ at 2w but are not in the graph (or that the output does not depend on).
+
+    An extra class is found on an axis the config keeps; every axis is then compared with its size under
+    the extra classes at multiplier 1 and the others at 2, so a concatenated axis with an extra part
+    (Mamba's x_proj: dt_rank | state | state, the state size an extra class) is held to the 2w size of
+    its other parts rather than missed."""
     small_s, large_s = _state(small), _state(large)
     gm = plan.captured.gm
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    # a buffer read only by computations the output does not depend on (a rotary embedding computed for
+    # layers this config does not build) does not affect the function: not a miss
+    used = _live_attrs(gm)
     used |= {n for n, _ in gm.named_parameters(remove_duplicate=False)}  # fx keeps modules, not get_attr
     missed, extra, unused = [], set(), []
+    compared = []  # (name, axis, size at w, size at 2w, size widened x2)
     for name, t in small_s.items():
         big = large_s.get(name)
         if big is None:
@@ -486,13 +561,27 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], 
                 unused.append(name)
             continue
         for ax, (a, b, c) in enumerate(zip(t.shape, big.shape, scaling.wide_shape)):
-            if a != b and c != b:
-                missed.append(f"{name}[{ax}] is {a} at w and {b} at 2w but widened to {c}")
-            elif a == b and c != a:
+            compared.append((name, ax, a, b, c))
+            if a == b and c != a:
                 try:
                     extra.add(plan.classification.lookup(f"{name}[{ax}]").name)
                 except KeyError:
                     extra.add(f"{name}[{ax}]")
+    width = {c.name for c in plan.width_classes}
+    sizes = plan.sizes({n: 1 if n in extra else 2 for n in width}) if extra & width else None
+    for name, ax, a, b, c in compared:
+        if a == b:
+            continue
+        how = ""
+        if sizes is not None and plan.canonical(name) in plan.tensor_dims:
+            c, how = sizes.wide(plan.tensor_dims[plan.canonical(name)][ax]), " (the extra classes kept)"
+        if c != b:
+            try:  # why graphscale kept it: the census reason then names the cause
+                cls = plan.classification.lookup(f"{name}[{ax}]")
+                how += f"; graphscale fixed it: {cls.reason}" if cls.role == "fixed" and cls.reason else ""
+            except KeyError:
+                pass
+            missed.append(f"{name}[{ax}] is {a} at w and {b} at 2w but widened to {c}{how}")
     return missed, sorted(extra), unused
 
 
@@ -552,7 +641,7 @@ OPTIMIZERS = {
 CHECKS = ["oracle", "widen", "widen_into", *OPTIMIZERS]
 
 
-def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: bool) -> dict[str, Any]:
+def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dict[str, Any]:
     """Run every check on one model; see the module doc. Returns the JSON-ready result."""
     import torch
 
@@ -611,11 +700,21 @@ def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: boo
     except Exception as e:
         checks["widen"] = f"fail: {_reason(e, 'widen')}"
     large = None
+    oracle_note = ""
     if has_width:
+        # the oracle follows the plan's head policy: where it grows heads (head_dim cannot grow as one),
+        # the 2w model keeps the per-head sizes and doubles the head counts instead
+        grown, kept = plan.classification.heads_grown, plan.classification.head_dim_grown
+        res["oracle"] = "2w, heads grown (per-head sizes kept at w)" if grown else "2w"
+        if grown:
+            oracle_note = " (oracle: 2w with the heads grown, per-head sizes kept at w)"
         try:
-            large, _ = build(2 * WIDTH)
+            if grown and kept:
+                raise ValueError(f"the plan grows the heads at {grown[0]} but head_dim at {kept[0]}; one "
+                                 "config cannot describe both")
+            large, _ = build(2 * WIDTH, WIDTH) if grown else build(2 * WIDTH)
         except Exception as e:
-            checks["oracle"] = f"fail: the 2w model does not build: {_reason(e, 'oracle')}"
+            checks["oracle"] = f"fail: the 2w model does not build{oracle_note}: {_reason(e, 'oracle')}"
     else:
         checks["oracle"] = checks["widen_into"] = "n/a (the builder has no width argument)"
     if "oracle" not in checks:
@@ -624,8 +723,8 @@ def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: boo
         else:
             missed, extra, unused = _oracle(plan, wide.graphscale, small, large)
             res["extra_classes"], res["unused_differing"] = extra, unused
-            checks["oracle"] = (f"fail: {len(missed)} axes not inferred as width, e.g. {missed[0]}"
-                                if missed else "ok")
+            checks["oracle"] = (f"fail: {len(missed)} axes not inferred as width{oracle_note}, e.g. "
+                                f"{missed[0]}" if missed else f"ok{oracle_note}")
     if wide is not None and "widen" not in checks:
         try:
             with torch.no_grad():
@@ -683,12 +782,19 @@ def check_model(build: Callable[[int | None], tuple[Any, tuple]], has_width: boo
 # Running: one forked subprocess per model, at most --jobs at once
 
 
-def _builder(entry: str) -> tuple[Callable[[int | None], tuple[Any, tuple]], bool]:
+def _builder(entry: str) -> tuple[Callable[..., tuple[Any, tuple]], bool]:
+    """``(build(w, head_w=None), has_width)`` of one entry; see ``hf_config`` for ``head_w``."""
     group, name = entry.split("/", 1)
     if group in ("causal", "encoder", "seq2seq"):
-        return (lambda w: build_hf(group, name, w)), True
+        return (lambda w, head_w=None: build_hf(group, name, w, head_w)), True
     table = TV if group == "torchvision" else TIMM
-    return (lambda w: build_vision(group, name, w)), table[name][1] is not None
+
+    def vision(w: int | None, head_w: int | None = None) -> tuple[Any, tuple]:
+        if head_w is not None:
+            raise ValueError(f"{entry} has no heads-grown variant (its builder takes one width)")
+        return build_vision(group, name, w)
+
+    return vision, table[name][1] is not None
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -103,6 +103,99 @@ def test_oracle_flags_an_axis_that_grows_with_the_config_but_was_not_widened() -
     assert not missed and extra == ["0.weight[0]"]
 
 
+def test_heads_grown_oracle_config_keeps_per_head_sizes_and_doubles_head_counts() -> None:
+    """The oracle's 2w config where the plan grows heads (a partial rotary): head_dim and rotary_dim keep
+    their value at w, the head counts double, and hidden_size is 2w as in the plain 2w config."""
+    pytest.importorskip("transformers")
+    census = _census_module()
+    w = census.WIDTH
+    plain, grown = census.hf_config("gptj", 2 * w), census.hf_config("gptj", 2 * w, w)
+    narrow = census.hf_config("gptj", w)
+    assert plain.n_embd == grown.n_embd == 2 * w
+    assert (plain.n_head, plain.rotary_dim) == (narrow.n_head, 2 * narrow.rotary_dim)
+    assert (grown.n_head, grown.rotary_dim) == (2 * narrow.n_head, narrow.rotary_dim)
+    llama = census.hf_config("llama", 2 * w, w)
+    assert (llama.num_attention_heads, llama.num_key_value_heads, llama.head_dim) == (8, 4, w // 4)
+
+
+class _SplitProj(torch.nn.Module):
+    """Mamba's x_proj pattern: one projection split into a rank part that grows with the config and two
+    parts of a size the config keeps (graphscale widens that one too: an extra class)."""
+
+    def __init__(self, width: int, rank: int, state: int) -> None:
+        super().__init__()
+        self.rank, self.state = rank, state
+        self.inp, self.out = torch.nn.Linear(4, width), torch.nn.Linear(width, 3)
+        self.x_proj = torch.nn.Linear(width, rank + 2 * state, bias=False)
+        self.dt_proj = torch.nn.Linear(rank, width)
+        self.b_proj, self.c_proj = torch.nn.Linear(state, width), torch.nn.Linear(state, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        dt, b, c = torch.split(self.x_proj(h), [self.rank, self.state, self.state], dim=-1)
+        return self.out(self.dt_proj(dt) * self.b_proj(b) + self.c_proj(c))
+
+
+def test_oracle_holds_a_concatenated_axis_with_an_extra_part_to_the_2w_size_of_the_rest() -> None:
+    """The state part is an extra class (kept by the config, widened by graphscale); the oracle compares
+    x_proj's concatenated axis with the extra class at multiplier 1: rank 2 -> 4 plus state 2 x 3 kept is
+    the 2w model's 10, not a miss (the old oracle compared the x2 widening, 16)."""
+    import graphscale
+
+    census = _census_module()
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, dtype=torch.float64),)
+    small = _SplitProj(8, 2, 3).double()
+    plan = graphscale.analyze(small, x)
+    wide = graphscale.widen(small, x, 2, plan=plan)
+    assert wide.get_parameter("x_proj.weight").shape[0] == 16  # both classes x2
+    missed, extra, _ = census._oracle(plan, wide.graphscale, small, _SplitProj(16, 4, 3).double())
+    assert not missed, missed
+    assert extra == sorted({plan.classification.lookup(f"{p}_proj.weight[1]").name for p in "bc"})
+    # an x_proj of any other size at 2w is still a miss (10 expected: rank 4 plus the kept 2 x 3)
+    odd = _SplitProj(16, 4, 3).double()
+    odd.x_proj = torch.nn.Linear(16, 11, bias=False).double()
+    missed, _, _ = census._oracle(plan, wide.graphscale, small, odd)
+    assert missed == ["x_proj.weight[0] is 8 at w and 11 at 2w but widened to 10 (the extra classes kept)"]
+
+
+class _DeadBuffer(torch.nn.Module):
+    """A frequency buffer sized by the width whose computation the output never uses (Flint's rotary
+    embedding where no layer of the config is rotary)."""
+
+    def __init__(self, width: int, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.inp, self.out = torch.nn.Linear(4, width), torch.nn.Linear(width, 3)
+        self.register_buffer("freq", torch.arange(width // 2, dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.freq.cos()  # computed, never used
+        h = torch.tanh(self.inp(x))
+        if self.inplace:  # used after all: written into h in place, the add's own result unused
+            h.add_(self.freq.sum())
+        return self.out(h)
+
+
+def test_oracle_does_not_count_a_buffer_the_output_does_not_depend_on() -> None:
+    import graphscale
+
+    census = _census_module()
+    x = (torch.randn(2, 4, dtype=torch.float64),)
+    small = _DeadBuffer(8).double()
+    plan = graphscale.analyze(small, x, tracer="fx")
+    assert any(n.op == "get_attr" and n.target == "freq" for n in plan.captured.gm.graph.nodes)
+    wide = graphscale.widen(small, x, 2, plan=plan)
+    missed, _, unused = census._oracle(plan, wide.graphscale, small, _DeadBuffer(16).double())
+    assert not missed and unused == ["freq"], (missed, unused)
+    # the same buffer added in place into a live activation: it is used, and its kept size is a miss
+    small = _DeadBuffer(8, inplace=True).double()
+    plan = graphscale.analyze(small, x, tracer="fx")
+    wide = graphscale.widen(small, x, 2, plan=plan)
+    missed, _, _ = census._oracle(plan, wide.graphscale, small, _DeadBuffer(16, inplace=True).double())
+    assert missed and missed[0].startswith("freq[0] is 4 at w and 8 at 2w"), missed
+
+
 class _LogSigmoidMLP(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

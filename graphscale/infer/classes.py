@@ -107,7 +107,7 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
             if len(growing) >= 2 and not _can_grow_whole(children[growing[-1]], width):
                 must_grow.update(factors[growing[0]])
     # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
-    concats = [[leaves(part) for part in node[1]] for name in params for d in walk.tensor_dims[name]
+    concats = [list(node[1]) for name in params for d in walk.tensor_dims[name]
                for node in _sums(res.tree(d))]
     changed = True
     while changed:
@@ -153,9 +153,9 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                     changed = True
         # after the heads policy: a part left with more growing factors than another cannot grow alike
         for parts in concats:
-            counts = {sum(1 for a in part if a in width) for part in parts}
+            counts = {_growing_factors(part, width) for part in parts}
             if len(counts) > 1:  # some parts stay fixed (a layout no widening keeps, a head count)
-                for a in {a for part in parts for a in part} & width:
+                for a in {a for part in parts for a in leaves(part)} & width:
                     width.discard(a)
                     fixed[a] = "a part of a concatenated axis whose other parts cannot grow alike"
                 changed = True
@@ -208,6 +208,19 @@ def _can_grow_whole(tree: tuple, width: set[int]) -> bool:
     different multipliers, and one of several classes is a partial rotary's rotary | pass."""
     atoms = set(leaves(tree))
     return len(atoms) == 1 and atoms <= width
+
+
+def _growing_factors(tree: tuple, width: set[int]) -> int:
+    """How many growing factors multiply a concatenation part's size: a product counts each factor, a
+    nested concatenation (a rotary half split, its two halves one class) counts once, not per half.
+
+    >>> _growing_factors(("prod", (("atom", 1), ("sum", (("atom", 2), ("atom", 2))))), {2})
+    1
+    """
+    if tree[0] == "atom":
+        return int(tree[1] in width)
+    counts = [_growing_factors(c, width) for c in tree[1]]
+    return sum(counts) if tree[0] == "prod" else max(counts)
 
 
 def _axis_name(d: int, walk: Walk, res: Resolution, params: list[str]) -> str:
