@@ -531,9 +531,13 @@ def _live_attrs(gm: Any) -> set[str]:
     return targets
 
 
-def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], list[str], list[str]]:
+def _oracle(plan: Any, record: Any, small: Any, large: Any,
+            rounded: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
     tensors that differ at 2w but are not in the graph (or that the output does not depend on).
+    An axis whose 2w size is no integer multiple of its w size (the builder rounds it: MobileNetV3's
+    squeeze channels, make_divisible(c / 4, 8), are 64 at w and 120 at 2w) has no width multiplier that
+    could match it: it is appended to ``rounded``, not counted as a miss.
 
     An extra class is found on an axis the config keeps; every axis is then compared with its size under
     the extra classes at multiplier 1 and the others at 2, so a concatenated axis with an extra part
@@ -571,6 +575,10 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any) -> tuple[list[str], 
     sizes = plan.sizes({n: 1 if n in extra else 2 for n in width}) if extra & width else None
     for name, ax, a, b, c in compared:
         if a == b:
+            continue
+        if b % a:
+            if rounded is not None:
+                rounded.append(f"{name}[{ax}] is {a} at w and {b} at 2w")
             continue
         how = ""
         if sizes is not None and plan.canonical(name) in plan.tensor_dims:
@@ -721,10 +729,21 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
         if wide is None:
             checks["oracle"] = "not run (widen failed)"
         else:
-            missed, extra, unused = _oracle(plan, wide.graphscale, small, large)
-            res["extra_classes"], res["unused_differing"] = extra, unused
+            rounded: list[str] = []
+            missed, extra, unused = _oracle(plan, wide.graphscale, small, large, rounded)
+            res["extra_classes"], res["unused_differing"], res["rounded_at_2w"] = extra, unused, rounded
             checks["oracle"] = (f"fail: {len(missed)} axes not inferred as width{oracle_note}, e.g. "
                                 f"{missed[0]}" if missed else f"ok{oracle_note}")
+            if rounded and not missed:
+                # no integer multiplier makes the 2w model: widen_into must refuse it, and does so
+                # (MultiplierError naming the tensor); widen's x2 is still checked against the w model
+                checks["oracle"] += f" ({len(rounded)} axes rounded by the builder, e.g. {rounded[0]})"
+                try:
+                    graphscale.widen_into(small, large, inputs)
+                    checks["widen_into"] = f"fail: filled a 2w model whose {rounded[0]}"
+                except graphscale.GraphscaleError as e:
+                    checks["widen_into"] = ("n/a (the builder's 2w model is no integer widening; refused "
+                                            f"as it must be: {_reason(e, 'widen_into')[:160]})")
     if wide is not None and "widen" not in checks:
         try:
             with torch.no_grad():

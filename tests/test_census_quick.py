@@ -294,3 +294,25 @@ def test_census_rules_arithmetic_aliases_widen_exactly(tracer: str) -> None:
     wide = graphscale.widen(model, x, 2, tracer=tracer)
     assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
     assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
+
+
+def test_oracle_sets_apart_an_axis_the_builder_does_not_scale_by_an_integer() -> None:
+    """MobileNetV3's squeeze channels are rounded (64 at w, 120 at 2w): no multiplier can match them,
+    so they are listed as rounded, not as an inference miss; a 2x axis that was not widened still is."""
+    import graphscale
+
+    census = _census_module()
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4),)
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    wide = graphscale.widen(small, x, 2)
+    plan = graphscale.analyze(small, x)
+    rounded: list[str] = []
+    large = torch.nn.Sequential(torch.nn.Linear(4, 15), torch.nn.ReLU(), torch.nn.Linear(15, 3))
+    missed, _, _ = census._oracle(plan, wide.graphscale, small, large, rounded)
+    assert not missed and rounded and rounded[0].startswith("0.weight[0] is 8 at w and 15 at 2w")
+    with pytest.raises(graphscale.GraphscaleError, match="not an integer multiple"):
+        graphscale.widen_into(small, large, x)
+    grown = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6))
+    missed, _, _ = census._oracle(plan, wide.graphscale, small, grown, rounded)
+    assert missed and missed[0].startswith("2.")
