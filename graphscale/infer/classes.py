@@ -99,12 +99,22 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     # heads that must grow: where their head_dim cannot grow as one; every product over such a head
     # count then grows it (v's plain head_dim, o's input), so q, k, v and o stay consistent
     must_grow: set[int] = set()
+    # an op that is not replication-invariant over head_dim (XCiT's softmax over channels): head_dim
+    # cannot grow, so under heads='fixed' the heads grow instead, as for a head_dim of several parts
+    refused: dict[int, str] = {}
+    for r in walk.requests.refusals:
+        for a in res.atoms(r.dim):
+            refused.setdefault(a, f"{r.node}: {r.why}")
+
+    def blocked(tree: tuple) -> bool:
+        return not _can_grow_whole(tree, width) or any(a in refused for a in leaves(tree))
+
     if heads == "fixed":
         for root in res.prods:
             children = _factor_trees(res, root)
             factors = [[a for a in leaves(f) if a in width] for f in children]
             growing = [i for i, f in enumerate(factors) if f]
-            if len(growing) >= 2 and not _can_grow_whole(children[growing[-1]], width):
+            if len(growing) >= 2 and blocked(children[growing[-1]]):
                 must_grow.update(factors[growing[0]])
     # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
     concats = [list(node[1]) for name in params for d in walk.tensor_dims[name]
@@ -120,8 +130,7 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                 continue  # one factor, a concatenation of parts: they grow together
             keep = growing[-1] if heads == "fixed" else growing[0]
             axis = _axis_name(root, walk, res, params) if heads == "fixed" else ""
-            if heads == "fixed" and (not _can_grow_whole(trees[keep], width)
-                                     or must_grow & set(factors[growing[0]])):
+            if heads == "fixed" and (blocked(trees[keep]) or must_grow & set(factors[growing[0]])):
                 # head_dim is a concatenation of parts (a partial rotary's rotary | pass): a fixed part
                 # (a size-1 frequency axis) cannot grow at all, and growing the parts together would
                 # repeat the rotary frequencies, which a model built at the wider head_dim computes
@@ -133,7 +142,11 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
                                 ) or "parts of several classes, e.g. a partial rotary's rotary | pass"
                 for a in factors[keep]:
                     grew_heads[a] = "heads grow: head_dim cannot grow as one"
-                if _can_grow_whole(trees[growing[-1]], width):
+                ops = sorted({refused[a] for a in leaves(trees[growing[-1]]) if a in refused})
+                if ops:
+                    notes.append(f"heads='fixed': {axis} is heads x head_dim, and head_dim cannot grow "
+                                 f"({'; '.join(ops)}), so its heads grow instead (head_dim kept)")
+                elif _can_grow_whole(trees[growing[-1]], width):
                     notes.append(f"heads='fixed': {axis} shares its heads with an attention whose head_dim "
                                  "cannot grow as one, so its heads grow too (head_dim kept)")
                 else:
