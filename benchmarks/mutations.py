@@ -178,7 +178,7 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_verify_can_fail.py::test_exact_widening_passes_at_rounding_level",),
       "P' = c E(P): without c the copies sum k times too much"),
     M("widen-into-query-fold-not-recorded", "graphscale/widen.py",
-      "record.params[key] = replace(t, copy_scale=t.copy_scale * m ** -0.5)", "pass",
+      "record.params[key] = replace(t, copy_scale=t.copy_scale * m ** power)", "pass",
       ("tests/test_fold_training.py::test_whole_tensor_query_fold_is_in_the_copy_scale_and_trains_exactly",),
       "a whole-tensor fold is a change of copy scale: the laws need it in c (docs/math.md §7)"),
     # -- train --------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ MUTATIONS: list[Mutation] = [
       "--out may not name the checkpoint: the user's files are never modified"),
     # -- streamed upscale (graphscale/hf_stream.py) ------------------------------------------------------
     M("stream-query-fold-dropped", "graphscale/hf_stream.py",
-      "        wide.narrow(axis, lo, hi - lo).mul_(m ** -0.5)", "        pass",
+      "        wide.narrow(axis, lo, hi - lo).mul_(m ** power)", "        pass",
       ("tests/test_hf_upscale.py::test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts",),
       "streamed recipes carry widen_into's folds: the query rows' k**-0.5 of fused q|k|v (GPT-2)"),
     M("stream-writes-into-out", "graphscale/hf_stream.py",

@@ -366,7 +366,7 @@ def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
 def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *,
                tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
                heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
-               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float = 1e-4,
+               attention: Literal["auto", "standard", "mup", "fixed"] = "auto", rtol: float = 1e-4,
                plan: Plan | None = None) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
@@ -378,8 +378,11 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     axis); a ratio that is not an integer, or any tensor whose shape does not match the widened one, is an
     error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
     wider head_dim is its own: ``attention="standard"`` (1/sqrt(head_dim): W_q and b_q get a further
-    ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), or ``"auto"``, which tries both and keeps the
-    one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error).
+    ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), ``"fixed"`` (a scale that does not change with
+    head_dim, e.g. read off the config: a further ``k**-1``), or ``"auto"``, which tries all three and keeps
+    the one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error).
+    Where the query is normalized after its projection (a q-norm), the factor goes into the norm's gain
+    instead; a normalization without a gain cannot carry it, and only ``"mup"`` is tried.
     ``plan`` is ``graphscale.analyze(small, example_inputs, ...)`` if the caller already made it (it is
     then not made again; the engine options are the plan's).
     ``small`` is never modified; ``large``'s parameters and buffers are overwritten in place. Returns the
@@ -403,6 +406,27 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         raise
 
 
+def _drop_forward_constants(plan: Plan, record: WideningRecord, small: torch.nn.Module) -> None:
+    """Tensors of the graph that are not ``small``'s (constants its forward creates, which torch.export
+    lifts as ``lifted_tensor_0`` and fx as ``_tensor_constant0``) are not the user's to fill: the larger
+    model's forward creates its own. That is exact only if widening leaves such a constant as it is."""
+    own = {n for n, _ in _named_tensors(small)}
+    for name in [n for n in record.params if n not in own]:
+        s = record.params[name]
+        if _is_widened(s) or s.copy_scale != 1.0:
+            node = next((n.name for n in plan.captured.gm.graph.nodes
+                         if n.op == "get_attr" and str(n.target) == name), name)
+            raise WidthConflictError(
+                f"{name} (node {node!r}) is a constant that the model's forward creates, not one of its "
+                f"tensors, and widening changes it (wide shape {s.wide_shape}, copy scale "
+                f"{s.copy_scale:.6g}): "
+                "the larger model creates its own, which widen_into cannot set. Make it a buffer of the "
+                "model (register_buffer), or use graphscale.widen, which keeps the widened constant")
+        record.params.pop(name)
+        record.notes.append(f"widen_into: {name} is a constant the forward creates (the same at every "
+                            "width): the larger model computes its own")
+
+
 def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for _, t in _named_tensors(module):
@@ -412,7 +436,7 @@ def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
                 rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
-                outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
+                outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup", "fixed"],
                 rtol: float, plan: Plan | None = None) -> WideningRecord:
     if plan is None:
         plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
@@ -428,6 +452,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
     for name in unused:  # e.g. HF's original_inv_freq: not part of the function; large keeps its own
         record.params.pop(name, None)
+    _drop_forward_constants(plan, record, small)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
     # The readout convention (measured like the attention scale): "graphscale" puts the readout's 1/k in
@@ -464,9 +489,12 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             return {name: s.widen(src[plan.canonical(name)].detach())
                     for name, s in rec.params.items()}
 
-    q_scales = _query_projections(plan, sizes)
-    att_order = ["standard", "mup"] if attention == "auto" else [attention]
-    if not q_scales:
+    blocked: list[str] = []
+    q_scales = _query_projections(plan, sizes, blocked)
+    att_order = list(_ATTENTION_POWER) if attention == "auto" else [attention]
+    if blocked:  # a query that no tensor can rescale: only a convention that needs no factor can hold
+        att_order = [a for a in att_order if _ATTENTION_POWER[a] == 0]
+    elif not q_scales:
         att_order = att_order[:1]
     candidates = [(att, ro) for ro in records for att in att_order]
     args, kwargs = plan.captured.args, plan.captured.kwargs
@@ -475,9 +503,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         with torch.no_grad():
             for name, t in tensors.items():
                 state[name].copy_(t)
-            if choice[0] == "standard" and q_scales:
+            if _ATTENTION_POWER[choice[0]] and q_scales:
                 for name, axis, lo, hi, m in q_scales:
-                    state[name].narrow(axis, lo, hi - lo).mul_(m ** -0.5)
+                    state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[choice[0]])
 
     def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor]) -> dict[tuple[str, str], float]:
         with torch.no_grad(), preserved_buffers(src_model):
@@ -520,10 +548,11 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             record.notes.append("widen_into: the larger model's code multiplies its readout output by its "
                                 f"own 1/width ({', '.join(readouts['untied'])} copied without 1/k, "
                                 f"{', '.join(biases)} times k)")
-        if best[0] == "standard" and q_scales:
+        power = _ATTENTION_POWER[best[0]]
+        if power and q_scales:
             # what fill() did, to redo it tensor by tensor (graphscale.hf_stream): rows lo:hi of axis times
-            # m**-0.5 after widening with the copy scale before the fold
-            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale]
+            # m**power after widening with the copy scale before the fold
+            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale, power]
                                            for name, axis, lo, hi, m in q_scales]
             partial = []
             for name, axis, lo, hi, m in q_scales:
@@ -532,17 +561,17 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                     for key in [name, *plan.rules[name].aliases]:
                         if key in record.params:
                             t = record.params[key]
-                            record.params[key] = replace(t, copy_scale=t.copy_scale * m ** -0.5)
+                            record.params[key] = replace(t, copy_scale=t.copy_scale * m ** power)
                 else:  # a fused q|k|v tensor: one copy scale cannot describe it; the record marks it
                     partial.append((name, axis, lo, hi, m))
             if partial:
-                _mark_slice_folds(plan, record, partial, small, example_inputs, tracer, rules, heads)
-            record.notes.append("widen_into: query projections carry a further k**-0.5 "
+                _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
+            record.notes.append(f"widen_into: the query carries a further k**{power:g} "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
-    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales)
+    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked)
     constants = _width_dependent_constants(plan, large, example_inputs)
     if constants:
         message += ("; the larger model's code computes constants from its own sizes, which no weight "
@@ -580,24 +609,26 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
 
 
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
-                      small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
+                      power: float, small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
                       rules: str | Path | list[str | Path] | None, heads: HeadsPolicy) -> None:
-    """Record the query k**-0.5 folded onto part of a fused tensor (``slice_folds``) and warn once: the
+    """Record the query's k**power folded onto part of a fused tensor (``slice_folds``) and warn once: the
     result is exact, but no per-tensor optimizer trains it like the narrow model (docs/math.md §8)."""
     grow = _grow_alternative(small, example_inputs, tracer, rules) if heads == "fixed" else \
         "heads='grow' was asked for, yet head_dim grows here"
+    convention = "standard attention (1/sqrt(head_dim)" if power == -0.5 else \
+        "an attention scale that does not follow head_dim ("
     for name, axis, lo, hi, m in partial:
-        why = (f"the query's further {m}**-0.5 of standard attention (1/sqrt(head_dim), head_dim grown "
-               f"{m}x); {grow}")
+        why = f"the query's further {m}**{power:g} of {convention}, head_dim grown {m}x); {grow}"
         for key in [name, *plan.rules[name].aliases]:
             if key in record.params:
                 s = record.params[key]
-                record.params[key] = replace(s, slice_folds=s.slice_folds + ((axis, lo, hi, m ** -0.5, why),))
+                fold = (axis, lo, hi, m ** power, why)
+                record.params[key] = replace(s, slice_folds=s.slice_folds + (fold,))
         record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a further "
-                            f"{m}**-0.5 that its copy scale does not show")
+                            f"{m}**{power:g} that its copy scale does not show")
     names = ", ".join(sorted({p[0] for p in partial}))
-    warnings.warn(f"graphscale: the widened model is exact, but {names} carry the query's k**-0.5 on part "
-                  "of the tensor only (a fused q|k|v projection with heads='fixed'), so no per-tensor "
+    warnings.warn(f"graphscale: the widened model is exact, but {names} carry the query's k**{power:g} on "
+                  "part of the tensor only (a fused q|k|v projection with heads='fixed'), so no per-tensor "
                   "optimizer can train it like the narrow model: mup_optimizer, transfer_optimizer_state "
                   f"and clip_grad_norm_ refuse it; {grow}", SliceFoldWarning,
                   stacklevel=4)
@@ -668,7 +699,7 @@ def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str
 
 def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str], float],
                           unavailable: dict[str, str], readouts: dict[str, list[str]],
-                          q_scales: list[tuple[str, int, int, int, int]]) -> str:
+                          q_scales: list[tuple[str, int, int, int, int]], blocked: list[str]) -> str:
     """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried."""
     tried = ", ".join(
         (f"attention {a} + " if q_scales else "") + f"readout {r}: {e:.3g}" for (a, r), e in errors.items())
@@ -680,8 +711,14 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
                      "code divides the readout's input by its own width multiplier) and 'own-output' (it "
                      f"multiplies the readout's output by it), tried on {tensors}")
     if q_scales:
-        parts.append("attention candidates: 1/sqrt(head_dim) (a further k**-0.5 in "
-                     f"{', '.join(sorted({q[0] for q in q_scales}))}) and 1/head_dim")
+        parts.append("attention candidates: 'standard' 1/sqrt(head_dim) (a further k**-0.5 in "
+                     f"{', '.join(sorted({q[0] for q in q_scales}))}), 'mup' 1/head_dim (nothing) and "
+                     "'fixed' (a scale that does not follow head_dim: a further k**-1)")
+    if blocked:
+        parts.append("only attention 'mup' (1/head_dim) could be tried, because a further factor on the "
+                     "query has no tensor to live in: " + "; ".join(blocked[:3])
+                     + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
+                     + "; heads='grow' keeps head_dim, so the query needs no factor")
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
@@ -755,9 +792,61 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
     return mults
 
 
-def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, int, int]]:
+#: The candidate attention conventions of widen_into: the power of head_dim's multiplier k folded into the
+#: query (docs/math.md §8): the larger model's own 1/sqrt(head_dim) gives k**-0.5 of the 1/k that the
+#: widened q.k needs, 1/head_dim all of it, a scale that does not follow head_dim none of it.
+_ATTENTION_POWER: dict[str, float] = {"standard": -0.5, "mup": 0.0, "fixed": -1.0}
+
+_MUL = {operator.mul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor}
+_DIV = {operator.truediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor}
+_ADD = {operator.add, torch.add, "add", "add_", torch.ops.aten.add.Tensor}
+_SUB = {operator.sub, torch.sub, "sub", "sub_", torch.ops.aten.sub.Tensor}
+
+
+def _target(node: fx.Node) -> Any:
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+
+
+def _param_operand(plan: Plan, node: fx.Node) -> str | None:
+    """The parameter (or buffer) ``node`` reads, through at most three one-input ops (``.to(dtype)``)."""
+    for _ in range(4):
+        if node.op == "get_attr":
+            name = plan.canonical(str(node.target))
+            return name if name in plan.rules else None
+        ins = _node_args(node)
+        if node.op not in ("call_function", "call_method") or len(ins) != 1:
+            return None
+        node = ins[0]
+    return None
+
+
+def _ancestors(node: fx.Node, stop: set[str], limit: int = 32) -> set[str]:
+    """Names of the nodes ``node`` is computed from (itself included), not looking past ``stop`` nodes
+    (ops with parameters: a projection is where the query's own computation starts)."""
+    seen: set[str] = set()
+    todo = [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.name not in stop:
+            todo.extend(_node_args(n))
+    return seen
+
+
+def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = None
+                       ) -> list[tuple[str, int, int, int, int]]:
     """For each attention whose head_dim grows: (tensor, axis, wide start, wide stop, multiplier) of the
-    query projection's output rows, found by walking back from the attention's query operand."""
+    tensors that carry a further factor on the query, found by walking back from the attention's query
+    operand: the query projection's output rows (and biases added on the way), or, where a normalization
+    lies on the way (a q-norm erases any factor before it), the normalization's gain (and the biases
+    after it). An attention whose factor no tensor can carry (a normalization without gain) is described
+    in ``blocked`` instead."""
     from graphscale.infer.values import TensorInfo
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
@@ -765,29 +854,52 @@ def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, in
     contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
                      and getattr(plan.node_rule(m.node), "kind", None) != "loss"]  # a loss is no attention
-    users_of_param = {}
+    users_of_param: dict[str, list[str]] = {}
     for u in plan.requests.uses:
         users_of_param.setdefault(u.node, []).append(u.param)
+    gain_users: dict[str, int] = {}
+    for n in plan.captured.gm.graph.nodes:
+        if n.op == "get_attr":
+            key = plan.canonical(str(n.target))
+            gain_users[key] = gain_users.get(key, 0) + len(n.users)
+    stop = set(users_of_param)
     out = []
+
+    def rows(pnames: list[str], node: fx.Node, segment: tuple[int, int] | None, m: int) -> list:
+        info = plan.node_info[node.name]
+        assert isinstance(info, TensorInfo)
+        out_root = sizes.res.root(info.dims[-1])
+        found = []
+        for pname in pnames:
+            pname = plan.canonical(pname)
+            for ax, d in enumerate(plan.tensor_dims[pname]):
+                if sizes.res.root(d) == out_root:
+                    lo, hi = segment or (0, sizes.wide(d))
+                    found.append((pname, ax, lo, hi, m))
+        return found
+
     for node_name, dim in contractions:
         m = sizes.mult(dim)
         if m == 1:
             continue
         node = nodes[node_name].args[0]
         segment: tuple[int, int] | None = None
+        affine: list[tuple[str, str, fx.Node]] = []  # ("mul" | "add", tensor, node), attention side first
+        normalized = False
         for _ in range(64):
             if not isinstance(node, fx.Node):
                 break
+            if getattr(plan.node_rule(node.name), "kind", None) in ("layer_norm", "group_norm"):
+                # y = norm(x) * w + b: w and b carry the factor, as a projection's weight and bias do
+                own = [plan.canonical(p) for p in users_of_param.get(node.name, [])]
+                weight = _norm_weight(plan, node)
+                affine += [("add", p, node) for p in own if p != weight]
+                affine += [("mul", weight, node)] if weight in own else []
+                normalized = True
+                break
             if node.name in users_of_param:
-                info = plan.node_info[node.name]
-                assert isinstance(info, TensorInfo)
-                out_root = sizes.res.root(info.dims[-1])
-                for pname in users_of_param[node.name]:
-                    pname = plan.canonical(pname)
-                    for ax, d in enumerate(plan.tensor_dims[pname]):
-                        if sizes.res.root(d) == out_root:
-                            lo, hi = segment or (0, sizes.wide(d))
-                            out.append((pname, ax, lo, hi, m))
+                out.extend(rows(users_of_param[node.name], node, segment, m))
+                out.extend(r for a in affine if a[0] == "add" for r in rows([a[1]], a[2], None, m))
                 break
             if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parts = plan.node_info.get(node.args[0].name)
@@ -796,9 +908,50 @@ def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, in
                     part_dims = [p.dims[-1] for p in parts]
                     lo = sum(sizes.wide(d) for d in part_dims[:k])
                     segment = (lo, lo + sizes.wide(part_dims[k]))
+            target = _target(node)
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
-            node = tensor_args[0] if tensor_args else None
+            params = [_param_operand(plan, a) for a in tensor_args]
+            path = [a for a, p in zip(tensor_args, params) if p is None]
+            if len(path) == 2 and (target in _MUL or target in _DIV):
+                a, b = path
+                if a.name in _ancestors(b, stop) or b.name in _ancestors(a, stop):
+                    normalized = True  # x * rsqrt(mean(x**2)), x / ||x||: the scale of x is erased
+                    break
+            if len(path) == 1 and len(params) == 2 and (target in _MUL or target in _ADD):
+                param = next(p for p in params if p is not None)
+                affine.append(("mul" if target in _MUL else "add", param, node))
+            node = path[0] if path else None
+        if not normalized:
+            continue
+        # a normalization: the factor goes into the gain nearest to it and every bias after it
+        muls = [i for i, a in enumerate(affine) if a[0] == "mul"]
+        where = f"attention {node_name!r}: its query is normalized at node {node.name!r}"
+        if not muls:
+            if blocked is not None:
+                blocked.append(f"{where} with no gain after it to carry the factor")
+            continue
+        i = muls[-1]
+        chosen = [affine[i]] + [a for a in affine[:i] if a[0] == "add"]
+        shared = [a[1] for a in chosen if gain_users.get(a[1], 0) > 1]
+        found = [r for a in chosen for r in rows([a[1]], a[2], None, m)]
+        if shared or len(found) != len(chosen):
+            if blocked is not None:
+                why = f"{', '.join(shared)} is used elsewhere too" if shared else \
+                    "its gain has no axis along head_dim"
+                blocked.append(f"{where}, and {why}")
+            continue
+        out.extend(found)
     return out
+
+
+def _norm_weight(plan: Plan, node: fx.Node) -> str | None:
+    """The gain of a layer_norm/group_norm node (a module's ``weight``, or the ``weight`` argument)."""
+    if node.op == "call_module":
+        module = plan.captured.gm.get_submodule(str(node.target))
+        has = getattr(module, "weight", None) is not None
+        return plan.canonical(f"{node.target}.weight") if has else None
+    arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    return _param_operand(plan, arg) if isinstance(arg, fx.Node) else None
 
 
 def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.Module | dict[str, int], *,
