@@ -735,8 +735,13 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
 def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) -> None:
     """A tied weight's extra factor (inserted as a multiplier by :func:`widen`) must live in weights here:
     move it into the parameters of the op that produces the tied use's input (the final LayerNorm
-    before a tied readout), provided nothing else reads that op's output."""
+    before a tied readout, or a norm written out whose gain is an elementwise ``weight * x``, with the
+    biases added after it), provided nothing else reads that op's output or the gain."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    reads: dict[str, int] = {}
+    for n in plan.captured.gm.graph.nodes:
+        if n.op == "get_attr":
+            reads[plan.canonical(str(n.target))] = reads.get(plan.canonical(str(n.target)), 0) + _readers(n)
     params_of: dict[str, list[str]] = {}
     for u in plan.requests.uses:
         params_of.setdefault(u.node, []).append(plan.canonical(u.param))
@@ -750,19 +755,33 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) ->
         if value == 1.0:
             continue
         producer = get_arg(nodes[use.node], use.operand)
-        while isinstance(producer, fx.Node) and producer.name not in params_of and len(producer.users) == 1 \
+        adds: list[str] = []  # biases added between the gain and the use: they carry the factor too
+        gain: str | None = None
+        while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
                 and producer.op in ("call_method", "call_function") and producer.args:
-            producer = producer.args[0]  # through views and casts
-        if not isinstance(producer, fx.Node) or producer.name not in params_of or len(producer.users) != 1:
+            tensor_args = [a for a in producer.args if isinstance(a, fx.Node)]
+            params = [_param_operand(plan, a) for a in tensor_args]
+            path = [a for a, p in zip(tensor_args, params) if p is None]
+            if len(path) == 1 and len(params) == 2 and _target(producer) in _MUL:
+                gain = next(p for p in params if p is not None)
+                break
+            if len(path) == 1 and len(params) == 2 and _target(producer) in _ADD:
+                adds.append(next(p for p in params if p is not None))
+            producer = path[0] if path else None  # through views and casts
+        carriers = [gain, *adds] if gain is not None else params_of.get(getattr(producer, "name", ""), [])
+        if gain is None and adds:
+            carriers = []  # a bias after a parameter-free op: no gain to carry the factor
+        if not isinstance(producer, fx.Node) or not carriers or _readers(producer) != 1 \
+                or any(reads.get(p, 0) > 1 for p in carriers if gain is not None):
             raise WidthConflictError(
                 f"{name} is shared with {use.node}, which needs a further factor {factor} that widen_into "
                 "cannot put into any weight (the op feeding it has no parameters or other users); use "
                 "graphscale.widen, which inserts the factor into the graph")
-        for p in params_of[producer.name]:
+        for p in carriers:
             for key in [p, *plan.rules[p].aliases]:
                 s = record.params[key]
                 record.params[key] = replace(s, copy_scale=s.copy_scale * value)
-        record.notes.append(f"widen_into: {', '.join(params_of[producer.name])} carry a further {factor} "
+        record.notes.append(f"widen_into: {', '.join(carriers)} carry a further {factor} "
                             f"for the shared use of {name} at {use.node}")
 
 
@@ -801,6 +820,11 @@ _MUL = {operator.mul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor}
 _DIV = {operator.truediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor}
 _ADD = {operator.add, torch.add, "add", "add_", torch.ops.aten.add.Tensor}
 _SUB = {operator.sub, torch.sub, "sub", "sub_", torch.ops.aten.sub.Tensor}
+
+
+def _readers(node: fx.Node) -> int:
+    """Users of ``node`` that read its value: torch.export's ``_assert_tensor_metadata`` checks do not."""
+    return sum(1 for u in node.users if not str(u.target).startswith(("aten._assert", "_assert")))
 
 
 def _target(node: fx.Node) -> Any:
@@ -861,7 +885,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     for n in plan.captured.gm.graph.nodes:
         if n.op == "get_attr":
             key = plan.canonical(str(n.target))
-            gain_users[key] = gain_users.get(key, 0) + len(n.users)
+            gain_users[key] = gain_users.get(key, 0) + _readers(n)
     stop = set(users_of_param)
     out = []
 

@@ -63,14 +63,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / (1 + b.abs().max())).item()
 
 
-def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5) -> float:
+def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5, ids: bool = False) -> float:
     """Worst relative output difference over ``steps`` AdamW steps (μP groups for the large model)."""
     hp = dict(lr=1e-2, eps=1e-12, weight_decay=0.1)
     s_opt = torch.optim.AdamW(small.parameters(), **hp)
     l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
     worst = 0.0
     for i in range(steps):
-        xb = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        gen = torch.Generator().manual_seed(i)
+        xb = torch.randint(0, 11, (2, 5), generator=gen) if ids else \
+            torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
         for model, opt in ((small, s_opt), (large, l_opt)):
             opt.zero_grad()
             model(xb).square().mean().backward()
@@ -148,3 +150,34 @@ def test_constant_created_in_forward_is_not_expected_in_the_larger_model() -> No
     with torch.no_grad():
         assert _rel(large(x), small(x)) <= 1e-12
 
+
+
+class TiedWrittenNorm(torch.nn.Module):
+    """Embedding tied to the readout, the final norm written out with its gain as ``weight * x`` (no
+    LayerNorm op): the readout's 1/k (a tied weight cannot carry it) moves into that gain."""
+
+    def __init__(self, width: int, vocab: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.fc = torch.nn.Linear(width, width)
+        self.norm_weight = torch.nn.Parameter(1 + 0.3 * torch.randn(width))
+        self.double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + torch.tanh(self.fc(h))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return F.linear(self.norm_weight * h, self.emb.weight)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_tied_readout_factor_moves_into_a_written_out_norm_gain(tracer: str) -> None:
+    small, large = TiedWrittenNorm(8), TiedWrittenNorm(16)
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
+    assert any("readout='graphscale'" in n for n in record.notes)
+    assert record["norm_weight"].copy_scale == pytest.approx(0.5, rel=1e-12)  # the readout's 1/k
+    with torch.no_grad():
+        assert _rel(large(ids), small(ids)) <= 1e-12
+    assert _trains_alike(small, large, ids=True) <= 1e-9
