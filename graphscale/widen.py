@@ -455,33 +455,6 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     _drop_forward_constants(plan, record, small)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
-    # The readout convention (measured like the attention scale): "graphscale" puts the readout's 1/k in
-    # its weights (a tied readout's into the op feeding it); "own" leaves it to the large model's code,
-    # which divides the readout's input by its own width multiplier (mup's MuReadout / MuSharedReadout);
-    # "own-output" multiplies the readout's output, bias included, by it (a hand-written base/width).
-    records: dict[str, WideningRecord] = {}
-    unavailable: dict[str, str] = {}
-    graphscale_record = _candidate(record)
-    try:
-        _compensate_shared_uses(plan, sizes, graphscale_record)
-        records["graphscale"] = graphscale_record
-    except WidthConflictError as e:
-        unavailable["graphscale"] = str(e)
-    readouts = _readouts(plan, sizes, record)
-    if readouts:
-        own = _candidate(record)
-        for name in readouts["untied"]:
-            s = own.params[name]
-            own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
-        records["own"] = own
-        biases = _readout_biases(plan, readouts["untied"], record)
-        if biases:
-            own_output = _candidate(own)
-            for name, m in biases.items():
-                for key in [name, *plan.rules[name].aliases]:
-                    s = own_output.params[key]
-                    own_output.params[key] = replace(s, copy_scale=s.copy_scale * m)
-            records["own-output"] = own_output
     source = _source_state(plan.captured.gm)
 
     def wide_tensors(rec: WideningRecord, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -496,7 +469,6 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         att_order = [a for a in att_order if _ATTENTION_POWER[a] == 0]
     elif not q_scales:
         att_order = att_order[:1]
-    candidates = [(att, ro) for ro in records for att in att_order]
     args, kwargs = plan.captured.args, plan.captured.kwargs
 
     def fill(choice: tuple[str, str], tensors: dict[str, torch.Tensor]) -> None:
@@ -507,7 +479,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 for name, axis, lo, hi, m in q_scales:
                     state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[choice[0]])
 
-    def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor]) -> dict[tuple[str, str], float]:
+    def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor],
+                  records: dict[str, WideningRecord]) -> dict[tuple[str, str], float]:
         with torch.no_grad(), preserved_buffers(src_model):
             want = src_model(*args, **kwargs)
         out = {}
@@ -520,21 +493,38 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             del tensors
         return out
 
-    # Try every candidate and keep the closest: with near-uniform attention both may pass the tolerance.
-    reference = plan.captured.private or small  # the traced copy: running small could change it
-    errors = errors_on(reference, source)
-    passing = [c for c in candidates if errors[c] <= rtol]
-    if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
-        # Several conventions compute the same function on these weights (a zero-initialized readout, or
-        # uniform attention) but train differently: decide on a copy of small with random readouts.
-        probe = _probe_copy(small, plan, readouts)
-        probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
-        probe_state.update(_named_tensors(probe))
-        probe_errors = errors_on(probe, probe_state)
-        passing = [c for c in passing if probe_errors[c] <= rtol] or passing
-        best = min(passing, key=probe_errors.__getitem__)
-    else:
-        best = min(candidates, key=errors.__getitem__) if candidates else None
+    # A constant that the larger model's code computes from its own sizes (an embedding scale
+    # sqrt(d_model)) is only looked for when no candidate holds: then it is undone in the op feeding it
+    # (the factor small/large in that op's weights, docs/math.md §8) and every candidate is tried again.
+    folds: dict[str, tuple[str, float, str]] = {}
+    constants: list[tuple[str, Any, float, float, str]] = []
+    readouts = _readouts(plan, sizes, record)
+    for attempt in range(2):
+        records, unavailable, biases = _readout_candidates(plan, sizes, record, readouts, folds)
+        candidates = [(att, ro) for ro in records for att in att_order]
+        # Try every candidate and keep the closest: with near-uniform attention several may pass.
+        reference = plan.captured.private or small  # the traced copy: running small could change it
+        errors = errors_on(reference, source, records)
+        passing = [c for c in candidates if errors[c] <= rtol]
+        if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
+            # Several conventions compute the same function on these weights (a zero-initialized readout,
+            # or uniform attention) but train differently: decide on a copy of small with random readouts.
+            probe = _probe_copy(small, plan, readouts)
+            probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
+            probe_state.update(_named_tensors(probe))
+            probe_errors = errors_on(probe, probe_state, records)
+            passing = [c for c in passing if probe_errors[c] <= rtol] or passing
+            best = min(passing, key=probe_errors.__getitem__)
+        else:
+            best = min(candidates, key=errors.__getitem__) if candidates else None
+        if best is not None and errors[best] <= rtol:
+            break
+        if attempt:
+            break
+        constants = _width_dependent_constants(plan, large, example_inputs)
+        folds = _constant_folds(plan, constants) or {}
+        if not folds:
+            break
     if best is not None and errors[best] <= rtol:
         record = records[best[1]]
         fill(best, wide_tensors(record, source))
@@ -568,24 +558,32 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
             record.notes.append(f"widen_into: the query carries a further k**{power:g} "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
+        for name, (node, f, why) in folds.items():
+            record.notes.append(f"widen_into: {name} carries a further {f:.6g} for the larger model's own "
+                                f"constant at {why} (its op {node} feeds that one)")
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
     message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked)
-    constants = _width_dependent_constants(plan, large, example_inputs)
     if constants:
-        message += ("; the larger model's code computes constants from its own sizes, which no weight "
-                    "carries here: " + ", ".join(constants[:6]) + (f" and {len(constants) - 6} more" if
-                                                          len(constants) > 6 else "")
+        shown = [c[4] for c in constants]
+        message += ("; the larger model's code computes constants from its own sizes, which "
+                    + ("no weight carries here: " if not folds else "widen_into folded into "
+                       + ", ".join(sorted(folds)) + " (the errors above are with those folds), without "
+                       "success: ")
+                    + ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
                     + " (e.g. an embedding scale sqrt(d_model)); use graphscale.widen, whose graph keeps the "
                       "small model's constants")
     raise WidthConflictError(message)
 
 
-def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any) -> list[str]:
-    """The float literals of ``large``'s graph that differ from the small graph's at the same op: constants
-    its code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``). Only
-    read when widen_into has failed, to say why; empty when the graphs cannot be paired op by op."""
+def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any
+                               ) -> list[tuple[str, Any, float, float, str]]:
+    """The constants of ``large``'s graph that differ from the small graph's at the same op: numbers its
+    code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``), as float
+    literals or as scalar tensors it creates in forward. Each is (small node, operand (index or keyword),
+    small value, large value, description). Only read when widen_into has failed; empty when the graphs
+    cannot be paired op by op."""
     from graphscale.capture import capture
 
     try:
@@ -596,16 +594,79 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
     big = [n for n in gm.graph.nodes if n.op == "call_function"]
     if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
         return []
-    out = []
+    out: list[tuple[str, Any, float, float, str]] = []
+    own = {n for n, _ in _named_tensors(plan.captured.gm)}
     for a, b in zip(small, big):
         for i, (x, y) in enumerate(zip(a.args, b.args)):
             if isinstance(x, float) and isinstance(y, float) and x != y:
-                out.append(f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} in the larger")
+                out.append((a.name, i, x, y, f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} "
+                            "in the larger"))
+            elif isinstance(x, fx.Node) and isinstance(y, fx.Node) and x.op == y.op == "get_attr":
+                u, v = _get_attr(plan.captured.gm, str(x.target)), _get_attr(gm, str(y.target))
+                scalars = isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) \
+                    and u.numel() == v.numel() == 1
+                if scalars and str(x.target) not in own and u.item() != v.item():  # a scalar made in forward
+                    copy = a  # lift_fresh_copy, detach_, .to(dtype): the op that reads it comes after
+                    while len(copy.users) == 1 and _op_name(copy) in _CONSTANT_COPIES \
+                            and _op_name(next(iter(copy.users))) in _CONSTANT_COPIES:
+                        copy = next(iter(copy.users))
+                    for user in copy.users:
+                        for j, arg in enumerate(user.args):
+                            if arg is copy:
+                                out.append((user.name, j, float(u.item()), float(v.item()),
+                                            f"{user.name} argument {j} ({x.target}): {u.item():.6g} in the "
+                                            f"small model, {v.item():.6g} in the larger"))
         for key in a.kwargs.keys() & b.kwargs.keys():
             x, y = a.kwargs[key], b.kwargs[key]
             if isinstance(x, float) and isinstance(y, float) and x != y and key != "scale":
-                out.append(f"{a.name} {key}={x:.6g} in the small model, {y:.6g} in the larger")
+                out.append((a.name, key, x, y, f"{a.name} {key}={x:.6g} in the small model, {y:.6g} in the "
+                            "larger"))
     return out
+
+
+_CONSTANT_COPIES = ("lift_fresh_copy", "detach", "detach_", "to", "_to_copy", "clone", "alias")
+_PASS_THROUGH = ("view", "reshape", "transpose", "permute", "contiguous", "clone", "alias", "to", "_to_copy",
+                 "type_as", "float", "double", "unsqueeze", "squeeze", "flatten", "dropout", "expand")
+
+
+def _op_name(node: fx.Node) -> str:
+    """``view`` for ``x.view``, ``aten.view.default`` and ``torch.Tensor.view`` alike."""
+    if node.op == "call_method":
+        return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.name.split("::")[-1]
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, str]]
+                    ) -> dict[str, tuple[str, float, str]] | None:
+    """Where each width-dependent constant can be undone exactly: ``x * c`` with the larger model's ``c'``
+    for the small ``c`` needs ``x`` times ``c / c'``, which the op producing ``x`` (an embedding, a
+    linear: its weight and bias) carries, found through views and casts. Returns {tensor: (producing
+    node, factor, why)}, or None where some constant has no such op."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    params_of: dict[str, list[str]] = {}
+    for u in plan.requests.uses:
+        params_of.setdefault(u.node, []).append(plan.canonical(u.param))
+    folds: dict[str, tuple[str, float, str]] = {}
+    for node_name, operand, x, y, why in constants:
+        node = nodes[node_name]
+        target = _target(node)
+        if not isinstance(operand, int) or not (target in _MUL or (target in _DIV and operand == 1)) \
+                or len(node.args) != 2 or not isinstance(node.args[1 - operand], fx.Node) or y == 0:
+            return None
+        factor = x / y if target in _MUL else y / x
+        producer = node.args[1 - operand]
+        while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
+                and _op_name(producer) in _PASS_THROUGH:
+            producer = next((a for a in producer.args if isinstance(a, fx.Node)), None)
+        if not isinstance(producer, fx.Node) or producer.name not in params_of or _readers(producer) != 1:
+            return None
+        for p in params_of[producer.name]:
+            if p in folds:
+                return None  # two constants on one tensor: not tried
+            folds[p] = (producer.name, factor, why)
+    return folds
 
 
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
@@ -654,6 +715,45 @@ def _candidate(record: WideningRecord) -> WideningRecord:
     by replacing them, so new containers suffice (a deep copy would copy every replication map)."""
     return replace(record, params=dict(record.params), multipliers=dict(record.multipliers),
                    notes=list(record.notes), info=dict(record.info))
+
+
+def _readout_candidates(plan: Plan, sizes: Sizes, record: WideningRecord, readouts: dict[str, list[str]],
+                        folds: dict[str, tuple[str, float, str]]
+                        ) -> tuple[dict[str, WideningRecord], dict[str, str], dict[str, int]]:
+    """The readout conventions to measure, as records (after the constant ``folds``): "graphscale" puts
+    the readout's 1/k in its weights (a tied readout's into the op feeding it); "own" leaves it to the
+    large model's code, which divides the readout's input by its own width multiplier (mup's MuReadout /
+    MuSharedReadout); "own-output" multiplies the readout's output, bias included, by it (a hand-written
+    base/width). Also the reason a convention could not be built, and the readout biases."""
+    base = _candidate(record)
+    for name, (_, f, _) in folds.items():
+        for key in [name, *plan.rules[name].aliases]:
+            if key in base.params:
+                base.params[key] = replace(base.params[key], copy_scale=base.params[key].copy_scale * f)
+    records: dict[str, WideningRecord] = {}
+    unavailable: dict[str, str] = {}
+    graphscale_record = _candidate(base)
+    try:
+        _compensate_shared_uses(plan, sizes, graphscale_record, folds)
+        records["graphscale"] = graphscale_record
+    except WidthConflictError as e:
+        unavailable["graphscale"] = str(e)
+    biases: dict[str, int] = {}
+    if readouts:
+        own = _candidate(base)
+        for name in readouts["untied"]:
+            s = own.params[name]
+            own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
+        records["own"] = own
+        biases = _readout_biases(plan, readouts["untied"], record)
+        if biases:
+            own_output = _candidate(own)
+            for name, m in biases.items():
+                for key in [name, *plan.rules[name].aliases]:
+                    s = own_output.params[key]
+                    own_output.params[key] = replace(s, copy_scale=s.copy_scale * m)
+            records["own-output"] = own_output
+    return records, unavailable, biases
 
 
 def _readouts(plan: Plan, sizes: Sizes, record: WideningRecord) -> dict[str, list[str]]:
@@ -732,7 +832,8 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
     return "; ".join(parts)
 
 
-def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) -> None:
+def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
+                            folds: dict[str, tuple[str, float, str]] | None = None) -> None:
     """A tied weight's extra factor (inserted as a multiplier by :func:`widen`) must live in weights here:
     move it into the parameters of the op that produces the tied use's input (the final LayerNorm
     before a tied readout, or a norm written out whose gain is an elementwise ``weight * x``, with the
@@ -749,10 +850,11 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) ->
     for use in plan.requests.uses:
         name = plan.canonical(use.param)
         factor = plan.rules[name].use_multipliers.get(use.node)
-        if factor is None or use.operand is None:
-            continue
-        value = plan.substitute(factor, mults)
-        if value == 1.0:
+        value = 1.0 if factor is None else plan.substitute(factor, mults)
+        fold = (folds or {}).get(name)
+        if fold is not None and fold[0] != use.node:  # a tied weight folded for another use: undo it here
+            value, factor = value / fold[1], f"{factor or 1} / {fold[1]:.6g}"
+        if factor is None or use.operand is None or value == 1.0:
             continue
         producer = get_arg(nodes[use.node], use.operand)
         adds: list[str] = []  # biases added between the gain and the use: they carry the factor too
