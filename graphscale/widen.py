@@ -1036,6 +1036,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     segment = (lo, lo + sizes.wide(part_dims[k]))
             target = _target(node)
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+            if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
+                tensor_args = [a for a in node.args[0] if isinstance(a, fx.Node)]  # cat: a partial rotary
             params = [_param_operand(plan, a) for a in tensor_args]
             path = [a for a, p in zip(tensor_args, params) if p is None]
             if len(path) == 2 and (target in _MUL or target in _DIV):

@@ -31,10 +31,10 @@ class QNormAttention(torch.nn.Module):
     """One attention block with q/k-norm; ``scale`` None is 1/sqrt(head_dim) from the model's own sizes."""
 
     def __init__(self, width: int, heads: int = 2, per_head: bool = True, gain: bool = True,
-                 scale: float | None = None, qk_norm: bool = True) -> None:
+                 scale: float | None = None, qk_norm: bool = True, partial: bool = False) -> None:
         super().__init__()
         torch.manual_seed(width)
-        self.heads, self.head_dim, self.per_head = heads, width // heads, per_head
+        self.heads, self.head_dim, self.per_head, self.partial = heads, width // heads, per_head, partial
         self.emb = torch.nn.Linear(3, width)
         self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width, bias=False) for _ in range(4))
         n = self.head_dim if per_head else width
@@ -53,6 +53,8 @@ class QNormAttention(torch.nn.Module):
             q, k = self.q_norm(self.q(h).view(shape)), self.k_norm(self.k(h).view(shape))
         else:
             q, k = self.q_norm(self.q(h)).view(shape), self.k_norm(self.k(h)).view(shape)
+        if self.partial:  # a transform of part of the query joined to the rest, as a partial rotary does
+            q = torch.cat([-q[:, :, :1], q[:, :, 1:]], dim=2)
         v = self.v(h).view(shape)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=self.scaling)
@@ -86,6 +88,7 @@ CASES = [  # (model options, convention expected, tracer)
     (dict(per_head=True), "standard", "fx"),
     (dict(per_head=True), "standard", "export"),
     (dict(per_head=False), "standard", "fx"),  # OLMo2's norm over the whole projection
+    (dict(per_head=True, partial=True), "standard", "export"),  # the walk passes a cat
     (dict(per_head=True, scale=0.3), "fixed", "fx"),  # a scale from the config: k**-1
     (dict(per_head=True, scale=0.3), "fixed", "export"),
     (dict(per_head=True, scale=0.3, qk_norm=False), "fixed", "fx"),  # no norm: k**-1 into W_q
@@ -94,7 +97,8 @@ CASES = [  # (model options, convention expected, tracer)
 
 @pytest.mark.parametrize(("options", "convention", "tracer"), CASES,
                          ids=[f"{c[1]}-{'head' if c[0]['per_head'] else 'whole'}-{c[2]}"
-                              + ("-no-norm" if c[0].get("qk_norm") is False else "") for c in CASES])
+                              + ("-no-norm" if c[0].get("qk_norm") is False else "")
+                              + ("-partial" if c[0].get("partial") else "") for c in CASES])
 def test_query_norm_gain_carries_the_attention_factor_and_trains_alike(options: dict, convention: str,
                                                                         tracer: str) -> None:
     small, large = QNormAttention(8, **options), QNormAttention(24, **options)
