@@ -877,8 +877,9 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
                 or any(reads.get(p, 0) > 1 for p in carriers if gain is not None):
             raise WidthConflictError(
                 f"{name} is shared with {use.node}, which needs a further factor {factor} that widen_into "
-                "cannot put into any weight (the op feeding it has no parameters or other users); use "
-                "graphscale.widen, which inserts the factor into the graph")
+                "cannot put into any weight (the op feeding it has no parameters, or other users, or a gain "
+                "written as w + 1, which no copy scale of w scales); use graphscale.widen, which inserts the "
+                "factor into the graph")
         for p in carriers:
             for key in [p, *plan.rules[p].aliases]:
                 s = record.params[key]
@@ -918,10 +919,12 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
 #: widened q.k needs, 1/head_dim all of it, a scale that does not follow head_dim none of it.
 _ATTENTION_POWER: dict[str, float] = {"standard": -0.5, "mup": 0.0, "fixed": -1.0}
 
-_MUL = {operator.mul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor}
-_DIV = {operator.truediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor}
-_ADD = {operator.add, torch.add, "add", "add_", torch.ops.aten.add.Tensor}
-_SUB = {operator.sub, torch.sub, "sub", "sub_", torch.ops.aten.sub.Tensor}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor,
+        torch.ops.aten.mul_.Tensor}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor,
+        torch.ops.aten.div_.Tensor}
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor,
+        torch.ops.aten.add_.Tensor}
 
 
 def _readers(node: fx.Node) -> int:
@@ -938,13 +941,15 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _param_operand(plan: Plan, node: fx.Node) -> str | None:
-    """The parameter (or buffer) ``node`` reads, through at most three one-input ops (``.to(dtype)``)."""
+    """The parameter (or buffer) ``node`` reads, through at most three casts or views (``.to(dtype)``;
+    not ``w + 1``, a gain that a copy scale cannot scale)."""
     for _ in range(4):
         if node.op == "get_attr":
             name = plan.canonical(str(node.target))
             return name if name in plan.rules else None
         ins = _node_args(node)
-        if node.op not in ("call_function", "call_method") or len(ins) != 1:
+        if node.op not in ("call_function", "call_method") or len(ins) != 1 \
+                or _op_name(node) not in _CONSTANT_COPIES + _PASS_THROUGH:
             return None
         node = ins[0]
     return None

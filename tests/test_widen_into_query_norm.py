@@ -160,9 +160,10 @@ class TiedWrittenNorm(torch.nn.Module):
     """Embedding tied to the readout, the final norm written out with its gain as ``weight * x`` (no
     LayerNorm op): the readout's 1/k (a tied weight cannot carry it) moves into that gain."""
 
-    def __init__(self, width: int, vocab: int = 11) -> None:
+    def __init__(self, width: int, vocab: int = 11, shifted: bool = False) -> None:
         super().__init__()
         torch.manual_seed(width)
+        self.shifted = shifted  # Gemma's gain 1 + w: no copy scale of w scales it
         self.emb = torch.nn.Embedding(vocab, width)
         self.fc = torch.nn.Linear(width, width)
         self.norm_weight = torch.nn.Parameter(1 + 0.3 * torch.randn(width))
@@ -172,7 +173,8 @@ class TiedWrittenNorm(torch.nn.Module):
         h = self.emb(ids)
         h = h + torch.tanh(self.fc(h))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return F.linear(self.norm_weight * h, self.emb.weight)
+        gain = 1 + self.norm_weight if self.shifted else self.norm_weight
+        return F.linear(gain * h, self.emb.weight)
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
@@ -185,3 +187,10 @@ def test_tied_readout_factor_moves_into_a_written_out_norm_gain(tracer: str) -> 
     with torch.no_grad():
         assert _rel(large(ids), small(ids)) <= 1e-12
     assert _trains_alike(small, large, ids=True) <= 1e-9
+
+
+def test_tied_readout_factor_is_not_put_into_a_shifted_gain() -> None:
+    small, large = TiedWrittenNorm(8, shifted=True), TiedWrittenNorm(16, shifted=True)
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(WidthConflictError, match=r"readout 'graphscale' could not be built.*w \+ 1"):
+        graphscale.widen_into(small, large, (ids,), tracer="export")
