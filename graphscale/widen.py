@@ -643,7 +643,8 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
     """Where each width-dependent constant can be undone exactly: ``x * c`` with the larger model's ``c'``
     for the small ``c`` needs ``x`` times ``c / c'``, which the op producing ``x`` (an embedding, a
     linear: its weight and bias) carries, found through views and casts. Returns {tensor: (producing
-    node, factor, why)}, or None where some constant has no such op."""
+    node, factor, why)} (a constant with no such op is left out: the output check rules on the whole), or
+    None where none can be folded or two land on one tensor."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     params_of: dict[str, list[str]] = {}
     for u in plan.requests.uses:
@@ -654,19 +655,19 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
         target = _target(node)
         if not isinstance(operand, int) or not (target in _MUL or (target in _DIV and operand == 1)) \
                 or len(node.args) != 2 or not isinstance(node.args[1 - operand], fx.Node) or y == 0:
-            return None
+            continue
         factor = x / y if target in _MUL else y / x
         producer = node.args[1 - operand]
         while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
                 and _op_name(producer) in _PASS_THROUGH:
             producer = next((a for a in producer.args if isinstance(a, fx.Node)), None)
         if not isinstance(producer, fx.Node) or producer.name not in params_of or _readers(producer) != 1:
-            return None
+            continue  # e.g. attention scores times 1/sqrt(head_dim): the attention candidates cover it
         for p in params_of[producer.name]:
             if p in folds:
                 return None  # two constants on one tensor: not tried
             folds[p] = (producer.name, factor, why)
-    return folds
+    return folds or None
 
 
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
