@@ -482,7 +482,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor],
                   records: dict[str, WideningRecord]) -> dict[tuple[str, str], float]:
         with torch.no_grad(), preserved_buffers(src_model):
-            want = src_model(*args, **kwargs)
+            want = _widened_outputs(plan, sizes, src_model(*args, **kwargs))
         out = {}
         for ro, rec in records.items():  # in the order of candidates; one readout's tensors alive at a time
             tensors = wide_tensors(rec, src)
@@ -887,6 +887,38 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
                 record.params[key] = replace(s, copy_scale=s.copy_scale * value)
         record.notes.append(f"widen_into: {', '.join(carriers)} carry a further {factor} "
                             f"for the shared use of {name} at {use.node}")
+
+
+def _widened_outputs(plan: Plan, sizes: Sizes, narrow: Any) -> Any:
+    """The small model's outputs as the larger model returns them: each repeated along its width axes
+    (``outputs="width"``: the output axis widens too, ``E(y)``); unchanged where no axis widens or where
+    the outputs cannot be paired with the graph's output nodes (then the shapes differ and the check fails).
+
+    Example:
+        >>> plan = analyze(torch.nn.Linear(2, 3), (torch.randn(1, 2),), outputs="width")
+        >>> _widened_outputs(plan, plan.sizes(2), torch.tensor([[1.0, 2.0, 3.0]])).tolist()
+        [[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
+    """
+    import torch.utils._pytree as pytree
+
+    from graphscale.infer.values import TensorInfo
+
+    out_node = next(n for n in plan.captured.gm.graph.nodes if n.op == "output")
+    leaves, spec = pytree.tree_flatten(narrow)
+    nodes = pytree.tree_leaves(out_node.args[0])
+    if len(leaves) != len(nodes):
+        return narrow
+    wide = []
+    for leaf, node in zip(leaves, nodes):
+        info = plan.node_info.get(node.name) if isinstance(node, fx.Node) else None
+        if isinstance(leaf, torch.Tensor) and isinstance(info, TensorInfo) \
+                and tuple(leaf.shape) == tuple(info.shape):
+            for dim, d in enumerate(info.dims):
+                ax = sizes.axis(d)
+                if not ax.is_identity():
+                    leaf = leaf.index_select(dim, ax.index(leaf.device))
+        wide.append(leaf)
+    return pytree.tree_unflatten(wide, spec)
 
 
 def _max_rel(got: Any, want: Any) -> float:

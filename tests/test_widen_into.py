@@ -156,3 +156,16 @@ def test_width_dependent_constant_on_a_tied_embedding_is_undone_at_the_readout(t
     assert record["norm.weight"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)
     with torch.no_grad():
         assert _rel(large(idx), small(idx)) <= 1e-12
+
+
+def test_widen_into_with_outputs_width_compares_the_widened_outputs() -> None:
+    """outputs="width": the output axis widens with the model, so the larger model's output is the small
+    one's repeated along it (before: shapes differed and every candidate had error inf)."""
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 6)).double()
+    large = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 18)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,), outputs="width")
+    assert record.multipliers == {"0.weight[0]": 2, "2.weight[0]": 3}
+    with torch.no_grad():
+        assert _rel(large(x), small(x).repeat_interleave(3, dim=-1)) <= 1e-12
