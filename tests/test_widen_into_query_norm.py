@@ -99,8 +99,8 @@ CASES = [  # (model options, convention expected, tracer)
                          ids=[f"{c[1]}-{'head' if c[0]['per_head'] else 'whole'}-{c[2]}"
                               + ("-no-norm" if c[0].get("qk_norm") is False else "")
                               + ("-partial" if c[0].get("partial") else "") for c in CASES])
-def test_query_norm_gain_carries_the_attention_factor_and_trains_alike(options: dict, convention: str,
-                                                                        tracer: str) -> None:
+def test_query_factor_lands_in_the_norm_gain_and_trains_alike(options: dict, convention: str,
+                                                              tracer: str) -> None:
     small, large = QNormAttention(8, **options), QNormAttention(24, **options)
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     record = graphscale.widen_into(small, large, (x,), tracer=tracer)  # type: ignore[arg-type]
