@@ -1094,7 +1094,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         where = f"attention {node_name!r}: its query is normalized at node {node.name!r}"
         if not muls:
             if blocked is not None:
-                blocked.append(f"{where} with no gain after it to carry the factor")
+                blocked.append(f"{where} with no gain after it to carry the factor (a gain written as "
+                               "w + 1 does not count: no copy scale of w scales it)")
             continue
         i = muls[-1]
         chosen = [affine[i]] + [a for a in affine[:i] if a[0] == "add"]
