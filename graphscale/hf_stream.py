@@ -362,7 +362,7 @@ class _Item:
     src: TensorEntry
     scaling: ParamScaling  # the final recipe (record, noise): copy_scale with every fold
     widen_scale: float  # the copy scale widening multiplies by (before the query fold, as widen_into does)
-    query: list[tuple[int, int, int, int]]  # (axis, lo, hi, m): rows lo:hi times m**-0.5
+    query: list[tuple[int, int, int, int, float]]  # (axis, lo, hi, m, power): rows lo:hi times m**power
     is_param: bool
     proxy_name: str | None  # the proxy tensor with the same recipe and values (layer 0, non-layer tensors)
     dtype: torch.dtype
@@ -553,10 +553,10 @@ def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor],
     """The recipe of every checkpoint key, in the class's parameter order (noise draws in that order), then
     its buffers."""
     recipes = w.record.params
-    query: dict[str, list[tuple[int, int, int, int]]] = {}
+    query: dict[str, list[tuple[int, int, int, int, float]]] = {}
     before: dict[str, float] = {}
-    for name, axis, lo, hi, m, c in w.record.info.get("query_scales", []):
-        query.setdefault(hf._strip(name), []).append((axis, lo, hi, m))
+    for name, axis, lo, hi, m, c, power in w.record.info.get("query_scales", []):
+        query.setdefault(hf._strip(name), []).append((axis, lo, hi, m, power))
         before.setdefault(hf._strip(name), c)
     param_ids = {id(p) for p in meta.parameters()}
     key_of = {id(named[k]): k for k in entries}
@@ -636,8 +636,8 @@ def _widen_one(item: _Item) -> torch.Tensor:
         t = t.to(item.dtype)
     wide = replace(item.scaling, copy_scale=item.widen_scale).widen(t)
     del t
-    for axis, lo, hi, m in item.query:
-        wide.narrow(axis, lo, hi - lo).mul_(m ** -0.5)
+    for axis, lo, hi, m, power in item.query:
+        wide.narrow(axis, lo, hi - lo).mul_(m ** power)
     return wide
 
 

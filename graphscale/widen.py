@@ -367,7 +367,7 @@ def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
 def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *,
                tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
                heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
-               attention: Literal["auto", "standard", "mup"] = "auto", rtol: float | None = None,
+               attention: Literal["auto", "standard", "mup", "fixed"] = "auto", rtol: float | None = None,
                plan: Plan | None = None) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
@@ -379,10 +379,13 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     axis); a ratio that is not an integer, or any tensor whose shape does not match the widened one, is an
     error naming the tensor. Because ``large`` computes attention with its own code, its scale for the
     wider head_dim is its own: ``attention="standard"`` (1/sqrt(head_dim): W_q and b_q get a further
-    ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), or ``"auto"``, which tries both and keeps the
-    one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error; by
+    ``k**-0.5``), ``"mup"`` (1/head_dim: nothing to add), ``"fixed"`` (a scale that does not change with
+    head_dim, e.g. read off the config: a further ``k**-1``), or ``"auto"``, which tries all three and keeps
+    the one closer to ``small`` on ``example_inputs``; it must match within ``rtol`` (relative error; by
     default :func:`graphscale.tolerance.exactness_tolerance`: 1e-10 for float64, float32's rounding where
     the model computes in float32, 1e-5 for float32 weights).
+    Where the query is normalized after its projection (a q-norm), the factor goes into the norm's gain
+    instead; a normalization without a gain cannot carry it, and only ``"mup"`` is tried.
     ``plan`` is ``graphscale.analyze(small, example_inputs, ...)`` if the caller already made it (it is
     then not made again; the engine options are the plan's).
     ``small`` is never modified; ``large``'s parameters and buffers are overwritten in place. Returns the
@@ -406,6 +409,27 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         raise
 
 
+def _drop_forward_constants(plan: Plan, record: WideningRecord, small: torch.nn.Module) -> None:
+    """Tensors of the graph that are not ``small``'s (constants its forward creates, which torch.export
+    lifts as ``lifted_tensor_0`` and fx as ``_tensor_constant0``) are not the user's to fill: the larger
+    model's forward creates its own. That is exact only if widening leaves such a constant as it is."""
+    own = {n for n, _ in _named_tensors(small)}
+    for name in [n for n in record.params if n not in own]:
+        s = record.params[name]
+        if _is_widened(s) or s.copy_scale != 1.0:
+            node = next((n.name for n in plan.captured.gm.graph.nodes
+                         if n.op == "get_attr" and str(n.target) == name), name)
+            raise WidthConflictError(
+                f"{name} (node {node!r}) is a constant that the model's forward creates, not one of its "
+                f"tensors, and widening changes it (wide shape {s.wide_shape}, copy scale "
+                f"{s.copy_scale:.6g}): "
+                "the larger model creates its own, which widen_into cannot set. Make it a buffer of the "
+                "model (register_buffer), or use graphscale.widen, which keeps the widened constant")
+        record.params.pop(name)
+        record.notes.append(f"widen_into: {name} is a constant the forward creates (the same at every "
+                            "width): the larger model computes its own")
+
+
 def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for _, t in _named_tensors(module):
@@ -415,7 +439,7 @@ def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
                 rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
-                outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup"],
+                outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup", "fixed"],
                 rtol: float | None, plan: Plan | None = None) -> WideningRecord:
     if plan is None:
         plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
@@ -433,35 +457,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
     for name in unused:  # e.g. HF's original_inv_freq: not part of the function; large keeps its own
         record.params.pop(name, None)
+    _drop_forward_constants(plan, record, small)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
-    # The readout convention (measured like the attention scale): "graphscale" puts the readout's 1/k in
-    # its weights (a tied readout's into the op feeding it); "own" leaves it to the large model's code,
-    # which divides the readout's input by its own width multiplier (mup's MuReadout / MuSharedReadout);
-    # "own-output" multiplies the readout's output, bias included, by it (a hand-written base/width).
-    records: dict[str, WideningRecord] = {}
-    unavailable: dict[str, str] = {}
-    graphscale_record = _candidate(record)
-    try:
-        _compensate_shared_uses(plan, sizes, graphscale_record)
-        records["graphscale"] = graphscale_record
-    except WidthConflictError as e:
-        unavailable["graphscale"] = str(e)
-    readouts = _readouts(plan, sizes, record)
-    if readouts:
-        own = _candidate(record)
-        for name in readouts["untied"]:
-            s = own.params[name]
-            own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
-        records["own"] = own
-        biases = _readout_biases(plan, readouts["untied"], record)
-        if biases:
-            own_output = _candidate(own)
-            for name, m in biases.items():
-                for key in [name, *plan.rules[name].aliases]:
-                    s = own_output.params[key]
-                    own_output.params[key] = replace(s, copy_scale=s.copy_scale * m)
-            records["own-output"] = own_output
     source = _source_state(plan.captured.gm)
 
     def wide_tensors(rec: WideningRecord, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -469,24 +467,27 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             return {name: s.widen(src[plan.canonical(name)].detach())
                     for name, s in rec.params.items()}
 
-    q_scales = _query_projections(plan, sizes)
-    att_order = ["standard", "mup"] if attention == "auto" else [attention]
-    if not q_scales:
+    blocked: list[str] = []
+    q_scales = _query_projections(plan, sizes, blocked)
+    att_order = list(_ATTENTION_POWER) if attention == "auto" else [attention]
+    if blocked:  # a query that no tensor can rescale: only a convention that needs no factor can hold
+        att_order = [a for a in att_order if _ATTENTION_POWER[a] == 0]
+    elif not q_scales:
         att_order = att_order[:1]
-    candidates = [(att, ro) for ro in records for att in att_order]
     args, kwargs = plan.captured.args, plan.captured.kwargs
 
     def fill(choice: tuple[str, str], tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, t in tensors.items():
                 state[name].copy_(t)
-            if choice[0] == "standard" and q_scales:
+            if _ATTENTION_POWER[choice[0]] and q_scales:
                 for name, axis, lo, hi, m in q_scales:
-                    state[name].narrow(axis, lo, hi - lo).mul_(m ** -0.5)
+                    state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[choice[0]])
 
-    def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor]) -> dict[tuple[str, str], float]:
+    def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor],
+                  records: dict[str, WideningRecord]) -> dict[tuple[str, str], float]:
         with torch.no_grad(), preserved_buffers(src_model):
-            want = src_model(*args, **kwargs)
+            want = _widened_outputs(plan, sizes, src_model(*args, **kwargs))
         out = {}
         for ro, rec in records.items():  # in the order of candidates; one readout's tensors alive at a time
             tensors = wide_tensors(rec, src)
@@ -497,21 +498,38 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             del tensors
         return out
 
-    # Try every candidate and keep the closest: with near-uniform attention both may pass the tolerance.
-    reference = plan.captured.private or small  # the traced copy: running small could change it
-    errors = errors_on(reference, source)
-    passing = [c for c in candidates if errors[c] <= rtol]
-    if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
-        # Several conventions compute the same function on these weights (a zero-initialized readout, or
-        # uniform attention) but train differently: decide on a copy of small with random readouts.
-        probe = _probe_copy(small, plan, readouts)
-        probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
-        probe_state.update(_named_tensors(probe))
-        probe_errors = errors_on(probe, probe_state)
-        passing = [c for c in passing if probe_errors[c] <= rtol] or passing
-        best = min(passing, key=probe_errors.__getitem__)
-    else:
-        best = min(candidates, key=errors.__getitem__) if candidates else None
+    # A constant that the larger model's code computes from its own sizes (an embedding scale
+    # sqrt(d_model)) is only looked for when no candidate holds: then it is undone in the op feeding it
+    # (the factor small/large in that op's weights, docs/math.md §8) and every candidate is tried again.
+    folds: dict[str, tuple[str, float, str]] = {}
+    constants: list[tuple[str, Any, float, float, str]] = []
+    readouts = _readouts(plan, sizes, record)
+    for attempt in range(2):
+        records, unavailable, biases = _readout_candidates(plan, sizes, record, readouts, folds)
+        candidates = [(att, ro) for ro in records for att in att_order]
+        # Try every candidate and keep the closest: with near-uniform attention several may pass.
+        reference = plan.captured.private or small  # the traced copy: running small could change it
+        errors = errors_on(reference, source, records)
+        passing = [c for c in candidates if errors[c] <= rtol]
+        if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
+            # Several conventions compute the same function on these weights (a zero-initialized readout,
+            # or uniform attention) but train differently: decide on a copy of small with random readouts.
+            probe = _probe_copy(small, plan, readouts)
+            probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
+            probe_state.update(_named_tensors(probe))
+            probe_errors = errors_on(probe, probe_state, records)
+            passing = [c for c in passing if probe_errors[c] <= rtol] or passing
+            best = min(passing, key=probe_errors.__getitem__)
+        else:
+            best = min(candidates, key=errors.__getitem__) if candidates else None
+        if best is not None and errors[best] <= rtol:
+            break
+        if attempt:
+            break
+        constants = _width_dependent_constants(plan, large, example_inputs)
+        folds = _constant_folds(plan, constants) or {}
+        if not folds:
+            break
     if best is not None and errors[best] <= rtol:
         record = records[best[1]]
         fill(best, wide_tensors(record, source))
@@ -525,10 +543,11 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             record.notes.append("widen_into: the larger model's code multiplies its readout output by its "
                                 f"own 1/width ({', '.join(readouts['untied'])} copied without 1/k, "
                                 f"{', '.join(biases)} times k)")
-        if best[0] == "standard" and q_scales:
+        power = _ATTENTION_POWER[best[0]]
+        if power and q_scales:
             # what fill() did, to redo it tensor by tensor (graphscale.hf_stream): rows lo:hi of axis times
-            # m**-0.5 after widening with the copy scale before the fold
-            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale]
+            # m**power after widening with the copy scale before the fold
+            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale, power]
                                            for name, axis, lo, hi, m in q_scales]
             partial = []
             for name, axis, lo, hi, m in q_scales:
@@ -537,31 +556,39 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                     for key in [name, *plan.rules[name].aliases]:
                         if key in record.params:
                             t = record.params[key]
-                            record.params[key] = replace(t, copy_scale=t.copy_scale * m ** -0.5)
+                            record.params[key] = replace(t, copy_scale=t.copy_scale * m ** power)
                 else:  # a fused q|k|v tensor: one copy scale cannot describe it; the record marks it
                     partial.append((name, axis, lo, hi, m))
             if partial:
-                _mark_slice_folds(plan, record, partial, small, example_inputs, tracer, rules, heads)
-            record.notes.append("widen_into: query projections carry a further k**-0.5 "
+                _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
+            record.notes.append(f"widen_into: the query carries a further k**{power:g} "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
+        for name, (node, f, why) in folds.items():
+            record.notes.append(f"widen_into: {name} carries a further {f:.6g} for the larger model's own "
+                                f"constant at {why} (its op {node} feeds that one)")
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
-    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales)
-    constants = _width_dependent_constants(plan, large, example_inputs)
+    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked)
     if constants:
-        message += ("; the larger model's code computes constants from its own sizes, which no weight "
-                    "carries here: " + ", ".join(constants[:6]) + (f" and {len(constants) - 6} more" if
-                                                          len(constants) > 6 else "")
+        shown = [c[4] for c in constants]
+        message += ("; the larger model's code computes constants from its own sizes, which "
+                    + ("no weight carries here: " if not folds else "widen_into folded into "
+                       + ", ".join(sorted(folds)) + " (the errors above are with those folds), without "
+                       "success: ")
+                    + ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
                     + " (e.g. an embedding scale sqrt(d_model)); use graphscale.widen, whose graph keeps the "
                       "small model's constants")
     raise WidthConflictError(message)
 
 
-def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any) -> list[str]:
-    """The float literals of ``large``'s graph that differ from the small graph's at the same op: constants
-    its code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``). Only
-    read when widen_into has failed, to say why; empty when the graphs cannot be paired op by op."""
+def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any
+                               ) -> list[tuple[str, Any, float, float, str]]:
+    """The constants of ``large``'s graph that differ from the small graph's at the same op: numbers its
+    code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``), as float
+    literals or as scalar tensors it creates in forward. Each is (small node, operand (index or keyword),
+    small value, large value, description). Only read when widen_into has failed; empty when the graphs
+    cannot be paired op by op."""
     from graphscale.capture import capture
 
     try:
@@ -572,37 +599,103 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
     big = [n for n in gm.graph.nodes if n.op == "call_function"]
     if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
         return []
-    out = []
+    out: list[tuple[str, Any, float, float, str]] = []
+    own = {n for n, _ in _named_tensors(plan.captured.gm)}
     for a, b in zip(small, big):
         for i, (x, y) in enumerate(zip(a.args, b.args)):
             if isinstance(x, float) and isinstance(y, float) and x != y:
-                out.append(f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} in the larger")
+                out.append((a.name, i, x, y, f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} "
+                            "in the larger"))
+            elif isinstance(x, fx.Node) and isinstance(y, fx.Node) and x.op == y.op == "get_attr":
+                u, v = _get_attr(plan.captured.gm, str(x.target)), _get_attr(gm, str(y.target))
+                scalars = isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) \
+                    and u.numel() == v.numel() == 1
+                if scalars and str(x.target) not in own and u.item() != v.item():  # a scalar made in forward
+                    copy = a  # lift_fresh_copy, detach_, .to(dtype): the op that reads it comes after
+                    while len(copy.users) == 1 and _op_name(copy) in _CONSTANT_COPIES \
+                            and _op_name(next(iter(copy.users))) in _CONSTANT_COPIES:
+                        copy = next(iter(copy.users))
+                    for user in copy.users:
+                        for j, arg in enumerate(user.args):
+                            if arg is copy:
+                                out.append((user.name, j, float(u.item()), float(v.item()),
+                                            f"{user.name} argument {j} ({x.target}): {u.item():.6g} in the "
+                                            f"small model, {v.item():.6g} in the larger"))
         for key in a.kwargs.keys() & b.kwargs.keys():
             x, y = a.kwargs[key], b.kwargs[key]
             if isinstance(x, float) and isinstance(y, float) and x != y and key != "scale":
-                out.append(f"{a.name} {key}={x:.6g} in the small model, {y:.6g} in the larger")
+                out.append((a.name, key, x, y, f"{a.name} {key}={x:.6g} in the small model, {y:.6g} in the "
+                            "larger"))
     return out
 
 
+_CONSTANT_COPIES = ("lift_fresh_copy", "detach", "detach_", "to", "_to_copy", "clone", "alias")
+_PASS_THROUGH = ("view", "reshape", "transpose", "permute", "contiguous", "clone", "alias", "to", "_to_copy",
+                 "type_as", "float", "double", "unsqueeze", "squeeze", "flatten", "dropout", "expand")
+
+
+def _op_name(node: fx.Node) -> str:
+    """``view`` for ``x.view``, ``aten.view.default`` and ``torch.Tensor.view`` alike."""
+    if node.op == "call_method":
+        return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.name.split("::")[-1]
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, str]]
+                    ) -> dict[str, tuple[str, float, str]] | None:
+    """Where each width-dependent constant can be undone exactly: ``x * c`` with the larger model's ``c'``
+    for the small ``c`` needs ``x`` times ``c / c'``, which the op producing ``x`` (an embedding, a
+    linear: its weight and bias) carries, found through views and casts. Returns {tensor: (producing
+    node, factor, why)} (a constant with no such op is left out: the output check rules on the whole), or
+    None where none can be folded or two land on one tensor."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    params_of: dict[str, list[str]] = {}
+    for u in plan.requests.uses:
+        params_of.setdefault(u.node, []).append(plan.canonical(u.param))
+    folds: dict[str, tuple[str, float, str]] = {}
+    for node_name, operand, x, y, why in constants:
+        node = nodes[node_name]
+        target = _target(node)
+        if not isinstance(operand, int) or not (target in _MUL or (target in _DIV and operand == 1)) \
+                or len(node.args) != 2 or not isinstance(node.args[1 - operand], fx.Node) or y == 0:
+            continue
+        factor = x / y if target in _MUL else y / x
+        producer = node.args[1 - operand]
+        while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
+                and _op_name(producer) in _PASS_THROUGH:
+            producer = next((a for a in producer.args if isinstance(a, fx.Node)), None)
+        if not isinstance(producer, fx.Node) or producer.name not in params_of or _readers(producer) != 1:
+            continue  # e.g. attention scores times 1/sqrt(head_dim): the attention candidates cover it
+        for p in params_of[producer.name]:
+            if p in folds:
+                return None  # two constants on one tensor: not tried
+            folds[p] = (producer.name, factor, why)
+    return folds or None
+
+
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
-                      small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
+                      power: float, small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
                       rules: str | Path | list[str | Path] | None, heads: HeadsPolicy) -> None:
-    """Record the query k**-0.5 folded onto part of a fused tensor (``slice_folds``) and warn once: the
+    """Record the query's k**power folded onto part of a fused tensor (``slice_folds``) and warn once: the
     result is exact, but no per-tensor optimizer trains it like the narrow model (docs/math.md §8)."""
     grow = _grow_alternative(small, example_inputs, tracer, rules) if heads == "fixed" else \
         "heads='grow' was asked for, yet head_dim grows here"
+    convention = "standard attention (1/sqrt(head_dim)" if power == -0.5 else \
+        "an attention scale that does not follow head_dim ("
     for name, axis, lo, hi, m in partial:
-        why = (f"the query's further {m}**-0.5 of standard attention (1/sqrt(head_dim), head_dim grown "
-               f"{m}x); {grow}")
+        why = f"the query's further {m}**{power:g} of {convention}, head_dim grown {m}x); {grow}"
         for key in [name, *plan.rules[name].aliases]:
             if key in record.params:
                 s = record.params[key]
-                record.params[key] = replace(s, slice_folds=s.slice_folds + ((axis, lo, hi, m ** -0.5, why),))
+                fold = (axis, lo, hi, m ** power, why)
+                record.params[key] = replace(s, slice_folds=s.slice_folds + (fold,))
         record.notes.append(f"widen_into: {name} rows {lo}:{hi} (the query part) carry a further "
-                            f"{m}**-0.5 that its copy scale does not show")
+                            f"{m}**{power:g} that its copy scale does not show")
     names = ", ".join(sorted({p[0] for p in partial}))
-    warnings.warn(f"graphscale: the widened model is exact, but {names} carry the query's k**-0.5 on part "
-                  "of the tensor only (a fused q|k|v projection with heads='fixed'), so no per-tensor "
+    warnings.warn(f"graphscale: the widened model is exact, but {names} carry the query's k**{power:g} on "
+                  "part of the tensor only (a fused q|k|v projection with heads='fixed'), so no per-tensor "
                   "optimizer can train it like the narrow model: mup_optimizer, transfer_optimizer_state "
                   f"and clip_grad_norm_ refuse it; {grow}", SliceFoldWarning,
                   stacklevel=4)
@@ -628,6 +721,45 @@ def _candidate(record: WideningRecord) -> WideningRecord:
     by replacing them, so new containers suffice (a deep copy would copy every replication map)."""
     return replace(record, params=dict(record.params), multipliers=dict(record.multipliers),
                    notes=list(record.notes), info=dict(record.info))
+
+
+def _readout_candidates(plan: Plan, sizes: Sizes, record: WideningRecord, readouts: dict[str, list[str]],
+                        folds: dict[str, tuple[str, float, str]]
+                        ) -> tuple[dict[str, WideningRecord], dict[str, str], dict[str, int]]:
+    """The readout conventions to measure, as records (after the constant ``folds``): "graphscale" puts
+    the readout's 1/k in its weights (a tied readout's into the op feeding it); "own" leaves it to the
+    large model's code, which divides the readout's input by its own width multiplier (mup's MuReadout /
+    MuSharedReadout); "own-output" multiplies the readout's output, bias included, by it (a hand-written
+    base/width). Also the reason a convention could not be built, and the readout biases."""
+    base = _candidate(record)
+    for name, (_, f, _) in folds.items():
+        for key in [name, *plan.rules[name].aliases]:
+            if key in base.params:
+                base.params[key] = replace(base.params[key], copy_scale=base.params[key].copy_scale * f)
+    records: dict[str, WideningRecord] = {}
+    unavailable: dict[str, str] = {}
+    graphscale_record = _candidate(base)
+    try:
+        _compensate_shared_uses(plan, sizes, graphscale_record, folds)
+        records["graphscale"] = graphscale_record
+    except WidthConflictError as e:
+        unavailable["graphscale"] = str(e)
+    biases: dict[str, int] = {}
+    if readouts:
+        own = _candidate(base)
+        for name in readouts["untied"]:
+            s = own.params[name]
+            own.params[name] = replace(s, copy_scale=s.copy_scale * s.fan_in_mult)
+        records["own"] = own
+        biases = _readout_biases(plan, readouts["untied"], record)
+        if biases:
+            own_output = _candidate(own)
+            for name, m in biases.items():
+                for key in [name, *plan.rules[name].aliases]:
+                    s = own_output.params[key]
+                    own_output.params[key] = replace(s, copy_scale=s.copy_scale * m)
+            records["own-output"] = own_output
+    return records, unavailable, biases
 
 
 def _readouts(plan: Plan, sizes: Sizes, record: WideningRecord) -> dict[str, list[str]]:
@@ -673,7 +805,7 @@ def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str
 
 def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str], float],
                           unavailable: dict[str, str], readouts: dict[str, list[str]],
-                          q_scales: list[tuple[str, int, int, int, int]]) -> str:
+                          q_scales: list[tuple[str, int, int, int, int]], blocked: list[str]) -> str:
     """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried."""
     tried = ", ".join(
         (f"attention {a} + " if q_scales else "") + f"readout {r}: {e:.3g}" for (a, r), e in errors.items())
@@ -685,8 +817,14 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
                      "code divides the readout's input by its own width multiplier) and 'own-output' (it "
                      f"multiplies the readout's output by it), tried on {tensors}")
     if q_scales:
-        parts.append("attention candidates: 1/sqrt(head_dim) (a further k**-0.5 in "
-                     f"{', '.join(sorted({q[0] for q in q_scales}))}) and 1/head_dim")
+        parts.append("attention candidates: 'standard' 1/sqrt(head_dim) (a further k**-0.5 in "
+                     f"{', '.join(sorted({q[0] for q in q_scales}))}), 'mup' 1/head_dim (nothing) and "
+                     "'fixed' (a scale that does not follow head_dim: a further k**-1)")
+    if blocked:
+        parts.append("only attention 'mup' (1/head_dim) could be tried, because a further factor on the "
+                     "query has no tensor to live in: " + "; ".join(blocked[:3])
+                     + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
+                     + "; heads='grow' keeps head_dim, so the query needs no factor")
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
@@ -700,11 +838,17 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
     return "; ".join(parts)
 
 
-def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) -> None:
+def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
+                            folds: dict[str, tuple[str, float, str]] | None = None) -> None:
     """A tied weight's extra factor (inserted as a multiplier by :func:`widen`) must live in weights here:
     move it into the parameters of the op that produces the tied use's input (the final LayerNorm
-    before a tied readout), provided nothing else reads that op's output."""
+    before a tied readout, or a norm written out whose gain is an elementwise ``weight * x``, with the
+    biases added after it), provided nothing else reads that op's output or the gain."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    reads: dict[str, int] = {}
+    for n in plan.captured.gm.graph.nodes:
+        if n.op == "get_attr":
+            reads[plan.canonical(str(n.target))] = reads.get(plan.canonical(str(n.target)), 0) + _readers(n)
     params_of: dict[str, list[str]] = {}
     for u in plan.requests.uses:
         params_of.setdefault(u.node, []).append(plan.canonical(u.param))
@@ -712,26 +856,74 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord) ->
     for use in plan.requests.uses:
         name = plan.canonical(use.param)
         factor = plan.rules[name].use_multipliers.get(use.node)
-        if factor is None or use.operand is None:
-            continue
-        value = plan.substitute(factor, mults)
-        if value == 1.0:
+        value = 1.0 if factor is None else plan.substitute(factor, mults)
+        fold = (folds or {}).get(name)
+        if fold is not None and fold[0] != use.node:  # a tied weight folded for another use: undo it here
+            value, factor = value / fold[1], f"{factor or 1} / {fold[1]:.6g}"
+        if factor is None or use.operand is None or value == 1.0:
             continue
         producer = get_arg(nodes[use.node], use.operand)
-        while isinstance(producer, fx.Node) and producer.name not in params_of and len(producer.users) == 1 \
+        adds: list[str] = []  # biases added between the gain and the use: they carry the factor too
+        gain: str | None = None
+        while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
                 and producer.op in ("call_method", "call_function") and producer.args:
-            producer = producer.args[0]  # through views and casts
-        if not isinstance(producer, fx.Node) or producer.name not in params_of or len(producer.users) != 1:
+            tensor_args = [a for a in producer.args if isinstance(a, fx.Node)]
+            params = [_param_operand(plan, a) for a in tensor_args]
+            path = [a for a, p in zip(tensor_args, params) if p is None]
+            if len(path) == 1 and len(params) == 2 and _target(producer) in _MUL:
+                gain = next(p for p in params if p is not None)
+                break
+            if len(path) == 1 and len(params) == 2 and _target(producer) in _ADD:
+                adds.append(next(p for p in params if p is not None))
+            producer = path[0] if path else None  # through views and casts
+        carriers = [gain, *adds] if gain is not None else params_of.get(getattr(producer, "name", ""), [])
+        if gain is None and adds:
+            carriers = []  # a bias after a parameter-free op: no gain to carry the factor
+        if not isinstance(producer, fx.Node) or not carriers or _readers(producer) != 1 \
+                or any(reads.get(p, 0) > 1 for p in carriers if gain is not None):
             raise WidthConflictError(
                 f"{name} is shared with {use.node}, which needs a further factor {factor} that widen_into "
-                "cannot put into any weight (the op feeding it has no parameters or other users); use "
-                "graphscale.widen, which inserts the factor into the graph")
-        for p in params_of[producer.name]:
+                "cannot put into any weight (the op feeding it has no parameters, or other users, or a gain "
+                "written as w + 1, which no copy scale of w scales); use graphscale.widen, which inserts the "
+                "factor into the graph")
+        for p in carriers:
             for key in [p, *plan.rules[p].aliases]:
                 s = record.params[key]
                 record.params[key] = replace(s, copy_scale=s.copy_scale * value)
-        record.notes.append(f"widen_into: {', '.join(params_of[producer.name])} carry a further {factor} "
+        record.notes.append(f"widen_into: {', '.join(carriers)} carry a further {factor} "
                             f"for the shared use of {name} at {use.node}")
+
+
+def _widened_outputs(plan: Plan, sizes: Sizes, narrow: Any) -> Any:
+    """The small model's outputs as the larger model returns them: each repeated along its width axes
+    (``outputs="width"``: the output axis widens too, ``E(y)``); unchanged where no axis widens or where
+    the outputs cannot be paired with the graph's output nodes (then the shapes differ and the check fails).
+
+    Example:
+        >>> plan = analyze(torch.nn.Linear(2, 3), (torch.randn(1, 2),), outputs="width")
+        >>> _widened_outputs(plan, plan.sizes(2), torch.tensor([[1.0, 2.0, 3.0]])).tolist()
+        [[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
+    """
+    import torch.utils._pytree as pytree
+
+    from graphscale.infer.values import TensorInfo
+
+    out_node = next(n for n in plan.captured.gm.graph.nodes if n.op == "output")
+    leaves, spec = pytree.tree_flatten(narrow)
+    nodes = pytree.tree_leaves(out_node.args[0])
+    if len(leaves) != len(nodes):
+        return narrow
+    wide = []
+    for leaf, node in zip(leaves, nodes):
+        info = plan.node_info.get(node.name) if isinstance(node, fx.Node) else None
+        if isinstance(leaf, torch.Tensor) and isinstance(info, TensorInfo) \
+                and tuple(leaf.shape) == tuple(info.shape):
+            for dim, d in enumerate(info.dims):
+                ax = sizes.axis(d)
+                if not ax.is_identity():
+                    leaf = leaf.index_select(dim, ax.index(leaf.device))
+        wide.append(leaf)
+    return pytree.tree_unflatten(wide, spec)
 
 
 def _max_rel(got: Any, want: Any) -> float:
@@ -760,9 +952,70 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
     return mults
 
 
-def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, int, int]]:
+#: The candidate attention conventions of widen_into: the power of head_dim's multiplier k folded into the
+#: query (docs/math.md §8): the larger model's own 1/sqrt(head_dim) gives k**-0.5 of the 1/k that the
+#: widened q.k needs, 1/head_dim all of it, a scale that does not follow head_dim none of it.
+_ATTENTION_POWER: dict[str, float] = {"standard": -0.5, "mup": 0.0, "fixed": -1.0}
+
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor,
+        torch.ops.aten.mul_.Tensor}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor,
+        torch.ops.aten.div_.Tensor}
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor,
+        torch.ops.aten.add_.Tensor}
+
+
+def _readers(node: fx.Node) -> int:
+    """Users of ``node`` that read its value: torch.export's ``_assert_tensor_metadata`` checks do not."""
+    return sum(1 for u in node.users if not str(u.target).startswith(("aten._assert", "_assert")))
+
+
+def _target(node: fx.Node) -> Any:
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+
+
+def _param_operand(plan: Plan, node: fx.Node) -> str | None:
+    """The parameter (or buffer) ``node`` reads, through at most three casts or views (``.to(dtype)``;
+    not ``w + 1``, a gain that a copy scale cannot scale)."""
+    for _ in range(4):
+        if node.op == "get_attr":
+            name = plan.canonical(str(node.target))
+            return name if name in plan.rules else None
+        ins = _node_args(node)
+        if node.op not in ("call_function", "call_method") or len(ins) != 1 \
+                or _op_name(node) not in _CONSTANT_COPIES + _PASS_THROUGH:
+            return None
+        node = ins[0]
+    return None
+
+
+def _ancestors(node: fx.Node, stop: set[str], limit: int = 32) -> set[str]:
+    """Names of the nodes ``node`` is computed from (itself included), not looking past ``stop`` nodes
+    (ops with parameters: a projection is where the query's own computation starts)."""
+    seen: set[str] = set()
+    todo = [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.name not in stop:
+            todo.extend(_node_args(n))
+    return seen
+
+
+def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = None
+                       ) -> list[tuple[str, int, int, int, int]]:
     """For each attention whose head_dim grows: (tensor, axis, wide start, wide stop, multiplier) of the
-    query projection's output rows, found by walking back from the attention's query operand."""
+    tensors that carry a further factor on the query, found by walking back from the attention's query
+    operand: the query projection's output rows (and biases added on the way), or, where a normalization
+    lies on the way (a q-norm erases any factor before it), the normalization's gain (and the biases
+    after it). An attention whose factor no tensor can carry (a normalization without gain) is described
+    in ``blocked`` instead."""
     from graphscale.infer.values import TensorInfo
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
@@ -770,29 +1023,52 @@ def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, in
     contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
                      and getattr(plan.node_rule(m.node), "kind", None) != "loss"]  # a loss is no attention
-    users_of_param = {}
+    users_of_param: dict[str, list[str]] = {}
     for u in plan.requests.uses:
         users_of_param.setdefault(u.node, []).append(u.param)
+    gain_users: dict[str, int] = {}
+    for n in plan.captured.gm.graph.nodes:
+        if n.op == "get_attr":
+            key = plan.canonical(str(n.target))
+            gain_users[key] = gain_users.get(key, 0) + _readers(n)
+    stop = set(users_of_param)
     out = []
+
+    def rows(pnames: list[str], node: fx.Node, segment: tuple[int, int] | None, m: int) -> list:
+        info = plan.node_info[node.name]
+        assert isinstance(info, TensorInfo)
+        out_root = sizes.res.root(info.dims[-1])
+        found = []
+        for pname in pnames:
+            pname = plan.canonical(pname)
+            for ax, d in enumerate(plan.tensor_dims[pname]):
+                if sizes.res.root(d) == out_root:
+                    lo, hi = segment or (0, sizes.wide(d))
+                    found.append((pname, ax, lo, hi, m))
+        return found
+
     for node_name, dim in contractions:
         m = sizes.mult(dim)
         if m == 1:
             continue
         node = nodes[node_name].args[0]
         segment: tuple[int, int] | None = None
+        affine: list[tuple[str, str, fx.Node]] = []  # ("mul" | "add", tensor, node), attention side first
+        normalized = False
         for _ in range(64):
             if not isinstance(node, fx.Node):
                 break
+            if getattr(plan.node_rule(node.name), "kind", None) in ("layer_norm", "group_norm"):
+                # y = norm(x) * w + b: w and b carry the factor, as a projection's weight and bias do
+                own = [plan.canonical(p) for p in users_of_param.get(node.name, [])]
+                weight = _norm_weight(plan, node)
+                affine += [("add", p, node) for p in own if p != weight]
+                affine += [("mul", weight, node)] if weight in own else []
+                normalized = True
+                break
             if node.name in users_of_param:
-                info = plan.node_info[node.name]
-                assert isinstance(info, TensorInfo)
-                out_root = sizes.res.root(info.dims[-1])
-                for pname in users_of_param[node.name]:
-                    pname = plan.canonical(pname)
-                    for ax, d in enumerate(plan.tensor_dims[pname]):
-                        if sizes.res.root(d) == out_root:
-                            lo, hi = segment or (0, sizes.wide(d))
-                            out.append((pname, ax, lo, hi, m))
+                out.extend(rows(users_of_param[node.name], node, segment, m))
+                out.extend(r for a in affine if a[0] == "add" for r in rows([a[1]], a[2], None, m))
                 break
             if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parts = plan.node_info.get(node.args[0].name)
@@ -801,8 +1077,42 @@ def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, in
                     part_dims = [p.dims[-1] for p in parts]
                     lo = sum(sizes.wide(d) for d in part_dims[:k])
                     segment = (lo, lo + sizes.wide(part_dims[k]))
+            target = _target(node)
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
-            node = tensor_args[0] if tensor_args else None
+            if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
+                tensor_args = [a for a in node.args[0] if isinstance(a, fx.Node)]  # cat: a partial rotary
+            params = [_param_operand(plan, a) for a in tensor_args]
+            path = [a for a, p in zip(tensor_args, params) if p is None]
+            if len(path) == 2 and (target in _MUL or target in _DIV):
+                a, b = path
+                if a.name in _ancestors(b, stop) or b.name in _ancestors(a, stop):
+                    normalized = True  # x * rsqrt(mean(x**2)), x / ||x||: the scale of x is erased
+                    break
+            if len(path) == 1 and len(params) == 2 and (target in _MUL or target in _ADD):
+                param = next(p for p in params if p is not None)
+                affine.append(("mul" if target in _MUL else "add", param, node))
+            node = path[0] if path else None
+        if not normalized:
+            continue
+        # a normalization: the factor goes into the gain nearest to it and every bias after it
+        muls = [i for i, a in enumerate(affine) if a[0] == "mul"]
+        where = f"attention {node_name!r}: its query is normalized at node {node.name!r}"
+        if not muls:
+            if blocked is not None:
+                blocked.append(f"{where} with no gain after it to carry the factor (a gain written as "
+                               "w + 1 does not count: no copy scale of w scales it)")
+            continue
+        i = muls[-1]
+        chosen = [affine[i]] + [a for a in affine[:i] if a[0] == "add"]
+        shared = [a[1] for a in chosen if gain_users.get(a[1], 0) > 1]
+        found = [r for a in chosen for r in rows([a[1]], a[2], None, m)]
+        if shared or len(found) != len(chosen):
+            if blocked is not None:
+                why = f"{', '.join(shared)} is used elsewhere too" if shared else \
+                    "its gain has no axis along head_dim"
+                blocked.append(f"{where}, and {why}")
+            continue
+        out.extend(found)
     # a projection shared by several attentions (ALBERT applies one layer at every depth) is folded once
     unique: dict[tuple[str, int, int, int], int] = {}
     for name, axis, lo, hi, m in out:
@@ -812,6 +1122,16 @@ def _query_projections(plan: Plan, sizes: Sizes) -> list[tuple[str, int, int, in
                 f"{unique[(name, axis, lo, hi)]} and by {m}: no one factor folded into it suits both; use "
                 "graphscale.widen, which scales each attention in the graph")
     return [(*key, m) for key, m in unique.items()]
+
+
+def _norm_weight(plan: Plan, node: fx.Node) -> str | None:
+    """The gain of a layer_norm/group_norm node (a module's ``weight``, or the ``weight`` argument)."""
+    if node.op == "call_module":
+        module = plan.captured.gm.get_submodule(str(node.target))
+        has = getattr(module, "weight", None) is not None
+        return plan.canonical(f"{node.target}.weight") if has else None
+    arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    return _param_operand(plan, arg) if isinstance(arg, fx.Node) else None
 
 
 def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.Module | dict[str, int], *,

@@ -74,15 +74,19 @@ def test_widen_into_refuses_a_different_architecture() -> None:
 
 
 class _ScaledEmbedding(torch.nn.Module):
-    """An embedding scaled by sqrt(d) computed from the model's own width (BioGPT, CTRL, Gemma, ...)."""
+    """An embedding scaled by sqrt(d) computed from the model's own width (BioGPT, CTRL, Gemma, ...);
+    ``after_tanh`` applies the scale after a nonlinearity instead, where no weight can carry it."""
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, after_tanh: bool = False) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(10, d)
         self.scale = math.sqrt(d)
         self.readout = torch.nn.Linear(d, 3)
+        self.after_tanh = after_tanh
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.after_tanh:
+            return self.readout(torch.tanh(self.embed(idx)) * self.scale)
         return self.readout(torch.tanh(self.embed(idx) * self.scale))
 
 
@@ -90,8 +94,78 @@ def test_width_dependent_constant_is_named_in_the_refusal() -> None:
     """The larger model's sqrt(d_model) differs from the small one's, and no weight carries the ratio
     through the tanh: refused, naming the op and both constants (before: only the output error)."""
     torch.manual_seed(0)
-    small, large = _ScaledEmbedding(4), _ScaledEmbedding(8)
+    small, large = _ScaledEmbedding(4, after_tanh=True), _ScaledEmbedding(8, after_tanh=True)
     idx = torch.randint(0, 10, (2, 3))
-    want = r"constants from its own sizes.*mul.*: 2 in the small model, 2\.82843 in the larger"
+    want = (r"constants from its own sizes, which no weight carries.*mul.*: 2 in the small model, "
+            r"2\.82843 in the larger")
     with pytest.raises(graphscale.WidthConflictError, match=want):
         graphscale.widen_into(small, large, (idx,))
+
+
+def test_width_dependent_constant_is_folded_into_the_embedding_feeding_it() -> None:
+    """sqrt(d) applied to an (untied) embedding's output: the embedding carries sqrt(d_small / d_large),
+    so the larger model's own constant gives the small one's activations; it trains alike too."""
+    torch.manual_seed(0)
+    small, large = _ScaledEmbedding(4).double(), _ScaledEmbedding(8).double()
+    idx = torch.randint(0, 10, (2, 3))
+    record = graphscale.widen_into(small, large, (idx,))
+    assert record["embed.weight"].copy_scale == pytest.approx(2 / math.sqrt(8), rel=1e-12)
+    assert any("embed.weight carries a further 0.707107" in n for n in record.notes)
+    with torch.no_grad():
+        assert _rel(large(idx), small(idx)) <= 1e-12
+    s_opt = torch.optim.AdamW(small.parameters(), lr=1e-2)
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, lr=1e-2)
+    for _ in range(3):
+        for model, opt in ((small, s_opt), (large, l_opt)):
+            opt.zero_grad()
+            model(idx).square().mean().backward()
+            opt.step()
+    with torch.no_grad():
+        assert _rel(large(idx), small(idx)) <= 1e-9
+
+
+class _TiedScaledEmbedding(torch.nn.Module):
+    """Gemma's pattern: the embedding times sqrt(d) (a float, or a scalar tensor made in forward, which
+    torch.export lifts), tied to the readout after a final LayerNorm."""
+
+    def __init__(self, d: int, tensor: bool) -> None:
+        super().__init__()
+        torch.manual_seed(d)
+        self.embed = torch.nn.Embedding(10, d)
+        self.fc = torch.nn.Linear(d, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.d, self.tensor = d, tensor
+        self.double()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        h = h * (torch.tensor(self.d ** 0.5, dtype=h.dtype) if self.tensor else self.d ** 0.5)
+        h = h + torch.tanh(self.fc(h))
+        return torch.nn.functional.linear(self.norm(h), self.embed.weight)
+
+
+@pytest.mark.parametrize(("tensor", "tracer"), [(False, "fx"), (True, "export")])
+def test_width_dependent_constant_on_a_tied_embedding_is_undone_at_the_readout(tensor: bool,
+                                                                               tracer: str) -> None:
+    """The tied embedding carries sqrt(d_small / d_large) = 2**-0.5; its readout use needs 1/k = 1/2 in
+    all, so the final norm's gain and bias carry the rest, 2**-0.5 (docs/math.md §8)."""
+    small, large = _TiedScaledEmbedding(8, tensor), _TiedScaledEmbedding(16, tensor)
+    idx = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+    record = graphscale.widen_into(small, large, (idx,), tracer=tracer)
+    assert record["embed.weight"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)
+    assert record["norm.weight"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)
+    with torch.no_grad():
+        assert _rel(large(idx), small(idx)) <= 1e-12
+
+
+def test_widen_into_with_outputs_width_compares_the_widened_outputs() -> None:
+    """outputs="width": the output axis widens with the model, so the larger model's output is the small
+    one's repeated along it (before: shapes differed and every candidate had error inf)."""
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 6)).double()
+    large = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 18)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,), outputs="width")
+    assert record.multipliers == {"0.weight[0]": 2, "2.weight[0]": 3}
+    with torch.no_grad():
+        assert _rel(large(x), small(x).repeat_interleave(3, dim=-1)) <= 1e-12

@@ -120,4 +120,4 @@ def test_a_query_shared_by_several_attentions_is_folded_once() -> None:
     x = torch.randn(2, 6, 5, dtype=torch.float64)
     record = graphscale.widen_into(small, large, (x,))
     assert _rel(large(x), small(x)) <= 1e-12
-    assert sum("query projections carry" in n for n in record.notes) == 1
+    assert sum("the query carries a further k**-0.5" in n for n in record.notes) == 1

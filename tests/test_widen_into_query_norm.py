@@ -1,0 +1,196 @@
+"""widen_into on attention whose query is normalized after its projection (a q/k-norm, per head or over the
+whole projection) or whose scale does not follow head_dim (a constant from the config). With heads fixed,
+head_dim grows k times and the widened q.k needs a further factor on the query (docs/math.md §8): a q-norm
+erases a factor put into W_q, so it goes into the norm's gain; a constant scale needs k**-1, not k**-0.5.
+A normalization without a gain cannot carry the factor: refused, naming the node and advising
+heads='grow' (head_dim kept: no factor needed), which then works. The filled model also trains like the
+small one under mup_optimizer (the fold into the gain is a change of its copy scale, which the laws read).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphscale
+from graphscale.errors import WidthConflictError
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim: int, gain: bool) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim)) if gain else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * x if self.weight is not None else x  # gain first, as Hugging Face writes it
+
+
+class QNormAttention(torch.nn.Module):
+    """One attention block with q/k-norm; ``scale`` None is 1/sqrt(head_dim) from the model's own sizes."""
+
+    def __init__(self, width: int, heads: int = 2, per_head: bool = True, gain: bool = True,
+                 scale: float | None = None, qk_norm: bool = True, partial: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.heads, self.head_dim, self.per_head, self.partial = heads, width // heads, per_head, partial
+        self.emb = torch.nn.Linear(3, width)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width, bias=False) for _ in range(4))
+        n = self.head_dim if per_head else width
+        self.q_norm, self.k_norm = (RMSNorm(n, gain), RMSNorm(n, gain)) if qk_norm else (None, None)
+        self.out = torch.nn.Linear(width, 2)
+        self.scaling = scale if scale is not None else self.head_dim ** -0.5
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        shape = (b, t, self.heads, self.head_dim)
+        if self.q_norm is None:
+            q, k = self.q(h).view(shape), self.k(h).view(shape)
+        elif self.per_head:
+            q, k = self.q_norm(self.q(h).view(shape)), self.k_norm(self.k(h).view(shape))
+        else:
+            q, k = self.q_norm(self.q(h)).view(shape), self.k_norm(self.k(h)).view(shape)
+        if self.partial:  # a transform of part of the query joined to the rest, as a partial rotary does
+            q = torch.cat([-q[:, :, :1], q[:, :, 1:]], dim=2)
+        v = self.v(h).view(shape)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=self.scaling)
+        return self.out(self.o(a.transpose(1, 2).reshape(b, t, -1) + h))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5, ids: bool = False) -> float:
+    """Worst relative output difference over ``steps`` AdamW steps (μP groups for the large model)."""
+    hp = dict(lr=1e-2, eps=1e-12, weight_decay=0.1)
+    s_opt = torch.optim.AdamW(small.parameters(), **hp)
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
+    worst = 0.0
+    for i in range(steps):
+        gen = torch.Generator().manual_seed(i)
+        xb = torch.randint(0, 11, (2, 5), generator=gen) if ids else \
+            torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
+        for model, opt in ((small, s_opt), (large, l_opt)):
+            opt.zero_grad()
+            model(xb).square().mean().backward()
+            opt.step()
+        with torch.no_grad():
+            worst = max(worst, _rel(large(xb), small(xb)))
+    return worst
+
+
+CASES = [  # (model options, convention expected, tracer)
+    (dict(per_head=True), "standard", "fx"),
+    (dict(per_head=True), "standard", "export"),
+    (dict(per_head=False), "standard", "fx"),  # OLMo2's norm over the whole projection
+    (dict(per_head=True, partial=True), "standard", "export"),  # the walk passes a cat
+    (dict(per_head=True, scale=0.3), "fixed", "fx"),  # a scale from the config: k**-1
+    (dict(per_head=True, scale=0.3), "fixed", "export"),
+    (dict(per_head=True, scale=0.3, qk_norm=False), "fixed", "fx"),  # no norm: k**-1 into W_q
+]
+
+
+@pytest.mark.parametrize(("options", "convention", "tracer"), CASES,
+                         ids=[f"{c[1]}-{'head' if c[0]['per_head'] else 'whole'}-{c[2]}"
+                              + ("-no-norm" if c[0].get("qk_norm") is False else "")
+                              + ("-partial" if c[0].get("partial") else "") for c in CASES])
+def test_query_factor_lands_in_the_norm_gain_and_trains_alike(options: dict, convention: str,
+                                                              tracer: str) -> None:
+    small, large = QNormAttention(8, **options), QNormAttention(24, **options)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,), tracer=tracer)  # type: ignore[arg-type]
+    assert any(f"attention={convention!r}" in n for n in record.notes)
+    power = {"standard": -0.5, "fixed": -1.0}[convention]
+    if options.get("qk_norm", True):  # the factor is in the gain's copy scale, not in W_q's
+        assert record["q_norm.weight"].copy_scale == pytest.approx(3 ** power, rel=1e-12)
+        assert record["q.weight"].copy_scale == record["k.weight"].copy_scale  # 1/m_in only
+        assert record["k_norm.weight"].copy_scale == 1
+    else:
+        ratio = record["q.weight"].copy_scale / record["k.weight"].copy_scale
+        assert ratio == pytest.approx(3 ** power, rel=1e-12)
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12
+    assert _trains_alike(small, large) <= 1e-9
+
+
+def test_query_norm_without_gain_is_refused_naming_the_node_and_heads_grow_works() -> None:
+    small, large = QNormAttention(8, gain=False), QNormAttention(16, gain=False)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    before = [t.clone() for t in large.state_dict().values()]
+    with pytest.raises(WidthConflictError, match=r"query is normalized at node 'mul'.*heads='grow'"):
+        graphscale.widen_into(small, large, (x,))
+    assert all(torch.equal(a, b) for a, b in zip(before, large.state_dict().values()))  # restored
+    grown = QNormAttention(16, heads=4, gain=False)  # heads grow, head_dim kept: no factor to carry
+    graphscale.widen_into(small, grown, (x,), heads="grow")
+    with torch.no_grad():
+        assert _rel(grown(x), small(x)) <= 1e-12
+
+
+class ForwardConstant(torch.nn.Module):
+    """A constant created in forward: torch.export lifts it as ``lifted_tensor_0``, not a tensor of the
+    model, so the larger model (which creates its own) has none to fill."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.a, self.b = torch.nn.Linear(3, width), torch.nn.Linear(width, 2)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.where(h > 0, h, torch.tensor(0.5, dtype=h.dtype) * h))
+
+
+def test_constant_created_in_forward_is_not_expected_in_the_larger_model() -> None:
+    small, large = ForwardConstant(4), ForwardConstant(8)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,), tracer="export")
+    assert not any(n.startswith("lifted_tensor") for n in record.params)
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12
+
+
+
+class TiedWrittenNorm(torch.nn.Module):
+    """Embedding tied to the readout, the final norm written out with its gain as ``weight * x`` (no
+    LayerNorm op): the readout's 1/k (a tied weight cannot carry it) moves into that gain."""
+
+    def __init__(self, width: int, vocab: int = 11, shifted: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.shifted = shifted  # Gemma's gain 1 + w: no copy scale of w scales it
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.fc = torch.nn.Linear(width, width)
+        self.norm_weight = torch.nn.Parameter(1 + 0.3 * torch.randn(width))
+        self.double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + torch.tanh(self.fc(h))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        gain = 1 + self.norm_weight if self.shifted else self.norm_weight
+        return F.linear(gain * h, self.emb.weight)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_tied_readout_factor_moves_into_a_written_out_norm_gain(tracer: str) -> None:
+    small, large = TiedWrittenNorm(8), TiedWrittenNorm(16)
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
+    assert any("readout='graphscale'" in n for n in record.notes)
+    assert record["norm_weight"].copy_scale == pytest.approx(0.5, rel=1e-12)  # the readout's 1/k
+    with torch.no_grad():
+        assert _rel(large(ids), small(ids)) <= 1e-12
+    assert _trains_alike(small, large, ids=True) <= 1e-9
+
+
+def test_tied_readout_factor_is_not_put_into_a_shifted_gain() -> None:
+    small, large = TiedWrittenNorm(8, shifted=True), TiedWrittenNorm(16, shifted=True)
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(WidthConflictError, match=r"readout 'graphscale' could not be built.*w \+ 1"):
+        graphscale.widen_into(small, large, (ids,), tracer="export")
