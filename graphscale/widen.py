@@ -1053,6 +1053,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             continue
         node = nodes[node_name].args[0]
         segment: tuple[int, int] | None = None
+        pick: tuple[tuple, int] | None = None  # (axis tree, position) of an unbind/select on the way
         affine: list[tuple[str, str, fx.Node]] = []  # ("mul" | "add", tensor, node), attention side first
         normalized = False
         for _ in range(64):
@@ -1067,10 +1068,21 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 normalized = True
                 break
             if node.name in users_of_param:
+                if pick is not None:
+                    segment = _picked_rows(plan, sizes, node, pick, segment)
+                    if segment is None:
+                        if blocked is not None:
+                            blocked.append(f"attention {node_name!r}: its query is position {pick[1]} of "
+                                           f"an axis that is not the leading factor of {node.name!r}'s "
+                                           "output, so its rows there are strided")
+                        break
                 out.extend(rows(users_of_param[node.name], node, segment, m))
                 out.extend(r for a in affine if a[0] == "add" for r in rows([a[1]], a[2], None, m))
                 break
-            if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            picked = _pick(plan, node)
+            if picked is not None and pick is None and segment is None:
+                pick = picked
+            elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parts = plan.node_info.get(node.args[0].name)
                 if isinstance(parts, tuple) and isinstance(node.args[1], int):
                     k = node.args[1]
@@ -1122,6 +1134,49 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 f"{unique[(name, axis, lo, hi)]} and by {m}: no one factor folded into it suits both; use "
                 "graphscale.widen, which scales each attention in the graph")
     return [(*key, m) for key, m in unique.items()]
+
+
+def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:
+    """``(tree of the axis, position)`` where ``node`` takes one position of an axis: a part of
+    ``unbind`` (timm's ``q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``) or a
+    ``select``; None otherwise."""
+    source, axis, index = None, None, None
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        unbind = node.args[0]
+        if "unbind" in str(_target(unbind)) and unbind.args and isinstance(unbind.args[0], fx.Node):
+            source, index = unbind.args[0], node.args[1]
+            axis = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+    elif "select" in str(_target(node)) and len(node.args) == 3 and isinstance(node.args[0], fx.Node):
+        source, axis, index = node.args
+    if source is None or not isinstance(axis, int) or not isinstance(index, int):
+        return None
+    info = plan.node_info.get(source.name)
+    if not hasattr(info, "dims"):
+        return None
+    dims = info.dims  # type: ignore[union-attr]
+    axis = axis % len(dims)
+    index = index % plan.resolution.size(dims[axis])
+    return plan.resolution.tree(dims[axis]), index
+
+
+def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int],
+                 segment: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The wide rows of ``node``'s output axis that position ``pick[1]`` of the picked axis covers, where
+    that axis is the leading factor of the output axis (the ``3`` of a fused ``3 x heads x head_dim``);
+    None where it is another factor (the rows would be strided) or a segment was already taken."""
+    from graphscale.infer.values import TensorInfo
+
+    info = plan.node_info[node.name]
+    if segment is not None or not isinstance(info, TensorInfo):
+        return None
+    def flat(tree: tuple) -> list[tuple]:
+        return [f for c in tree[1] for f in flat(c)] if tree[0] == "prod" else [tree]
+
+    factors = flat(plan.resolution.tree(info.dims[-1]))
+    if len(factors) < 2 or factors[0] != pick[0]:
+        return None
+    rest = math.prod(AxisReplication(sizes.record_tree(f)).wide_size for f in factors[1:])
+    return pick[1] * rest, (pick[1] + 1) * rest
 
 
 def _norm_weight(plan: Plan, node: fx.Node) -> str | None:
