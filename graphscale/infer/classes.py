@@ -71,6 +71,24 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
         raise GraphscaleError(f"heads must be 'fixed' or 'grow', got {heads!r}")
     if outputs not in ("fixed", "width"):
         raise GraphscaleError(f"outputs must be 'fixed' or 'width', got {outputs!r}")
+    classes = _classify(walk, res, heads, outputs, {})
+    if heads != "fixed":
+        return classes
+    # an op that is not replication-invariant over a head_dim left growing (XCiT's softmax over
+    # channels) would refuse the plan: classify again with those head_dims blocked, so that the heads
+    # grow instead. Only then: a plan that holds as it is stays as it is.
+    refused: dict[int, str] = {}
+    for r in walk.requests.refusals:
+        for a in res.atoms(r.dim):
+            c = classes.by_atom.get(a)
+            if c is not None and c.role == "width":
+                refused.setdefault(a, f"{r.node}: {r.why}")
+    return _classify(walk, res, heads, outputs, refused) if refused else classes
+
+
+def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal["fixed", "width"],
+              refused: dict[int, str]) -> Classes:
+    """:func:`classify` with the atoms in ``refused`` (atom -> why) kept from growing as a head_dim."""
     ds = walk.ds
     fixed: dict[int, str] = {}
     for d, reason in ds.fixed.items():
@@ -101,10 +119,6 @@ def classify(walk: Walk, res: Resolution, heads: HeadsPolicy = "fixed",
     must_grow: set[int] = set()
     # an op that is not replication-invariant over head_dim (XCiT's softmax over channels): head_dim
     # cannot grow, so under heads='fixed' the heads grow instead, as for a head_dim of several parts
-    refused: dict[int, str] = {}
-    for r in walk.requests.refusals:
-        for a in res.atoms(r.dim):
-            refused.setdefault(a, f"{r.node}: {r.why}")
 
     def blocked(tree: tuple) -> bool:
         return not _can_grow_whole(tree, width) or any(a in refused for a in leaves(tree))
