@@ -535,9 +535,10 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any,
             rounded: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
     tensors that differ at 2w but are not in the graph (or that the output does not depend on).
-    An axis whose 2w size is no integer multiple of its w size (the builder rounds it: MobileNetV3's
-    squeeze channels, make_divisible(c / 4, 8), are 64 at w and 120 at 2w) has no width multiplier that
-    could match it: it is appended to ``rounded``, not counted as a miss.
+    An axis of one class whose 2w size is no integer multiple of its w size (the builder rounds it:
+    MobileNetV3's squeeze channels, make_divisible(c / 4, 8), are 64 at w and 120 at 2w) has no width
+    multiplier that could match it: it is appended to ``rounded``, not counted as a miss (a concatenated
+    axis is still held to the sum of its parts).
 
     An extra class is found on an axis the config keeps; every axis is then compared with its size under
     the extra classes at multiplier 1 and the others at 2, so a concatenated axis with an extra part
@@ -576,13 +577,15 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any,
     for name, ax, a, b, c in compared:
         if a == b:
             continue
-        if b % a:
-            if rounded is not None:
-                rounded.append(f"{name}[{ax}] is {a} at w and {b} at 2w")
-            continue
         how = ""
-        if sizes is not None and plan.canonical(name) in plan.tensor_dims:
-            c, how = sizes.wide(plan.tensor_dims[plan.canonical(name)][ax]), " (the extra classes kept)"
+        dims = plan.tensor_dims.get(plan.canonical(name))
+        if sizes is not None and dims is not None:
+            c, how = sizes.wide(dims[ax]), " (the extra classes kept)"
+        if c != b and b % a and rounded is not None and dims is not None \
+                and plan.resolution.tree(dims[ax])[0] == "atom":
+            # one class whose 2w size is no multiple of its w size: the builder rounds it
+            rounded.append(f"{name}[{ax}] is {a} at w and {b} at 2w")
+            continue
         if c != b:
             try:  # why graphscale kept it: the census reason then names the cause
                 cls = plan.classification.lookup(f"{name}[{ax}]")
