@@ -139,9 +139,9 @@ def _check_function_kept(plan: Plan, sizes: Sizes, wide: fx.GraphModule, narrow:
         mults = {n: (sizes.class_multipliers()[n] if n == name else 1) for n in names}
         try:
             one = widen(narrow, plan.captured.args, mults, plan=plan, check=False)
-            e = _output_error(plan, Sizes(plan, mults), narrow, one)
-        except Exception:  # noqa: BLE001 - diagnostics only (a class may not widen, or run, alone)
+        except GraphscaleError:
             continue
+        e = _output_error(plan, Sizes(plan, mults), narrow, one)
         if e is not None and e > tol:
             alone.append(f"{name} ({e:.2g})")
     raise InexactWideningError(
