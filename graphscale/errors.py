@@ -30,11 +30,6 @@ class WidthConflictError(GraphscaleError):
     """Width inference found contradictory relations (e.g. a width axis tied to a fixed one)."""
 
 
-class InexactWideningError(GraphscaleError):
-    """The widened graph does not compute the narrow model's function on the example inputs: a rule or
-    kind gave this model a wrong widening. Nothing is returned rather than a wrong model."""
-
-
 class MultiplierError(GraphscaleError):
     """A multiplier is invalid (not a positive integer) or names an unknown width class."""
 

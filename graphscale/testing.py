@@ -65,7 +65,7 @@ def assert_widening_exact(plan: Plan, multipliers: dict[str, int], inputs: list[
         >>> assert_widening_exact(plan, {"0.weight[0]": 3}, [torch.randn(5, 2, dtype=torch.float64)])
     """
     flat = flat_variant(plan, inputs)
-    wide = widen(plan.captured.gm, None, multipliers, plan=plan, check=False)
+    wide = widen(plan.captured.gm, None, multipliers, plan=plan)
     _, narrow_acts = run_recording(plan.captured.gm, flat)
     _, wide_acts = run_recording(wide, flat)
     errors = compare_activations(plan, multipliers, narrow_acts, wide_acts)

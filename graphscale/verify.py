@@ -243,7 +243,7 @@ def verify(model: torch.nn.Module, example_inputs: Any, *, multiplier: int | dic
         inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
         try:
             p = plan_for(dtype)
-            wide = widen(p.captured.gm, None, mults, plan=p, check=False)
+            wide = widen(p.captured.gm, None, mults, plan=p)
             # each run gets its own inputs: a forward that writes into its input must not feed the other
             n_out, n_acts = run_recording(p.captured.gm, flat_variant(p, [x.clone() for x in inputs]))
             _, w_acts = run_recording(wide, flat_variant(p, [x.clone() for x in inputs]))
