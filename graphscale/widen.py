@@ -651,9 +651,7 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
     node, factor, why)} (a constant with no such op is left out: the output check rules on the whole), or
     None where none can be folded or two land on one tensor."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    params_of: dict[str, list[str]] = {}
-    for u in plan.requests.uses:
-        params_of.setdefault(u.node, []).append(plan.canonical(u.param))
+    params_of = _params_by_node(plan)
     folds: dict[str, tuple[str, float, str]] = {}
     for node_name, operand, x, y, why in constants:
         node = nodes[node_name]
@@ -845,13 +843,8 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
     before a tied readout, or a norm written out whose gain is an elementwise ``weight * x``, with the
     biases added after it), provided nothing else reads that op's output or the gain."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    reads: dict[str, int] = {}
-    for n in plan.captured.gm.graph.nodes:
-        if n.op == "get_attr":
-            reads[plan.canonical(str(n.target))] = reads.get(plan.canonical(str(n.target)), 0) + _readers(n)
-    params_of: dict[str, list[str]] = {}
-    for u in plan.requests.uses:
-        params_of.setdefault(u.node, []).append(plan.canonical(u.param))
+    reads = _reads_per_tensor(plan)
+    params_of = _params_by_node(plan)
     mults = {c.name: sizes.atom_mult[c.atom] for c in plan.width_classes}
     for use in plan.requests.uses:
         name = plan.canonical(use.param)
@@ -867,14 +860,12 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
         gain: str | None = None
         while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
                 and producer.op in ("call_method", "call_function") and producer.args:
-            tensor_args = [a for a in producer.args if isinstance(a, fx.Node)]
-            params = [_param_operand(plan, a) for a in tensor_args]
-            path = [a for a, p in zip(tensor_args, params) if p is None]
-            if len(path) == 1 and len(params) == 2 and _target(producer) in _MUL:
-                gain = next(p for p in params if p is not None)
+            path, param = _data_and_param(plan, [a for a in producer.args if isinstance(a, fx.Node)])
+            if param is not None and _target(producer) in _MUL:
+                gain = param
                 break
-            if len(path) == 1 and len(params) == 2 and _target(producer) in _ADD:
-                adds.append(next(p for p in params if p is not None))
+            if param is not None and _target(producer) in _ADD:
+                adds.append(param)
             producer = path[0] if path else None  # through views and casts
         carriers = [gain, *adds] if gain is not None else params_of.get(getattr(producer, "name", ""), [])
         if gain is None and adds:
@@ -970,6 +961,25 @@ def _readers(node: fx.Node) -> int:
     return sum(1 for u in node.users if not str(u.target).startswith(("aten._assert", "_assert")))
 
 
+def _params_by_node(plan: Plan) -> dict[str, list[str]]:
+    """Node name -> the (canonical) parameters and buffers it uses, from the plan's uses."""
+    out: dict[str, list[str]] = {}
+    for u in plan.requests.uses:
+        out.setdefault(u.node, []).append(plan.canonical(u.param))
+    return out
+
+
+def _reads_per_tensor(plan: Plan) -> dict[str, int]:
+    """Canonical tensor name -> how many ops read it (``_readers`` of its get_attr nodes): a gain read
+    twice is shared, and a factor folded into it would reach the other reader too."""
+    out: dict[str, int] = {}
+    for n in plan.captured.gm.graph.nodes:
+        if n.op == "get_attr":
+            key = plan.canonical(str(n.target))
+            out[key] = out.get(key, 0) + _readers(n)
+    return out
+
+
 def _target(node: fx.Node) -> Any:
     return node.target if node.op in ("call_function", "call_method") else None
 
@@ -991,6 +1001,15 @@ def _param_operand(plan: Plan, node: fx.Node) -> str | None:
             return None
         node = ins[0]
     return None
+
+
+def _data_and_param(plan: Plan, tensor_args: list[fx.Node]) -> tuple[list[fx.Node], str | None]:
+    """An op's tensor operands that are not parameters (its data path), and the parameter it combines
+    with a single data operand (``x * w``, ``x + b``; None otherwise)."""
+    params = [_param_operand(plan, a) for a in tensor_args]
+    path = [a for a, p in zip(tensor_args, params) if p is None]
+    param = next((p for p in params if p is not None), None) if len(path) == 1 and len(params) == 2 else None
+    return path, param
 
 
 def _ancestors(node: fx.Node, stop: set[str], limit: int = 32) -> set[str]:
@@ -1023,14 +1042,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
                      and getattr(plan.node_rule(m.node), "kind", None) != "loss"]  # a loss is no attention
-    users_of_param: dict[str, list[str]] = {}
-    for u in plan.requests.uses:
-        users_of_param.setdefault(u.node, []).append(u.param)
-    gain_users: dict[str, int] = {}
-    for n in plan.captured.gm.graph.nodes:
-        if n.op == "get_attr":
-            key = plan.canonical(str(n.target))
-            gain_users[key] = gain_users.get(key, 0) + _readers(n)
+    users_of_param = _params_by_node(plan)
+    gain_users = _reads_per_tensor(plan)
     stop = set(users_of_param)
     out = []
 
@@ -1061,7 +1074,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 break
             if getattr(plan.node_rule(node.name), "kind", None) in ("layer_norm", "group_norm"):
                 # y = norm(x) * w + b: w and b carry the factor, as a projection's weight and bias do
-                own = [plan.canonical(p) for p in users_of_param.get(node.name, [])]
+                own = users_of_param.get(node.name, [])
                 weight = _norm_weight(plan, node)
                 affine += [("add", p, node) for p in own if p != weight]
                 affine += [("mul", weight, node)] if weight in own else []
@@ -1093,15 +1106,13 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
                 tensor_args = [a for a in node.args[0] if isinstance(a, fx.Node)]  # cat: a partial rotary
-            params = [_param_operand(plan, a) for a in tensor_args]
-            path = [a for a, p in zip(tensor_args, params) if p is None]
+            path, param = _data_and_param(plan, tensor_args)
             if len(path) == 2 and (target in _MUL or target in _DIV):
                 a, b = path
                 if a.name in _ancestors(b, stop) or b.name in _ancestors(a, stop):
                     normalized = True  # x * rsqrt(mean(x**2)), x / ||x||: the scale of x is erased
                     break
-            if len(path) == 1 and len(params) == 2 and (target in _MUL or target in _ADD):
-                param = next(p for p in params if p is not None)
+            if param is not None and (target in _MUL or target in _ADD):
                 affine.append(("mul" if target in _MUL else "add", param, node))
             node = path[0] if path else None
         if not normalized:
@@ -1169,10 +1180,7 @@ def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int
     info = plan.node_info[node.name]
     if segment is not None or not isinstance(info, TensorInfo):
         return None
-    def flat(tree: tuple) -> list[tuple]:
-        return [f for c in tree[1] for f in flat(c)] if tree[0] == "prod" else [tree]
-
-    factors = flat(plan.resolution.tree(info.dims[-1]))
+    factors = plan.resolution.factors(info.dims[-1])
     if len(factors) < 2 or factors[0] != pick[0]:
         return None
     rest = math.prod(AxisReplication(sizes.record_tree(f)).wide_size for f in factors[1:])

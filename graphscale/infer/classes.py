@@ -117,15 +117,14 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
     # heads that must grow: where their head_dim cannot grow as one; every product over such a head
     # count then grows it (v's plain head_dim, o's input), so q, k, v and o stay consistent
     must_grow: set[int] = set()
-    # an op that is not replication-invariant over head_dim (XCiT's softmax over channels): head_dim
-    # cannot grow, so under heads='fixed' the heads grow instead, as for a head_dim of several parts
-
     def blocked(tree: tuple) -> bool:
+        """Whether head_dim ``tree`` cannot grow: not one class, or an op over it is not
+        replication-invariant (XCiT's softmax over channels); under heads='fixed' the heads grow."""
         return not _can_grow_whole(tree, width) or any(a in refused for a in leaves(tree))
 
     if heads == "fixed":
         for root in res.prods:
-            children = _factor_trees(res, root)
+            children = res.factors(root)
             factors = [[a for a in leaves(f) if a in width] for f in children]
             growing = [i for i, f in enumerate(factors) if f]
             if len(growing) >= 2 and blocked(children[growing[-1]]):
@@ -137,7 +136,7 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
     while changed:
         changed = False
         for root in res.prods:
-            trees = _factor_trees(res, root)
+            trees = res.factors(root)
             factors = [[a for a in leaves(f) if a in width] for f in trees]
             growing = [i for i, f in enumerate(factors) if f]
             if len(growing) < 2:
@@ -271,17 +270,6 @@ def _sums(t: tuple) -> list[tuple]:
         return []
     own = [t] if t[0] == "sum" else []
     return own + [s for c in t[1] for s in _sums(c)]
-
-
-def _factor_trees(res: Resolution, root: int) -> list[tuple]:
-    """The factors of ``root``'s product, nested products flattened. A factor that is a concatenation
-    stays one factor: its parts sit side by side in it (a fused q|k|v reshaped to heads x head_dim, a
-    partial rotary's rotary | pass, a shuffled channel axis), so the heads policy keeps or fixes them
-    together."""
-    def flat(tree: tuple) -> list[tuple]:
-        return [f for c in tree[1] for f in flat(c)] if tree[0] == "prod" else [tree]
-
-    return flat(res.tree(root))
 
 
 def _first_index(a: int, members: list[str], params: list[str]) -> tuple[int, str]:

@@ -281,6 +281,16 @@ class Resolution:
         """The atoms of a dimension, outermost first."""
         return leaves(self.tree(d))
 
+    def factors(self, d: int) -> list[tuple]:
+        """The factors of a dimension's product, outermost first, nested products flattened (a dimension
+        that is no product is its own one factor). A factor that is a concatenation stays one factor:
+        its parts sit side by side in it (a fused q|k|v reshaped to heads x head_dim, a partial
+        rotary's rotary | pass)."""
+        def flat(tree: tuple) -> list[tuple]:
+            return [f for c in tree[1] for f in flat(c)] if tree[0] == "prod" else [tree]
+
+        return flat(self.tree(d))
+
     def size(self, d: int) -> int:
         return self.ds.size[self.ds.find(d)]
 
