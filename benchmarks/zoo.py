@@ -490,16 +490,11 @@ def _state(model: Any) -> dict[str, Any]:
     return out
 
 
-def _inplace(node: Any) -> bool:
-    """An op that writes into its first argument (``aten.add_.Tensor``, ``x.copy_(...)``)."""
-    target = str(node.target)
-    op = target.split(".")[1] if target.startswith("aten.") else target.rsplit(".", 1)[-1]
-    return node.op in ("call_function", "call_method") and op.endswith("_") and not op.endswith("__")
-
-
 def _live_attrs(gm: Any) -> set[str]:
     """The attributes the graph's output depends on: through data edges, and through an in-place op
     writing into a tensor that is itself live (its result node may have no users)."""
+    from graphscale.capture import written_operand
+
     live: set[Any] = set()
     targets: set[str] = set()
 
@@ -522,10 +517,10 @@ def _live_attrs(gm: Any) -> set[str]:
         for n in gm.graph.nodes:
             if n in live:
                 continue
-            first = n.args[0] if n.args else None
-            written = getattr(first, "op", None) is not None and (
-                first in live or (first.op == "get_attr" and str(first.target) in targets))
-            if (_inplace(n) and written) or (n.op == "get_attr" and str(n.target) in targets):
+            dest = written_operand(n) if n.op in ("call_function", "call_method") else None
+            written = getattr(dest, "op", None) is not None and (
+                dest in live or (dest.op == "get_attr" and str(dest.target) in targets))
+            if written or (n.op == "get_attr" and str(n.target) in targets):
                 mark(n)
                 changed = True
     return targets
