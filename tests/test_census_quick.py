@@ -205,18 +205,6 @@ class _LogSigmoidMLP(torch.nn.Module):
         return self.down(torch.nn.functional.logsigmoid(self.up(x)) + self.act(self.up(x)))
 
 
-@pytest.mark.parametrize("tracer", ["fx", "export"])
-def test_census_rules_log_sigmoid_widens_exactly(tracer: str) -> None:
-    """rules/elementwise.toml: log-sigmoid (function, module, ATen op) is elementwise: widening is exact."""
-    import graphscale
-
-    torch.manual_seed(0)
-    model, x = _LogSigmoidMLP().double(), (torch.randn(5, 4, dtype=torch.float64),)
-    wide = graphscale.widen(model, x, 3, tracer=tracer)
-    assert tuple(wide.get_parameter("down.weight").shape) == (3, 24)
-    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
-
-
 class _DetachInPlaceMLP(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -227,15 +215,30 @@ class _DetachInPlaceMLP(torch.nn.Module):
         return self.down(self.up(x) * gate)
 
 
+class _AliasArithmetic(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.multiply(self.a(x), torch.tanh(self.c(x)))  # ConvBERT writes torch.multiply
+        return self.down(torch.subtract(h, 1.0).divide(2.0))
+
+
 @pytest.mark.parametrize("tracer", ["fx", "export"])
-def test_census_rules_detach_inplace_widens_exactly(tracer: str) -> None:
-    """rules/elementwise.toml: in-place detach keeps the tensor (and its width axes), so widening is exact."""
+@pytest.mark.parametrize(("model_cls", "k"),
+                         [(_LogSigmoidMLP, 3), (_DetachInPlaceMLP, 2), (_AliasArithmetic, 2)],
+                         ids=["log-sigmoid", "detach-inplace", "arithmetic-aliases"])
+def test_census_rules_widen_exactly(model_cls: type[torch.nn.Module], k: int, tracer: str) -> None:
+    """rules/elementwise.toml, ops the census met without a rule: log-sigmoid (function, module, ATen op)
+    and in-place detach are elementwise, multiply/subtract/divide (ConvBERT's aten.multiply.Tensor) are
+    mul/sub/div; each widens exactly and its down projection's fan-in grows k times."""
     import graphscale
 
     torch.manual_seed(0)
-    model, x = _DetachInPlaceMLP().double(), (torch.randn(5, 4, dtype=torch.float64),)
-    wide = graphscale.widen(model, x, 2, tracer=tracer)
-    assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
+    model, x = model_cls().double(), (torch.randn(5, 4, dtype=torch.float64),)
+    wide = graphscale.widen(model, x, k, tracer=tracer)
+    assert tuple(wide.get_parameter("down.weight").shape) == (3, 8 * k)
     assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
 
 
@@ -272,28 +275,6 @@ def test_census_chaos_control_grows_with_the_learning_rate() -> None:
     calm = census._chaos_control(small, x, torch.optim.SGD, {"lr": 1e-3}, 1e-8)
     wild = census._chaos_control(small, x, torch.optim.SGD, {"lr": 30.0, "momentum": 0.9}, 1e-8)
     assert calm < 1e-7 and wild > 1e3 * calm
-
-
-class _AliasArithmetic(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.c, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.multiply(self.a(x), torch.tanh(self.c(x)))  # ConvBERT writes torch.multiply
-        return self.down(torch.subtract(h, 1.0).divide(2.0))
-
-
-@pytest.mark.parametrize("tracer", ["fx", "export"])
-def test_census_rules_arithmetic_aliases_widen_exactly(tracer: str) -> None:
-    """rules/elementwise.toml: multiply/subtract/divide (ConvBERT's aten.multiply.Tensor) are mul/sub/div."""
-    import graphscale
-
-    torch.manual_seed(0)
-    model, x = _AliasArithmetic().double(), (torch.randn(5, 4, dtype=torch.float64),)
-    wide = graphscale.widen(model, x, 2, tracer=tracer)
-    assert tuple(wide.get_parameter("down.weight").shape) == (3, 16)
-    assert (wide(*x) - model(*x)).abs().max().item() <= 1e-12
 
 
 def test_oracle_sets_apart_an_axis_the_builder_does_not_scale_by_an_integer() -> None:

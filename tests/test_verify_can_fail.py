@@ -98,6 +98,7 @@ class SumOverHidden(nn.Module):
 
 
 def test_dropped_inserted_multiplier_after_a_sum_fails(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # the error's size depends on the weights: not on the tests run before this one
     model, inputs = SumOverHidden().double(), (torch.randn(3, 4, dtype=F64),)
     exact = graphscale.verify(model, inputs, max_examples=3, dtypes=(F64,), choices=(2,))
     assert exact.ok  # with the built-in rule the 1/k is inserted and the widening is exact
@@ -105,7 +106,8 @@ def test_dropped_inserted_multiplier_after_a_sum_fails(tmp_path: Path) -> None:
     rules = _rule_file(tmp_path / "sum.toml", "sum_as_mean", "reduce", ["torch.sum", "method:sum"],
                        extra='mode = "mean"\n')
     report = graphscale.verify(model, inputs, rules=rules, max_examples=3, dtypes=(F64,), choices=(2,))
-    assert not report.ok and report.output_error > 0.1
+    # far above the exact widening's 1e-13 (how far depends on the example verify draws: 0.05..0.2)
+    assert not report.ok and report.output_error > 1e-3
     assert report.failing_example is not None and report.failing_example["node"] in {"sum_1", "add"}
 
 
