@@ -136,3 +136,31 @@ def test_a_select_whose_value_is_unused_does_not_pin_the_width() -> None:
         assert tuple(wide.get_parameter("out.weight").shape) == (3, 16)
         with torch.no_grad():
             assert (wide(ids) - model(ids)).abs().max().item() <= 1e-12
+
+
+class ThreeSlices(nn.Module):
+    """Phi-3's fused q|k|v: one projection cut by three slices with different bounds (``[:8]``,
+    ``[8:12]``, ``[12:]``), so its output axis has three decompositions, each part read alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 16)
+        self.q_out, self.k_out, self.v_out = nn.Linear(8, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.qkv(x))
+        return self.q_out(h[..., :8]) + self.k_out(h[..., 8:12]) * self.v_out(h[..., 12:])
+
+
+def test_every_slicing_of_a_fused_projection_is_related_to_its_parts() -> None:
+    """Before: width inference aligned only the first two decompositions of an axis, so the third slice's
+    bounds were not tied to the parts and stayed narrow ([12:] read the wrong rows of the wide
+    projection): Phi-3 widened with error 0.19 and no complaint."""
+    for tracer in ("fx", "export"):
+        model = ThreeSlices().double()
+        x = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        plan = graphscale.analyze(model, (x,), tracer=tracer)
+        wide = graphscale.widen(model, (x,), 2, plan=plan)
+        assert tuple(wide.get_parameter("v_out.weight").shape) == (3, 8), tracer
+        with torch.no_grad():
+            assert (wide(x) - model(x)).abs().max().item() <= 1e-12, tracer

@@ -36,6 +36,9 @@ class DimSystem:
     prods: list[tuple[int, list[int], str]] = field(default_factory=list)
     sums: list[tuple[int, list[int], str]] = field(default_factory=list)
     fixed: dict[int, str] = field(default_factory=dict)
+    _splits: dict[tuple[int, int, bool], tuple[int, int]] = field(default_factory=dict, repr=False)
+    _stretches: dict[tuple[int, int, int], int] = field(default_factory=dict, repr=False)
+    _cut: set[tuple[int, tuple[int, ...]]] = field(default_factory=set, repr=False)
 
     def new(self, size: int, origin: str) -> int:
         """A fresh dimension of ``size``; ``origin`` says where it came from (used in messages)."""
@@ -138,22 +141,73 @@ class DimSystem:
             if single:
                 self.union(root, single[0], "a product with one factor")
                 self._changed.append(root)
-            elif len(defs) > 1:
-                flat = [self._flatten(fs, prods, product=True) for fs in defs[:2]]
-                if self._align(flat[0], flat[1], product=True):
-                    self._changed.append(root)
+            elif len(defs) > 1 and self._align_all(defs, prods, product=True):
+                self._changed.append(root)
         for root, defs in sums.items():
             single = [ps[0] for ps in defs if len(ps) == 1 and self.find(ps[0]) != self.find(root)]
             if single:
                 self.union(root, single[0], "a concatenation with one part")
                 self._changed.append(root)
-            elif len(defs) > 1:
-                flat = [self._flatten(ps, sums, product=False) for ps in defs[:2]]
-                if self._align(flat[0], flat[1], product=False):
-                    self._changed.append(root)
+            elif len(defs) > 1 and self._cut_all(root, defs, sums):
+                self._changed.append(root)
             if root in prods and self._reconcile(root, prods[root][0], defs[0], sums, prods):
                 self._changed.append(root)
         return bool(self._changed)
+
+    def _align_all(self, defs: list[list[int]], all_defs: dict[int, list[list[int]]], product: bool) -> bool:
+        """Align every decomposition of one dimension with its first. All of them, not a pair: a fused
+        q|k|v sliced three ways (``[:32]``, ``[32:48]``, ``[48:]``) has three, and one left unaligned
+        leaves its slice unrelated to the parts, so widening would move the parts and not the slice."""
+        first = self._flatten(defs[0], all_defs, product)
+        changed = False
+        for other in defs[1:]:
+            changed |= self._align(first, self._flatten(other, all_defs, product), product)
+        return changed
+
+    def _cut_all(self, root: int, defs: list[list[int]], sums: dict[int, list[list[int]]]) -> bool:
+        """Refine every concatenation of one dimension to the pieces between all of their cuts at once
+        (a loop that slices position ``i`` of 64 cuts one axis 64 ways; aligning the ways pairwise took
+        a pass per position). A piece that is one stretch between cuts is that stretch; a longer piece
+        is the concatenation of the stretches it spans."""
+        flats = [self._flatten(ps, sums, product=False) for ps in defs]
+        spans: list[list[tuple[int, int, int]]] = []  # per decomposition: (start, end, piece)
+        cuts: set[int] = set()
+        for flat in flats:
+            at, span = 0, []
+            for p in flat:
+                span.append((at, at + self.size[p], p))
+                cuts.add(at)
+                at += self.size[p]
+            spans.append(span)
+        edges = sorted(cuts | {self.size[root]})
+        stretch: dict[tuple[int, int], int] = {}
+        changed = False
+        for span in spans:  # a piece that already is one stretch names it (no fresh dimension)
+            for lo, hi, p in span:
+                if edges[edges.index(lo) + 1] != hi:
+                    continue
+                if (lo, hi) not in stretch:
+                    stretch[(lo, hi)] = p
+                elif self.find(stretch[(lo, hi)]) != self.find(p):
+                    self.union(stretch[(lo, hi)], p, "two decompositions of one dimension")
+                    changed = True
+        for lo, hi in zip(edges, edges[1:]):
+            if (lo, hi) not in stretch:
+                key = (self.find(root), lo, hi)
+                if key not in self._stretches:
+                    self._stretches[key] = self.new(hi - lo, f"{self.origin[root]}[{lo}:{hi}]")
+                stretch[(lo, hi)] = self._stretches[key]
+        for span in spans:
+            for lo, hi, p in span:
+                inside = [stretch[(a, b)] for a, b in zip(edges, edges[1:]) if lo <= a and b <= hi]
+                if len(inside) < 2:
+                    continue
+                want = [self.find(q) for q in inside]
+                if want not in sums.get(self.find(p), []) and (self.find(p), tuple(want)) not in self._cut:
+                    self._cut.add((self.find(p), tuple(want)))
+                    self.concat(p, inside, "refining a concatenation")
+                    changed = True
+        return changed
 
     def _flatten(self, pieces: list[int], defs: dict[int, list[list[int]]], product: bool) -> list[int]:
         """Expand pieces through their first decomposition of the same kind, down to undivided pieces."""
@@ -189,12 +243,23 @@ class DimSystem:
                 for d in [x, y, *a, *b]:
                     self.fix(d, why)
                 return changed
-            rest_size = self.size[big] // self.size[small] if product else self.size[big] - self.size[small]
-            rest = self.new(rest_size, f"{self.origin[big]}/rest")
-            (self.prod if product else self.concat)(big, [small, rest], "refining a decomposition")
+            # one split per (dimension, leading size): the leading piece of any such split is the same
+            # piece, so a dimension cut many ways (a loop slicing position i of 64) gets one refinement
+            # instead of a fresh piece per pass and per pair of cuts, which never settled
+            key = (self.find(big), self.size[small], product)
+            if key in self._splits:
+                lead, rest = self._splits[key]
+                if self.find(lead) != self.find(small):
+                    self.union(lead, small, "two decompositions of one dimension")
+                    changed = True
+            else:
+                sb, ss = self.size[big], self.size[small]
+                rest = self.new(sb // ss if product else sb - ss, f"{self.origin[big]}/rest")
+                (self.prod if product else self.concat)(big, [small, rest], "refining a decomposition")
+                self._splits[key] = (small, rest)
+                changed = True
             rest_of_big[0] = rest
             (a if rest_of_big is b else b).pop(0)
-            return True
         return changed
 
     def _reconcile(self, root: int, factors: list[int], parts: list[int],
