@@ -118,6 +118,8 @@ HF_GENERIC: dict[str, Any] = {
     # multi-head latent attention (DeepSeek-V2/V3 and their kin), where a config has it
     "qk_rope_head_dim": "w/8", "qk_nope_head_dim": "w/8", "v_head_dim": "w/4", "kv_lora_rank": "w/2",
     "q_lora_rank": "w",
+    # Gemma 3n/4's per-layer input embeddings (262144 x 256 per layer by default), where a config has them
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8,
     # no dropout anywhere: the checks compare deterministic functions
     "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "attention_dropout": 0.0,
     "hidden_dropout": 0.0, "dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
@@ -146,6 +148,8 @@ HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "bart": {"encoder_ffn_dim": "2w", "decoder_ffn_dim": "2w", "encoder_layers": 2, "decoder_layers": 2,
              "encoder_attention_heads": 4, "decoder_attention_heads": 4},
 }
+# The sub-configs of a composite config that hold the language model (scaled with w, see hf_config).
+HF_TEXT_SUBCONFIGS = ("text_config", "encoder", "decoder")
 # Types whose config shares another's naming (the same override applies).
 HF_OVERRIDE_ALIASES = {
     "mt5": "t5", "umt5": "t5", "longt5": "t5", "switch_transformers": "t5",
@@ -191,14 +195,29 @@ def hf_config(model_type: str, w: int, head_w: int | None = None) -> Any:
             return value * (w // head_w)
         return _scale(value, w)
 
-    cls = type(AutoConfig.for_model(model_type))
-    amap = getattr(cls, "attribute_map", {}) or {}
-    kwargs = {amap.get(k, k): scaled(k, v) for k, v in HF_GENERIC.items()}
+    def generic(cls: type, scale: Any) -> dict[str, Any]:
+        amap = getattr(cls, "attribute_map", {}) or {}
+        return {amap.get(k, k): scale(k, v) for k, v in HF_GENERIC.items()}
+
+    default = AutoConfig.for_model(model_type)
+    cls = type(default)
+    kwargs = generic(cls, scaled)
     override = HF_OVERRIDES.get(model_type, HF_OVERRIDES.get(HF_OVERRIDE_ALIASES.get(model_type, ""), {}))
     kwargs.update({k: scaled(k, v) for k, v in override.items()})
     kwargs = {k: v for k, v in kwargs.items() if v != DROP}
     if model_type in HF_VISION:
         kwargs.update(image_size=32, patch_size=8, num_channels=3, num_labels=10)
+    # A composite config (multimodal, encoder-decoder) keeps its towers in sub-configs, which the
+    # generic table at the top level does not reach: left at their defaults they are full-size (a
+    # 27-layer vision tower) and the census's subprocesses ran out of memory. The language model's
+    # sub-config scales with w; the other towers (vision, audio, vq), which text inputs never reach,
+    # are built small at the base width, the same at w and 2w.
+    for name in getattr(cls, "sub_configs", {}) or {}:
+        sub = getattr(default, name, None)
+        if sub is None or name in kwargs or not hasattr(sub, "to_dict"):
+            continue
+        text = name in HF_TEXT_SUBCONFIGS
+        kwargs[name] = type(sub)(**generic(type(sub), scaled if text else (lambda _k, v: _scale(v, WIDTH))))
     return cls(**kwargs)
 
 
