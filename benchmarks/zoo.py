@@ -509,42 +509,6 @@ def _state(model: Any) -> dict[str, Any]:
     return out
 
 
-def _live_attrs(gm: Any) -> set[str]:
-    """The attributes the graph's output depends on: through data edges, and through an in-place op
-    writing into a tensor that is itself live (its result node may have no users)."""
-    from graphscale.capture import written_operand
-
-    live: set[Any] = set()
-    targets: set[str] = set()
-
-    def mark(start: Any) -> None:
-        todo = [start]
-        while todo:
-            n = todo.pop()
-            if n not in live:
-                live.add(n)
-                if n.op == "get_attr":
-                    targets.add(str(n.target))
-                todo.extend(n.all_input_nodes)
-
-    for n in gm.graph.nodes:
-        if n.op == "output":
-            mark(n)
-    changed = True
-    while changed:
-        changed = False
-        for n in gm.graph.nodes:
-            if n in live:
-                continue
-            dest = written_operand(n) if n.op in ("call_function", "call_method") else None
-            written = getattr(dest, "op", None) is not None and (
-                dest in live or (dest.op == "get_attr" and str(dest.target) in targets))
-            if written or (n.op == "get_attr" and str(n.target) in targets):
-                mark(n)
-                changed = True
-    return targets
-
-
 def _oracle(plan: Any, record: Any, small: Any, large: Any,
             rounded: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """Missed axes (differ at 2w, not widened to it), extra classes (fixed by the config, widened), and
@@ -558,11 +522,13 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any,
     the extra classes at multiplier 1 and the others at 2, so a concatenated axis with an extra part
     (Mamba's x_proj: dt_rank | state | state, the state size an extra class) is held to the 2w size of
     its other parts rather than missed."""
+    from graphscale.capture import live_attributes
+
     small_s, large_s = _state(small), _state(large)
     gm = plan.captured.gm
     # a buffer read only by computations the output does not depend on (a rotary embedding computed for
     # layers this config does not build) does not affect the function: not a miss
-    used = _live_attrs(gm)
+    used = live_attributes(gm)
     used |= {n for n, _ in gm.named_parameters(remove_duplicate=False)}  # fx keeps modules, not get_attr
     missed, extra, unused = [], set(), []
     compared = []  # (name, axis, size at w, size at 2w, size widened x2)

@@ -29,7 +29,14 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from graphscale.capture import Tracer, get_frontend, preserved_buffers, private_copy, written_operand
+from graphscale.capture import (
+    Tracer,
+    get_frontend,
+    live_attributes,
+    preserved_buffers,
+    private_copy,
+    written_operand,
+)
 from graphscale.derive import ScalingRule
 from graphscale.edits import EditContext, get_arg, set_module_attrs
 from graphscale.errors import GraphscaleError, MultiplierError, SliceFoldWarning, WidthConflictError
@@ -454,8 +461,10 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         rtol = exactness_tolerance(plan, sizes)
     record = build_record(plan, sizes, mults)
     check_exact(plan, record)
-    unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
-    for name in unused:  # e.g. HF's original_inv_freq: not part of the function; large keeps its own
+    # Tensors the output does not depend on (HF's original_inv_freq; the rotary table of a model whose
+    # layers are all linear attention) are not part of the function: large keeps its own
+    live = live_attributes(plan.captured.gm)
+    for name in {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr"} - live:
         record.params.pop(name, None)
     _drop_forward_constants(plan, record, small)
     check_shapes(large, record)

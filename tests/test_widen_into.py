@@ -169,3 +169,33 @@ def test_widen_into_with_outputs_width_compares_the_widened_outputs() -> None:
     assert record.multipliers == {"0.weight[0]": 2, "2.weight[0]": 3}
     with torch.no_grad():
         assert _rel(large(x), small(x).repeat_interleave(3, dim=-1)) <= 1e-12
+
+
+class _DeadTable(torch.nn.Module):
+    """A buffer sized by the width that only a computation nothing reads uses: HF computes rotary tables
+    in the model and passes them to every layer, and a config whose layers are all linear attention never
+    reads them (Qwen3.5). ``.to(dtype)`` is what torch.export guards with a metadata assert."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(3, width), torch.nn.Linear(width, 2)
+        self.register_buffer("table", torch.arange(width // 4, dtype=torch.float64) + width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scratch = x[..., :1] * self.table.to(x.dtype)  # computed, never read
+        scratch[..., 0].copy_(x[..., 0])  # and written into, as HF's interleaved rotary does
+        return self.out(torch.tanh(self.fc(x)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_widen_into_leaves_a_tensor_the_output_does_not_depend_on_to_the_larger_model(tracer: str) -> None:
+    """Before: the dead chain (its in-place write; under export the dtype assert) kept the buffer in the
+    graph, and widen_into refused: 'the larger model has shape (4,), widening the small one gives (2,)'."""
+    torch.manual_seed(0)
+    small, large = _DeadTable(8).double(), _DeadTable(16).double()
+    own = large.table.clone()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    graphscale.widen_into(small, large, (x,), tracer=tracer)
+    with torch.no_grad():
+        assert (large(x) - small(x)).abs().max().item() <= 1e-12
+    assert torch.equal(large.table, own)

@@ -55,6 +55,7 @@ from graphscale.capture.safety import (
     _check_function_rules,
     _check_mutations,
     _refuse_parametrizations,
+    live_attributes,
     parameters_unchanged,
     private_copy,
     refuse_parameter_writes,
@@ -66,8 +67,8 @@ from graphscale.errors import TraceError, UnsupportedOpError
 from graphscale.infer.rulebook import RuleBook
 
 __all__ = ["FRONTENDS", "TRACERS", "Captured", "Frontend", "FunctionCall", "Tracer", "capture",
-           "get_frontend", "normalize_inputs", "parameters_unchanged", "preserved_buffers", "private_copy",
-           "written_operand"]
+           "get_frontend", "live_attributes", "normalize_inputs", "parameters_unchanged", "preserved_buffers",
+           "private_copy", "written_operand"]
 
 Tracer = Literal["auto", "fx", "export"]
 

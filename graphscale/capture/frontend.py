@@ -149,13 +149,19 @@ def get_frontend(name: str) -> Frontend:
         raise TraceError(f"unknown frontend {name!r}; the frontends are {', '.join(FRONTENDS)}") from None
 
 
+#: export's checks of a ``.to()`` operand's dtype and device as traced: they compute nothing, and kept they
+#: make a dead chain look used (HF's rotary tables, which a model of only linear-attention layers never
+#: reads, held ``inv_freq`` in the graph, and widen_into then demanded its narrow shape of the larger model)
+_TRACE_METADATA_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
 def drop_unused_values(gm: fx.GraphModule) -> None:
     """Remove the calls whose value nothing uses and that have no effect: pure ATen ops (no mutable
     schema, no side effects, as torch judges them) and ``operator.getitem``. Models keep such code, e.g.
     BART's ``embed_positions(inputs_embeds[:, :, -1])  # needed for the shape only``: with static
     shapes the select is dead, yet walking it would fix d_model as "an axis indexed at one position".
-    Modules (export's input guards), methods and other functions stay: an unused in-place call is not
-    dead.
+    Export's metadata asserts on ``.to()`` go too. Modules (export's input guards), methods and other
+    functions stay: an unused in-place call is not dead.
 
     Example:
         >>> g = fx.symbolic_trace(lambda x: (x[:, -1], x + 1)[1])
@@ -167,7 +173,7 @@ def drop_unused_values(gm: fx.GraphModule) -> None:
         if n.op != "call_function" or n.users:
             continue
         pure_aten = isinstance(n.target, torch._ops.OpOverload) and not n.is_impure()
-        if n.target is operator.getitem or pure_aten:
+        if n.target is operator.getitem or pure_aten or n.target in _TRACE_METADATA_ASSERTS:
             gm.graph.erase_node(n)
             removed = True
     if removed:

@@ -406,13 +406,11 @@ def written_operand(n: fx.Node) -> Any:
     return None
 
 
-def _base_attr(x: Any) -> fx.Node | None:
-    """The ``get_attr`` node a value is a view of (through view ops), else None."""
-    for _ in range(64):
-        if not isinstance(x, fx.Node):
-            return None
-        if x.op == "get_attr":
-            return x
+def _alias_chain(x: Any) -> list[fx.Node]:
+    """The nodes a value is a view of, itself first, back through view ops to the first that is none."""
+    chain: list[fx.Node] = []
+    while isinstance(x, fx.Node) and x not in chain and len(chain) < 64:
+        chain.append(x)
         if x.op == "call_function" and x.target is getattr and len(x.args) > 1 and x.args[1] in _VIEW_METHODS:
             x = x.args[0]
         elif x.op == "call_method" and str(x.target) in _VIEW_METHODS:
@@ -420,9 +418,63 @@ def _base_attr(x: Any) -> fx.Node | None:
         elif x.op == "call_function" and (x.target is operator.getitem or getattr(x.target, "_schema", None)
                                           is not None and _is_view_op(x.target)):
             x = x.args[0]
+        elif x.op == "call_function" and getattr(x.target, "__name__", "") in _VIEW_METHODS and x.args \
+                and getattr(x.target, "__module__", "") in _TORCH_NAMESPACES:  # torch.narrow(x, ...)
+            x = x.args[0]
         else:
-            return None
-    return None
+            break
+    return chain
+
+
+def _base_attr(x: Any) -> fx.Node | None:
+    """The ``get_attr`` node a value is a view of (through view ops), else None."""
+    chain = _alias_chain(x)
+    return chain[-1] if chain and chain[-1].op == "get_attr" else None
+
+
+def live_attributes(gm: fx.GraphModule) -> set[str]:
+    """The ``get_attr`` targets the graph's output depends on: through data edges, and through in-place
+    writes whose destination may alias a live value or the model's state (an input, a parameter or a
+    buffer: a batch-norm's running statistics are written, not read, in training mode, yet they are the
+    model's). A destination is followed back through views to what it aliases.
+
+    Example:
+        >>> class M(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("table", torch.ones(3))  # read only by a dead computation
+        ...         self.register_buffer("count", torch.zeros(()))  # written: model state
+        ...     def forward(self, x):
+        ...         scratch = self.table * x
+        ...         scratch[0].copy_(x.sum())  # a write into a value nothing reads
+        ...         self.count.add_(x.sum())
+        ...         return x + 1
+        >>> sorted(live_attributes(fx.symbolic_trace(M())))
+        ['count']
+    """
+    live: set[fx.Node] = set()
+
+    def mark(start: fx.Node) -> None:
+        todo = [start]
+        while todo:
+            n = todo.pop()
+            if n not in live:
+                live.add(n)
+                todo.extend(n.all_input_nodes)
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            mark(n)
+    writes = [(n, _alias_chain(written_operand(n))) for n in gm.graph.nodes
+              if n.op in ("call_function", "call_method") and written_operand(n) is not None]
+    changed = True
+    while changed:
+        changed = False
+        for n, chain in writes:
+            if n not in live and any(c in live or c.op in ("placeholder", "get_attr") for c in chain):
+                mark(n)
+                changed = True
+    return {str(n.target) for n in live if n.op == "get_attr"}
 
 
 def _is_view_op(op: Any) -> bool:
