@@ -791,7 +791,8 @@ def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> 
     out: dict[str, int] = {}
     for u in plan.requests.uses:
         name = plan.canonical(u.param)
-        if u.node in nodes_of and name not in readouts and record.params[name].fan_in_mult == 1:
+        s = record.params.get(name)  # absent: not filled (a tensor the output does not depend on)
+        if u.node in nodes_of and name not in readouts and s is not None and s.fan_in_mult == 1:
             out[name] = nodes_of[u.node]
     return out
 

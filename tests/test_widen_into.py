@@ -199,3 +199,27 @@ def test_widen_into_leaves_a_tensor_the_output_does_not_depend_on_to_the_larger_
     with torch.no_grad():
         assert (large(x) - small(x)).abs().max().item() <= 1e-12
     assert torch.equal(large.table, own)
+
+
+class _TiedBiasReadout(torch.nn.Module):
+    """HF's masked-LM head: ``lm_head.bias`` is the same parameter as ``lm_head.decoder.bias``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.emb, self.dense = torch.nn.Embedding(11, width), torch.nn.Linear(width, width)
+        self.decoder = torch.nn.Linear(width, 11)
+        self.bias = self.decoder.bias
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.tanh(self.dense(self.emb(ids))))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_widen_into_fills_a_readout_whose_bias_has_a_second_name(tracer: str) -> None:
+    """Before: KeyError 'bias' while listing the readout's biases (LUKE in the census)."""
+    torch.manual_seed(0)
+    small, large = _TiedBiasReadout(8).double(), _TiedBiasReadout(16).double()
+    ids = torch.randint(0, 11, (2, 5))
+    graphscale.widen_into(small, large, (ids,), tracer=tracer)
+    with torch.no_grad():
+        assert (large(ids) - small(ids)).abs().max().item() <= 1e-12
