@@ -217,7 +217,12 @@ def hf_config(model_type: str, w: int, head_w: int | None = None) -> Any:
         if sub is None or name in kwargs or not hasattr(sub, "to_dict"):
             continue
         text = name in HF_TEXT_SUBCONFIGS
-        kwargs[name] = type(sub)(**generic(type(sub), scaled if text else (lambda _k, v: _scale(v, WIDTH))))
+        sub_kwargs = generic(type(sub), scaled if text else (lambda _k, v: _scale(v, WIDTH)))
+        # a key the sub-config has with another type (MPT's attn_config.attn_pdrop is an int) keeps its
+        # default: the strict config classes refuse the generic value
+        sub_kwargs = {k: v for k, v in sub_kwargs.items()
+                      if getattr(sub, k, None) is None or isinstance(v, type(getattr(sub, k)))}
+        kwargs[name] = type(sub)(**sub_kwargs)
     return cls(**kwargs)
 
 
