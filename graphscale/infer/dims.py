@@ -244,8 +244,8 @@ class DimSystem:
                     self.fix(d, why)
                 return changed
             # one split per (dimension, leading size): the leading piece of any such split is the same
-            # piece, so a dimension cut many ways (a loop slicing position i of 64) gets one refinement
-            # instead of a fresh piece per pass and per pair of cuts, which never settled
+            # piece, so aligning several decompositions against one (and again on every pass) reuses it
+            # instead of making fresh pieces that would in turn need aligning
             key = (self.find(big), self.size[small], product)
             if key in self._splits:
                 lead, rest = self._splits[key]
