@@ -462,10 +462,13 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     record = build_record(plan, sizes, mults)
     check_exact(plan, record)
     # Tensors the output does not depend on (HF's original_inv_freq; the rotary table of a model whose
-    # layers are all linear attention) are not part of the function: large keeps its own
-    live = live_attributes(plan.captured.gm)
-    for name in {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr"} - live:
-        record.params.pop(name, None)
+    # layers are all linear attention) are not part of the function: large keeps its own. Judged per
+    # tensor, not per name: a tied tensor read under one name is live under all (HF's lm_head.bias,
+    # read as lm_head.decoder.bias)
+    live = {plan.canonical(t) for t in live_attributes(plan.captured.gm)}
+    for n in plan.captured.gm.graph.nodes:
+        if n.op == "get_attr" and plan.canonical(str(n.target)) not in live:
+            record.params.pop(str(n.target), None)
     _drop_forward_constants(plan, record, small)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
@@ -791,8 +794,7 @@ def _readout_biases(plan: Plan, readouts: list[str], record: WideningRecord) -> 
     out: dict[str, int] = {}
     for u in plan.requests.uses:
         name = plan.canonical(u.param)
-        s = record.params.get(name)  # absent: not filled (a tensor the output does not depend on)
-        if u.node in nodes_of and name not in readouts and s is not None and s.fan_in_mult == 1:
+        if u.node in nodes_of and name not in readouts and record.params[name].fan_in_mult == 1:
             out[name] = nodes_of[u.node]
     return out
 

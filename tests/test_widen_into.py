@@ -216,7 +216,9 @@ class _TiedBiasReadout(torch.nn.Module):
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_widen_into_fills_a_readout_whose_bias_has_a_second_name(tracer: str) -> None:
-    """Before: KeyError 'bias' while listing the readout's biases (LUKE in the census)."""
+    """Before: under export the tensor's first name, ``bias``, is read by no node (the op reads
+    ``decoder.bias``), so widen_into dropped it from the record as unused and then failed with
+    KeyError 'bias' while listing the readout's biases (LUKE in the census)."""
     torch.manual_seed(0)
     small, large = _TiedBiasReadout(8).double(), _TiedBiasReadout(16).double()
     ids = torch.randint(0, 11, (2, 5))
