@@ -36,9 +36,8 @@ class DimSystem:
     prods: list[tuple[int, list[int], str]] = field(default_factory=list)
     sums: list[tuple[int, list[int], str]] = field(default_factory=list)
     fixed: dict[int, str] = field(default_factory=dict)
-    _splits: dict[tuple[int, int, bool], tuple[int, int]] = field(default_factory=dict, repr=False)
+    _splits: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict, repr=False)
     _stretches: dict[tuple[int, int, int], int] = field(default_factory=dict, repr=False)
-    _cut: set[tuple[int, tuple[int, ...]]] = field(default_factory=set, repr=False)
 
     def new(self, size: int, origin: str) -> int:
         """A fresh dimension of ``size``; ``origin`` says where it came from (used in messages)."""
@@ -141,7 +140,7 @@ class DimSystem:
             if single:
                 self.union(root, single[0], "a product with one factor")
                 self._changed.append(root)
-            elif len(defs) > 1 and self._align_all(defs, prods, product=True):
+            elif len(defs) > 1 and self._align_all(defs, prods):
                 self._changed.append(root)
         for root, defs in sums.items():
             single = [ps[0] for ps in defs if len(ps) == 1 and self.find(ps[0]) != self.find(root)]
@@ -154,14 +153,13 @@ class DimSystem:
                 self._changed.append(root)
         return bool(self._changed)
 
-    def _align_all(self, defs: list[list[int]], all_defs: dict[int, list[list[int]]], product: bool) -> bool:
-        """Align every decomposition of one dimension with its first. All of them, not a pair: a fused
-        q|k|v sliced three ways (``[:32]``, ``[32:48]``, ``[48:]``) has three, and one left unaligned
-        leaves its slice unrelated to the parts, so widening would move the parts and not the slice."""
-        first = self._flatten(defs[0], all_defs, product)
+    def _align_all(self, defs: list[list[int]], prods: dict[int, list[list[int]]]) -> bool:
+        """Align every factorization of one dimension with its first: all of them, not a pair (a view left
+        out would keep axes that widening does not tie to the others')."""
+        first = self._flatten(defs[0], prods, product=True)
         changed = False
         for other in defs[1:]:
-            changed |= self._align(first, self._flatten(other, all_defs, product), product)
+            changed |= self._align(first, self._flatten(other, prods, product=True))
         return changed
 
     def _cut_all(self, root: int, defs: list[list[int]], sums: dict[int, list[list[int]]]) -> bool:
@@ -180,11 +178,12 @@ class DimSystem:
                 at += self.size[p]
             spans.append(span)
         edges = sorted(cuts | {self.size[root]})
+        at_edge = {e: i for i, e in enumerate(edges)}
         stretch: dict[tuple[int, int], int] = {}
         changed = False
         for span in spans:  # a piece that already is one stretch names it (no fresh dimension)
             for lo, hi, p in span:
-                if edges[edges.index(lo) + 1] != hi:
+                if at_edge[hi] != at_edge[lo] + 1:
                     continue
                 if (lo, hi) not in stretch:
                     stretch[(lo, hi)] = p
@@ -199,12 +198,9 @@ class DimSystem:
                 stretch[(lo, hi)] = self._stretches[key]
         for span in spans:
             for lo, hi, p in span:
-                inside = [stretch[(a, b)] for a, b in zip(edges, edges[1:]) if lo <= a and b <= hi]
-                if len(inside) < 2:
-                    continue
-                want = [self.find(q) for q in inside]
-                if want not in sums.get(self.find(p), []) and (self.find(p), tuple(want)) not in self._cut:
-                    self._cut.add((self.find(p), tuple(want)))
+                bounds = edges[at_edge[lo]:at_edge[hi] + 1]
+                inside = [stretch[ab] for ab in zip(bounds, bounds[1:])]
+                if len(inside) > 1 and [self.find(q) for q in inside] not in sums.get(self.find(p), []):
                     self.concat(p, inside, "refining a concatenation")
                     changed = True
         return changed
@@ -220,8 +216,8 @@ class DimSystem:
                 out.append(r)
         return out
 
-    def _align(self, a: list[int], b: list[int], product: bool) -> bool:
-        """Make two decompositions of one dimension agree, splitting the coarser pieces."""
+    def _align(self, a: list[int], b: list[int]) -> bool:
+        """Make two factorizations of one dimension agree, splitting the coarser factors."""
         a, b = list(a), list(b)
         changed = False
         while a and b:
@@ -235,7 +231,7 @@ class DimSystem:
                 b.pop(0)
                 continue
             small, big, rest_of_big = (x, y, b) if sx < sy else (y, x, a)
-            if product and self.size[big] % self.size[small]:
+            if self.size[big] % self.size[small]:
                 # e.g. a spatial axis cut into windows (8 x 7) and into a grid (7 x 8): no common
                 # refinement relates the factors, so none of them may grow (fixing is exact)
                 why = (f"a factor of {self.origin[big]} (size {self.size[big]}), split two incompatible "
@@ -246,16 +242,15 @@ class DimSystem:
             # one split per (dimension, leading size): the leading piece of any such split is the same
             # piece, so aligning several decompositions against one (and again on every pass) reuses it
             # instead of making fresh pieces that would in turn need aligning
-            key = (self.find(big), self.size[small], product)
+            key = (self.find(big), self.size[small])
             if key in self._splits:
                 lead, rest = self._splits[key]
                 if self.find(lead) != self.find(small):
                     self.union(lead, small, "two decompositions of one dimension")
                     changed = True
             else:
-                sb, ss = self.size[big], self.size[small]
-                rest = self.new(sb // ss if product else sb - ss, f"{self.origin[big]}/rest")
-                (self.prod if product else self.concat)(big, [small, rest], "refining a decomposition")
+                rest = self.new(self.size[big] // self.size[small], f"{self.origin[big]}/rest")
+                self.prod(big, [small, rest], "refining a factorization")
                 self._splits[key] = (small, rest)
                 changed = True
             rest_of_big[0] = rest
