@@ -225,3 +225,32 @@ def test_widen_into_fills_a_readout_whose_bias_has_a_second_name(tracer: str) ->
     graphscale.widen_into(small, large, (ids,), tracer=tracer)
     with torch.no_grad():
         assert (large(ids) - small(ids)).abs().max().item() <= 1e-12
+
+
+class _ActivationEMA(torch.nn.Module):
+    """Keeps a running mean of its hidden units (state the forward writes and never reads)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(3, width), torch.nn.Linear(width, 2)
+        self.register_buffer("ema", torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        self.ema.mul_(0.9).add_(0.1 * h.mean(0).detach())
+        return self.out(h)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_widen_into_fills_state_the_forward_only_writes(tracer: str) -> None:
+    """The output does not depend on a buffer the forward only writes (an EMA of activations, like a
+    train-mode batch norm's statistics), yet it is the model's state: widen_into fills it, or the larger
+    model would carry its own. Guards the liveness that decides what widen_into leaves alone (with data
+    edges alone the buffer counts as unused and keeps the larger model's zeros)."""
+    torch.manual_seed(0)
+    small, large = _ActivationEMA(4).double(), _ActivationEMA(8).double()
+    with torch.no_grad():
+        small.ema.uniform_(0.5, 1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    graphscale.widen_into(small, large, (x,), tracer=tracer)
+    assert torch.equal(large.ema, small.ema.repeat_interleave(2))
