@@ -375,12 +375,14 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
                tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
                heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
                attention: Literal["auto", "standard", "mup", "fixed"] = "auto", rtol: float | None = None,
-               plan: Plan | None = None) -> WideningRecord:
+               plan: Plan | None = None, transactional: bool = True) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
     Transactional: if anything fails (a shape, the output check, an exception in ``large``'s forward),
     ``large``'s tensors are restored bitwise and nothing is attached to it. This holds a copy of
-    ``large``'s tensors while it runs.
+    ``large``'s tensors while it runs; ``transactional=False`` skips that copy (for a ``large`` built only
+    to be filled, whose values are worthless after a failure: on failure they are then partly filled).
+    Besides ``large`` and that copy, it holds one wide tensor at a time.
 
     Each class multiplier is read off the shapes (``large`` size / ``small`` size of the class's named
     axis); a ratio that is not an integer, or any tensor whose shape does not match the widened one, is an
@@ -405,7 +407,7 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         >>> widen_into(small, large, (x,)).multipliers
         {'0.weight[0]': 2}
     """
-    saved = [(t, t.detach().clone()) for t in _unique_tensors(large)]
+    saved = [(t, t.detach().clone()) for t in _unique_tensors(large)] if transactional else []
     try:
         return _widen_into(small, large, example_inputs, tracer=tracer, rules=rules, heads=heads,
                            outputs=outputs, attention=attention, rtol=rtol, plan=plan)
@@ -474,11 +476,6 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     _note_untraced(plan, record, small, "widen_into")
     source = _source_state(plan.captured.gm)
 
-    def wide_tensors(rec: WideningRecord, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {name: s.widen(src[plan.canonical(name)].detach())
-                    for name, s in rec.params.items()}
-
     blocked: list[str] = []
     q_scales = _query_projections(plan, sizes, blocked)
     att_order = list(_ATTENTION_POWER) if attention == "auto" else [attention]
@@ -488,26 +485,32 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         att_order = att_order[:1]
     args, kwargs = plan.captured.args, plan.captured.kwargs
 
-    def fill(choice: tuple[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    q_names = {q[0] for q in q_scales}
+
+    def fill(att: str, rec: WideningRecord, src: dict[str, torch.Tensor], only: set[str] | None = None
+             ) -> None:
+        """Widen ``src`` by ``rec`` straight into ``large`` (``only``: just those tensors), then fold the
+        query factor of attention convention ``att``. One wide tensor exists besides ``large`` at a time."""
         with torch.no_grad():
-            for name, t in tensors.items():
-                state[name].copy_(t)
-            if _ATTENTION_POWER[choice[0]] and q_scales:
+            for name, s in rec.params.items():
+                if only is None or name in only:
+                    state[name].copy_(s.widen(src[plan.canonical(name)].detach()))
+            if _ATTENTION_POWER[att] and q_scales:
                 for name, axis, lo, hi, m in q_scales:
-                    state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[choice[0]])
+                    state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[att])
 
     def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor],
                   records: dict[str, WideningRecord]) -> dict[tuple[str, str], float]:
         with torch.no_grad(), preserved_buffers(src_model):
             want = _widened_outputs(plan, sizes, src_model(*args, **kwargs))
         out = {}
-        for ro, rec in records.items():  # in the order of candidates; one readout's tensors alive at a time
-            tensors = wide_tensors(rec, src)
-            for att in att_order:
-                fill((att, ro), tensors)
+        for ro, rec in records.items():  # in the order of candidates
+            for i, att in enumerate(att_order):
+                # the first convention fills every tensor; the next ones refill only the query tensors
+                # that the previous fold multiplied
+                fill(att, rec, src, only=q_names if i else None)
                 with torch.no_grad(), preserved_buffers(large):
                     out[(att, ro)] = _max_rel(large(*args, **kwargs), want)
-            del tensors
         return out
 
     # A constant that the larger model's code computes from its own sizes (an embedding scale
@@ -544,7 +547,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             break
     if best is not None and errors[best] <= rtol:
         record = records[best[1]]
-        fill(best, wide_tensors(record, source))
+        fill(best[0], record, source)
         conventions = ([f"attention={best[0]!r}"] if q_scales else []) + [f"readout={best[1]!r}"]
         record.notes.append(f"widen_into: {', '.join(conventions)}, max relative output error "
                             f"{errors[best]:.2g}")

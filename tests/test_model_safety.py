@@ -285,6 +285,41 @@ def test_widen_into_failure_leaves_large_unchanged() -> None:
     assert not hasattr(large, "graphscale")
 
 
+def test_widen_into_without_the_transactional_copy_fills_the_same_values() -> None:
+    """``transactional=False`` (for a large model built only to be filled) skips the copy of ``large``,
+    not any check: it fills bitwise what the default fills, and a mismatch is still refused."""
+    small = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    filled = [nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double() for _ in range(2)]
+    graphscale.widen_into(small, filled[0], (_x(5, 3),))
+    graphscale.widen_into(small, filled[1], (_x(5, 3),), transactional=False)
+    for a, b in zip(filled[0].parameters(), filled[1].parameters()):
+        assert torch.equal(a, b)
+    large = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    with pytest.raises(GraphscaleError, match="does not compute the same function"):
+        graphscale.widen_into(small, large, (_x(5, 3),), transactional=False)
+    assert not hasattr(large, "graphscale")
+
+
+def test_an_exported_capture_shares_the_model_weights() -> None:
+    """torch.export's graph calls its input-guard module; that module writes nothing, so the capture
+    shares the model's weights (no copy of the model in memory), while a leaf module of unknown code still
+    gets weights of its own."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    cap = graphscale.capture.capture(model, (_x(5, 3),), tracer="export")
+    assert any(n.op == "call_module" for n in cap.gm.graph.nodes)  # the guards are there
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in cap.gm.parameters()} == ours
+
+    class Opaque(nn.Linear):  # not torch.nn's code: it could write its weight
+        pass
+
+    leafy = nn.Sequential(Opaque(3, 8), nn.ReLU()).double()
+    tracer = torch.fx.Tracer()
+    tracer.is_leaf_module = lambda m, name: True  # type: ignore[method-assign]
+    gm = torch.fx.GraphModule(leafy, tracer.trace(leafy))
+    assert graphscale.capture.safety.writes_parameters_in_kernels(gm)
+
+
 # -- 8. two multiplier keys for one class ----------------------------------------------------------------
 
 

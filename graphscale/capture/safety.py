@@ -65,10 +65,16 @@ def private_copy(model: torch.nn.Module, share_parameters: bool = False) -> torc
             "deep-copyable (copy.deepcopy) and try again.") from e
 
 
+# leaf modules outside torch.nn known to write no tensor: torch.export's input guards (generated asserts on
+# the inputs' sizes; every exported graph calls them, and counting them would copy every exported model)
+_READ_ONLY_MODULES = frozenset({"torch.export._unlift.GuardsFn"})
+
+
 def writes_parameters_in_kernels(gm: fx.GraphModule) -> bool:
     """Whether running ``gm`` for real may write a parameter inside a kernel, where the graph shows no
     in-place op: an embedding with ``max_norm`` (it renormalizes rows in place), a custom autograd
-    Function, a leaf module whose code is not ``torch.nn``'s. Such a capture gets its own weights.
+    Function, a leaf module whose code is not ``torch.nn``'s (but export's input guards). Such a capture
+    gets its own weights.
 
     Example:
         >>> writes_parameters_in_kernels(fx.symbolic_trace(torch.nn.Embedding(4, 2, max_norm=1.0)))
@@ -80,7 +86,8 @@ def writes_parameters_in_kernels(gm: fx.GraphModule) -> bool:
     for n in gm.graph.nodes:
         if n.op == "call_module":
             cls = type(gm.get_submodule(str(n.target)))
-            if not cls.__module__.startswith("torch.nn."):
+            if not cls.__module__.startswith("torch.nn.") \
+                    and f"{cls.__module__}.{cls.__qualname__}" not in _READ_ONLY_MODULES:
                 return True
         elif n.op == "call_function":
             if _function_class(n.target) is not None or "renorm" in str(n.target):
