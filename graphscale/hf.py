@@ -203,19 +203,23 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
     new_config, changed = _rewrite_config(tf, auto, config, target, multiplier, _config_heads(plan, heads),
                                           {_strip(n) for n in unused})
 
-    with torch.random.fork_rng():  # its random init is overwritten; leave the caller's RNG as it was
-        large = auto.from_config(new_config, dtype=torch_dtype, **_IMPL, trust_remote_code=False).eval()
+    large = _build(auto, new_config, torch_dtype)  # widen_into fills it: no random init first
     large_w = HFWrapper(large, causal).eval()
     tol = TOLERANCE[torch_dtype]
     float32_ops = float32_reductions(plan, sizes) if torch_dtype == torch.float64 else []
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
-        record = graphscale.widen_into(small_w, large_w, inputs, heads=heads, attention="auto", rtol=tol,
-                                       tracer=_TRACER)
+        # large is built here only to be filled: no transactional copy of it
+        record = graphscale.widen_into(small_w, large_w, inputs, attention="auto", rtol=tol, plan=plan,
+                                       transactional=False)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
     _add_tied_names(record, large_w)
+    # what the output does not depend on, widen_into leaves to large: the class's own init, not empty memory
+    _initialize_rest(large, {id(t) for n, t in [*large_w.named_parameters(remove_duplicate=False),
+                                                *large_w.named_buffers(remove_duplicate=False)]
+                             if n in record.params})
     with torch.no_grad():
         want = small_w(*inputs)
     return _Widened(large, large_w, record, plan, sizes, new_config, changed, inputs, causal, tol,
@@ -410,6 +414,55 @@ def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
 
 def _strip(name: str) -> str:
     return name.removeprefix("model.")  # the HFWrapper's attribute
+
+
+def _build(auto: Any, config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The class built from ``config`` with its weights **not initialized** (``torch.empty``): every one is
+    overwritten next (loaded, or filled by widen_into), so a random init would be time thrown away (a third
+    of a streamed run's fixed cost at 1B). What ``__init__`` computes otherwise (buffers such as rotary
+    frequencies) is computed as usual, and tied weights are tied. Pass what was written to
+    :func:`_initialize_rest`, which gives anything else the class's own initialization, as
+    ``from_pretrained`` does for missing keys."""
+    from transformers.initialization import no_init_weights
+
+    with torch.random.fork_rng(), no_init_weights():  # leave the caller's RNG as it was
+        model = auto.from_config(config, dtype=dtype, **_IMPL, trust_remote_code=False)
+    model.tie_weights()  # no_init_weights skips init_weights, which ties
+    return model.eval()
+
+
+def _initialize_rest(model: torch.nn.Module, written: set[int]) -> None:
+    """Initialize, as the class's own ``initialize_weights`` does, the tensors of ``model`` (built by
+    :func:`_build`) whose ``id`` is not in ``written``, as ``from_pretrained`` does for missing keys: the
+    written tensors and the modules holding only written tensors are flagged ``_is_hf_initialized``, which
+    transformers' init skips. Refused if the init wrote a written tensor anyway (its version counter moved;
+    a write through ``.data`` does not move it, but then the outputs differ and the output checks that
+    follow every use here refuse)."""
+
+    def own(m: torch.nn.Module) -> list[torch.Tensor]:
+        return [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+
+    if all(id(t) in written for m in model.modules() for t in own(m)):
+        return
+    tensors = {id(t): t for m in model.modules() for t in own(m)}
+    before = {i: (t.data_ptr(), t._version) for i, t in tensors.items() if i in written}
+    done = [m for m in model.modules() if all(id(t) in written for t in [*m.parameters(), *m.buffers()])]
+    flagged: list[Any] = done + [tensors[i] for i in before]
+    for obj in flagged:
+        obj._is_hf_initialized = True
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            model.initialize_weights()
+    finally:
+        for obj in [*model.modules(), *tensors.values()]:
+            if "_is_hf_initialized" in getattr(obj, "__dict__", {}):
+                del obj._is_hf_initialized
+    moved = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if id(t) in before and before[id(t)] != (t.data_ptr(), t._version)]
+    if moved:
+        raise HFUpscaleError(f"{type(model).__name__}'s own weight initialization overwrote {moved[:3]}, "
+                             "which graphscale had set; please report this (the class ignores transformers' "
+                             "_is_hf_initialized flags)")
 
 
 def _meta_model(auto: Any, config: Any) -> torch.nn.Module:

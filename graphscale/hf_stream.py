@@ -336,8 +336,7 @@ def _layer_stacks(meta: torch.nn.Module, config: Any) -> _Layers:
 
 def _load_proxy(auto: Any, pconfig: Any, dtype: torch.dtype, read: Any) -> torch.nn.Module:
     """The class built from ``pconfig`` with every stored tensor replaced by ``read(proxy name, shape)``."""
-    with torch.random.fork_rng():  # its random init is overwritten; leave the caller's RNG as it was
-        model = auto.from_config(pconfig, dtype=dtype, **hf._IMPL, trust_remote_code=False).eval()
+    model = hf._build(auto, pconfig, dtype)  # every stored tensor is read next: no random init first
     seen: set[int] = set()
     with torch.no_grad():
         for name, t in _named(model).items():
@@ -347,6 +346,7 @@ def _load_proxy(auto: Any, pconfig: Any, dtype: torch.dtype, read: Any) -> torch
             if value is not None:
                 seen.add(id(t))
                 t.copy_(value)
+    hf._initialize_rest(model, seen)  # what is not stored (non-persistent buffers): as the class makes it
     return model
 
 
@@ -448,11 +448,13 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     if not proxy_error <= w.tol:
         raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")
-    # keep the proxy's wide tensors (check 2 pops each when used) and what the checks need; the rest of the
-    # proxy (its plan holds copies of the narrow model, in reference cycles) goes now
-    proxy_wide = {n: t.detach() for n, t in _named(w.large).items()}
-    tol, inputs, causal = w.tol, w.inputs, w.causal
+    # check 2 now, on the proxy's wide tensors alone: the write phase then holds no proxy tensor. The rest
+    # of the proxy (the narrow model, the plan with its copies in reference cycles) goes first
+    proxy_wide, tol, inputs, causal = _named(w.large), w.tol, w.inputs, w.causal
     del w
+    _release_memory()
+    _check_against_proxy(items, proxy_wide, rows)
+    del proxy_wide
     _release_memory()
     phase("proxy")
 
@@ -461,10 +463,9 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     try:
         tmp.mkdir()
         _write_non_weights(wide_meta, tmp)
-        shards = _write_weights(tmp, items, wide_meta, max_shard_size, noise, seed, proxy_wide,
+        shards = _write_weights(tmp, items, wide_meta, max_shard_size, noise, seed,
                                 _Progress(sum(_wide_nbytes(i) for i in items),
                                           sys.stderr.isatty() if progress is None else progress))
-        del proxy_wide
         _release_memory()
         phase("write")
         hf._copy_other_files(src_dir, tmp)
@@ -629,12 +630,16 @@ def _wide_nbytes(item: _Item) -> int:
     return n
 
 
-def _widen_one(item: _Item) -> torch.Tensor:
-    """The wide tensor of one key, by the operations widen_into's fill performs (so, bitwise, its values)."""
-    t = read_tensor(item.src)
+def _widen_one(item: _Item, rows: int | None = None) -> torch.Tensor:
+    """The wide tensor of one key, by the operations widen_into's fill performs (so, bitwise, its values);
+    with ``rows``, only its first rows along a leading axis that is not widened (a cut vocabulary)."""
+    t = read_tensor(item.src, rows=rows)
     if t.is_floating_point():
         t = t.to(item.dtype)
-    wide = replace(item.scaling, copy_scale=item.widen_scale).widen(t)
+    scaling = replace(item.scaling, copy_scale=item.widen_scale)
+    if rows is not None:
+        scaling = replace(scaling, narrow_shape=tuple(t.shape), wide_shape=(rows, *scaling.wide_shape[1:]))
+    wide = scaling.widen(t)
     del t
     for axis, lo, hi, m, power in item.query:
         wide.narrow(axis, lo, hi - lo).mul_(m ** power)
@@ -653,7 +658,7 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
 
 
 def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
-                   seed: int, proxy_wide: dict[str, torch.Tensor],
+                   seed: int,
                    progress: _Progress) -> dict[str, list[str]]:
     """Write every wide tensor into shards laid out as save_pretrained would; returns file -> keys."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -677,8 +682,6 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
         gen = torch.Generator().manual_seed(seed) if noise is not None else None
         for item in items:
             wide = _widen_one(item)
-            if item.proxy_name is not None:
-                _check_against_proxy(item, wide, proxy_wide)
             if noise is not None and item.is_param and wide.is_floating_point():
                 holder = torch.nn.Module()
                 holder.p = torch.nn.Parameter(wide, requires_grad=False)
@@ -701,16 +704,19 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
     return dict(split.filename_to_tensors)
 
 
-def _check_against_proxy(item: _Item, wide: torch.Tensor, proxy_wide: dict[str, torch.Tensor]) -> None:
-    """A tensor the proxy holds must come out bitwise as widen_into filled it there (check 2 of the doc)."""
-    filled = proxy_wide.pop(item.proxy_name, None)  # each is needed once: free it as the write goes on
-    if filled is None:
-        return
-    got = wide if filled.shape == wide.shape else wide.narrow(0, 0, filled.shape[0])
-    if got.shape != filled.shape or not torch.equal(got, filled.to(got.dtype)):
-        raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
-                             "one-layer proxy; use stream=False (--no-stream) and report this")
-
+def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], rows: dict[str, int]) -> None:
+    """Check 2 of the doc: every key the proxy holds (layer 0, the tensors outside the layers) comes out of
+    its streamed recipe bitwise as widen_into filled it into the proxy (a cut vocabulary axis: its first
+    rows, read alone)."""
+    for item in items:
+        filled = proxy.get(item.proxy_name) if item.proxy_name is not None else None
+        if filled is None:
+            continue
+        got = _widen_one(item, rows.get(item.proxy_name))
+        if got.shape != filled.shape or not torch.equal(got, filled.detach().to(got.dtype)):
+            raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
+                                 "one-layer proxy; use stream=False (--no-stream) and report this")
+        del got
 
 def _check_written(tmp: Path, shards: dict[str, list[str]], items: list[_Item],
                    wide_named: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,12 +341,13 @@ import graphscale.hf_stream as hs
 marker, argv = Path(sys.argv[1]), sys.argv[2:]
 widen_one, calls = hs._widen_one, []
 
-def slow(item):  # two tensors written, then wait to be killed mid-write
-    calls.append(item)
+def slow(item, rows=None):  # two tensors written, then wait to be killed mid-write
+    if any(p.name.startswith(".out.graphscale-") for p in marker.parent.iterdir()):  # not check 2's calls
+        calls.append(item)
     if len(calls) == 3:
         marker.write_text("writing")
         time.sleep(300)
-    return widen_one(item)
+    return widen_one(item, rows)
 
 hs._widen_one = slow
 from graphscale.cli import main
@@ -379,13 +382,14 @@ def test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts(upscal
     try:
         widen_one, calls = hf_stream._widen_one, []
 
-        def terminate(item):  # two tensors written, then SIGTERM to this process
-            calls.append(item)
+        def terminate(item, rows=None):  # two tensors written, then SIGTERM to this process
+            if any(p.name.startswith(".out.graphscale-") for p in termed.iterdir()):  # the write phase
+                calls.append(item)
             if len(calls) == 3:
                 temps = [p for p in termed.iterdir() if p.name.startswith(".out.graphscale-")]
                 assert len(temps) == 1 and any(p.suffix == ".safetensors" for p in temps[0].iterdir())
                 os.kill(os.getpid(), signal.SIGTERM)
-            return widen_one(item)
+            return widen_one(item, rows)
 
         monkeypatch.setattr(hf_stream, "_widen_one", terminate)
         assert main(["upscale", str(src), "--out", str(termed / "out"), "--stream", "--max-shard-size",
@@ -415,6 +419,30 @@ def test_streamed_run_killed_mid_write_leaves_no_corrupt_out_and_restarts(upscal
     _same_files(dst, rerun)
 
 
+@pytest.mark.parametrize("key", ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"])
+def test_streamed_refuses_a_recipe_that_differs_from_the_proxy(upscaled, tmp_path, monkeypatch, key):
+    """Check 2: a tensor the one-layer proxy holds (an embedding, read only its first rows since the proxy's
+    vocabulary is cut, or a layer-0 weight) whose streamed recipe is off by one rounding step of its copy
+    scale is refused before anything is written, naming the tensor."""
+    from dataclasses import replace
+
+    from graphscale import hf_stream
+
+    src, _ = upscaled["llama"]
+    items = hf_stream._items
+
+    def off_by_one_step(*args, **kwargs):
+        out = items(*args, **kwargs)
+        return [replace(i, widen_scale=math.nextafter(i.widen_scale, 2.0)) if i.key == key else i
+                for i in out]
+
+    monkeypatch.setattr(hf_stream, "_items", off_by_one_step)
+    with pytest.raises(HFUpscaleError, match=re.escape(key) + ".*other values than widen_into"):
+        upscale(src, 2, out=tmp_path / "dst", heads="grow", stream=True, max_shard_size=SHARD)
+    assert not (tmp_path / "dst").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_streamed_refuses_a_checkpoint_whose_keys_are_not_the_class_names(tmp_path):
     """GPT-NeoX stores its readout as embed_out.weight, which transformers renames on load: the streamed
     path reads tensors by the class's names, so it refuses, naming the keys and --no-stream."""
@@ -423,3 +451,69 @@ def test_streamed_refuses_a_checkpoint_whose_keys_are_not_the_class_names(tmp_pa
         upscale(src, 2, out=tmp_path / "dst", heads="grow", stream=True)
     assert not (tmp_path / "dst").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models built without a random init (graphscale.hf._build), as the proxy and the filled model are
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "mixtral", "bert"])
+def test_a_model_built_without_init_and_loaded_equals_the_class_built_normally(family):
+    """A model built by ``_build`` (weights left as torch.empty), loaded with every stored tensor of one
+    built normally, and finished by ``_initialize_rest``, holds bitwise the normal model's parameters and
+    buffers, non-persistent ones included (rotary frequencies, position ids), with the same ties. With
+    nothing written, ``_initialize_rest`` gives every tensor the class's init (finite, not empty memory)."""
+    from graphscale import hf
+
+    auto, config = _auto(family), _config(family)
+    torch.manual_seed(0)
+    normal = auto.from_config(config, dtype=torch.float64, **hf._IMPL).eval()
+
+    def named(m):
+        return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
+
+    def ties(m):
+        first: dict[int, str] = {}
+        return sorted((n, first.setdefault(id(t), n)) for n, t in named(m))
+
+    built = hf._build(auto, config, torch.float64)
+    assert ties(built) == ties(normal)
+    stored = normal.state_dict()
+    written: set[int] = set()
+    with torch.no_grad():
+        for n, t in named(built):
+            if n in stored and id(t) not in written:
+                t.copy_(stored[n])
+                written.add(id(t))
+    hf._initialize_rest(built, written)
+    want = dict(named(normal))
+    for n, t in named(built):
+        assert torch.equal(t, want[n]), n
+    assert not any(hasattr(o, "_is_hf_initialized") for o in [*built.modules(), *built.parameters()])
+
+    empty = hf._build(auto, config, torch.float64)
+    hf._initialize_rest(empty, set())
+    for n, t in named(empty):
+        w = want[n]
+        if n not in stored or not t.is_floating_point() or w.numel() < 16 or w.std() == 0:
+            assert torch.equal(t, w), n  # computed (non-persistent buffers) or constant (norm gains, biases)
+        else:  # drawn: the class's distribution
+            assert abs(t.std() - w.std()) <= 0.3 * w.std() and abs(t.mean()) <= 0.3 * w.std() + 1e-3, n
+
+
+def test_an_init_that_ignores_the_flags_is_refused(monkeypatch):
+    """A class whose init writes a tensor graphscale has set (ignoring transformers' _is_hf_initialized) is
+    refused, naming the tensor, rather than leaving a weight graphscale did not compute."""
+    from graphscale import hf
+
+    auto, config = _auto("llama"), _config("llama")
+    built = hf._build(auto, config, torch.float64)
+    written = {id(p) for p in built.parameters()}  # the rotary buffers are left to the init
+
+    def careless(self, module):  # from a module that is initialized (it holds the unwritten rotary buffers)
+        if module is built:
+            module.get_input_embeddings().weight.normal_()
+
+    monkeypatch.setattr(type(built), "_init_weights", careless)
+    with pytest.raises(HFUpscaleError, match=r"overwrote \['model\.embed_tokens\.weight'\]"):
+        hf._initialize_rest(built, written)
