@@ -220,17 +220,25 @@ class ParamScaling:
                     out = out.index_select(dim, axis.index(out.device))
         return out.clone() if out is narrow else out
 
-    def widen(self, narrow: torch.Tensor) -> torch.Tensor:
-        """``c * E(narrow)``: the wide value that keeps the function exact.
+    def widen(self, narrow: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``c * E(narrow)``: the wide value that keeps the function exact; written into ``out`` (a tensor of
+        the wide shape, e.g. the larger model's own) when given, which is returned.
 
         Example:
             >>> s = ParamScaling("w", "w", (2,), (4,), (AxisReplication.atomic(2, 2),), 0.5, 2, 2)
             >>> s.widen(torch.tensor([1.0, 3.0])).tolist()
             [0.5, 0.5, 1.5, 1.5]
+            >>> into = torch.empty(4, dtype=torch.float64)
+            >>> s.widen(torch.tensor([1.0, 3.0]), out=into) is into, into.tolist()
+            (True, [0.5, 0.5, 1.5, 1.5])
         """
+        if out is not None and tuple(out.shape) != tuple(self.wide_shape):
+            raise ValueError(f"{self.name}: out has shape {tuple(out.shape)}, the wide shape is "
+                             f"{self.wide_shape}")
         scale = self.copy_scale != 1.0 and narrow.is_floating_point()
         plain = [a.plain_multiplier() if a is not None and not a.is_identity() else 1 for a in self.axes]
-        if all(plain) and len(plain) == narrow.dim() and any(k > 1 for k in plain):
+        if (all(plain) and len(plain) == narrow.dim() and any(k > 1 for k in plain)
+                and (out is None or (out.dtype == narrow.dtype and out.is_contiguous()))):
             # One pass: write c * narrow straight into the wide tensor through a broadcast view (scaling
             # the narrow tensor first and then copying would read and write memory twice). Elementwise
             # the same product x * c as below, so bitwise the same result.
@@ -238,16 +246,18 @@ class ParamScaling:
             for size, k in zip(narrow.shape, plain):
                 view_shape += [size, 1]
                 expand_shape += [size, k]
-            out = torch.empty(self.wide_shape, dtype=narrow.dtype, device=narrow.device)
+            wide = out if out is not None else torch.empty(self.wide_shape, dtype=narrow.dtype,
+                                                           device=narrow.device)
             src = narrow.reshape(view_shape).expand(expand_shape)
             if scale:
-                torch.mul(src, self.copy_scale, out=out.view(expand_shape))
+                torch.mul(src, self.copy_scale, out=wide.view(expand_shape))
             else:
-                out.view(expand_shape).copy_(src)
-            return out
+                wide.view(expand_shape).copy_(src)
+            return wide
         if scale:
             narrow = narrow * self.copy_scale  # scale the narrow tensor: a pass over 1/M of the memory
-        return self.replicate(narrow)
+        wide = self.replicate(narrow)
+        return wide if out is None else out.copy_(wide)
 
     def collapse(self, wide: torch.Tensor) -> torch.Tensor:
         """Inverse view of :meth:`replicate`: the first copy of every group (for checks and reports)."""

@@ -494,7 +494,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         with torch.no_grad():
             for name, s in rec.params.items():
                 if only is None or name in only:
-                    state[name].copy_(s.widen(src[plan.canonical(name)].detach()))
+                    s.widen(src[plan.canonical(name)].detach(), out=state[name])
             if _ATTENTION_POWER[att] and q_scales:
                 for name, axis, lo, hi, m in q_scales:
                     state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[att])
