@@ -16,7 +16,9 @@ runs on a **proxy**: the same class and config with one layer and the vocabulary
 0 and final tensors. Every tensor of layer ``i`` takes the recipe of the proxy's layer-0 tensor of the same
 name; the run is refused (use ``stream=False``) when the layers do not all have the same tensor names and
 shapes, when a vocabulary-sized axis would be widened, or when a checkpoint key is not one of the class's
-tensors (a renamed or converted layout).
+tensors. Keys are read and written through transformers' own renamings, as ``from_pretrained`` and
+``save_pretrained`` apply them (GPT-NeoX's ``embed_out`` is the class's ``lm_head``); a key that a converter
+merges with others or splits (Mixtral's per-expert tensors) is refused.
 
 **What is verified in streamed mode** (before the temporary directory is renamed to ``out``):
 
@@ -401,6 +403,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
                                      f"{f.name}")
             entries[k] = e
     meta = hf._meta_model(auto, config)
+    entries = _class_names(meta, entries, src_dir)
     named = _named(meta)
     layers = _layer_stacks(meta, config)
     _check_keys(entries, named, meta, src_dir)
@@ -490,6 +493,72 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _conversions(meta: torch.nn.Module) -> tuple[list[Any], list[Any]]:
+    """transformers' key transforms for the class of ``meta`` (what ``from_pretrained`` applies on load):
+    its pure renamings and its converters (merges and splits of tensors). None where this transformers
+    has no such mapping (then checkpoint keys must be the class's names)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    transforms = get_model_conversion_mapping(meta)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def _class_names(meta: torch.nn.Module, entries: dict[str, TensorEntry], where: Path
+                 ) -> dict[str, TensorEntry]:
+    """``entries`` under the class's names, renamed as ``from_pretrained`` renames checkpoint keys (GPT-NeoX's
+    ``embed_out`` is its ``lm_head``). A key that a converter merges with others or splits is refused: a
+    streamed upscale moves one tensor at a time."""
+    renamings, converters = _conversions(meta)
+    if not renamings and not converters:
+        return entries
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+    state = meta.state_dict()
+    prefix = getattr(meta, "base_model_prefix", None)
+    out: dict[str, TensorEntry] = {}
+    for key in sorted(entries, key=dot_natural_key):  # from_pretrained's order (some renamings keep state)
+        name, converter = rename_source_key(key, renamings, converters, prefix, state)
+        if name not in state and key in state:  # as from_pretrained: then only the prefix may change
+            name, converter = rename_source_key(key, [], [], prefix, state)
+        if converter is not None:
+            raise HFUpscaleError(f"{where}: {key} is converted on load ({converter!r} merges or splits it "
+                                 "with other tensors into the class's layout), which a streamed upscale "
+                                 "cannot do tensor by tensor; use stream=False (--no-stream)")
+        if name in out:
+            raise HFUpscaleError(f"{where}: two tensors load as {name}; use stream=False (--no-stream)")
+        out[name] = entries[key]
+    return out
+
+
+def _saved_names(wide_meta: torch.nn.Module, plan: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each of ``plan``'s names (the class's) -> the name ``save_pretrained`` writes it under, in the order
+    it writes them: it reverts the load-time renamings (GPT-NeoX's ``lm_head`` is saved as ``embed_out``)
+    and then sorts. Asked of transformers itself, on meta tensors."""
+    renamings, converters = _conversions(wide_meta)
+    if not renamings and not converters:
+        return {k: k for k in plan}
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(wide_meta, dict(plan))
+    name_of = {id(t): k for k, t in plan.items()}
+    out: dict[str, str] = {}
+    for saved, t in reverted.items():
+        key = name_of.get(id(t))
+        if key is None or key in out:  # a new tensor (merged, split) or one tensor under two names
+            raise HFUpscaleError(f"save_pretrained would write {saved} by converting tensors (merging or "
+                                 "splitting), which a streamed upscale cannot do; use stream=False "
+                                 "(--no-stream)")
+        out[key] = saved
+    if sorted(out) != sorted(plan):
+        raise HFUpscaleError("save_pretrained would not write every tensor under a name of its own; use "
+                             "stream=False (--no-stream)")
+    return out
 
 
 def _check_keys(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor], meta: torch.nn.Module,
@@ -659,26 +728,33 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
 
 def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
                    seed: int,
-                   progress: _Progress) -> dict[str, list[str]]:
-    """Write every wide tensor into shards laid out as save_pretrained would; returns file -> keys."""
+                   progress: _Progress) -> dict[str, dict[str, str]]:
+    """Write every wide tensor into shards laid out as save_pretrained would, under the names it writes
+    (:func:`_saved_names`); returns file -> {name written: the class's name}."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     by_key = {i.key: i for i in items}
     state_order = [k for k in wide_meta.state_dict() if k in by_key]
     with torch.device("meta"):
         plan_sd = {k: torch.empty(by_key[k].scaling.wide_shape, dtype=by_key[k].dtype) for k in state_order}
-    split = split_torch_state_dict_into_shards(plan_sd, filename_pattern="model{suffix}.safetensors",
+    saved_as = _saved_names(wide_meta, plan_sd)
+    class_key = {v: k for k, v in saved_as.items()}
+    split = split_torch_state_dict_into_shards({saved_as[k]: plan_sd[k] for k in saved_as},
+                                               filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     fds: dict[str, int] = {}
     where: dict[str, tuple[str, int]] = {}
+    shards: dict[str, dict[str, str]] = {}  # file -> its names as written -> the class's names
     try:
-        for fname, keys in split.filename_to_tensors.items():
-            prefix, offsets = _layout({k: (by_key[k].dtype, by_key[k].scaling.wide_shape) for k in keys},
-                                      {"format": "pt"})
+        for fname, names in split.filename_to_tensors.items():
+            keys = [class_key[n] for n in names]
+            prefix, offsets = _layout({saved_as[k]: (by_key[k].dtype, by_key[k].scaling.wide_shape)
+                                       for k in keys}, {"format": "pt"})
             fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             fds[fname] = fd
             _pwrite_all(fd, prefix, 0)
-            where.update({k: (fname, offsets[k]) for k in keys})
+            where.update({k: (fname, offsets[saved_as[k]]) for k in keys})
+            shards[fname] = {saved_as[k]: k for k in keys}
         gen = torch.Generator().manual_seed(seed) if noise is not None else None
         for item in items:
             wide = _widen_one(item)
@@ -701,7 +777,7 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
                  "weight_map": split.tensor_to_filename}
         with open(tmp / hf.INDEX_FILE, "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return dict(split.filename_to_tensors)
+    return shards
 
 
 def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], rows: dict[str, int]) -> None:
@@ -718,18 +794,18 @@ def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], row
                                  "one-layer proxy; use stream=False (--no-stream) and report this")
         del got
 
-def _check_written(tmp: Path, shards: dict[str, list[str]], items: list[_Item],
+def _check_written(tmp: Path, shards: dict[str, dict[str, str]], items: list[_Item],
                    wide_named: dict[str, torch.Tensor]) -> None:
     """Each shard opens with safetensors and holds exactly the planned keys, shapes and dtypes (check 4)."""
     from safetensors import safe_open
 
     by_key = {i.key: i for i in items}
-    for fname, keys in shards.items():
+    for fname, names in shards.items():
         with safe_open(str(tmp / fname), framework="pt") as f:
-            if sorted(f.keys()) != sorted(keys):
+            if sorted(f.keys()) != sorted(names):
                 raise HFUpscaleError(f"{fname} was written with other keys than planned")
-            for k in keys:
-                sl = f.get_slice(k)
+            for name, k in names.items():
+                sl = f.get_slice(name)
                 if tuple(sl.get_shape()) != by_key[k].scaling.wide_shape \
                         or by_key[k].scaling.wide_shape != tuple(wide_named[k].shape) \
                         or _ST_DTYPES[sl.get_dtype()] != by_key[k].dtype:
@@ -746,6 +822,7 @@ def _check_last_layer(auto: Any, config: Any, new_config: Any, layers: _Layers, 
     written: dict[str, TensorEntry] = {}
     for f in sorted(tmp.glob("*.safetensors")):
         written.update(read_header(f))
+    written = _class_names(hf._meta_model(auto, new_config), written, tmp)  # as from_pretrained reads them
 
     def reader(store: dict[str, TensorEntry]) -> Any:
         def read(pname: str, shape: tuple[int, ...]) -> torch.Tensor | None:

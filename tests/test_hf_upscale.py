@@ -443,11 +443,22 @@ def test_streamed_refuses_a_recipe_that_differs_from_the_proxy(upscaled, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_streamed_refuses_a_checkpoint_whose_keys_are_not_the_class_names(tmp_path):
-    """GPT-NeoX stores its readout as embed_out.weight, which transformers renames on load: the streamed
-    path reads tensors by the class's names, so it refuses, naming the keys and --no-stream."""
-    src = _make_source("neox", tmp_path / "src")
-    with pytest.raises(HFUpscaleError, match=r"unexpected keys: embed_out\.weight.*--no-stream"):
+def test_streamed_neox_reads_and_writes_renamed_keys_as_transformers_does(upscaled, tmp_path):
+    """GPT-NeoX stores its readout as embed_out.weight, which transformers renames to lm_head on load and
+    back on save: the streamed path reads and writes through the same renamings, so its files are bitwise
+    the in-memory path's (keys, order, shards, index)."""
+    src, dst = upscaled["neox"]
+    assert "embed_out.weight" in json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    out = upscale(src, 2, out=tmp_path / "neox-x2", heads="grow", stream=True, max_shard_size=SHARD)
+    _same_files(dst, out)
+
+
+def test_streamed_refuses_a_checkpoint_that_loads_by_merging_tensors(tmp_path):
+    """Mixtral's checkpoint keeps one tensor per expert, which transformers merges into the class's fused
+    expert tensors on load: not one tensor at a time, so the streamed path refuses, naming a key and
+    --no-stream (the in-memory path upscales it: test_mixtral_upscales_with_experts_and_top_k_fixed)."""
+    src = _make_source("mixtral", tmp_path / "src")
+    with pytest.raises(HFUpscaleError, match=r"experts.*converted on load.*--no-stream"):
         upscale(src, 2, out=tmp_path / "dst", heads="grow", stream=True)
     assert not (tmp_path / "dst").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
