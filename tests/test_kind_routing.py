@@ -217,3 +217,40 @@ def test_where_of_a_mask_locates_along_fixed_axes_and_widens_exactly(tracer: str
     with torch.no_grad():
         want, got = model(x), wide(x)
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+class MaskedWrite(nn.Module):
+    """``h[mask] = row`` (a masked write into the token embeddings, as Gemma 3's), a write at
+    tensor positions of the sequence axis (``h[:, pos] = ...``, the index between kept axes), and an
+    accumulating ``index_put`` with a value broadcast along the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.feat, self.out = nn.Linear(3, 8), nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)  # (B, S, W)
+        mask = x[..., 0] > 0  # (B, S)
+        h = h.index_put((mask,), self.feat(f[:1]))  # one row written at every masked position
+        pos = torch.tensor([0, 2])
+        h[:, pos] = self.feat(f[:2])  # indices (None, pos): the written rows sit between kept axes
+        rows = (torch.arange(2)[:, None], pos[None, :])
+        h = torch.index_put(h, rows, self.feat(f[:1]).sum(-1, keepdim=True), accumulate=True)  # broadcast, +=
+        return self.out(h)
+
+
+def test_index_put_fixes_the_positions_and_widens_exactly() -> None:
+    """The written axes of x and the values' position axes are fixed; the width axis of the values
+    matches x's, except where the values broadcast along it; the model widens exactly (export: aten
+    index_put_, with a mask, two position tensors, and accumulate)."""
+    torch.manual_seed(0)
+    model = MaskedWrite().double().eval()
+    x, f = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    x[0, 1, 0], x[1, 2, 0] = 1.0, 1.0  # at least one masked position
+    plan = graphscale.analyze(model, (x, f), tracer="export")
+    assert sorted(c.name for c in plan.width_classes) == ["inp.weight[0]"]
+    assert plan.classification.lookup("feat.weight[0]").role != "fixed"  # the values' width: h's
+    wide = graphscale.widen(model, (x, f), 2, plan=plan)
+    with torch.no_grad():
+        want, got = model(x, f), wide(x, f)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()

@@ -146,3 +146,56 @@ def _count_positions(ctx: Call) -> Info:
             ctx.ds.fix(x, f"an axis made by {ctx.rule.name} (a count or positions)")
         infos.append(TensorInfo(dims, tuple(r.shape)))
     return _pack(ctx, infos)
+
+
+@kind("put_at", input=Key("ref", default="input"), indices=Key("ref", default="indices"),
+      values=Key("ref", default="values"))
+def kind_put_at(ctx: Call) -> Info:
+    """``index_put(x, indices, values)`` (``x[i0, :, mask] = values``; with ``accumulate``, ``+=``):
+    ``values`` is written at the positions the index tensors give. The result has ``x``'s axes. Each axis
+    of ``x`` an index reaches is fixed (a boolean mask reaches as many axes as it has), and so is every
+    axis of the index tensors (positions). ``values`` broadcasts, from the right, to ``x[indices]``:
+    the index axes there are fixed (entries sent to positions; ``k`` copies would land on one), and each
+    axis of ``x`` kept whole matches the ``values`` axis it meets, unless that one broadcasts (size 1)."""
+    info = ctx.tensor(ctx.spec("input"))
+    indices = ctx.value(ctx.spec("indices"))
+    index_infos = ctx.info(ctx.spec("indices"))
+    nd = len(info.dims)
+    kept: list[int] = []  # the axes of x no index reaches
+    first: int | None = None  # how many kept axes come before the first index
+    last_gap = False  # whether a kept axis lies between two indices (their axes then go first)
+    n_index = 0  # how many axes the indices make in x[indices] (broadcast; a mask makes one)
+    axis = 0
+    for it in indices:
+        if it is None:
+            kept.append(axis)
+            axis += 1
+            continue
+        mask = it.dtype in (torch.bool, torch.uint8)
+        span = it.dim() if mask else 1
+        if first is None:
+            first = len(kept)
+        elif len(kept) > first:
+            last_gap = True
+        n_index = max(n_index, 1 if mask else it.dim())
+        for k in range(axis, axis + span):
+            ctx.ds.fix(info.dims[k], f"an axis indexed by a tensor of positions ({ctx.rule.name})")
+        axis += span
+    kept += list(range(axis, nd))
+    for idx in index_infos if isinstance(index_infos, tuple) else ():
+        for x in idx.dims if isinstance(idx, TensorInfo) else ():
+            ctx.ds.fix(x, f"an axis of the positions given to {ctx.rule.name}")
+    split = 0 if first is None or last_gap else first
+    arranged: list[int | None] = [*kept[:split], *[None] * n_index, *kept[split:]]
+    values = ctx.info(ctx.spec("values"))
+    if isinstance(values, TensorInfo):
+        offset = len(arranged) - len(values.dims)
+        for j, vd in enumerate(values.dims):
+            slot = arranged[offset + j] if offset + j >= 0 else None
+            if slot is None:
+                ctx.ds.fix(vd, f"an axis whose entries {ctx.rule.name} sends to positions")
+            elif values.shape[j] == info.shape[slot]:
+                ctx.ds.union(vd, info.dims[slot], f"{ctx.rule.name} at {ctx.where()}")
+            elif values.shape[j] != 1:
+                ctx.ds.fix(vd, f"an axis {ctx.rule.name} broadcasts")
+    return TensorInfo(info.dims, tuple(ctx.result.shape))
