@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.resources
 import operator  # noqa: F401  (targets such as "operator.add" resolve through importlib)
@@ -66,6 +67,19 @@ class Rule:
 _SAFE_ROOTS = ("torch", "operator", "math", "builtins")
 
 
+@functools.cache
+def _builtin_book() -> RuleBook:
+    """The built-in rules, loaded once: :meth:`RuleBook.load` copies its indexes (the rules themselves
+    are frozen). Its optional targets in modules not imported yet stay lazy (matched by name when a node
+    calls them), so loading it earlier or later than a model's imports finds the same rules."""
+    book = RuleBook(allow_imports=False)
+    builtin = importlib.resources.files("graphscale.rules")
+    for entry in sorted(builtin.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            book.add_text(entry.read_text(), f"graphscale.rules/{entry.name}")
+    return book
+
+
 class RuleBook:
     """All loaded rules, indexed by the object or name each fx/export node calls."""
 
@@ -89,10 +103,13 @@ class RuleBook:
         ``allow_imports=True`` lets a user's target import a module nothing has imported yet.
         """
         book = cls(allow_imports)
-        builtin = importlib.resources.files("graphscale.rules")
-        for entry in sorted(builtin.iterdir(), key=lambda p: p.name):
-            if entry.name.endswith(".toml"):
-                book.add_text(entry.read_text(), f"graphscale.rules/{entry.name}")
+        builtin = _builtin_book()  # parsed and validated once per process (a tenth of analyze's time)
+        book.functions.update(builtin.functions)
+        book.methods.update(builtin.methods)
+        book.modules.extend(builtin.modules)
+        book.unresolved.extend(builtin.unresolved)
+        book.lazy.update(builtin.lazy)
+        book.rules.extend(builtin.rules)
         if extra is not None:
             paths = [extra] if isinstance(extra, str | Path) else list(extra)
             for p in paths:
