@@ -756,6 +756,7 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             where.update({k: (fname, offsets[saved_as[k]]) for k in keys})
             shards[fname] = {saved_as[k]: k for k in keys}
         gen = torch.Generator().manual_seed(seed) if noise is not None else None
+        left = {fname: len(names) for fname, names in shards.items()}  # tensors still to write per shard
         for item in items:
             wide = _widen_one(item)
             if noise is not None and item.is_param and wide.is_floating_point():
@@ -766,8 +767,10 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             _pwrite_all(fds[fname], _tensor_bytes(wide), offset)
             progress.update(_wide_nbytes(item))
             del wide
-        for fd in fds.values():
-            os.fsync(fd)
+            left[fname] -= 1
+            if not left[fname]:  # a shard is complete: flush it now, so the disk works while we compute
+                os.fsync(fds[fname])
+                os.close(fds.pop(fname))
     finally:
         for fd in fds.values():
             os.close(fd)
