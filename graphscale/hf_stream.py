@@ -497,8 +497,8 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
 
 def _conversions(meta: torch.nn.Module) -> tuple[list[Any], list[Any]]:
     """transformers' key transforms for the class of ``meta`` (what ``from_pretrained`` applies on load):
-    its pure renamings and its converters (merges and splits of tensors). None where this transformers
-    has no such mapping (then checkpoint keys must be the class's names)."""
+    its pure renamings and its converters (merges and splits of tensors); none of either where this
+    transformers has no such mapping (checkpoint keys must then be the class's names)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
@@ -727,8 +727,7 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
 
 
 def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
-                   seed: int,
-                   progress: _Progress) -> dict[str, dict[str, str]]:
+                   seed: int, progress: _Progress) -> dict[str, dict[str, str]]:
     """Write every wide tensor into shards laid out as save_pretrained would, under the names it writes
     (:func:`_saved_names`); returns file -> {name written: the class's name}."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -796,6 +795,7 @@ def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], row
             raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
                                  "one-layer proxy; use stream=False (--no-stream) and report this")
         del got
+
 
 def _check_written(tmp: Path, shards: dict[str, dict[str, str]], items: list[_Item],
                    wide_named: dict[str, torch.Tensor]) -> None:
