@@ -217,9 +217,7 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
         raise _with_heads_hint(e, heads) from e
     _add_tied_names(record, large_w)
     # what the output does not depend on, widen_into leaves to large: the class's own init, not empty memory
-    _initialize_rest(large, {id(t) for n, t in [*large_w.named_parameters(remove_duplicate=False),
-                                                *large_w.named_buffers(remove_duplicate=False)]
-                             if n in record.params})
+    _initialize_rest(large, {id(t) for n, t in _named(large_w).items() if n in record.params})
     with torch.no_grad():
         want = small_w(*inputs)
     return _Widened(large, large_w, record, plan, sizes, new_config, changed, inputs, causal, tol,
@@ -416,6 +414,13 @@ def _strip(name: str) -> str:
     return name.removeprefix("model.")  # the HFWrapper's attribute
 
 
+def _named(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` under every name (tied tensors appear under each)."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
 def _build(auto: Any, config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """The class built from ``config`` with its weights **not initialized** (``torch.empty``): every one is
     overwritten next (loaded, or filled by widen_into), so a random init would be time thrown away (a third
@@ -474,10 +479,7 @@ def _meta_model(auto: Any, config: Any) -> torch.nn.Module:
 def _shapes(auto: Any, config: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer shape of the class built from ``config`` (on the meta device: no memory),
     under every name (tied weights appear under each of their names)."""
-    model = _meta_model(auto, config)
-    out = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    out.update({n: tuple(b.shape) for n, b in model.named_buffers(remove_duplicate=False)})
-    return out
+    return {n: tuple(t.shape) for n, t in _named(_meta_model(auto, config)).items()}
 
 
 def _tied_names(module: torch.nn.Module) -> list[list[str]]:

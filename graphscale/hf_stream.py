@@ -321,12 +321,6 @@ def _proxy_vocab(config: Any) -> int:
     return min(vocab, max(64, max(ids, default=0) + 1)) if vocab else 0
 
 
-def _named(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return out
-
-
 def _layer_stacks(meta: torch.nn.Module, config: Any) -> _Layers:
     count = getattr(config, "num_hidden_layers", None)
     if not isinstance(count, int) or count < 1:
@@ -341,7 +335,7 @@ def _load_proxy(auto: Any, pconfig: Any, dtype: torch.dtype, read: Any) -> torch
     model = hf._build(auto, pconfig, dtype)  # every stored tensor is read next: no random init first
     seen: set[int] = set()
     with torch.no_grad():
-        for name, t in _named(model).items():
+        for name, t in hf._named(model).items():
             if id(t) in seen:
                 continue
             value = read(name, tuple(t.shape))
@@ -404,7 +398,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
             entries[k] = e
     meta = hf._meta_model(auto, config)
     entries = _class_names(meta, entries, src_dir)
-    named = _named(meta)
+    named = hf._named(meta)
     layers = _layer_stacks(meta, config)
     _check_keys(entries, named, meta, src_dir)
     _check_homogeneous(named, layers)
@@ -412,7 +406,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     vocab = _proxy_vocab(config)
     first_proxy = _proxy_config(config, layers, 0, vocab)
     pmeta = hf._meta_model(auto, first_proxy)
-    pnamed = {n: tuple(t.shape) for n, t in _named(pmeta).items()}
+    pnamed = {n: tuple(t.shape) for n, t in hf._named(pmeta).items()}
     rows = _cut_axes(pnamed, named, layers, config, vocab)
 
     def source_reader(layer: int) -> Any:
@@ -434,7 +428,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     new_config = hf._with(config, wide_fields)
     with torch.device("meta"):
         wide_meta = auto.from_config(new_config, dtype=dtype, **hf._IMPL, trust_remote_code=False)
-    wide_named = _named(wide_meta)
+    wide_named = hf._named(wide_meta)
     items = _items(entries, named, wide_named, meta, layers, w, rows, dtype)
 
     record = _full_record(w.record, named, layers)
@@ -453,7 +447,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")
     # check 2 now, on the proxy's wide tensors alone: the write phase then holds no proxy tensor. The rest
     # of the proxy (the narrow model, the plan with its copies in reference cycles) goes first
-    proxy_wide, tol, inputs, causal = _named(w.large), w.tol, w.inputs, w.causal
+    proxy_wide, tol, inputs, causal = hf._named(w.large), w.tol, w.inputs, w.causal
     del w
     _release_memory()
     _check_against_proxy(items, proxy_wide, rows)
@@ -476,7 +470,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         errors = {"the proxy (layer 0) in memory": proxy_error}
         if layers.count > 1 and noise is None:
             errors[f"layer {layers.count - 1} read back"] = _check_last_layer(
-                auto, config, new_config, layers, vocab, rows, entries, tmp, dtype, inputs, causal)
+                auto, config, new_config, wide_meta, layers, vocab, rows, entries, tmp, dtype, inputs, causal)
         bad = {k: v for k, v in errors.items() if not v <= tol}
         if bad:
             raise HFUpscaleError("the written model does not reproduce the source (relative error "
@@ -815,17 +809,18 @@ def _check_written(tmp: Path, shards: dict[str, dict[str, str]], items: list[_It
                     raise HFUpscaleError(f"{fname}: {k} was written with another shape or dtype than planned")
 
 
-def _check_last_layer(auto: Any, config: Any, new_config: Any, layers: _Layers, vocab: int,
-                      rows: dict[str, int], entries: dict[str, TensorEntry], tmp: Path, dtype: torch.dtype,
-                      inputs: tuple, causal: bool) -> float:
-    """Check 3: a one-layer model of the source's last layer against the same read back from ``tmp``."""
+def _check_last_layer(auto: Any, config: Any, new_config: Any, wide_meta: torch.nn.Module, layers: _Layers,
+                      vocab: int, rows: dict[str, int], entries: dict[str, TensorEntry], tmp: Path,
+                      dtype: torch.dtype, inputs: tuple, causal: bool) -> float:
+    """Check 3: a one-layer model of the source's last layer against the same read back from ``tmp``
+    (``wide_meta``: the wide class on the meta device, whose renamings read the written keys)."""
     from graphscale.zoo import HFWrapper
 
     last = layers.count - 1
     written: dict[str, TensorEntry] = {}
     for f in sorted(tmp.glob("*.safetensors")):
         written.update(read_header(f))
-    written = _class_names(hf._meta_model(auto, new_config), written, tmp)  # as from_pretrained reads them
+    written = _class_names(wide_meta, written, tmp)  # as from_pretrained reads them
 
     def reader(store: dict[str, TensorEntry]) -> Any:
         def read(pname: str, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -472,8 +472,8 @@ def live_attributes(gm: fx.GraphModule) -> set[str]:
     for n in gm.graph.nodes:
         if n.op == "output":
             mark(n)
-    writes = [(n, _alias_chain(written_operand(n))) for n in gm.graph.nodes
-              if n.op in ("call_function", "call_method") and written_operand(n) is not None]
+    writes = [(n, _alias_chain(dest)) for n in gm.graph.nodes
+              if n.op in ("call_function", "call_method") and (dest := written_operand(n)) is not None]
     changed = True
     while changed:
         changed = False
