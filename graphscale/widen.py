@@ -32,7 +32,6 @@ import torch.fx as fx
 from graphscale.capture import (
     Tracer,
     get_frontend,
-    live_attributes,
     preserved_buffers,
     private_copy,
     written_operand,
@@ -467,10 +466,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # layers are all linear attention) are not part of the function: large keeps its own. Judged per
     # tensor, not per name: a tied tensor read under one name is live under all (HF's lm_head.bias,
     # read as lm_head.decoder.bias)
-    live = {plan.canonical(t) for t in live_attributes(plan.captured.gm)}
-    for n in plan.captured.gm.graph.nodes:
-        if n.op == "get_attr" and plan.canonical(str(n.target)) not in live:
-            record.params.pop(str(n.target), None)
+    for name in plan.unused_tensors():
+        record.params.pop(name, None)
     _drop_forward_constants(plan, record, small)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
@@ -518,6 +515,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # (the factor small/large in that op's weights, docs/math.md §8) and every candidate is tried again.
     folds: dict[str, tuple[str, float, str]] = {}
     constants: list[tuple[str, Any, float, float, str]] = []
+    unconfirmed: dict[tuple[str, str], float] = {}  # blocked: held on small's weights, not on random ones
     readouts = _readouts(plan, sizes, record)
     for attempt in range(2):
         records, unavailable, biases = _readout_candidates(plan, sizes, record, readouts, folds)
@@ -526,15 +524,22 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         reference = plan.captured.private or small  # the traced copy: running small could change it
         errors = errors_on(reference, source, records)
         passing = [c for c in candidates if errors[c] <= rtol]
-        if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1:
+        if len({c[1] for c in passing}) > 1 or len({c[0] for c in passing}) > 1 or (blocked and passing):
             # Several conventions compute the same function on these weights (a zero-initialized readout,
-            # or uniform attention) but train differently: decide on a copy of small with random readouts.
+            # or uniform attention) but train differently: decide on a copy of small with random weights.
+            # With a blocked query only 'mup' was tried, and it may hold only because attention is uniform
+            # here (a zero-initialized key): the probe must confirm it, or nothing is chosen.
             probe = _probe_copy(small, plan, readouts)
             probe_state = dict(source)  # constants that are neither parameters nor buffers stay the same
             probe_state.update(_named_tensors(probe))
             probe_errors = errors_on(probe, probe_state, records)
-            passing = [c for c in passing if probe_errors[c] <= rtol] or passing
-            best = min(passing, key=probe_errors.__getitem__)
+            confirmed = [c for c in passing if probe_errors[c] <= rtol]
+            if blocked and not confirmed:
+                unconfirmed = {c: probe_errors[c] for c in passing}
+                best = None
+            else:
+                passing = confirmed or passing
+                best = min(passing, key=probe_errors.__getitem__)
         else:
             best = min(candidates, key=errors.__getitem__) if candidates else None
         if best is not None and errors[best] <= rtol:
@@ -584,7 +589,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
-    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked)
+    message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked,
+                                    unconfirmed)
     if constants:
         shown = [c[4] for c in constants]
         message += ("; the larger model's code computes constants from its own sizes, which "
@@ -818,8 +824,10 @@ def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str
 
 def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str], float],
                           unavailable: dict[str, str], readouts: dict[str, list[str]],
-                          q_scales: list[tuple[str, int, int, int, int]], blocked: list[str]) -> str:
-    """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried."""
+                          q_scales: list[tuple[str, int, int, int, int]], blocked: list[str],
+                          unconfirmed: dict[tuple[str, str], float] | None = None) -> str:
+    """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried
+    (``unconfirmed``: candidates that held on small's weights but not on random ones)."""
     tried = ", ".join(
         (f"attention {a} + " if q_scales else "") + f"readout {r}: {e:.3g}" for (a, r), e in errors.items())
     parts = ["the larger model does not compute the same function after filling it (max relative output "
@@ -838,6 +846,12 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
                      "query has no tensor to live in: " + "; ".join(blocked[:3])
                      + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
                      + "; heads='grow' keeps head_dim, so the query needs no factor")
+    if unconfirmed:
+        parts.append(", ".join(f"attention {a} + readout {r}" for a, r in unconfirmed)
+                     + " held on the small model's weights only because they cannot tell attention scales "
+                     "apart (a zero or near-uniform attention): on random weights its error is "
+                     + ", ".join(f"{e:.3g}" for e in unconfirmed.values())
+                     + ", so the larger model's attention scale is not 1/head_dim")
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
@@ -1105,6 +1119,12 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                                            "output, so its rows there are strided")
                         break
                 out.extend(rows(users_of_param[node.name], node, segment, m))
+                assembled, why = _concatenated_bias_rows(plan, sizes, node, segment, m)
+                if why is not None:
+                    if blocked is not None:
+                        blocked.append(f"attention {node_name!r}: {why}")
+                    break
+                out.extend(assembled)
                 out.extend(r for a in affine if a[0] == "add" for r in rows([a[1]], a[2], None, m))
                 break
             picked = _pick(plan, node)
@@ -1162,6 +1182,47 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     return [(*key, m) for key, m in unique.items()]
 
 
+def _concatenated_bias_rows(plan: Plan, sizes: Sizes, node: fx.Node, segment: tuple[int, int] | None,
+                            m: int) -> tuple[list[tuple[str, int, int, int, int]], str | None]:
+    """The rows ``segment`` (None: all) of ``node``'s output that a bias assembled in the graph covers,
+    as ``(tensor, axis, start, stop, m)``: timm's BEiT passes ``cat(q_bias, k_bias, v_bias)`` as its
+    fused projection's bias, so the query's factor belongs in ``q_bias``, which the op does not read
+    directly. The second value says why no tensor can carry the factor (a computed part), else None."""
+    from graphscale.infer.values import TensorInfo
+
+    info = plan.node_info[node.name]
+    if not isinstance(info, TensorInfo):
+        return [], None
+    out_root = sizes.res.root(info.dims[-1])
+    lo, hi = segment or (0, sizes.wide(info.dims[-1]))
+    found = []
+    for arg in _node_args(node):
+        parts = arg.args[0] if "cat" in _op_name(arg) and arg.args else None
+        cat_info = plan.node_info.get(arg.name)
+        if not isinstance(parts, (list, tuple)) or not isinstance(cat_info, TensorInfo):
+            continue
+        dim = arg.args[1] if len(arg.args) > 1 else arg.kwargs.get("dim", 0)
+        if not isinstance(dim, int) or dim % len(cat_info.dims) != len(cat_info.dims) - 1 \
+                or sizes.res.root(cat_info.dims[-1]) != out_root:
+            continue  # not a concatenation along the output axis
+        start = 0
+        for part in parts:
+            part_info = plan.node_info.get(part.name) if isinstance(part, fx.Node) else None
+            if not isinstance(part_info, TensorInfo):
+                return [], f"{arg.name!r}, a concatenation added in {node.name!r}, has a part not a tensor"
+            width = sizes.wide(part_info.dims[-1])
+            a, b = max(lo, start), min(hi, start + width)
+            if a < b:
+                name = _param_operand(plan, part)
+                if name is None:
+                    return [], (f"rows {a}:{b} of {arg.name!r}, a concatenation added in {node.name!r}, are "
+                                f"computed ({part.name!r}), not a tensor of the model that could carry the "
+                                "query's factor")
+                found.append((name, len(plan.tensor_dims[name]) - 1, a - start, b - start, m))
+            start += width
+    return found, None
+
+
 def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:
     """``(tree of the axis, position)`` where ``node`` takes one position of an axis: a part of
     ``unbind`` (timm's ``q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``) or a
@@ -1189,17 +1250,33 @@ def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int
                  segment: tuple[int, int] | None) -> tuple[int, int] | None:
     """The wide rows of ``node``'s output axis that position ``pick[1]`` of the picked axis covers, where
     that axis is the leading factor of the output axis (the ``3`` of a fused ``3 x heads x head_dim``);
-    None where it is another factor (the rows would be strided) or a segment was already taken."""
+    None where it is another factor (the rows would be strided) or a segment was already taken.
+
+    The output axis may be resolved as a concatenation of equal parts that is also reshaped into
+    ``n x rest`` (timm's BEiT adds ``cat(q_bias, k_bias, v_bias)`` to its fused projection): position
+    ``p`` is then part ``p``, the ``p``-th of ``n`` equal blocks in the wide layout as in the narrow one."""
     from graphscale.infer.values import TensorInfo
 
     info = plan.node_info[node.name]
     if segment is not None or not isinstance(info, TensorInfo):
         return None
-    factors = plan.resolution.factors(info.dims[-1])
-    if len(factors) < 2 or factors[0] != pick[0]:
+    res = plan.resolution
+    outer = AxisReplication(sizes.record_tree(pick[0]))
+    if outer.multiplier != 1:  # a picked axis that grows is no count of parts
         return None
-    rest = math.prod(AxisReplication(sizes.record_tree(f)).wide_size for f in factors[1:])
-    return pick[1] * rest, (pick[1] + 1) * rest
+    n, wide = outer.narrow_size, sizes.wide(info.dims[-1])
+    factors = res.factors(info.dims[-1])
+    leading = len(factors) >= 2 and factors[0] == pick[0]
+    if not leading and factors[0][0] == "sum":
+        # the engine knows the axis as both parts and a product: leading only if a product puts it first
+        parts = factors[0][1]
+        products = res.prods.get(res.root(info.dims[-1]), [])
+        leading = (len(factors) == 1 and len(parts) == n
+                   and len({sizes.record_tree(q) for q in parts}) == 1
+                   and any(res.factors(f[0])[0] == pick[0] for f in products if f))
+    if not leading or wide % n:
+        return None
+    return pick[1] * (wide // n), (pick[1] + 1) * (wide // n)
 
 
 def _norm_weight(plan: Plan, node: fx.Node) -> str | None:
@@ -1233,8 +1310,7 @@ def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.
         state = dict(_named_tensors(model))
         mults = _multipliers_from_shapes(plan, state)
         record = build_record(plan, Sizes(plan, mults), mults)
-        unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
-        for name in unused:
+        for name in plan.unused_tensors():
             record.params.pop(name, None)
         check_shapes(model, record)
         return record

@@ -194,3 +194,40 @@ def test_tied_readout_factor_is_not_put_into_a_shifted_gain() -> None:
     ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(WidthConflictError, match=r"readout 'graphscale' could not be built.*w \+ 1"):
         graphscale.widen_into(small, large, (ids,), tracer="export")
+
+
+class MupScaledQNorm(QNormAttention):
+    """The same block with μP's attention scale 1/head_dim, from the model's own sizes."""
+
+    def __init__(self, width: int, **options: object) -> None:
+        super().__init__(width, **options)  # type: ignore[arg-type]
+        self.scaling = 1 / self.head_dim
+
+
+def _zero_key(model: QNormAttention) -> QNormAttention:
+    with torch.no_grad():
+        model.k.weight.zero_()  # every logit 0: attention is uniform whatever its scale
+    return model
+
+
+def test_blocked_query_is_not_accepted_on_weights_that_cannot_tell_attention_scales_apart() -> None:
+    # No gain carries the query's factor, so only 'mup' (nothing folded) can be tried. With a zero key it
+    # computes the same function as the larger model's 1/sqrt(head_dim), yet trains differently once the
+    # key moves: the probe on random weights must reject it.
+    small, large = _zero_key(QNormAttention(8, gain=False)), QNormAttention(16, gain=False)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    before = [t.clone() for t in large.state_dict().values()]
+    with pytest.raises(WidthConflictError, match=r"held on the small model's weights only because.*"
+                                                  r"on random weights its error is"):
+        graphscale.widen_into(small, large, (x,))
+    assert all(torch.equal(a, b) for a, b in zip(before, large.state_dict().values()))
+
+
+def test_blocked_query_is_accepted_where_the_larger_model_scales_by_one_over_head_dim() -> None:
+    small, large = _zero_key(MupScaledQNorm(8, gain=False)), MupScaledQNorm(16, gain=False)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,))
+    assert any("attention=" not in n and "readout='graphscale'" in n for n in record.notes)
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12
+    assert _trains_alike(small, large) <= 1e-9  # the key moves off zero: the scales must truly agree
