@@ -198,7 +198,7 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
         expected = build_record(plan, sizes, mults)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
-    unused = {str(n.target) for n in plan.captured.gm.graph.nodes if n.op == "get_attr" and not n.users}
+    unused = plan.unused_tensors()  # the larger model keeps its own (widen_into leaves them alone)
     target = {_strip(n): s.wide_shape for n, s in expected.params.items() if n not in unused}
     new_config, changed = _rewrite_config(tf, auto, config, target, multiplier, _config_heads(plan, heads),
                                           {_strip(n) for n in unused})

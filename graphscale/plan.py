@@ -21,7 +21,7 @@ from typing import Any, Literal
 import sympy
 import torch
 
-from graphscale.capture import Captured, Tracer, capture, parameters_unchanged
+from graphscale.capture import Captured, Tracer, capture, live_attributes, parameters_unchanged
 from graphscale.derive import ScalingRule, derive_rules
 from graphscale.edits import Edit
 from graphscale.errors import MultiplierError, UnsupportedOpError
@@ -94,6 +94,28 @@ class Plan:
     def edits(self) -> list[Edit]:
         """The graph edits :func:`graphscale.widen` applies, in order (see :mod:`graphscale.edits`)."""
         return self.walk.requests.edits(self.walk.info)
+
+    def unused_tensors(self) -> set[str]:
+        """The tensors the graph reads (``get_attr`` targets) that its output does not depend on: read only
+        by a dead computation (HF's ``original_inv_freq``; the rotary table of a model whose layers are
+        all linear attention), or not at all. Judged per tensor, not per name: a tied tensor read under
+        one name is live under all. Widening leaves these to the larger model.
+
+        Example:
+            >>> class M(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.fc = torch.nn.Linear(3, 4)
+            ...         self.register_buffer("table", torch.ones(4))
+            ...     def forward(self, x):
+            ...         dead = self.table * 2  # computed, never used
+            ...         return self.fc(x)
+            >>> sorted(analyze(M(), (torch.randn(2, 3),)).unused_tensors())
+            ['table']
+        """
+        live = {self.canonical(t) for t in live_attributes(self.captured.gm)}
+        return {str(n.target) for n in self.captured.gm.graph.nodes
+                if n.op == "get_attr" and self.canonical(str(n.target)) not in live}
 
     def module_rule(self, path: str) -> Rule | None:
         """The rule that describes the leaf module called at ``path`` (None if not a called module)."""
