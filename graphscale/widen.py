@@ -1098,6 +1098,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         pick: tuple[tuple, int] | None = None  # (axis tree, position) of an unbind/select on the way
         affine: list[tuple[str, str, fx.Node]] = []  # ("mul" | "add", tensor, node), attention side first
         normalized = False
+        before, reasons = len(out), len(blocked) if blocked is not None else 0
+        last = node
         for _ in range(64):
             if not isinstance(node, fx.Node):
                 break
@@ -1109,7 +1111,17 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 affine += [("mul", weight, node)] if weight in own else []
                 normalized = True
                 break
-            if node.name in users_of_param:
+            own = users_of_param.get(node.name)
+            if node.op == "get_attr":  # the query is a tensor of the model itself (a learned latent query)
+                name = _param_operand(plan, node)
+                if name is None or gain_users.get(name, 0) > 1:
+                    if blocked is not None:
+                        blocked.append(f"attention {node_name!r}: its query is {node.target!r}, which "
+                                       + ("is read elsewhere too, where a factor would change the function"
+                                          if name else "no copy scale describes"))
+                    break
+                own = [name]
+            if own is not None:
                 if pick is not None:
                     segment = _picked_rows(plan, sizes, node, pick, segment)
                     if segment is None:
@@ -1118,7 +1130,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                                            f"an axis that is not the leading factor of {node.name!r}'s "
                                            "output, so its rows there are strided")
                         break
-                out.extend(rows(users_of_param[node.name], node, segment, m))
+                out.extend(rows(own, node, segment, m))
                 assembled, why = _concatenated_bias_rows(plan, sizes, node, segment, m)
                 if why is not None:
                     if blocked is not None:
@@ -1132,7 +1144,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 pick = picked
             elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parts = plan.node_info.get(node.args[0].name)
-                if isinstance(parts, tuple) and isinstance(node.args[1], int):
+                if isinstance(parts, tuple) and isinstance(node.args[1], int) \
+                        and all(isinstance(p, TensorInfo) for p in parts):
                     k = node.args[1]
                     part_dims = [p.dims[-1] for p in parts]
                     lo = sum(sizes.wide(d) for d in part_dims[:k])
@@ -1141,6 +1154,9 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
                 tensor_args = [a for a in node.args[0] if isinstance(a, fx.Node)]  # cat: a partial rotary
+            # sizes (x.shape[0] as expand's argument under fx) are no operands the query flows through
+            tensor_args = [a for a in tensor_args if isinstance(plan.node_info.get(a.name), TensorInfo)
+                           or a.op == "get_attr"]
             path, param = _data_and_param(plan, tensor_args)
             if len(path) == 2 and (target in _MUL or target in _DIV):
                 a, b = path
@@ -1149,8 +1165,17 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     break
             if param is not None and (target in _MUL or target in _ADD):
                 affine.append(("mul" if target in _MUL else "add", param, node))
-            node = path[0] if path else None
+            if not path and len(tensor_args) == 1 and param is None \
+                    and _param_operand(plan, tensor_args[0]) is not None:
+                path = tensor_args  # views of a tensor of the model: the walk follows them to it
+            last, node = node, (path[0] if path else None)
         if not normalized:
+            if len(out) == before and blocked is not None and len(blocked) == reasons:
+                # no tensor found, and no reason known: the query may still need a factor, so this is no
+                # attention that can be skipped (a walk that took the wrong operand ends here too)
+                where = node.name if isinstance(node, fx.Node) else last.name
+                blocked.append(f"attention {node_name!r}: its query could not be followed back to a tensor "
+                               f"of the model (the walk stopped at {where})")
             continue
         # a normalization: the factor goes into the gain nearest to it and every bias after it
         muls = [i for i, a in enumerate(affine) if a[0] == "mul"]

@@ -1,0 +1,96 @@
+"""How widen_into finds the tensor that carries the query's further factor (docs/math.md §8), for queries
+that are no projection's output: a learned latent query (attention pooling) carries the factor itself, as
+a whole-tensor fold (a copy scale), so the widened model trains like the small one. A query the walk cannot
+follow back to one tensor (here a product of two) is "blocked": only 'mup' (no factor) is tried, and it
+must also hold on random weights. Before, such an attention was skipped as if its head_dim did not grow,
+and a zero latent (uniform attention: every scale gives the same output) was accepted for a larger model
+that scales by 1/sqrt(head_dim), which then trains differently.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphscale
+from graphscale.errors import WidthConflictError
+
+
+class LatentQueryPool(torch.nn.Module):
+    """Attention pooling with a learned query; ``product``: the query is ``latent * gate`` (two tensors)."""
+
+    def __init__(self, width: int, heads: int = 2, zero: bool = False, product: bool = False,
+                 mup_scale: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.heads, self.head_dim, self.product = heads, width // heads, product
+        self.emb = torch.nn.Linear(3, width)
+        self.latent = torch.nn.Parameter(torch.zeros(1, 1, width) if zero else torch.randn(1, 1, width))
+        self.gate = torch.nn.Parameter(1 + torch.rand(1, 1, width)) if product else None
+        self.k, self.v = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, 2)
+        self.scale = 1 / self.head_dim if mup_scale else None  # None: sdpa's 1/sqrt(head_dim)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, c = h.shape
+        latent = self.latent * self.gate if self.gate is not None else self.latent
+        q = latent.reshape(1, 1, self.heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+        k = self.k(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out(a.transpose(1, 2).reshape(b, c))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5) -> float:
+    hp = dict(lr=1e-2, eps=1e-12, weight_decay=0.1)
+    s_opt = torch.optim.AdamW(small.parameters(), **hp)
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
+    worst = 0.0
+    for i in range(steps):
+        xb = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        for model, opt in ((small, s_opt), (large, l_opt)):
+            opt.zero_grad()
+            model(xb).square().mean().backward()
+            opt.step()
+        with torch.no_grad():
+            worst = max(worst, _rel(large(xb), small(xb)))
+    return worst
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("zero", [False, True], ids=["random-latent", "zero-latent"])
+def test_a_learned_latent_query_carries_the_factor_itself(tracer: str, zero: bool) -> None:
+    small, large = LatentQueryPool(8, zero=zero), LatentQueryPool(16, zero=zero)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,), tracer=tracer)  # type: ignore[arg-type]
+    assert any("attention='standard'" in n for n in record.notes)
+    assert record["latent"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12
+    assert _trains_alike(small, large) <= 1e-9  # a zero latent moves: the scale must be the right one
+
+
+def test_a_query_the_walk_cannot_follow_is_not_accepted_on_uniform_attention() -> None:
+    small, large = LatentQueryPool(8, zero=True, product=True), LatentQueryPool(16, zero=True, product=True)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.raises(WidthConflictError, match=r"could not be followed back to a tensor of the model \(the "
+                                                  r"walk stopped at mul\).*on random weights its error is"):
+        graphscale.widen_into(small, large, (x,))
+
+
+def test_a_query_the_walk_cannot_follow_is_accepted_where_the_larger_model_scales_by_one_over_head_dim(
+) -> None:
+    options = dict(zero=True, product=True, mup_scale=True)
+    small, large = LatentQueryPool(8, **options), LatentQueryPool(16, **options)  # type: ignore[arg-type]
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    graphscale.widen_into(small, large, (x,))
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12
+    assert _trains_alike(small, large) <= 1e-9
