@@ -1064,7 +1064,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     lies on the way (a q-norm erases any factor before it), the normalization's gain (and the biases
     after it). An attention whose factor no tensor can carry (a normalization without gain) is described
     in ``blocked`` instead."""
-    from graphscale.infer.values import TensorInfo
+    from graphscale.infer.values import SizeInfo, TensorInfo
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.requests.scales]
@@ -1096,6 +1096,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         node = nodes[node_name].args[0]
         segment: tuple[int, int] | None = None
         pick: tuple[tuple, int] | None = None  # (axis tree, position) of an unbind/select on the way
+        cut: tuple | None = None  # (factors, wide start, stop) of a slice on the way, or (factors, why not)
         affine: list[tuple[str, str, fx.Node]] = []  # ("mul" | "add", tensor, node), attention side first
         normalized = False
         before, reasons = len(out), len(blocked) if blocked is not None else 0
@@ -1122,6 +1123,14 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     break
                 own = [name]
             if own is not None:
+                info = plan.node_info[node.name]
+                if cut is not None and pick is None and segment is None and isinstance(info, TensorInfo) \
+                        and tuple(plan.resolution.factors(info.dims[-1])) == cut[0]:
+                    if isinstance(cut[1], str):  # the slice took part of this output, but not whole parts
+                        if blocked is not None:
+                            blocked.append(f"attention {node_name!r}: {cut[1]}")
+                        break
+                    segment = (cut[1], cut[2])  # rows of this output (Phi-3's qkv[..., :q_size])
                 if pick is not None:
                     segment = _picked_rows(plan, sizes, node, pick, segment)
                     if segment is None:
@@ -1140,6 +1149,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 out.extend(r for a in affine if a[0] == "add" for r in rows([a[1]], a[2], None, m))
                 break
             picked = _pick(plan, node)
+            if cut is None:
+                cut = _slice_rows(plan, sizes, node)
             if picked is not None and pick is None and segment is None:
                 pick = picked
             elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
@@ -1155,8 +1166,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
                 tensor_args = [a for a in node.args[0] if isinstance(a, fx.Node)]  # cat: a partial rotary
             # sizes (x.shape[0] as expand's argument under fx) are no operands the query flows through
-            tensor_args = [a for a in tensor_args if isinstance(plan.node_info.get(a.name), TensorInfo)
-                           or a.op == "get_attr"]
+            tensor_args = [a for a in tensor_args if not isinstance(plan.node_info.get(a.name), SizeInfo)]
             path, param = _data_and_param(plan, tensor_args)
             if len(path) == 2 and (target in _MUL or target in _DIV):
                 a, b = path
@@ -1246,6 +1256,67 @@ def _concatenated_bias_rows(plan: Plan, sizes: Sizes, node: fx.Node, segment: tu
                 found.append((name, len(plan.tensor_dims[name]) - 1, a - start, b - start, m))
             start += width
     return found, None
+
+
+def _slice_rows(plan: Plan, sizes: Sizes, node: fx.Node) -> tuple[tuple, int, int] | tuple[tuple, str] | None:
+    """Where ``node`` slices one axis ``j`` of its input (Phi-3's ``qkv[..., :q_size]``, Falcon's
+    ``qkv.view(b, t, heads + 2, d)[..., :-2, :]``, or ``aten.slice``): ``(factors, wide start, wide
+    stop)``, the rows it keeps of the axis that flattens axes ``j..`` (``factors``: their resolution
+    trees, outermost first), if it keeps a run of whole parts of a concatenation on axis ``j`` (the same
+    parts, widened, are again one run); else ``(factors, why not)``. None where ``node`` is no such slice
+    or keeps the whole axis. The caller uses it only for a projection whose output axis has exactly those
+    factors: a slice of head_dim alone (a rotary's) says nothing about a projection's rows."""
+    from graphscale.infer.values import SizeInfo, TensorInfo
+
+    source, axis, bounds = None, -1, None
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        info = plan.node_info.get(node.args[0].name)
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if isinstance(info, TensorInfo) and index.count(Ellipsis) <= 1 \
+                and all(isinstance(i, slice) or i is Ellipsis for i in index):
+            n = len(info.dims)
+            if Ellipsis in index:  # expand ... so that positions are axes
+                at = index.index(Ellipsis)
+                index = index[:at] + (slice(None),) * (n - len(index) + 1) + index[at + 1:]
+            index += (slice(None),) * (n - len(index))
+            cuts = [j for j, i in enumerate(index) if i != slice(None)]
+            if len(cuts) == 1:
+                source, axis = node.args[0], cuts[0]
+                bounds = (index[axis].start, index[axis].stop, index[axis].step)
+    elif node.op == "call_function" and _op_name(node) == "slice" and isinstance(node.args[0], fx.Node):
+        info = plan.node_info.get(node.args[0].name)
+        args = list(node.args) + [None] * (5 - len(node.args))
+        if isinstance(info, TensorInfo) and isinstance(args[1] or 0, int):
+            source, axis, bounds = node.args[0], (args[1] or 0) % len(info.dims), (args[2], args[3], args[4])
+    if source is None or bounds is None:
+        return None
+    info = plan.node_info[source.name]
+    assert isinstance(info, TensorInfo)
+    res = plan.resolution
+    factors = tuple(f for d in info.dims[axis:] for f in res.factors(d))
+    size = res.size(info.dims[axis])
+    # a bound read off a shape under fx (``fused[..., :c]``, ``c = h.shape[-1]``) is that size's value here
+    start, stop, step = (plan.node_info[b.name].value if isinstance(b, fx.Node)  # type: ignore[union-attr]
+                         and isinstance(plan.node_info.get(b.name), SizeInfo) else b for b in bounds)
+    if not all(b is None or isinstance(b, int) for b in (start, stop, step)) or step not in (None, 1):
+        return factors, f"{node.name!r} slices its query with a step or a computed bound"
+    lo, hi = slice(start, stop).indices(size)[:2]
+    if (lo, hi) == (0, size):
+        return None
+    tree = res.tree(info.dims[axis])
+    narrow, wide, wide_lo, wide_hi = 0, 0, None, None
+    for part in tree[1] if tree[0] == "sum" else ():
+        replication = AxisReplication(sizes.record_tree(part))
+        if narrow == lo:
+            wide_lo = wide
+        narrow, wide = narrow + replication.narrow_size, wide + replication.wide_size
+        if narrow == hi:
+            wide_hi = wide
+    if wide_lo is None or wide_hi is None:
+        return factors, (f"{node.name!r} takes {lo}:{hi} of axis {axis} of {source.name!r}, which is no run "
+                         "of its concatenated parts, so widening does not keep them together")
+    rest = math.prod(sizes.wide(d) for d in info.dims[axis + 1:])
+    return factors, wide_lo * rest, wide_hi * rest
 
 
 def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import graphscale
-from graphscale.errors import WidthConflictError
+from graphscale.errors import SliceFoldWarning, WidthConflictError
 
 
 class LatentQueryPool(torch.nn.Module):
@@ -94,3 +94,50 @@ def test_a_query_the_walk_cannot_follow_is_accepted_where_the_larger_model_scale
     with torch.no_grad():
         assert _rel(large(x), small(x)) <= 1e-12
     assert _trains_alike(small, large) <= 1e-9
+
+
+class SlicedFusedAttention(torch.nn.Module):
+    """A fused projection whose query is a slice: ``"last"`` takes ``qkv[..., :q_size]`` (Phi-3), ``"heads"``
+    views it as ``heads + 2`` heads and takes ``[..., :-2, :]`` (Falcon's multi-query layout)."""
+
+    def __init__(self, width: int, layout: str, heads: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.layout, self.heads, self.head_dim = layout, heads, width // heads
+        kv = 2 * width if layout == "last" else 2 * self.head_dim
+        self.emb = torch.nn.Linear(3, width)
+        self.qkv = torch.nn.Linear(width, width + kv)
+        self.o = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, 2)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, c = h.shape
+        fused = self.qkv(h)
+        if self.layout == "last":
+            q, k, v = fused[..., :c], fused[..., c:2 * c], fused[..., 2 * c:]
+            q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        else:
+            fused = fused.view(b, t, self.heads + 2, self.head_dim)
+            q, k, v = fused[..., :-2, :], fused[..., -2:-1, :], fused[..., -1:, :]
+            q = q.transpose(1, 2)
+            k, v = (z.transpose(1, 2).expand(b, self.heads, t, self.head_dim) for z in (k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h + self.o(a.transpose(1, 2).reshape(b, t, c)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("layout", ["last", "heads"])
+def test_a_sliced_query_folds_the_factor_into_its_rows_only(layout: str, tracer: str) -> None:
+    # Before, the walk passed the slice and folded k**-0.5 into every row of the fused projection (the key
+    # and value too): no convention was exact and widen_into refused Phi-3 and Falcon.
+    small, large = SlicedFusedAttention(8, layout), SlicedFusedAttention(16, layout)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.warns(SliceFoldWarning):
+        record = graphscale.widen_into(small, large, (x,), tracer=tracer)  # type: ignore[arg-type]
+    assert any("attention='standard'" in n for n in record.notes)
+    assert [f[:3] for f in record["qkv.weight"].slice_folds] == [(0, 0, 16)]  # the wide query rows
+    assert [f[:3] for f in record["qkv.bias"].slice_folds] == [(0, 0, 16)]
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12
