@@ -148,6 +148,11 @@ class ParamScaling:
     factor, why)`` says wide indices ``start:stop`` of ``axis`` carry a further ``factor`` (the query rows of
     a fused q|k|v projection with ``heads="fixed"``). The function stays exact, but no per-tensor optimizer
     can train such a tensor like the narrow one (docs/math.md §8), so the train-time pieces refuse it.
+
+    ``shift`` is a constant added after scaling: the wide tensor is ``c E(w) + shift``. A gain written as
+    ``s + w`` (Gemma's ``1 + w``) that carries a factor ``f`` needs ``s + w' = f (s + w)``, so
+    ``w' = f w + (f - 1) s``. Gradients and updates see only ``c``; decoupled weight decay would pull
+    ``w'`` toward 0 instead of toward the shift, so :func:`graphscale.mup_optimizer` refuses a non-zero one.
     """
 
     name: str
@@ -163,6 +168,7 @@ class ParamScaling:
     role: Role = "fixed"
     notes: tuple[str, ...] = field(default_factory=tuple)
     slice_folds: tuple[tuple[int, int, int, float, str], ...] = ()
+    shift: float = 0.0
 
     @property
     def fan_out_mult(self) -> int:
@@ -181,6 +187,8 @@ class ParamScaling:
         if self.slice_folds:  # only when present: records without one stay as they were written before
             out["slice_folds"] = [[int(a), int(lo), int(hi), float(f), str(why)]
                                   for a, lo, hi, f, why in self.slice_folds]
+        if self.shift:  # likewise
+            out["shift"] = float(self.shift)
         return out
 
     @staticmethod
@@ -196,6 +204,7 @@ class ParamScaling:
             is_buffer=bool(d["is_buffer"]), role=d["role"], notes=tuple(str(x) for x in d["notes"]),
             slice_folds=tuple((int(a), int(lo), int(hi), float(f), str(why))
                               for a, lo, hi, f, why in d.get("slice_folds", ())),
+            shift=float(d.get("shift", 0.0)),
         )
 
     def replicate(self, narrow: torch.Tensor) -> torch.Tensor:
@@ -221,13 +230,16 @@ class ParamScaling:
         return out.clone() if out is narrow else out
 
     def widen(self, narrow: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``c * E(narrow)``: the wide value that keeps the function exact; written into ``out`` (a tensor of
-        the wide shape, e.g. the larger model's own) when given, which is returned.
+        """``c * E(narrow) + shift``: the wide value that keeps the function exact; written into ``out`` (a
+        tensor of the wide shape, e.g. the larger model's own) when given, which is returned.
 
         Example:
             >>> s = ParamScaling("w", "w", (2,), (4,), (AxisReplication.atomic(2, 2),), 0.5, 2, 2)
             >>> s.widen(torch.tensor([1.0, 3.0])).tolist()
             [0.5, 0.5, 1.5, 1.5]
+            >>> from dataclasses import replace
+            >>> replace(s, shift=-0.5).widen(torch.tensor([1.0, 3.0])).tolist()  # a gain 1 + w halved
+            [0.0, 0.0, 1.0, 1.0]
             >>> into = torch.empty(4, dtype=torch.float64)
             >>> s.widen(torch.tensor([1.0, 3.0]), out=into) is into, into.tolist()
             (True, [0.5, 0.5, 1.5, 1.5])
@@ -253,9 +265,11 @@ class ParamScaling:
                 torch.mul(src, self.copy_scale, out=wide.view(expand_shape))
             else:
                 wide.view(expand_shape).copy_(src)
-            return wide
+            return wide.add_(self.shift) if self.shift and wide.is_floating_point() else wide
         if scale:
             narrow = narrow * self.copy_scale  # scale the narrow tensor: a pass over 1/M of the memory
+        if self.shift and narrow.is_floating_point():
+            narrow = narrow + self.shift  # c w + shift, replicated: the same values as c E(w) + shift
         wide = self.replicate(narrow)
         return wide if out is None else out.copy_(wide)
 

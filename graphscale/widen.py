@@ -887,11 +887,18 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
         producer = get_arg(nodes[use.node], use.operand)
         adds: list[str] = []  # biases added between the gain and the use: they carry the factor too
         gain: str | None = None
+        offset = 0.0  # the constant s of a gain written as s + w (Gemma's 1 + w)
         while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
                 and producer.op in ("call_method", "call_function") and producer.args:
-            path, param = _data_and_param(plan, [a for a in producer.args if isinstance(a, fx.Node)])
+            operands = [a for a in producer.args if isinstance(a, fx.Node)]
+            path, param = _data_and_param(plan, operands)
             if param is not None and _target(producer) in _MUL:
                 gain = param
+                break
+            shifted = [(a, _shifted_param(plan, a)) for a in operands] if _target(producer) in _MUL else []
+            if len(operands) == 2 and sum(sh is not None for _, sh in shifted) == 1:
+                (gain, offset), = (sh for _, sh in shifted if sh is not None)  # type: ignore[misc]
+                producer = next(a for a, sh in shifted if sh is None)
                 break
             if param is not None and _target(producer) in _ADD:
                 adds.append(param)
@@ -903,15 +910,19 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
                 or any(reads.get(p, 0) > 1 for p in carriers if gain is not None):
             raise WidthConflictError(
                 f"{name} is shared with {use.node}, which needs a further factor {factor} that widen_into "
-                "cannot put into any weight (the op feeding it has no parameters, or other users, or a gain "
-                "written as w + 1, which no copy scale of w scales); use graphscale.widen, which inserts the "
+                "cannot put into any weight (the op feeding it has no parameters, or other users); use "
+                "graphscale.widen, which inserts the "
                 "factor into the graph")
         for p in carriers:
             for key in [p, *plan.rules[p].aliases]:
                 s = record.params[key]
-                record.params[key] = replace(s, copy_scale=s.copy_scale * value)
+                # s + w' = f (s + w): w' = f w + (f - 1) s, with the shift already there scaled by f too
+                shift = s.shift * value + (value - 1) * offset if p == gain else s.shift * value
+                record.params[key] = replace(s, copy_scale=s.copy_scale * value, shift=shift)
         record.notes.append(f"widen_into: {', '.join(carriers)} carry a further {factor} "
-                            f"for the shared use of {name} at {use.node}")
+                            f"for the shared use of {name} at {use.node}"
+                            + (f" ({gain} is a gain written as {offset:g} + w: it also moves by "
+                               f"{(value - 1) * offset:.6g})" if offset else ""))
 
 
 def _widened_outputs(plan: Plan, sizes: Sizes, narrow: Any) -> Any:
@@ -1030,6 +1041,20 @@ def _param_operand(plan: Plan, node: fx.Node) -> str | None:
             return None
         node = ins[0]
     return None
+
+
+def _shifted_param(plan: Plan, node: fx.Node) -> tuple[str, float] | None:
+    """``(tensor, s)`` where ``node`` is ``s + w`` or ``w + s`` for a tensor ``w`` of the model (through
+    casts: Gemma's ``1.0 + self.weight.float()``) and a number ``s``; None otherwise."""
+    if node.op not in ("call_function", "call_method") or _target(node) not in _ADD or len(node.args) != 2 \
+            or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    number, tensor = (a, b) if isinstance(a, (int, float)) else (b, a)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not isinstance(tensor, fx.Node):
+        return None
+    name = _param_operand(plan, tensor)
+    return (name, float(number)) if name is not None else None
 
 
 def _data_and_param(plan: Plan, tensor_args: list[fx.Node]) -> tuple[list[fx.Node], str | None]:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import graphscale
 from graphscale.errors import WidthConflictError
+from graphscale.record import WideningRecord
+from graphscale.train._common import RecordError
 
 
 class RMSNorm(torch.nn.Module):
@@ -189,11 +191,36 @@ def test_tied_readout_factor_moves_into_a_written_out_norm_gain(tracer: str) -> 
     assert _trains_alike(small, large, ids=True) <= 1e-9
 
 
-def test_tied_readout_factor_is_not_put_into_a_shifted_gain() -> None:
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_tied_readout_factor_moves_into_a_shifted_gain_with_a_shift(tracer: str) -> None:
+    # Gemma's gain 1 + w: 1 + w' = f (1 + w) needs w' = f w + (f - 1), a copy scale f and a shift f - 1
     small, large = TiedWrittenNorm(8, shifted=True), TiedWrittenNorm(16, shifted=True)
     ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(WidthConflictError, match=r"readout 'graphscale' could not be built.*w \+ 1"):
-        graphscale.widen_into(small, large, (ids,), tracer="export")
+    record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
+    assert record["norm_weight"].copy_scale == pytest.approx(0.5, rel=1e-12)
+    assert record["norm_weight"].shift == pytest.approx(-0.5, rel=1e-12)
+    assert WideningRecord.from_json(record.to_json()) == record  # the shift is saved with the record
+    with torch.no_grad():
+        assert torch.allclose(large.norm_weight, 0.5 * small.norm_weight.repeat_interleave(2) - 0.5,
+                              rtol=0, atol=1e-15)
+        assert _rel(large(ids), small(ids)) <= 1e-12
+    with pytest.raises(RecordError, match=r"norm_weight is a gain written as s \+ w.*weight_decay=0"):
+        graphscale.mup_optimizer(large, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    # with the gain out of weight decay (as Hugging Face's Trainer leaves norm weights) it trains alike
+    hp = dict(lr=1e-2, eps=1e-12, weight_decay=0.1)
+    rest = [p for n, p in small.named_parameters() if n != "norm_weight"]
+    s_opt = torch.optim.AdamW([{"params": rest}, {"params": [small.norm_weight], "weight_decay": 0.0}], **hp)
+    l_rest = [p for n, p in large.named_parameters() if n != "norm_weight"]
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, params=[
+        {"params": l_rest}, {"params": [large.norm_weight], "weight_decay": 0.0}], **hp)
+    for i in range(5):
+        xb = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(i))
+        for model, opt in ((small, s_opt), (large, l_opt)):
+            opt.zero_grad()
+            model(xb).square().mean().backward()
+            opt.step()
+        with torch.no_grad():
+            assert _rel(large(xb), small(xb)) <= 1e-9
 
 
 class MupScaledQNorm(QNormAttention):
