@@ -668,11 +668,13 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
                     ) -> dict[str, tuple[str, float, str]] | None:
     """Where each width-dependent constant can be undone exactly: ``x * c`` with the larger model's ``c'``
     for the small ``c`` needs ``x`` times ``c / c'``, which the op producing ``x`` (an embedding, a
-    linear: its weight and bias) carries, found through views and casts. Returns {tensor: (producing
+    linear: its weight and bias; T5's final norm written out as ``weight * x``: its gain) carries, found
+    through views, casts and dropout. Returns {tensor: (producing
     node, factor, why)} (a constant with no such op is left out: the output check rules on the whole), or
     None where none can be folded or two land on one tensor."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     params_of = _params_by_node(plan)
+    reads = _reads_per_tensor(plan)
     folds: dict[str, tuple[str, float, str]] = {}
     for node_name, operand, x, y, why in constants:
         node = nodes[node_name]
@@ -685,9 +687,14 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
         while isinstance(producer, fx.Node) and producer.name not in params_of and _readers(producer) == 1 \
                 and _op_name(producer) in _PASS_THROUGH:
             producer = next((a for a in producer.args if isinstance(a, fx.Node)), None)
-        if not isinstance(producer, fx.Node) or producer.name not in params_of or _readers(producer) != 1:
+        carriers = params_of.get(getattr(producer, "name", ""), [])
+        if isinstance(producer, fx.Node) and not carriers and _target(producer) in _MUL:
+            # a gain written out (T5's final norm: weight * x): the product is linear in the gain too
+            _, gain = _data_and_param(plan, [a for a in producer.args if isinstance(a, fx.Node)])
+            carriers = [gain] if gain is not None and reads.get(gain, 0) == 1 else []
+        if not isinstance(producer, fx.Node) or not carriers or _readers(producer) != 1:
             continue  # e.g. attention scores times 1/sqrt(head_dim): the attention candidates cover it
-        for p in params_of[producer.name]:
+        for p in carriers:
             if p in folds:
                 return None  # two constants on one tensor: not tried
             folds[p] = (producer.name, factor, why)

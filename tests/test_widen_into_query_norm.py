@@ -162,10 +162,11 @@ class TiedWrittenNorm(torch.nn.Module):
     """Embedding tied to the readout, the final norm written out with its gain as ``weight * x`` (no
     LayerNorm op): the readout's 1/k (a tied weight cannot carry it) moves into that gain."""
 
-    def __init__(self, width: int, vocab: int = 11, shifted: bool = False) -> None:
+    def __init__(self, width: int, vocab: int = 11, shifted: bool = False, scaled: bool = False) -> None:
         super().__init__()
         torch.manual_seed(width)
-        self.shifted = shifted  # Gemma's gain 1 + w: no copy scale of w scales it
+        self.shifted = shifted  # Gemma's gain 1 + w
+        self.scale = width ** -0.5 if scaled else None  # T5's tied readout input times d_model**-0.5
         self.emb = torch.nn.Embedding(vocab, width)
         self.fc = torch.nn.Linear(width, width)
         self.norm_weight = torch.nn.Parameter(1 + 0.3 * torch.randn(width))
@@ -176,7 +177,8 @@ class TiedWrittenNorm(torch.nn.Module):
         h = h + torch.tanh(self.fc(h))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
         gain = 1 + self.norm_weight if self.shifted else self.norm_weight
-        return F.linear(gain * h, self.emb.weight)
+        h = F.dropout(gain * h, 0.1, False)  # as in eval mode: an identity the walk passes
+        return F.linear(h * self.scale if self.scale is not None else h, self.emb.weight)
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
@@ -186,6 +188,19 @@ def test_tied_readout_factor_moves_into_a_written_out_norm_gain(tracer: str) -> 
     record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
     assert any("readout='graphscale'" in n for n in record.notes)
     assert record["norm_weight"].copy_scale == pytest.approx(0.5, rel=1e-12)  # the readout's 1/k
+    with torch.no_grad():
+        assert _rel(large(ids), small(ids)) <= 1e-12
+    assert _trains_alike(small, large, ids=True) <= 1e-9
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_constant_of_the_larger_model_is_undone_in_a_written_out_gain(tracer: str) -> None:
+    # T5: the tied readout's input times d_model**-0.5 from each model's own width; the gain before it
+    # (weight * x, then dropout) takes (w/2w)**-0.5 = sqrt(2) for the constant and 1/2 for the readout
+    small, large = TiedWrittenNorm(8, scaled=True), TiedWrittenNorm(16, scaled=True)
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
+    assert record["norm_weight"].copy_scale == pytest.approx(0.5 * 2 ** 0.5, rel=1e-12)
     with torch.no_grad():
         assert _rel(large(ids), small(ids)) <= 1e-12
     assert _trains_alike(small, large, ids=True) <= 1e-9
