@@ -50,9 +50,9 @@ def float32_reductions(plan: Plan, sizes: Sizes) -> list[str]:
 
     def widened_roots(node: Any) -> set[int] | None:
         val, info = node.meta.get("val"), plan.walk.info.get(node.name)
-        if not isinstance(info, TensorInfo) or not isinstance(val, torch.Tensor):
-            return None
-        if val.dtype != torch.float32:
+        # export's meta["val"], else the dtype the analysis walk saw (an fx graph has no meta["val"])
+        dtype = val.dtype if isinstance(val, torch.Tensor) else node.meta.get("graphscale_dtype")
+        if not isinstance(info, TensorInfo) or dtype != torch.float32:
             return None
         return {sizes.res.root(d) for d in info.dims if sizes.mult(d) > 1}
 

@@ -91,6 +91,8 @@ class _Walker(fx.Interpreter):
         info = self._infer(n, result)
         self.walk.info[n.name] = info
         n.meta["graphscale_info"] = info  # per-node results live with the node, as fx passes keep theirs
+        if isinstance(result, torch.Tensor):  # fx graphs carry no meta["val"]: the dtype each node computes
+            n.meta["graphscale_dtype"] = result.dtype
         return result
 
     def _infer(self, n: fx.Node, result: Any) -> Info:
