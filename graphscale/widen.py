@@ -513,7 +513,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # A constant that the larger model's code computes from its own sizes (an embedding scale
     # sqrt(d_model)) is only looked for when no candidate holds: then it is undone in the op feeding it
     # (the factor small/large in that op's weights, docs/math.md §8) and every candidate is tried again.
-    folds: dict[str, tuple[str, float, str]] = {}
+    folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
     constants: list[tuple[str, Any, float, float, str]] = []
     unconfirmed: dict[tuple[str, str], float] = {}  # blocked: held on small's weights, not on random ones
     readouts = _readouts(plan, sizes, record)
@@ -583,9 +583,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
             record.notes.append(f"widen_into: the query carries a further k**{power:g} "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
-        for name, (node, f, why) in folds.items():
+        for name, (producers, f, why) in folds.items():
             record.notes.append(f"widen_into: {name} carries a further {f:.6g} for the larger model's own "
-                                f"constant at {why} (its op {node} feeds that one)")
+                                f"constant at {why} (its ops {', '.join(producers)} feed them)")
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
@@ -665,17 +665,18 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, str]]
-                    ) -> dict[str, tuple[str, float, str]] | None:
+                    ) -> dict[str, tuple[tuple[str, ...], float, str]] | None:
     """Where each width-dependent constant can be undone exactly: ``x * c`` with the larger model's ``c'``
     for the small ``c`` needs ``x`` times ``c / c'``, which the op producing ``x`` (an embedding, a
     linear: its weight and bias; T5's final norm written out as ``weight * x``: its gain) carries, found
     through views, casts and dropout. Returns {tensor: (producing
-    node, factor, why)} (a constant with no such op is left out: the output check rules on the whole), or
-    None where none can be folded or two land on one tensor."""
+    nodes, factor, why)} (a constant with no such op is left out: the output check rules on the whole;
+    one factor may reach a tensor through several ops, M2M-100's embedding shared by encoder and
+    decoder), or None where none can be folded or two different ones land on one tensor."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     params_of = _params_by_node(plan)
     reads = _reads_per_tensor(plan)
-    folds: dict[str, tuple[str, float, str]] = {}
+    folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
     for node_name, operand, x, y, why in constants:
         node = nodes[node_name]
         target = _target(node)
@@ -695,9 +696,13 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
         if not isinstance(producer, fx.Node) or not carriers or _readers(producer) != 1:
             continue  # e.g. attention scores times 1/sqrt(head_dim): the attention candidates cover it
         for p in carriers:
-            if p in folds:
-                return None  # two constants on one tensor: not tried
-            folds[p] = (producer.name, factor, why)
+            if p in folds:  # a tensor read by two ops (a shared embedding of encoder and decoder)
+                producers, earlier, whys = folds[p]
+                if producer.name in producers or not math.isclose(earlier, factor, rel_tol=1e-12):
+                    return None  # two different constants on one tensor: not tried
+                folds[p] = ((*producers, producer.name), earlier, f"{whys}; {why}")
+                continue
+            folds[p] = ((producer.name,), factor, why)
     return folds or None
 
 
@@ -750,7 +755,7 @@ def _candidate(record: WideningRecord) -> WideningRecord:
 
 
 def _readout_candidates(plan: Plan, sizes: Sizes, record: WideningRecord, readouts: dict[str, list[str]],
-                        folds: dict[str, tuple[str, float, str]]
+                        folds: dict[str, tuple[tuple[str, ...], float, str]]
                         ) -> tuple[dict[str, WideningRecord], dict[str, str], dict[str, int]]:
     """The readout conventions to measure, as records (after the constant ``folds``): "graphscale" puts
     the readout's 1/k in its weights (a tied readout's into the op feeding it); "own" leaves it to the
@@ -873,7 +878,7 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
 
 
 def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
-                            folds: dict[str, tuple[str, float, str]] | None = None) -> None:
+                            folds: dict[str, tuple[tuple[str, ...], float, str]] | None = None) -> None:
     """A tied weight's extra factor (inserted as a multiplier by :func:`widen`) must live in weights here:
     move it into the parameters of the op that produces the tied use's input (the final LayerNorm
     before a tied readout, or a norm written out whose gain is an elementwise ``weight * x``, with the
@@ -887,7 +892,7 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
         factor = plan.rules[name].use_multipliers.get(use.node)
         value = 1.0 if factor is None else plan.substitute(factor, mults)
         fold = (folds or {}).get(name)
-        if fold is not None and fold[0] != use.node:  # a tied weight folded for another use: undo it here
+        if fold is not None and use.node not in fold[0]:  # folded for another use of a tied weight: undo it
             value, factor = value / fold[1], f"{factor or 1} / {fold[1]:.6g}"
         if factor is None or use.operand is None or value == 1.0:
             continue

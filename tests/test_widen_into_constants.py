@@ -1,0 +1,56 @@
+"""widen_into where the larger model's code computes a constant from its own width at two places that read
+one tensor: M2M-100 and PLBart scale the embedding shared by encoder and decoder by sqrt(d_model) in each.
+The same factor c/c' goes into the shared weight once, and the tied readout undoes it in the final norm.
+Before, two constants landing on one tensor were not tried, and widen_into refused both models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphscale
+
+
+class SharedScaledEmbedding(torch.nn.Module):
+    def __init__(self, width: int, vocab: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.scale = width ** 0.5
+        self.second = self.scale  # the decoder's constant
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.fc = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.double()
+
+    def forward(self, ids: torch.Tensor, dec_ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc(self.emb(ids) * self.scale)).mean(1, keepdim=True)  # the encoder
+        g = self.emb(dec_ids) * self.second + h  # the decoder reads the same embedding
+        return F.linear(self.norm(g), self.emb.weight)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_one_constant_read_through_two_ops_is_folded_once(tracer: str) -> None:
+    small, large = SharedScaledEmbedding(8), SharedScaledEmbedding(16)
+    gen = torch.Generator().manual_seed(0)
+    ids, dec = torch.randint(0, 11, (2, 5), generator=gen), torch.randint(0, 11, (2, 4), generator=gen)
+    record = graphscale.widen_into(small, large, (ids, dec), tracer=tracer)  # type: ignore[arg-type]
+    assert record["emb.weight"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)  # sqrt(8/16), once
+    assert record["norm.weight"].copy_scale == pytest.approx(0.5 * 2 ** 0.5, rel=1e-12)  # 1/k undone f
+    with torch.no_grad():
+        assert _rel(large(ids, dec), small(ids, dec)) <= 1e-12
+
+
+def test_two_different_constants_on_one_tensor_are_still_refused() -> None:
+    # the decoder's constant grows as d (8 -> 16), the encoder's as sqrt(d): no one factor in the weight
+    small, large = SharedScaledEmbedding(8), SharedScaledEmbedding(16)
+    small.second, large.second = 8.0, 16.0
+    gen = torch.Generator().manual_seed(0)
+    ids, dec = torch.randint(0, 11, (2, 5), generator=gen), torch.randint(0, 11, (2, 4), generator=gen)
+    with pytest.raises(graphscale.GraphscaleError, match="computes constants from its own sizes"):
+        graphscale.widen_into(small, large, (ids, dec))
