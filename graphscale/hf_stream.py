@@ -358,7 +358,9 @@ class _Item:
     src: TensorEntry
     scaling: ParamScaling  # the final recipe (record, noise): copy_scale with every fold
     widen_scale: float  # the copy scale widening multiplies by (before the query fold, as widen_into does)
-    query: list[tuple[int, int, int, int, float]]  # (axis, lo, hi, m, power): rows lo:hi times m**power
+    widen_shift: float  # and the shift it adds then (ParamScaling.shift before the query fold)
+    # (axis, lo, hi, m, power, s): rows lo:hi times m**power (a gain s + w: plus (m**power - 1) s)
+    query: list[tuple[int, int, int, int, float, float]]
     is_param: bool
     proxy_name: str | None  # the proxy tensor with the same recipe and values (layer 0, non-layer tensors)
     dtype: torch.dtype
@@ -617,11 +619,12 @@ def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor],
     """The recipe of every checkpoint key, in the class's parameter order (noise draws in that order), then
     its buffers."""
     recipes = w.record.params
-    query: dict[str, list[tuple[int, int, int, int, float]]] = {}
-    before: dict[str, float] = {}
-    for name, axis, lo, hi, m, c, power in w.record.info.get("query_scales", []):
-        query.setdefault(hf._strip(name), []).append((axis, lo, hi, m, power))
-        before.setdefault(hf._strip(name), c)
+    query: dict[str, list[tuple[int, int, int, int, float, float]]] = {}
+    before: dict[str, tuple[float, float]] = {}
+    for name, axis, lo, hi, m, c, power, *rest in w.record.info.get("query_scales", []):
+        offset, shift = (*rest, 0.0, 0.0)[:2]  # records written before gains s + w had neither
+        query.setdefault(hf._strip(name), []).append((axis, lo, hi, m, power, offset))
+        before.setdefault(hf._strip(name), (c, shift))
     param_ids = {id(p) for p in meta.parameters()}
     key_of = {id(named[k]): k for k in entries}
     order = [n for n, _ in meta.named_parameters()] + [n for n, _ in meta.named_buffers()]
@@ -647,7 +650,7 @@ def _items(entries: dict[str, TensorEntry], named: dict[str, torch.Tensor],
         scaling = replace(s, name=key, source=layers.to_real(hf._strip(s.source), _layer(layers, key)),
                           narrow_shape=e.shape, wide_shape=wide_shape)
         split = layers.split(key)
-        items.append(_Item(key, e, scaling, before.get(pname, s.copy_scale), query.get(pname, []),
+        items.append(_Item(key, e, scaling, *before.get(pname, (s.copy_scale, s.shift)), query.get(pname, []),
                            id(named[key]) in param_ids, pname if split is None or split[1] == 0 else None,
                            dtype if e.dtype.is_floating_point else e.dtype))
     return items
@@ -699,13 +702,15 @@ def _widen_one(item: _Item, rows: int | None = None) -> torch.Tensor:
     t = read_tensor(item.src, rows=rows)
     if t.is_floating_point():
         t = t.to(item.dtype)
-    scaling = replace(item.scaling, copy_scale=item.widen_scale)
+    scaling = replace(item.scaling, copy_scale=item.widen_scale, shift=item.widen_shift)
     if rows is not None:
         scaling = replace(scaling, narrow_shape=tuple(t.shape), wide_shape=(rows, *scaling.wide_shape[1:]))
     wide = scaling.widen(t)
     del t
-    for axis, lo, hi, m, power in item.query:
-        wide.narrow(axis, lo, hi - lo).mul_(m ** power)
+    for axis, lo, hi, m, power, offset in item.query:
+        rows = wide.narrow(axis, lo, hi - lo).mul_(m ** power)
+        if offset:
+            rows.add_((m ** power - 1) * offset)
     return wide
 
 

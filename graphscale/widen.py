@@ -493,8 +493,11 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 if only is None or name in only:
                     s.widen(src[plan.canonical(name)].detach(), out=state[name])
             if _ATTENTION_POWER[att] and q_scales:
-                for name, axis, lo, hi, m in q_scales:
-                    state[name].narrow(axis, lo, hi - lo).mul_(m ** _ATTENTION_POWER[att])
+                for name, axis, lo, hi, m, offset in q_scales:
+                    f = m ** _ATTENTION_POWER[att]
+                    rows = state[name].narrow(axis, lo, hi - lo).mul_(f)
+                    if offset:  # a gain s + w: s + w' = f (s + w)
+                        rows.add_((f - 1) * offset)
 
     def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor],
                   records: dict[str, WideningRecord]) -> dict[tuple[str, str], float]:
@@ -567,17 +570,22 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         if power and q_scales:
             # what fill() did, to redo it tensor by tensor (graphscale.hf_stream): rows lo:hi of axis times
             # m**power after widening with the copy scale before the fold
-            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale, power]
-                                           for name, axis, lo, hi, m in q_scales]
+            # (and the shift it adds then; s of a gain s + w)
+            record.info["query_scales"] = [[name, axis, lo, hi, m, record.params[name].copy_scale, power,
+                                            offset, record.params[name].shift]
+                                           for name, axis, lo, hi, m, offset in q_scales]
             partial = []
-            for name, axis, lo, hi, m in q_scales:
+            for name, axis, lo, hi, m, offset in q_scales:
                 s = record.params[name]
                 if lo == 0 and hi == s.wide_shape[axis]:  # a whole tensor: a change of its copy scale
+                    f = m ** power
                     for key in [name, *plan.rules[name].aliases]:
                         if key in record.params:
                             t = record.params[key]
-                            record.params[key] = replace(t, copy_scale=t.copy_scale * m ** power)
+                            record.params[key] = replace(t, copy_scale=t.copy_scale * f,
+                                                         shift=t.shift * f + (f - 1) * offset)
                 else:  # a fused q|k|v tensor: one copy scale cannot describe it; the record marks it
+                    assert not offset, "a gain s + w is folded whole"
                     partial.append((name, axis, lo, hi, m))
             if partial:
                 _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
@@ -836,7 +844,7 @@ def _probe_copy(small: torch.nn.Module, plan: Plan, readouts: dict[str, list[str
 
 def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str], float],
                           unavailable: dict[str, str], readouts: dict[str, list[str]],
-                          q_scales: list[tuple[str, int, int, int, int]], blocked: list[str],
+                          q_scales: list[QueryFold], blocked: list[str],
                           unconfirmed: dict[tuple[str, str], float] | None = None) -> str:
     """Why widen_into failed: every candidate tried, the tensors each one concerns, nothing not tried
     (``unconfirmed``: candidates that held on small's weights but not on random ones)."""
@@ -1000,6 +1008,10 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
 #: widened q.k needs, 1/head_dim all of it, a scale that does not follow head_dim none of it.
 _ATTENTION_POWER: dict[str, float] = {"standard": -0.5, "mup": 0.0, "fixed": -1.0}
 
+#: Where the query's factor goes: (tensor, axis, wide start, wide stop, head_dim multiplier, s), rows
+#: start:stop of the axis; s is the constant of a gain written as s + w (Gemma 3's q-norm), else 0.
+QueryFold = tuple[str, int, int, int, int, float]
+
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor,
         torch.ops.aten.mul_.Tensor}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor,
@@ -1093,8 +1105,7 @@ def _ancestors(node: fx.Node, stop: set[str], limit: int = 32) -> set[str]:
     return seen
 
 
-def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = None
-                       ) -> list[tuple[str, int, int, int, int]]:
+def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = None) -> list[QueryFold]:
     """For each attention whose head_dim grows: (tensor, axis, wide start, wide stop, multiplier) of the
     tensors that carry a further factor on the query, found by walking back from the attention's query
     operand: the query projection's output rows (and biases added on the way), or, where a normalization
@@ -1113,7 +1124,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     stop = set(users_of_param)
     out = []
 
-    def rows(pnames: list[str], node: fx.Node, segment: tuple[int, int] | None, m: int) -> list:
+    def rows(pnames: list[str], node: fx.Node, segment: tuple[int, int] | None, m: int,
+             offset: float = 0.0) -> list[QueryFold]:
         info = plan.node_info[node.name]
         assert isinstance(info, TensorInfo)
         out_root = sizes.res.root(info.dims[-1])
@@ -1123,7 +1135,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             for ax, d in enumerate(plan.tensor_dims[pname]):
                 if sizes.res.root(d) == out_root:
                     lo, hi = segment or (0, sizes.wide(d))
-                    found.append((pname, ax, lo, hi, m))
+                    found.append((pname, ax, lo, hi, m, offset))
         return found
 
     for node_name, dim in contractions:
@@ -1134,7 +1146,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         segment: tuple[int, int] | None = None
         pick: tuple[tuple, int] | None = None  # (axis tree, position) of an unbind/select on the way
         cut: tuple | None = None  # (factors, wide start, stop) of a slice on the way, or (factors, why not)
-        affine: list[tuple[str, str, fx.Node]] = []  # ("mul" | "add", tensor, node), attention side first
+        # ("mul" | "add", tensor, node, s), attention side first; s: the constant of a gain written s + w
+        affine: list[tuple[str, str, fx.Node, float]] = []
         normalized = False
         before, reasons = len(out), len(blocked) if blocked is not None else 0
         last = node
@@ -1145,8 +1158,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 # y = norm(x) * w + b: w and b carry the factor, as a projection's weight and bias do
                 own = users_of_param.get(node.name, [])
                 weight = _norm_weight(plan, node)
-                affine += [("add", p, node) for p in own if p != weight]
-                affine += [("mul", weight, node)] if weight in own else []
+                affine += [("add", p, node, 0.0) for p in own if p != weight]
+                affine += [("mul", weight, node, 0.0)] if weight in own else []
                 normalized = True
                 break
             own = users_of_param.get(node.name)
@@ -1211,7 +1224,13 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     normalized = True  # x * rsqrt(mean(x**2)), x / ||x||: the scale of x is erased
                     break
             if param is not None and (target in _MUL or target in _ADD):
-                affine.append(("mul" if target in _MUL else "add", param, node))
+                affine.append(("mul" if target in _MUL else "add", param, node, 0.0))
+            elif len(path) == 2 and target in _MUL:  # Gemma 3's q-norm: x * (1 + w)
+                shifted = [_shifted_param(plan, a) for a in path]
+                if sum(sh is not None for sh in shifted) == 1:
+                    (gain, offset), = (sh for sh in shifted if sh is not None)  # type: ignore[misc]
+                    affine.append(("mul", gain, node, offset))
+                    path = [a for a, sh in zip(path, shifted) if sh is None]
             if not path and len(tensor_args) == 1 and param is None \
                     and _param_operand(plan, tensor_args[0]) is not None:
                 path = tensor_args  # views of a tensor of the model: the walk follows them to it
@@ -1229,13 +1248,12 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         where = f"attention {node_name!r}: its query is normalized at node {node.name!r}"
         if not muls:
             if blocked is not None:
-                blocked.append(f"{where} with no gain after it to carry the factor (a gain written as "
-                               "w + 1 does not count: no copy scale of w scales it)")
+                blocked.append(f"{where} with no gain after it to carry the factor")
             continue
         i = muls[-1]
         chosen = [affine[i]] + [a for a in affine[:i] if a[0] == "add"]
         shared = [a[1] for a in chosen if gain_users.get(a[1], 0) > 1]
-        found = [r for a in chosen for r in rows([a[1]], a[2], None, m)]
+        found = [r for a in chosen for r in rows([a[1]], a[2], None, m, a[3])]
         if shared or len(found) != len(chosen):
             if blocked is not None:
                 why = f"{', '.join(shared)} is used elsewhere too" if shared else \
@@ -1244,18 +1262,18 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             continue
         out.extend(found)
     # a projection shared by several attentions (ALBERT applies one layer at every depth) is folded once
-    unique: dict[tuple[str, int, int, int], int] = {}
-    for name, axis, lo, hi, m in out:
-        if unique.setdefault((name, axis, lo, hi), m) != m:
+    unique: dict[tuple[str, int, int, int], tuple[int, float]] = {}
+    for name, axis, lo, hi, m, offset in out:
+        if unique.setdefault((name, axis, lo, hi), (m, offset)) != (m, offset):
             raise WidthConflictError(
                 f"{name} (axis {axis}, {lo}:{hi}) is the query of attentions whose head_dim grows by "
-                f"{unique[(name, axis, lo, hi)]} and by {m}: no one factor folded into it suits both; use "
+                f"{unique[(name, axis, lo, hi)][0]} and by {m}: no one factor folded into it suits both; use "
                 "graphscale.widen, which scales each attention in the graph")
-    return [(*key, m) for key, m in unique.items()]
+    return [(*key, *value) for key, value in unique.items()]
 
 
 def _concatenated_bias_rows(plan: Plan, sizes: Sizes, node: fx.Node, segment: tuple[int, int] | None,
-                            m: int) -> tuple[list[tuple[str, int, int, int, int]], str | None]:
+                            m: int) -> tuple[list[QueryFold], str | None]:
     """The rows ``segment`` (None: all) of ``node``'s output that a bias assembled in the graph covers,
     as ``(tensor, axis, start, stop, m)``: timm's BEiT passes ``cat(q_bias, k_bias, v_bias)`` as its
     fused projection's bias, so the query's factor belongs in ``q_bias``, which the op does not read
@@ -1290,7 +1308,7 @@ def _concatenated_bias_rows(plan: Plan, sizes: Sizes, node: fx.Node, segment: tu
                     return [], (f"rows {a}:{b} of {arg.name!r}, a concatenation added in {node.name!r}, are "
                                 f"computed ({part.name!r}), not a tensor of the model that could carry the "
                                 "query's factor")
-                found.append((name, len(plan.tensor_dims[name]) - 1, a - start, b - start, m))
+                found.append((name, len(plan.tensor_dims[name]) - 1, a - start, b - start, m, 0.0))
             start += width
     return found, None
 

@@ -20,27 +20,32 @@ from graphscale.train._common import RecordError
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, dim: int, gain: bool) -> None:
+    def __init__(self, dim: int, gain: bool, shifted: bool = False) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim)) if gain else None
+        self.shifted = shifted  # Gemma 3's gain 1 + w, w drawn near 0
+        self.weight = torch.nn.Parameter((0 if shifted else 1) + 0.3 * torch.randn(dim)) if gain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.weight * x if self.weight is not None else x  # gain first, as Hugging Face writes it
+        if self.weight is None:
+            return x
+        return x * (1.0 + self.weight) if self.shifted else self.weight * x  # as Hugging Face writes each
 
 
 class QNormAttention(torch.nn.Module):
     """One attention block with q/k-norm; ``scale`` None is 1/sqrt(head_dim) from the model's own sizes."""
 
     def __init__(self, width: int, heads: int = 2, per_head: bool = True, gain: bool = True,
-                 scale: float | None = None, qk_norm: bool = True, partial: bool = False) -> None:
+                 scale: float | None = None, qk_norm: bool = True, partial: bool = False,
+                 shifted: bool = False) -> None:
         super().__init__()
         torch.manual_seed(width)
         self.heads, self.head_dim, self.per_head, self.partial = heads, width // heads, per_head, partial
         self.emb = torch.nn.Linear(3, width)
         self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width, bias=False) for _ in range(4))
         n = self.head_dim if per_head else width
-        self.q_norm, self.k_norm = (RMSNorm(n, gain), RMSNorm(n, gain)) if qk_norm else (None, None)
+        self.q_norm, self.k_norm = (RMSNorm(n, gain, shifted), RMSNorm(n, gain, shifted)) if qk_norm \
+            else (None, None)
         self.out = torch.nn.Linear(width, 2)
         self.scaling = scale if scale is not None else self.head_dim ** -0.5
         self.double()
@@ -67,9 +72,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / (1 + b.abs().max())).item()
 
 
-def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5, ids: bool = False) -> float:
+def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5, ids: bool = False,
+                  weight_decay: float = 0.1) -> float:
     """Worst relative output difference over ``steps`` AdamW steps (μP groups for the large model)."""
-    hp = dict(lr=1e-2, eps=1e-12, weight_decay=0.1)
+    hp = dict(lr=1e-2, eps=1e-12, weight_decay=weight_decay)
     s_opt = torch.optim.AdamW(small.parameters(), **hp)
     l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
     worst = 0.0
@@ -94,13 +100,16 @@ CASES = [  # (model options, convention expected, tracer)
     (dict(per_head=True, scale=0.3), "fixed", "fx"),  # a scale from the config: k**-1
     (dict(per_head=True, scale=0.3), "fixed", "export"),
     (dict(per_head=True, scale=0.3, qk_norm=False), "fixed", "fx"),  # no norm: k**-1 into W_q
+    (dict(per_head=True, shifted=True), "standard", "fx"),  # Gemma 3: the gain 1 + w takes a shift
+    (dict(per_head=True, shifted=True), "standard", "export"),
 ]
 
 
 @pytest.mark.parametrize(("options", "convention", "tracer"), CASES,
                          ids=[f"{c[1]}-{'head' if c[0]['per_head'] else 'whole'}-{c[2]}"
                               + ("-no-norm" if c[0].get("qk_norm") is False else "")
-                              + ("-partial" if c[0].get("partial") else "") for c in CASES])
+                              + ("-partial" if c[0].get("partial") else "")
+                              + ("-shifted" if c[0].get("shifted") else "") for c in CASES])
 def test_query_factor_lands_in_the_norm_gain_and_trains_alike(options: dict, convention: str,
                                                               tracer: str) -> None:
     small, large = QNormAttention(8, **options), QNormAttention(24, **options)
@@ -110,6 +119,9 @@ def test_query_factor_lands_in_the_norm_gain_and_trains_alike(options: dict, con
     power = {"standard": -0.5, "fixed": -1.0}[convention]
     if options.get("qk_norm", True):  # the factor is in the gain's copy scale, not in W_q's
         assert record["q_norm.weight"].copy_scale == pytest.approx(3 ** power, rel=1e-12)
+        # 1 + w' = f (1 + w): w' = f w + (f - 1)
+        shift = 3 ** power - 1 if options.get("shifted") else 0.0
+        assert record["q_norm.weight"].shift == pytest.approx(shift, rel=1e-12, abs=0)
         assert record["q.weight"].copy_scale == record["k.weight"].copy_scale  # 1/m_in only
         assert record["k_norm.weight"].copy_scale == 1
     else:
@@ -117,7 +129,8 @@ def test_query_factor_lands_in_the_norm_gain_and_trains_alike(options: dict, con
         assert ratio == pytest.approx(3 ** power, rel=1e-12)
     with torch.no_grad():
         assert _rel(large(x), small(x)) <= 1e-12
-    assert _trains_alike(small, large) <= 1e-9
+    # a shifted gain takes no weight decay (mup_optimizer refuses it; Trainer leaves norms out anyway)
+    assert _trains_alike(small, large, weight_decay=0.0 if options.get("shifted") else 0.1) <= 1e-9
 
 
 def test_query_norm_without_gain_is_refused_naming_the_node_and_heads_grow_works() -> None:
