@@ -32,6 +32,7 @@ import torch.fx as fx
 from graphscale.capture import (
     Tracer,
     get_frontend,
+    live_nodes,
     preserved_buffers,
     private_copy,
     written_operand,
@@ -1123,6 +1124,10 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     gain_users = _reads_per_tensor(plan)
     stop = set(users_of_param)
     out = []
+    # an attention the output does not depend on (EncoderDecoder's encoder when the decoder has no
+    # cross-attention) needs no factor: its tensors are left to the larger model
+    live = live_nodes(plan.captured.gm)
+    contractions = [(c, d) for c, d in contractions if nodes[c] in live]
 
     def rows(pnames: list[str], node: fx.Node, segment: tuple[int, int] | None, m: int,
              offset: float = 0.0) -> list[QueryFold]:

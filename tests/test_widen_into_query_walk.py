@@ -141,3 +141,31 @@ def test_a_sliced_query_folds_the_factor_into_its_rows_only(layout: str, tracer:
     assert [f[:3] for f in record["qkv.bias"].slice_folds] == [(0, 0, 16)]
     with torch.no_grad():
         assert _rel(large(x), small(x)) <= 1e-12
+
+
+class DeadAttention(torch.nn.Module):
+    """Two attentions, the first computed and never used (EncoderDecoder's encoder when the decoder has no
+    cross-attention): its tensors are not part of the function."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.dead, self.live = SlicedFusedAttention(width, "last"), SlicedFusedAttention(width, "last")
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.dead(x)
+        return self.live(x)
+
+
+def test_an_attention_the_output_does_not_depend_on_takes_no_fold() -> None:
+    # Before, its query rows were listed with the live ones and widen_into failed with a KeyError on them
+    small, large = DeadAttention(8), DeadAttention(16)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    before = {k: v.clone() for k, v in large.dead.state_dict().items()}
+    with pytest.warns(SliceFoldWarning):
+        record = graphscale.widen_into(small, large, (x,), tracer="export")
+    assert not any(name.startswith("dead.") for name in record.params)
+    assert all(torch.equal(v, before[k]) for k, v in large.dead.state_dict().items())  # its own, kept
+    with torch.no_grad():
+        assert _rel(large(x), small(x)) <= 1e-12

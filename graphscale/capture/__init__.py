@@ -56,6 +56,7 @@ from graphscale.capture.safety import (
     _check_mutations,
     _refuse_parametrizations,
     live_attributes,
+    live_nodes,
     parameters_unchanged,
     private_copy,
     refuse_parameter_writes,
@@ -67,8 +68,8 @@ from graphscale.errors import TraceError, UnsupportedOpError
 from graphscale.infer.rulebook import RuleBook
 
 __all__ = ["FRONTENDS", "TRACERS", "Captured", "Frontend", "FunctionCall", "Tracer", "capture",
-           "get_frontend", "live_attributes", "normalize_inputs", "parameters_unchanged", "preserved_buffers",
-           "private_copy", "written_operand"]
+           "get_frontend", "live_attributes", "live_nodes", "normalize_inputs", "parameters_unchanged",
+           "preserved_buffers", "private_copy", "written_operand"]
 
 Tracer = Literal["auto", "fx", "export"]
 

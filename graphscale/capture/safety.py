@@ -459,6 +459,20 @@ def live_attributes(gm: fx.GraphModule) -> set[str]:
         >>> sorted(live_attributes(fx.symbolic_trace(M())))
         ['count']
     """
+    return {str(n.target) for n in live_nodes(gm) if n.op == "get_attr"}
+
+
+def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes the graph's output depends on, as :func:`live_attributes` judges them: through data
+    edges, and through in-place writes into a live value or the model's state.
+
+    Example:
+        >>> def f(x):
+        ...     dead = x * 2  # computed, never used
+        ...     return x + 1
+        >>> sorted(n.name for n in live_nodes(fx.symbolic_trace(f)))
+        ['add', 'output', 'x']
+    """
     live: set[fx.Node] = set()
 
     def mark(start: fx.Node) -> None:
@@ -481,7 +495,7 @@ def live_attributes(gm: fx.GraphModule) -> set[str]:
             if n not in live and any(c in live or c.op in ("placeholder", "get_attr") for c in chain):
                 mark(n)
                 changed = True
-    return {str(n.target) for n in live if n.op == "get_attr"}
+    return live
 
 
 def _is_view_op(op: Any) -> bool:
