@@ -932,8 +932,7 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
             raise WidthConflictError(
                 f"{name} is shared with {use.node}, which needs a further factor {factor} that widen_into "
                 "cannot put into any weight (the op feeding it has no parameters, or other users); use "
-                "graphscale.widen, which inserts the "
-                "factor into the graph")
+                "graphscale.widen, which inserts the factor into the graph")
         for p in carriers:
             for key in [p, *plan.rules[p].aliases]:
                 s = record.params[key]
@@ -1107,12 +1106,13 @@ def _ancestors(node: fx.Node, stop: set[str], limit: int = 32) -> set[str]:
 
 
 def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = None) -> list[QueryFold]:
-    """For each attention whose head_dim grows: (tensor, axis, wide start, wide stop, multiplier) of the
-    tensors that carry a further factor on the query, found by walking back from the attention's query
-    operand: the query projection's output rows (and biases added on the way), or, where a normalization
-    lies on the way (a q-norm erases any factor before it), the normalization's gain (and the biases
-    after it). An attention whose factor no tensor can carry (a normalization without gain) is described
-    in ``blocked`` instead."""
+    """For each live attention whose head_dim grows: the :data:`QueryFold` of each tensor that carries a
+    further factor on the query, found by walking back from the attention's query operand: the query
+    projection's output rows (those a split, unbind or slice of a fused projection keeps; biases added on
+    the way, or assembled by a ``cat``), a tensor of the model that is the query itself, or, where a
+    normalization lies on the way (a q-norm erases any factor before it), the normalization's gain (also
+    one written as ``s + w``) and the biases after it. An attention whose factor no tensor can carry (a
+    normalization without gain, a query the walk cannot follow) is described in ``blocked`` instead."""
     from graphscale.infer.values import SizeInfo, TensorInfo
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
