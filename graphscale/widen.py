@@ -439,6 +439,24 @@ def _drop_forward_constants(plan: Plan, record: WideningRecord, small: torch.nn.
                             "width): the larger model computes its own")
 
 
+def _unsaved_scalars(small: torch.nn.Module, large: torch.nn.Module, record: WideningRecord
+                     ) -> dict[str, tuple[float, float]]:
+    """The scalar buffers of ``small`` registered with ``persistent=False`` whose value in ``large``
+    differs (Gemma's ``embed_scale = sqrt(hidden_size)``): name -> (small's value, large's value). No
+    checkpoint carries them, so a filled value would not survive a save and reload."""
+    large_buffers = dict(large.named_buffers(remove_duplicate=False))
+    out: dict[str, tuple[float, float]] = {}
+    for path, module in small.named_modules(remove_duplicate=False):
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            name = f"{path}.{b}" if path else b
+            mine, theirs = module._buffers.get(b), large_buffers.get(name)
+            if name in record.params and isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) \
+                    and mine.numel() == theirs.numel() == 1 and mine.is_floating_point() \
+                    and mine.item() != theirs.item():
+                out[name] = (float(mine.item()), float(theirs.item()))
+    return out
+
+
 def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for _, t in _named_tensors(module):
@@ -470,6 +488,11 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     for name in plan.unused_tensors():
         record.params.pop(name, None)
     _drop_forward_constants(plan, record, small)
+    # a scalar buffer no checkpoint carries (Gemma's embed_scale): a reload would bring back the larger
+    # model's own value, so it keeps that one and the weights compensate (found as a constant below)
+    unsaved = _unsaved_scalars(small, large, record)
+    for name in unsaved:
+        record.params.pop(name)
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
     source = _source_state(plan.captured.gm)
@@ -550,7 +573,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             break
         if attempt:
             break
-        constants = _width_dependent_constants(plan, large, example_inputs)
+        constants = _width_dependent_constants(plan, large, example_inputs, set(unsaved))
         folds = _constant_folds(plan, constants) or {}
         if not folds:
             break
@@ -595,11 +618,20 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         for name, (producers, f, why) in folds.items():
             record.notes.append(f"widen_into: {name} carries a further {f:.6g} for the larger model's own "
                                 f"constant at {why} (its ops {', '.join(producers)} feed them)")
+        for name, (a, b) in unsaved.items():
+            record.notes.append(f"widen_into: {name} is not saved with the model: the larger model keeps its "
+                                f"own value {b:.6g} (the small one's is {a:.6g})")
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record
     message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked,
                                     unconfirmed)
+    if unsaved:
+        message += ("; " + ", ".join(f"{n} ({a:.6g} in the small model, {b:.6g} in the larger)"
+                                     for n, (a, b) in unsaved.items())
+                    + " are buffers not saved with the model, which each class computes from its own "
+                      "config: widen_into keeps the larger model's value, as a reload would, and must "
+                      "compensate in weights")
     if constants:
         shown = [c[4] for c in constants]
         message += ("; the larger model's code computes constants from its own sizes, which "
@@ -612,11 +644,13 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     raise WidthConflictError(message)
 
 
-def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any
+def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any,
+                               unsaved: set[str] | frozenset[str] = frozenset()
                                ) -> list[tuple[str, Any, float, float, str]]:
     """The constants of ``large``'s graph that differ from the small graph's at the same op: numbers its
     code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``), as float
-    literals or as scalar tensors it creates in forward. Each is (small node, operand (index or keyword),
+    literals, as scalar tensors it creates in forward, or as the scalar buffers ``unsaved`` (not saved
+    with the model: each class computes its own). Each is (small node, operand (index or keyword),
     small value, large value, description). Only read when widen_into has failed; empty when the graphs
     cannot be paired op by op."""
     from graphscale.capture import capture
@@ -625,8 +659,9 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
         gm = capture(large, example_inputs, plan.frontend).gm  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
         return []
-    small = [n for n in plan.captured.gm.graph.nodes if n.op == "call_function"]
-    big = [n for n in gm.graph.nodes if n.op == "call_function"]
+    calls = ("call_function", "call_method")  # fx keeps x.to(dtype) a method: the scalar's first reader
+    small = [n for n in plan.captured.gm.graph.nodes if n.op in calls]
+    big = [n for n in gm.graph.nodes if n.op in calls]
     if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
         return []
     out: list[tuple[str, Any, float, float, str]] = []
@@ -640,7 +675,8 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
                 u, v = _get_attr(plan.captured.gm, str(x.target)), _get_attr(gm, str(y.target))
                 scalars = isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) \
                     and u.numel() == v.numel() == 1
-                if scalars and str(x.target) not in own and u.item() != v.item():  # a scalar made in forward
+                made = str(x.target) not in own or str(x.target) in unsaved  # in forward, or not saved
+                if scalars and made and u.item() != v.item():
                     copy = a  # lift_fresh_copy, detach_, .to(dtype): the op that reads it comes after
                     while len(copy.users) == 1 and _op_name(copy) in _CONSTANT_COPIES \
                             and _op_name(next(iter(copy.users))) in _CONSTANT_COPIES:

@@ -53,6 +53,10 @@ def _config(family: str):
         return tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                 architectures=["MixtralForCausalLM"], **common)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, sliding_window=16,
+                                   architectures=["Gemma3ForCausalLM"], **common)
     if family == "bert":
         return tf.BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -287,6 +291,25 @@ def test_mixtral_upscales_with_experts_and_top_k_fixed(tmp_path):
     want, got = _logits(small, ids), _logits(large, ids)
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel <= 1e-6, f"relative logit error {rel:.3g}"
+
+
+def test_gemma3_upscales_in_memory_and_streamed_alike(tmp_path):
+    """Gemma 3: embed_scale = sqrt(hidden) is a buffer no checkpoint carries, so the larger model keeps its
+    own sqrt(64) and the tied embedding takes sqrt(32/64); the readout's 1/2 over that goes into the final
+    norm, whose gain is 1 + w: a copy scale 1/sqrt(2) and a shift 1/sqrt(2) - 1 (ParamScaling.shift).
+    Before, every Gemma was refused here: the reload found embed_scale back at sqrt(64)."""
+    src = _make_source("gemma3", tmp_path / "src")
+    mem = upscale(src, 2, out=tmp_path / "mem", heads="grow", max_shard_size=SHARD, stream=False)
+    streamed = upscale(src, 2, out=tmp_path / "streamed", heads="grow", max_shard_size=SHARD, stream=True)
+    _same_files(mem, streamed)
+    params = json.loads((mem / "graphscale.json").read_text())["params"]
+    assert params["model.embed_tokens.weight"]["copy_scale"] == pytest.approx(2 ** -0.5, rel=1e-6)
+    assert params["model.norm.weight"]["shift"] == pytest.approx(2 ** -0.5 - 1, rel=1e-6)
+    small, large = (_load("gemma3", d)[0] for d in (src, mem))
+    assert float(large.model.embed_tokens.embed_scale) == pytest.approx(64 ** 0.5)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    want, got = _logits(small, ids), _logits(large, ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-6  # RMSNorm in float32
 
 
 def test_no_consistent_config_is_refused_naming_the_fields():

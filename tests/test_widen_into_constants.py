@@ -54,3 +54,41 @@ def test_two_different_constants_on_one_tensor_are_still_refused() -> None:
     ids, dec = torch.randint(0, 11, (2, 5), generator=gen), torch.randint(0, 11, (2, 4), generator=gen)
     with pytest.raises(graphscale.GraphscaleError, match="computes constants from its own sizes"):
         graphscale.widen_into(small, large, (ids, dec))
+
+
+class UnsavedScale(torch.nn.Module):
+    """Gemma's scaled embedding: ``embed_scale = sqrt(width)`` a buffer registered with
+    ``persistent=False``, so no checkpoint carries it and every instance computes its own."""
+
+    def __init__(self, width: int, vocab: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.register_buffer("embed_scale", torch.tensor(width ** 0.5), persistent=False)
+        self.fc = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) * self.embed_scale.to(self.emb.weight.dtype)
+        h = h + torch.tanh(self.fc(h))
+        return F.linear(self.norm(h), self.emb.weight)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_buffer_no_checkpoint_carries_keeps_the_larger_models_value_and_survives_a_reload(
+        tracer: str) -> None:
+    # Before, widen_into filled embed_scale with the small model's value: exact in memory, but a model
+    # saved and loaded again had its own sqrt(16) back and computed another function.
+    small, large = UnsavedScale(8), UnsavedScale(16)
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
+    assert float(large.embed_scale) == 16 ** 0.5  # its own
+    assert "embed_scale" not in record.params
+    ratio = float(small.embed_scale / large.embed_scale)  # sqrt(8/16), as the buffers hold it
+    assert record["emb.weight"].copy_scale == pytest.approx(ratio, rel=1e-12)
+    reloaded = UnsavedScale(16)
+    reloaded.load_state_dict(large.state_dict())  # embed_scale is not in it
+    with torch.no_grad():
+        assert _rel(large(ids), small(ids)) <= 1e-12
+        assert _rel(reloaded(ids), small(ids)) <= 1e-12
