@@ -151,17 +151,17 @@ def mup_param_groups(
             fam = optimizer_family(optimizer_cls, None, {**defaults, **settings})
         subgroups: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
         for p in group["params"]:
-            shifted = scalings[id(p)]
-            if shifted.shift and settings.get("weight_decay", defaults.get("weight_decay")):
+            scaling = scalings[id(p)]
+            if scaling.shift and settings.get("weight_decay", defaults.get("weight_decay")):
                 # w' = c E(w) + shift: decay pulls w' toward 0, the narrow model's w toward 0, and those
                 # differ by the shift (docs/math.md §8)
                 raise RecordError(
-                    f"{shifted.name} is a gain written as s + w whose wide value carries a shift "
-                    f"({shifted.shift:.6g}, from a factor folded into s + w), so weight decay would pull it "
+                    f"{scaling.name} is a gain written as s + w whose wide value carries a shift "
+                    f"({scaling.shift:.6g}, from a factor folded into s + w), so weight decay would pull it "
                     "toward a different point than the narrow model's; give it weight_decay=0 (a param "
                     "group, as Hugging Face's Trainer does for norm weights), or use graphscale.widen, which "
                     "keeps the factor in the graph")
-            factors = scaling_factors(shifted, fam)
+            factors = scaling_factors(scaling, fam)
             key = tuple(sorted(factors.items()))
             sub = subgroups.get(key)
             if sub is None:
