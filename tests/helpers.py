@@ -290,3 +290,29 @@ def walk_fn(fn, *xs: torch.Tensor, tracer: str = "fx", **modules: nn.Module):
 def same_dim(w, a: int, b: int) -> bool:
     """Whether dimensions ``a`` and ``b`` of walk ``w`` are one."""
     return w.ds.find(a) == w.ds.find(b)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute difference over ``1 + max |want|``: relative for large outputs, absolute near 0."""
+    return ((got - want).abs().max() / (1 + want.abs().max())).item()
+
+
+def trains_alike(small: nn.Module, large: nn.Module, draw, steps: int = 5,
+                 weight_decay: float = 0.1) -> float:
+    """Worst :func:`rel_error` of ``large`` against ``small`` over ``steps`` AdamW steps on the batches
+    ``draw(generator)`` makes (plain AdamW for ``small``, μP groups from its record for ``large``)."""
+    import graphscale
+
+    hp = dict(lr=1e-2, eps=1e-12, weight_decay=weight_decay)
+    s_opt = torch.optim.AdamW(small.parameters(), **hp)
+    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
+    worst = 0.0
+    for i in range(steps):
+        xb = draw(torch.Generator().manual_seed(i))
+        for model, opt in ((small, s_opt), (large, l_opt)):
+            opt.zero_grad()
+            model(xb).square().mean().backward()
+            opt.step()
+        with torch.no_grad():
+            worst = max(worst, rel_error(large(xb), small(xb)))
+    return worst

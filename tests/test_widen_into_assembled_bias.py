@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import graphscale
 from graphscale.errors import SliceFoldWarning
+from tests.helpers import rel_error
 
 
 class AssembledBiasAttention(torch.nn.Module):
@@ -41,10 +42,6 @@ class AssembledBiasAttention(torch.nn.Module):
         return self.out(h + self.proj(a.transpose(1, 2).reshape(b, n, c)))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / (1 + b.abs().max())).item()
-
-
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_query_factor_reaches_the_bias_assembled_in_forward(tracer: str) -> None:
     small, large = AssembledBiasAttention(8), AssembledBiasAttention(16)
@@ -57,5 +54,5 @@ def test_query_factor_reaches_the_bias_assembled_in_forward(tracer: str) -> None
     assert record["v_bias"].copy_scale == 1
     assert [f[:4] for f in record["qkv.weight"].slice_folds] == [(0, 0, 16, pytest.approx(2 ** -0.5))]
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
         assert torch.equal(large.k_bias, torch.zeros(16, dtype=torch.float64))

@@ -17,6 +17,7 @@ import graphscale
 from graphscale.errors import WidthConflictError
 from graphscale.record import WideningRecord
 from graphscale.train._common import RecordError
+from tests.helpers import rel_error, trains_alike
 
 
 class RMSNorm(torch.nn.Module):
@@ -68,28 +69,13 @@ class QNormAttention(torch.nn.Module):
         return self.out(self.o(a.transpose(1, 2).reshape(b, t, -1) + h))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / (1 + b.abs().max())).item()
-
-
-def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5, ids: bool = False,
+def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, ids: bool = False,
                   weight_decay: float = 0.1) -> float:
-    """Worst relative output difference over ``steps`` AdamW steps (μP groups for the large model)."""
-    hp = dict(lr=1e-2, eps=1e-12, weight_decay=weight_decay)
-    s_opt = torch.optim.AdamW(small.parameters(), **hp)
-    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
-    worst = 0.0
-    for i in range(steps):
-        gen = torch.Generator().manual_seed(i)
-        xb = torch.randint(0, 11, (2, 5), generator=gen) if ids else \
+    def draw(gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, 11, (2, 5), generator=gen) if ids else \
             torch.randn(2, 5, 3, dtype=torch.float64, generator=gen)
-        for model, opt in ((small, s_opt), (large, l_opt)):
-            opt.zero_grad()
-            model(xb).square().mean().backward()
-            opt.step()
-        with torch.no_grad():
-            worst = max(worst, _rel(large(xb), small(xb)))
-    return worst
+
+    return trains_alike(small, large, draw, weight_decay=weight_decay)
 
 
 CASES = [  # (model options, convention expected, tracer)
@@ -128,7 +114,7 @@ def test_query_factor_lands_in_the_norm_gain_and_trains_alike(options: dict, con
         ratio = record["q.weight"].copy_scale / record["k.weight"].copy_scale
         assert ratio == pytest.approx(3 ** power, rel=1e-12)
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
     # a shifted gain takes no weight decay (mup_optimizer refuses it; Trainer leaves norms out anyway)
     assert _trains_alike(small, large, weight_decay=0.0 if options.get("shifted") else 0.1) <= 1e-9
 
@@ -143,7 +129,7 @@ def test_query_norm_without_gain_is_refused_naming_the_node_and_heads_grow_works
     grown = QNormAttention(16, heads=4, gain=False)  # heads grow, head_dim kept: no factor to carry
     graphscale.widen_into(small, grown, (x,), heads="grow")
     with torch.no_grad():
-        assert _rel(grown(x), small(x)) <= 1e-12
+        assert rel_error(grown(x), small(x)) <= 1e-12
 
 
 class ForwardConstant(torch.nn.Module):
@@ -167,7 +153,7 @@ def test_constant_created_in_forward_is_not_expected_in_the_larger_model() -> No
     record = graphscale.widen_into(small, large, (x,), tracer="export")
     assert not any(n.startswith("lifted_tensor") for n in record.params)
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
 
 
 
@@ -202,7 +188,7 @@ def test_tied_readout_factor_moves_into_a_written_out_norm_gain(tracer: str) -> 
     assert any("readout='graphscale'" in n for n in record.notes)
     assert record["norm_weight"].copy_scale == pytest.approx(0.5, rel=1e-12)  # the readout's 1/k
     with torch.no_grad():
-        assert _rel(large(ids), small(ids)) <= 1e-12
+        assert rel_error(large(ids), small(ids)) <= 1e-12
     assert _trains_alike(small, large, ids=True) <= 1e-9
 
 
@@ -215,7 +201,7 @@ def test_a_constant_of_the_larger_model_is_undone_in_a_written_out_gain(tracer: 
     record = graphscale.widen_into(small, large, (ids,), tracer=tracer)  # type: ignore[arg-type]
     assert record["norm_weight"].copy_scale == pytest.approx(0.5 * 2 ** 0.5, rel=1e-12)
     with torch.no_grad():
-        assert _rel(large(ids), small(ids)) <= 1e-12
+        assert rel_error(large(ids), small(ids)) <= 1e-12
     assert _trains_alike(small, large, ids=True) <= 1e-9
 
 
@@ -231,7 +217,7 @@ def test_tied_readout_factor_moves_into_a_shifted_gain_with_a_shift(tracer: str)
     with torch.no_grad():
         assert torch.allclose(large.norm_weight, 0.5 * small.norm_weight.repeat_interleave(2) - 0.5,
                               rtol=0, atol=1e-15)
-        assert _rel(large(ids), small(ids)) <= 1e-12
+        assert rel_error(large(ids), small(ids)) <= 1e-12
     with pytest.raises(RecordError, match=r"norm_weight is a gain written as s \+ w.*weight_decay=0"):
         graphscale.mup_optimizer(large, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     # with the gain out of weight decay (as Hugging Face's Trainer leaves norm weights) it trains alike
@@ -248,7 +234,7 @@ def test_tied_readout_factor_moves_into_a_shifted_gain_with_a_shift(tracer: str)
             model(xb).square().mean().backward()
             opt.step()
         with torch.no_grad():
-            assert _rel(large(xb), small(xb)) <= 1e-9
+            assert rel_error(large(xb), small(xb)) <= 1e-9
 
 
 class MupScaledQNorm(QNormAttention):
@@ -284,5 +270,5 @@ def test_blocked_query_is_accepted_where_the_larger_model_scales_by_one_over_hea
     record = graphscale.widen_into(small, large, (x,))
     assert any("attention=" not in n and "readout='graphscale'" in n for n in record.notes)
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
     assert _trains_alike(small, large) <= 1e-9  # the key moves off zero: the scales must truly agree

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import graphscale
 from graphscale.errors import SliceFoldWarning, WidthConflictError
+from tests.helpers import rel_error, trains_alike
 
 
 class LatentQueryPool(torch.nn.Module):
@@ -44,24 +45,8 @@ class LatentQueryPool(torch.nn.Module):
         return self.out(a.transpose(1, 2).reshape(b, c))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / (1 + b.abs().max())).item()
-
-
-def _trains_alike(small: torch.nn.Module, large: torch.nn.Module, steps: int = 5) -> float:
-    hp = dict(lr=1e-2, eps=1e-12, weight_decay=0.1)
-    s_opt = torch.optim.AdamW(small.parameters(), **hp)
-    l_opt = graphscale.mup_optimizer(large, torch.optim.AdamW, **hp)
-    worst = 0.0
-    for i in range(steps):
-        xb = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
-        for model, opt in ((small, s_opt), (large, l_opt)):
-            opt.zero_grad()
-            model(xb).square().mean().backward()
-            opt.step()
-        with torch.no_grad():
-            worst = max(worst, _rel(large(xb), small(xb)))
-    return worst
+def _trains_alike(small: torch.nn.Module, large: torch.nn.Module) -> float:
+    return trains_alike(small, large, lambda gen: torch.randn(2, 5, 3, dtype=torch.float64, generator=gen))
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
@@ -73,7 +58,7 @@ def test_a_learned_latent_query_carries_the_factor_itself(tracer: str, zero: boo
     assert any("attention='standard'" in n for n in record.notes)
     assert record["latent"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
     assert _trains_alike(small, large) <= 1e-9  # a zero latent moves: the scale must be the right one
 
 
@@ -92,7 +77,7 @@ def test_a_query_the_walk_cannot_follow_is_accepted_where_the_larger_model_scale
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     graphscale.widen_into(small, large, (x,))
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
     assert _trains_alike(small, large) <= 1e-9
 
 
@@ -140,7 +125,7 @@ def test_a_sliced_query_folds_the_factor_into_its_rows_only(layout: str, tracer:
     assert [f[:3] for f in record["qkv.weight"].slice_folds] == [(0, 0, 16)]  # the wide query rows
     assert [f[:3] for f in record["qkv.bias"].slice_folds] == [(0, 0, 16)]
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
 
 
 class DeadAttention(torch.nn.Module):
@@ -168,4 +153,4 @@ def test_an_attention_the_output_does_not_depend_on_takes_no_fold() -> None:
     assert not any(name.startswith("dead.") for name in record.params)
     assert all(torch.equal(v, before[k]) for k, v in large.dead.state_dict().items())  # its own, kept
     with torch.no_grad():
-        assert _rel(large(x), small(x)) <= 1e-12
+        assert rel_error(large(x), small(x)) <= 1e-12
