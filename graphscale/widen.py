@@ -952,10 +952,9 @@ def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
             if param is not None and _target(producer) in _MUL:
                 gain = param
                 break
-            shifted = [(a, _shifted_param(plan, a)) for a in operands] if _target(producer) in _MUL else []
-            if len(operands) == 2 and sum(sh is not None for _, sh in shifted) == 1:
-                (gain, offset), = (sh for _, sh in shifted if sh is not None)  # type: ignore[misc]
-                producer = next(a for a, sh in shifted if sh is None)
+            shifted = _shifted_gain(plan, producer, operands)
+            if shifted is not None:
+                gain, offset, producer = shifted
                 break
             if param is not None and _target(producer) in _ADD:
                 adds.append(param)
@@ -1103,18 +1102,26 @@ def _param_operand(plan: Plan, node: fx.Node) -> str | None:
     return None
 
 
-def _shifted_param(plan: Plan, node: fx.Node) -> tuple[str, float] | None:
-    """``(tensor, s)`` where ``node`` is ``s + w`` or ``w + s`` for a tensor ``w`` of the model (through
-    casts: Gemma's ``1.0 + self.weight.float()``) and a number ``s``; None otherwise."""
-    if node.op not in ("call_function", "call_method") or _target(node) not in _ADD or len(node.args) != 2 \
-            or node.kwargs.get("alpha", 1) != 1:
+def _shifted_gain(plan: Plan, node: fx.Node, operands: list[fx.Node]) -> tuple[str, float, fx.Node] | None:
+    """``(w, s, x)`` where ``node`` multiplies its two ``operands`` ``x`` and ``s + w`` (either order, only
+    one of them such a gain), ``w`` a tensor of the model (through casts: Gemma's
+    ``x * (1.0 + self.weight.float())``) and ``s`` a number; None otherwise."""
+    def shifted(gain: fx.Node) -> tuple[str, float] | None:
+        if gain.op not in ("call_function", "call_method") or _target(gain) not in _ADD \
+                or len(gain.args) != 2 or gain.kwargs.get("alpha", 1) != 1:
+            return None
+        a, b = gain.args
+        number, tensor = (a, b) if isinstance(a, (int, float)) else (b, a)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) \
+                or not isinstance(tensor, fx.Node):
+            return None
+        name = _param_operand(plan, tensor)
+        return (name, float(number)) if name is not None else None
+
+    if _target(node) not in _MUL or len(operands) != 2:
         return None
-    a, b = node.args
-    number, tensor = (a, b) if isinstance(a, (int, float)) else (b, a)
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not isinstance(tensor, fx.Node):
-        return None
-    name = _param_operand(plan, tensor)
-    return (name, float(number)) if name is not None else None
+    found = [(*g, data) for gain, data in (operands, operands[::-1]) if (g := shifted(gain)) is not None]
+    return found[0] if len(found) == 1 else None
 
 
 def _data_and_param(plan: Plan, tensor_args: list[fx.Node]) -> tuple[list[fx.Node], str | None]:
@@ -1266,12 +1273,10 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     break
             if param is not None and (target in _MUL or target in _ADD):
                 affine.append(("mul" if target in _MUL else "add", param, node, 0.0))
-            elif len(path) == 2 and target in _MUL:  # Gemma 3's q-norm: x * (1 + w)
-                shifted = [_shifted_param(plan, a) for a in path]
-                if sum(sh is not None for sh in shifted) == 1:
-                    (gain, offset), = (sh for sh in shifted if sh is not None)  # type: ignore[misc]
-                    affine.append(("mul", gain, node, offset))
-                    path = [a for a, sh in zip(path, shifted) if sh is None]
+            elif (shifted := _shifted_gain(plan, node, path)) is not None:  # Gemma 3's q-norm: x * (1 + w)
+                gain, offset, data = shifted
+                affine.append(("mul", gain, node, offset))
+                path = [data]
             if not path and len(tensor_args) == 1 and param is None \
                     and _param_operand(plan, tensor_args[0]) is not None:
                 path = tensor_args  # views of a tensor of the model: the walk follows them to it
