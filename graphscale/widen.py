@@ -38,7 +38,7 @@ from graphscale.capture import (
     written_operand,
 )
 from graphscale.derive import ScalingRule
-from graphscale.edits import EditContext, get_arg, set_module_attrs
+from graphscale.edits import EditContext, SliceBounds, get_arg, set_module_attrs
 from graphscale.errors import GraphscaleError, MultiplierError, SliceFoldWarning, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.mupcompat import mup_optimizer_note
@@ -1171,6 +1171,9 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     # cross-attention) needs no factor: its tensors are left to the larger model
     live = live_nodes(plan.captured.gm)
     contractions = [(c, d) for c, d in contractions if nodes[c] in live]
+    slices: dict[str, list[SliceBounds]] = {}  # the engine's wide bounds of each slice, by node
+    for bound in plan.requests.slices:
+        slices.setdefault(bound.node, []).append(bound)
 
     def rows(pnames: list[str], node: fx.Node, segment: tuple[int, int] | None, m: int,
              offset: float = 0.0) -> list[QueryFold]:
@@ -1248,7 +1251,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 break
             picked = _pick(plan, node)
             if cut is None:
-                cut = _slice_rows(plan, sizes, node)
+                cut = _slice_rows(plan, sizes, node, slices.get(node.name, []))
             if picked is not None and pick is None and segment is None:
                 pick = picked
             elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
@@ -1359,65 +1362,35 @@ def _concatenated_bias_rows(plan: Plan, sizes: Sizes, node: fx.Node, segment: tu
     return found, None
 
 
-def _slice_rows(plan: Plan, sizes: Sizes, node: fx.Node) -> tuple[tuple, int, int] | tuple[tuple, str] | None:
+def _slice_rows(plan: Plan, sizes: Sizes, node: fx.Node, bounds: list[SliceBounds]
+                ) -> tuple[tuple, int, int] | tuple[tuple, str] | None:
     """Where ``node`` slices one axis ``j`` of its input (Phi-3's ``qkv[..., :q_size]``, Falcon's
-    ``qkv.view(b, t, heads + 2, d)[..., :-2, :]``, or ``aten.slice``): ``(factors, wide start, wide
-    stop)``, the rows it keeps of the axis that flattens axes ``j..`` (``factors``: their resolution
-    trees, outermost first), if it keeps a run of whole parts of a concatenation on axis ``j`` (the same
-    parts, widened, are again one run); else ``(factors, why not)``. None where ``node`` is no such slice
-    or keeps the whole axis. The caller uses it only for a projection whose output axis has exactly those
-    factors: a slice of head_dim alone (a rotary's) says nothing about a projection's rows."""
-    from graphscale.infer.values import SizeInfo, TensorInfo
+    ``qkv.view(b, t, heads + 2, d)[..., :-2, :]``): ``(factors, wide start, wide stop)``, the rows it
+    keeps of the axis that flattens axes ``j..`` (``factors``: their resolution trees, outermost first),
+    from the wide bounds the engine gave the slice (``bounds``: its :class:`SliceBounds`, which widen
+    rewrites the slice to); ``(factors, why not)`` for a stepped slice; None where ``node`` is no slice of
+    one axis. The caller uses it only for a projection whose output axis has exactly those factors: a
+    slice of head_dim alone (a rotary's) says nothing about a projection's rows."""
+    from graphscale.infer.values import TensorInfo
 
-    source, axis, bounds = None, -1, None
-    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        info = plan.node_info.get(node.args[0].name)
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if isinstance(info, TensorInfo) and index.count(Ellipsis) <= 1 \
-                and all(isinstance(i, slice) or i is Ellipsis for i in index):
-            n = len(info.dims)
-            if Ellipsis in index:  # expand ... so that positions are axes
-                at = index.index(Ellipsis)
-                index = index[:at] + (slice(None),) * (n - len(index) + 1) + index[at + 1:]
-            index += (slice(None),) * (n - len(index))
-            cuts = [j for j, i in enumerate(index) if i != slice(None)]
-            if len(cuts) == 1:
-                source, axis = node.args[0], cuts[0]
-                bounds = (index[axis].start, index[axis].stop, index[axis].step)
-    elif node.op == "call_function" and _op_name(node) == "slice" and isinstance(node.args[0], fx.Node):
-        info = plan.node_info.get(node.args[0].name)
-        args = list(node.args) + [None] * (5 - len(node.args))
-        if isinstance(info, TensorInfo) and isinstance(args[1] or 0, int):
-            source, axis, bounds = node.args[0], (args[1] or 0) % len(info.dims), (args[2], args[3], args[4])
-    if source is None or bounds is None:
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    info = plan.node_info.get(source.name) if source is not None else None
+    out = plan.node_info.get(node.name)
+    if len(bounds) != 1 or not isinstance(info, TensorInfo) or not isinstance(out, TensorInfo) \
+            or len(info.dims) != len(out.dims):
         return None
-    info = plan.node_info[source.name]
-    assert isinstance(info, TensorInfo)
     res = plan.resolution
-    factors = tuple(f for d in info.dims[axis:] for f in res.factors(d))
-    size = res.size(info.dims[axis])
-    # a bound read off a shape under fx (``fused[..., :c]``, ``c = h.shape[-1]``) is that size's value here
-    start, stop, step = (plan.node_info[b.name].value if isinstance(b, fx.Node)  # type: ignore[union-attr]
-                         and isinstance(plan.node_info.get(b.name), SizeInfo) else b for b in bounds)
-    if not all(b is None or isinstance(b, int) for b in (start, stop, step)) or step not in (None, 1):
-        return factors, f"{node.name!r} slices its query with a step or a computed bound"
-    lo, hi = slice(start, stop).indices(size)[:2]
-    if (lo, hi) == (0, size):
+    cut = [j for j, (a, b) in enumerate(zip(info.dims, out.dims)) if res.root(a) != res.root(b)]
+    if len(cut) != 1:
         return None
-    tree = res.tree(info.dims[axis])
-    narrow, wide, wide_lo, wide_hi = 0, 0, None, None
-    for part in tree[1] if tree[0] == "sum" else ():
-        replication = AxisReplication(sizes.record_tree(part))
-        if narrow == lo:
-            wide_lo = wide
-        narrow, wide = narrow + replication.narrow_size, wide + replication.wide_size
-        if narrow == hi:
-            wide_hi = wide
-    if wide_lo is None or wide_hi is None:
-        return factors, (f"{node.name!r} takes {lo}:{hi} of axis {axis} of {source.name!r}, which is no run "
-                         "of its concatenated parts, so widening does not keep them together")
+    axis = cut[0]
+    factors = tuple(f for d in info.dims[axis:] for f in res.factors(d))
+    before, part = bounds[0].before, bounds[0].part
+    if res.root(part) != res.root(out.dims[axis]):  # x[j::s] spans the axis: its rows are strided
+        return factors, f"{node.name!r} slices its query with a step"
+    lo = sizes.wide(before) if before is not None else 0
     rest = math.prod(sizes.wide(d) for d in info.dims[axis + 1:])
-    return factors, wide_lo * rest, wide_hi * rest
+    return factors, lo * rest, (lo + sizes.wide(part)) * rest
 
 
 def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:
