@@ -128,6 +128,14 @@ HF_GENERIC: dict[str, Any] = {
     "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8,
     # LUKE's entity vocabulary (500000 x 256 by default: 128M of its 128.6M parameters)
     "entity_vocab_size": 128,
+    # linear-attention and state-space sizes, where a config has them: left at their defaults (32 heads
+    # of 128, 128 SSM heads with a 256-state) they made these models 10-100x larger than the rest and
+    # their float64 reference kernels took minutes. Fixed at w and 2w as their defaults were, except
+    # where a config requires heads x head width = expand x hidden (Bamba, Falcon-H1)
+    "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4, "linear_head_dim": 8, "linear_num_heads": 4,
+    "mamba_n_heads": 8, "mamba_d_head": "w/4", "mamba_d_ssm": "2w", "mamba_d_state": 16,
+    "mamba_chunk_size": 16,
     # no dropout anywhere: the checks compare deterministic functions
     "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "attention_dropout": 0.0,
     "hidden_dropout": 0.0, "dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
@@ -153,6 +161,9 @@ HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "xglm": {"ffn_dim": "2w"},
     "mpt": {"expansion_ratio": 2},
     "t5": {"d_ff": "2w", "d_kv": "w/4", "num_layers": 2, "num_decoder_layers": 2},
+    "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": "w/4", "ssm_state_size": 16, "chunk_size": 16,
+                   "moe_shared_expert_intermediate_size": "w"},
+    "mamba2": {"num_heads": 8, "chunk_size": 16, "state_size": 16},
     "perceiver": {"d_latents": "w", "d_model": "w", "num_latents": 8, "num_self_attends_per_block": 2,
                   "num_self_attention_heads": 4, "num_cross_attention_heads": 4},
     # a dict: the sub-config of that name (here the audio towers, 27 conv stages up to 2048 channels)
