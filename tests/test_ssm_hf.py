@@ -1,9 +1,8 @@
 """Hugging Face Mamba-2 (8 groups) at state-space sizes that follow the hidden width (heads x head_dim =
-2 x hidden):
-its shape relations once sent width inference into an endless recursion (two dimensions whose first
-factorizations reached each other within one pass). It analyzes, and widens x2 exactly. Its SSM width is
-inferred fixed (its conv channels concatenate the growing inner width with the fixed B and C states, which
-cannot grow alike); the plan says so, naming the reason."""
+2 x hidden): its shape relations once sent width inference into an endless recursion (two dimensions whose
+first factorizations reached each other within one pass). It analyzes, and widens x2 exactly. Its SSM
+width is inferred fixed (its conv channels concatenate the growing inner width with the fixed B and C
+states, which cannot grow alike); the plan says so, naming the reason."""
 
 from __future__ import annotations
 
