@@ -604,11 +604,12 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any,
             rounded.append(f"{name}[{ax}] is {a} at w and {b} at 2w")
             continue
         if c != b:
-            try:  # why graphscale kept it: the census reason then names the cause
-                cls = plan.classification.lookup(f"{name}[{ax}]")
-                how += f"; graphscale fixed it: {cls.reason}" if cls.role == "fixed" and cls.reason else ""
-            except KeyError:
-                pass
+            # why graphscale kept it: every fixed class the axis is made of (a concatenated or product
+            # axis has several; the first alone named a head count where a part's reason was the cause)
+            key = f"{name}[{ax}]"
+            why = list(dict.fromkeys(c.reason for c in plan.classification.fixed
+                                     if (c.name == key or key in c.members) and c.reason))
+            how += f"; graphscale fixed it: {'; '.join(why)}" if why else ""
             missed.append(f"{name}[{ax}] is {a} at w and {b} at 2w but widened to {c}{how}")
     return missed, sorted(extra), unused
 
