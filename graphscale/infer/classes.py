@@ -129,6 +129,18 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
             growing = [i for i, f in enumerate(factors) if f]
             if len(growing) >= 2 and blocked(children[growing[-1]]):
                 must_grow.update(factors[growing[0]])
+        # a parameter's heads x head_dim axis whose head_dim is fixed by nature (PhiMoE's rotary, whose
+        # frequencies the forward computes from head_dim with arange) could not grow at all with the heads
+        # fixed by the policy: its heads must grow instead, and so in every product over them
+        for name in params:
+            for d in walk.tensor_dims[name]:
+                children = res.factors(d) if res.tree(d)[0] == "prod" else []
+                if len(children) < 2:
+                    continue
+                inner = leaves(children[-1])
+                outer = [a for f in children[:-1] for a in leaves(f) if a in width]
+                if outer and all(a in fixed and ds.size[a] > 1 for a in inner):
+                    must_grow.update(outer)
     # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
     concats = [list(node[1]) for name in params for d in walk.tensor_dims[name]
                for node in _sums(res.tree(d))]
