@@ -134,6 +134,8 @@ HF_GENERIC: dict[str, Any] = {
     "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8,
     # LUKE's entity vocabulary (500000 x 256 by default: 128M of its 128.6M parameters)
     "entity_vocab_size": 128,
+    # RoCBert's glyph-shape and pronunciation vocabularies (24858 x 512 by default: 12.7M parameters)
+    "shape_vocab_size": 128, "pronunciation_vocab_size": 128,
     # linear-attention and state-space sizes, where a config has them: left at their defaults (32 heads
     # of 128, 128 SSM heads with a 256-state) they made these models 10-100x larger than the rest and
     # their float64 reference kernels took minutes. Fixed at w and 2w as their defaults were, except
@@ -185,7 +187,7 @@ HF_OVERRIDE_ALIASES = {
     "mt5": "t5", "umt5": "t5", "longt5": "t5", "switch_transformers": "t5",
     "mbart": "bart", "pegasus": "bart", "marian": "bart", "blenderbot": "bart", "blenderbot-small": "bart",
     "plbart": "bart", "mvp": "bart", "bigbird_pegasus": "bart", "m2m_100": "bart", "led": "bart",
-    "pegasus_x": "bart", "nllb-moe": "bart", "trocr": "bart", "whisper": "bart",
+    "pegasus_x": "bart", "nllb-moe": "bart", "seamless_m4t": "bart", "seamless_m4t_v2": "bart", "trocr": "bart", "whisper": "bart",
     "prophetnet": "bart", "fsmt": "bart", "musicgen": "bart", "musicgen_melody": "bart",
 }
 HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders
