@@ -160,6 +160,8 @@ HF_OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_bigcode": {"n_inner": "2w"},
     "openai-gpt": {},
     "ctrl": {"dff": "2w"},
+    "cpmant": {"dim_ff": "2w", "dim_head": "w/4"},
+    "inkling_text": {"swa_head_dim": "w/4"},
     "codegen": {"n_inner": "2w", "rotary_dim": "w/8"},
     "gptj": {"n_inner": "2w", "rotary_dim": "w/8"},
     "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]]},
@@ -193,7 +195,8 @@ HF_OVERRIDE_ALIASES = {
 HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders
 # The heads-grown oracle (where the plan grows heads, not head_dim: a partial rotary's fixed part): these
 # per-head sizes keep their value at w, and these head counts scale with the width instead.
-HF_PER_HEAD = {"head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "d_kv"}
+HF_PER_HEAD = {"head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim", "d_kv",
+               "dim_head", "swa_head_dim"}
 HF_HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "n_heads", "encoder_attention_heads",
                   "decoder_attention_heads"}
 
