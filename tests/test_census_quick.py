@@ -277,6 +277,18 @@ def test_census_chaos_control_grows_with_the_learning_rate() -> None:
     assert calm < 1e-7 and wild > 1e3 * calm
 
 
+
+def test_census_chaos_control_perturbs_again_after_every_step() -> None:
+    """The control's copy is perturbed after every step, as the wide model's float32 rounding differs at
+    every step: over 30 steps the copy drifts further than one perturbation at the start carries it."""
+    census = _census_module()
+    small, _, x = _mlp_pair()
+    once_a, once_b = census.copy.deepcopy(small), census.copy.deepcopy(small)
+    census._perturb_(once_b, 1e-8, torch.Generator().manual_seed(7))
+    once = census._train(once_a, once_b, x, torch.optim.SGD, {"lr": 1e-3}, plain=True)[1]
+    every = census._chaos_control(small, x, torch.optim.SGD, {"lr": 1e-3}, 1e-8)
+    assert every > 2 * once, (every, once)
+
 def test_oracle_sets_apart_an_axis_the_builder_does_not_scale_by_an_integer() -> None:
     """MobileNetV3's squeeze channels are rounded (64 at w, 120 at 2w): no multiplier can match them,
     so they are listed as rounded, not as an inference miss; a 2x axis that was not widened still is."""
