@@ -189,7 +189,8 @@ HF_OVERRIDE_ALIASES = {
     "mt5": "t5", "umt5": "t5", "longt5": "t5", "switch_transformers": "t5",
     "mbart": "bart", "pegasus": "bart", "marian": "bart", "blenderbot": "bart", "blenderbot-small": "bart",
     "plbart": "bart", "mvp": "bart", "bigbird_pegasus": "bart", "m2m_100": "bart", "led": "bart",
-    "pegasus_x": "bart", "nllb-moe": "bart", "seamless_m4t": "bart", "seamless_m4t_v2": "bart", "trocr": "bart", "whisper": "bart",
+    "pegasus_x": "bart", "nllb-moe": "bart", "seamless_m4t": "bart", "seamless_m4t_v2": "bart",
+    "trocr": "bart", "whisper": "bart",
     "prophetnet": "bart", "fsmt": "bart", "musicgen": "bart", "musicgen_melody": "bart",
 }
 HF_VISION = ["vit", "deit", "beit", "dinov2"]  # ViT family, listed with the encoders
