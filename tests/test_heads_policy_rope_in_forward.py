@@ -53,3 +53,38 @@ def test_heads_grow_where_the_forward_fixes_head_dim_and_the_larger_model_is_fil
         assert (wide(x) - want).abs().max().item() < 1e-12
         assert (large(x) - want).abs().max().item() < 1e-12
     assert record.params["q.weight"].wide_shape == (16, 16)
+
+
+class ConvOnValues(nn.Module):
+    """Nystromformer's layout: a depthwise convolution over (sequence, head_dim) of the values, one channel
+    per head, added to the attention's output; its window fixes the values' head_dim."""
+
+    def __init__(self, heads: int, head_dim: int = 4) -> None:
+        super().__init__()
+        d = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.emb, self.out = nn.Linear(3, d), nn.Linear(d, 2)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.conv = nn.Conv2d(heads, heads, (3, 1), padding=(1, 0), groups=heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v + self.conv(v)
+        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_heads_grow_where_a_convolution_fixes_the_values_head_dim():
+    torch.manual_seed(0)
+    small, large = ConvOnValues(2).double(), ConvOnValues(4).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    plan = graphscale.analyze(small, (x,))
+    assert plan.classification.heads_grown, plan.classification.notes
+    graphscale.widen_into(small, large, (x,))
+    with torch.no_grad():
+        assert (large(x) - small(x)).abs().max().item() < 1e-12

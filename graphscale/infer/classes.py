@@ -131,9 +131,10 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
                 must_grow.update(factors[growing[0]])
         # a parameter's heads x head_dim axis whose head_dim is fixed by nature (PhiMoE's rotary, whose
         # frequencies the forward computes from head_dim with arange) could not grow at all with the heads
-        # fixed by the policy: its heads must grow instead, and so in every product over them. head_dim
-        # is told by what attention does with it, a sum over it with no parameter (q . k): not a grouped
-        # query's repeat count (a sinks vector over heads = kv heads x copies), which is never summed
+        # fixed by the policy: its heads must grow instead, and so in every product over them. The axis
+        # is a projection's (a matrix's: Nystromformer's value, whose head_dim a depthwise convolution
+        # fixes) or its fixed factor is one attention sums over (q . k): a vector over heads = kv heads x
+        # copies (GPT-OSS's sinks) has a fixed factor too, the copies, which must not make heads grow
         summed = {a for r in walk.requests.scales for a in res.atoms(r.dim)}
         summed |= {a for m in walk.requests.multipliers for d in m.dims for a in res.atoms(d)}
         for name in params:
@@ -147,7 +148,7 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
                 outer = [[a for a in leaves(f) if a in width] for f in children[:-1]]
                 outer = [f for f in outer if f]
                 if len(outer) == 1 and all(a in fixed and ds.size[a] > 1 for a in inner) \
-                        and summed & set(inner):
+                        and (summed & set(inner) or len(walk.tensor_dims[name]) >= 2):
                     must_grow.update(outer[0])
     # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
     concats = [list(node[1]) for name in params for d in walk.tensor_dims[name]
