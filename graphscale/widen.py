@@ -1195,8 +1195,9 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             continue
         node = nodes[node_name].args[0]
         segment: tuple[int, int] | None = None
-        pick: tuple[tuple, int] | None = None  # (axis tree, position) of an unbind/select on the way
+        picks: list[tuple[tuple, int]] = []  # (axis tree, position) of each unbind/select on the way
         cut: tuple | None = None  # (factors, wide start, stop) of a slice on the way, or (factors, why not)
+        splits: list[tuple] = []  # (factors, wide start, stop) of each part of a split on the way
         # ("mul" | "add", tensor, node, s), attention side first; s: the constant of a gain written s + w
         affine: list[tuple[str, str, fx.Node, float]] = []
         normalized = False
@@ -1225,6 +1226,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 own = [name]
             if own is not None:
                 info = plan.node_info[node.name]
+                # a position picked of an axis that is no factor of this output (a time step of a
+                # recurrence, xLSTM's q[:, :, t]) picks no rows of it; the one nearest the projection counts
+                relevant = [p for p in picks if isinstance(info, TensorInfo)
+                            and _axis_has(plan, info.dims[-1], p[0])]
+                pick = relevant[-1] if relevant else None
                 if cut is not None and pick is None and segment is None and isinstance(info, TensorInfo) \
                         and tuple(plan.resolution.factors(info.dims[-1])) == cut[0]:
                     if isinstance(cut[1], str):  # the slice took part of this output, but not whole parts
@@ -1232,6 +1238,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                             blocked.append(f"attention {node_name!r}: {cut[1]}")
                         break
                     segment = (cut[1], cut[2])  # rows of this output (Phi-3's qkv[..., :q_size])
+                own_axis = tuple(plan.resolution.factors(info.dims[-1])) \
+                    if isinstance(info, TensorInfo) else ()
+                matching = [c[1:] for c in splits if c[0] == own_axis]
+                if matching and segment is None:
+                    segment = matching[-1]  # the part of a split of this very output (GPT-2's c_attn)
                 if pick is not None:
                     segment = _picked_rows(plan, sizes, node, pick, segment)
                     if segment is None:
@@ -1252,16 +1263,22 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             picked = _pick(plan, node)
             if cut is None:
                 cut = _slice_rows(plan, sizes, node, slices.get(node.name, []))
-            if picked is not None and pick is None and segment is None:
-                pick = picked
+            if picked is not None:
+                picks.append(picked)
             elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parts = plan.node_info.get(node.args[0].name)
+                whole = _node_args(node.args[0])
+                whole_info = plan.node_info.get(whole[0].name) if whole else None
                 if isinstance(parts, tuple) and isinstance(node.args[1], int) \
-                        and all(isinstance(p, TensorInfo) for p in parts):
+                        and all(isinstance(p, TensorInfo) for p in parts) \
+                        and isinstance(whole_info, TensorInfo):
                     k = node.args[1]
                     part_dims = [p.dims[-1] for p in parts]
                     lo = sum(sizes.wide(d) for d in part_dims[:k])
-                    segment = (lo, lo + sizes.wide(part_dims[k]))
+                    # rows of a projection only if the split axis is its output axis (a rotary's halves
+                    # of head_dim are no rows of it): decided at the projection, as for a slice
+                    splits.append((tuple(plan.resolution.factors(whole_info.dims[-1])), lo,
+                                   lo + sizes.wide(part_dims[k])))
             target = _target(node)
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
@@ -1447,6 +1464,21 @@ def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int
     if not leading or wide % n:
         return None
     return pick[1] * (wide // n), (pick[1] + 1) * (wide // n)
+
+
+def _in_tree(tree: tuple, within: tuple) -> bool:
+    """Whether the resolution tree ``tree`` is ``within`` or one of its subtrees."""
+    return tree == within or any(isinstance(t, tuple) and _in_tree(tree, t) for t in within)
+
+
+def _axis_has(plan: Plan, dim: int, tree: tuple) -> bool:
+    """Whether the axis with resolution ``tree`` is a factor (or part) of ``dim`` in any of the ways the
+    engine knows ``dim`` (its tree, and every product it is: timm's BEiT qkv axis is both three bias parts
+    and ``3 x heads x head_dim``). A position picked of an axis that is none (a time step of a recurrence,
+    xLSTM's ``q[:, :, t]``) picks no rows of a projection's output."""
+    res = plan.resolution
+    return _in_tree(tree, res.tree(dim)) or any(
+        _in_tree(tree, res.tree(f)) for fs in res.prods.get(res.root(dim), []) for f in fs)
 
 
 def _norm_weight(plan: Plan, node: fx.Node) -> str | None:
