@@ -540,7 +540,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # A constant that the larger model's code computes from its own sizes (an embedding scale
     # sqrt(d_model)) is only looked for when no candidate holds: then it is undone in the op feeding it
     # (the factor small/large in that op's weights, docs/math.md §8) and every candidate is tried again.
-    folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
+    sum_folds = _product_sum_folds(plan, sizes)  # sum(x * w) over grown axes: 1/k in w, at every try
+    folds = dict(sum_folds)
+    constant_folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
     constants: list[tuple[str, Any, float, float, str]] = []
     unconfirmed: dict[tuple[str, str], float] = {}  # blocked: held on small's weights, not on random ones
     readouts = _readouts(plan, sizes, record)
@@ -574,9 +576,15 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         if attempt:
             break
         constants = _width_dependent_constants(plan, large, example_inputs, set(unsaved))
-        folds = _constant_folds(plan, constants) or {}
-        if not folds:
+        constant_folds = _constant_folds(plan, constants) or {}
+        if not constant_folds:
             break
+        folds = dict(sum_folds)
+        for name, (producers, f, why) in constant_folds.items():  # both on one tensor: the product
+            if name in folds:
+                earlier = folds[name]
+                producers, f, why = (*earlier[0], *producers), earlier[1] * f, f"{earlier[2]}; {why}"
+            folds[name] = (producers, f, why)
     if best is not None and errors[best] <= rtol:
         record = records[best[1]]
         fill(best[0], record, source)
@@ -615,7 +623,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
             record.notes.append(f"widen_into: the query carries a further k**{power:g} "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
-        for name, (producers, f, why) in folds.items():
+        for name, (_, f, why) in sum_folds.items():
+            record.notes.append(f"widen_into: {name} carries a further {f:.6g}: {why}")
+        for name, (producers, f, why) in constant_folds.items():
             record.notes.append(f"widen_into: {name} carries a further {f:.6g} for the larger model's own "
                                 f"constant at {why} (its ops {', '.join(producers)} feed them)")
         for name, (a, b) in unsaved.items():
@@ -635,8 +645,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     if constants:
         shown = [c[4] for c in constants]
         message += ("; the larger model's code computes constants from its own sizes, which "
-                    + ("no weight carries here: " if not folds else "widen_into folded into "
-                       + ", ".join(sorted(folds)) + " (the errors above are with those folds), without "
+                    + ("no weight carries here: " if not constant_folds else "widen_into folded into "
+                       + ", ".join(sorted(constant_folds))
+                       + " (the errors above are with those folds), without "
                        "success: ")
                     + ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
                     + " (e.g. an embedding scale sqrt(d_model)); use graphscale.widen, whose graph keeps the "
@@ -749,6 +760,43 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
                 continue
             folds[p] = ((producer.name,), factor, why)
     return folds or None
+
+
+def _product_sums(plan: Plan, sizes: Sizes) -> dict[str, tuple[str, str, float]]:
+    """The sums over grown axes of a product with a tensor of the model, ``sum(x * w)`` (DiffLlama's
+    ``exp(sum(lambda_q1 * lambda_k1))``, a sum over head_dim): the larger model's code applies no scale to
+    a plain sum, so the whole ``1/k`` that widen inserts after it goes into ``w`` (a whole-tensor fold,
+    docs/math.md §8), which must be read only there, through casts and views, by a product read only by
+    the sum. Returns {sum node: (tensor, product node, 1/k)}; the first such operand of the product is
+    chosen."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    reads = _reads_per_tensor(plan)
+    out: dict[str, tuple[str, str, float]] = {}
+    for m in plan.requests.multipliers:
+        k = math.prod(sizes.mult(d) for d in m.dims)
+        node = nodes[m.node]
+        if k == 1 or getattr(plan.node_rule(m.node), "kind", None) != "reduce" or m.operand is not None \
+                or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        product = node.args[0]
+        while _op_name(product) in _PASS_THROUGH and _readers(product) == 1 and _node_args(product) \
+                and _param_operand(plan, product) is None:
+            product = _node_args(product)[0]
+        operands = _node_args(product)
+        if _target(product) not in _MUL or len(operands) != 2 or _readers(product) != 1:
+            continue
+        carriers = [p for a in operands
+                    if (p := _param_operand(plan, a)) is not None and reads.get(p, 0) == 1]
+        if carriers:
+            out[m.node] = (carriers[0], product.name, 1.0 / k)
+    return out
+
+
+def _product_sum_folds(plan: Plan, sizes: Sizes) -> dict[str, tuple[tuple[str, ...], float, str]]:
+    """:func:`_product_sums` as folds {tensor: (the product node reading it, 1/k, why)}."""
+    return {name: ((product,), f, f"{node} sums a product with it over axes grown {round(1 / f)}x and the "
+                   "larger model's code does not scale a sum")
+            for node, (name, product, f) in _product_sums(plan, sizes).items()}
 
 
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
@@ -912,8 +960,10 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    folded = _product_sums(plan, sizes)
     sums = [m for m in plan.requests.multipliers
-            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"]
+            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"
+            and m.node not in folded]
     if sums:
         parts.append("graphscale.widen would insert 1/k after " + ", ".join(
             f"{m.node} ({m.why})" for m in sums) + ", which no weight of the larger model can carry")
@@ -1160,9 +1210,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.requests.scales]
+    folded = _product_sums(plan, sizes)  # a sum of products with a tensor: folded whole, no attention
     contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
-                     and getattr(plan.node_rule(m.node), "kind", None) != "loss"]  # a loss is no attention
+                     and getattr(plan.node_rule(m.node), "kind", None) != "loss"  # a loss is no attention
+                     and m.node not in folded]
     users_of_param = _params_by_node(plan)
     gain_users = _reads_per_tensor(plan)
     stop = set(users_of_param)
