@@ -544,6 +544,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     folds = dict(sum_folds)
     constant_folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
     constants: list[tuple[str, Any, float, float, str]] = []
+    large_gm: fx.GraphModule | None = None  # large's graph: captured once no candidate holds, to say why
     unconfirmed: dict[tuple[str, str], float] = {}  # blocked: held on small's weights, not on random ones
     readouts = _readouts(plan, sizes, record)
     for attempt in range(2):
@@ -575,7 +576,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             break
         if attempt:
             break
-        constants = _width_dependent_constants(plan, large, example_inputs, set(unsaved))
+        large_gm = _capture_large(plan, large, example_inputs)
+        constants = _width_dependent_constants(plan, large_gm, set(unsaved))
         constant_folds = _constant_folds(plan, constants) or {}
         if not constant_folds:
             break
@@ -636,6 +638,18 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         return record
     message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked,
                                     unconfirmed)
+    layout = _layout_differences(plan, sizes, large_gm)
+    if layout:  # the root cause, said first
+        message = ("the larger model's graph computes other shapes than the widened small one, at "
+                    + "; ".join(layout[:3]) + (f" and {len(layout) - 3} more ops" if len(layout) > 3 else "")
+                    + ": the two split a width axis into factors that grow differently (head_dim grown "
+                      "where widening grows the heads, or the reverse: see heads=; or a factor of size 1 in "
+                      "the small model, such as one head per group, whose growth its sizes cannot show), so "
+                      "no fill puts the rows where the larger model reads them; use graphscale.widen, whose "
+                      "graph keeps the small model's layout; " + message)
+    sums = [m.node for m in _uncarried_sums(plan, sizes)]
+    if sums and heads == "fixed":
+        message += _sums_grow_advice(small, example_inputs, tracer, rules, sums)
     if unsaved:
         message += ("; " + ", ".join(f"{n} ({a:.6g} in the small model, {b:.6g} in the larger)"
                                      for n, (a, b) in unsaved.items())
@@ -655,29 +669,74 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     raise WidthConflictError(message)
 
 
-def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any,
+def _capture_large(plan: Plan, large: torch.nn.Module, example_inputs: Any) -> fx.GraphModule | None:
+    """``large``'s graph, captured as the small model's was (None where it cannot be): only read when
+    widen_into has failed, to say why."""
+    from graphscale.capture import capture
+
+    try:
+        return capture(large, example_inputs, plan.frontend).gm  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
+        return None
+
+
+def _paired_calls(plan: Plan, gm: fx.GraphModule | None) -> list[tuple[fx.Node, fx.Node]]:
+    """The calls of the small graph and of ``gm`` (the larger model's) paired op by op; empty where the
+    two graphs do not have the same ops in the same order."""
+    calls = ("call_function", "call_method")  # fx keeps x.to(dtype) a method: the scalar's first reader
+    small = [n for n in plan.captured.gm.graph.nodes if n.op in calls]
+    big = [n for n in gm.graph.nodes if n.op in calls] if gm is not None else []
+    if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
+        return []
+    return list(zip(small, big))
+
+
+def _layout_differences(plan: Plan, sizes: Sizes, gm: fx.GraphModule | None) -> list[str]:
+    """The ops where ``gm`` (the larger model's graph) computes a shape other than the widened small graph
+    does, described: the larger model's code then splits a width axis into other factors (CodeGen's
+    ``qkv.reshape(..., mp_num, -1)`` with one head per group in the small model: the groups' factor grows
+    in the plan, the heads per group in the larger model), so no fill puts the rows where it reads them."""
+    from graphscale.infer.values import TensorInfo
+
+    pairs = _paired_calls(plan, gm)
+    shapes = {b.name: tuple(v.shape) for _, b in pairs if isinstance(v := b.meta.get("val"), torch.Tensor)}
+    if pairs and not shapes and gm is not None and not plan.captured.kwargs:  # fx: no shapes recorded
+        class Shapes(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                value = super().run_node(n)
+                if isinstance(value, torch.Tensor):
+                    shapes[n.name] = tuple(value.shape)
+                return value
+
+        try:
+            with torch.no_grad():
+                Shapes(gm).run(*plan.captured.args)
+        except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
+            return []
+    out = []
+    for a, b in pairs:
+        info, shape = plan.node_info.get(a.name), shapes.get(b.name)
+        if not isinstance(info, TensorInfo) or shape is None:
+            continue
+        wide = tuple(sizes.wide(d) for d in info.dims)
+        if len(wide) == len(shape) and wide != shape:
+            out.append(f"{a.name} ({_op_name(a)}): widening gives {wide}, the larger model computes {shape}")
+    return out
+
+
+def _width_dependent_constants(plan: Plan, gm: fx.GraphModule | None,
                                unsaved: set[str] | frozenset[str] = frozenset()
                                ) -> list[tuple[str, Any, float, float, str]]:
     """The constants of ``large``'s graph that differ from the small graph's at the same op: numbers its
     code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``), as float
     literals, as scalar tensors it creates in forward, or as the scalar buffers ``unsaved`` (not saved
     with the model: each class computes its own). Each is (small node, operand (index or keyword),
-    small value, large value, description). Only read when widen_into has failed; empty when the graphs
-    cannot be paired op by op."""
-    from graphscale.capture import capture
-
-    try:
-        gm = capture(large, example_inputs, plan.frontend).gm  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
-        return []
-    calls = ("call_function", "call_method")  # fx keeps x.to(dtype) a method: the scalar's first reader
-    small = [n for n in plan.captured.gm.graph.nodes if n.op in calls]
-    big = [n for n in gm.graph.nodes if n.op in calls]
-    if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
-        return []
+    small value, large value, description) (``gm``: the larger model's graph, from
+    :func:`_capture_large`). Only read when widen_into has failed; empty when the graphs cannot be paired
+    op by op."""
     out: list[tuple[str, Any, float, float, str]] = []
     own = {n for n, _ in _named_tensors(plan.captured.gm)}
-    for a, b in zip(small, big):
+    for a, b in _paired_calls(plan, gm):
         for i, (x, y) in enumerate(zip(a.args, b.args)):
             if isinstance(x, float) and isinstance(y, float) and x != y:
                 out.append((a.name, i, x, y, f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} "
@@ -706,6 +765,12 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
     return out
 
 
+#: Ops the query's factor does not pass (not homogeneous of degree one): the walk stops there
+_NONLINEAR = frozenset({
+    "silu", "silu_", "gelu", "relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "mish",
+    "softplus", "hardswish", "hardsigmoid", "hardtanh", "sigmoid", "tanh", "exp", "expm1", "log", "log1p",
+    "pow", "square", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "softmax", "_softmax", "log_softmax",
+    "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "sign", "reciprocal"})
 _CONSTANT_COPIES = ("lift_fresh_copy", "detach", "detach_", "to", "_to_copy", "clone", "alias")
 _PASS_THROUGH = ("view", "reshape", "transpose", "permute", "contiguous", "clone", "alias", "to", "_to_copy",
                  "type_as", "float", "double", "unsqueeze", "squeeze", "flatten", "dropout", "expand")
@@ -790,6 +855,20 @@ def _product_sums(plan: Plan, sizes: Sizes) -> dict[str, tuple[str, str, float]]
         if carriers:
             out[m.node] = (carriers[0], product.name, 1.0 / k)
     return out
+
+
+def _plain_sum(plan: Plan, node: fx.Node) -> bool:
+    """Whether ``node`` is a sum (a reduction) of anything but the product of two different operands: a sum
+    of squares (an L2 norm's ``(x * x).sum(-1)``, nGPT's ``x.pow(2).sum(-1)``) is no attention, and no
+    attention convention can compensate it (the larger model's code scales no sum)."""
+    if getattr(plan.node_rule(node.name), "kind", None) != "reduce" or not node.args \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    operand = node.args[0]
+    while _op_name(operand) in _PASS_THROUGH and _node_args(operand):
+        operand = _node_args(operand)[0]
+    factors = _node_args(operand)
+    return _target(operand) not in _MUL or len(factors) != 2 or factors[0] is factors[1]
 
 
 def _product_sum_folds(plan: Plan, sizes: Sizes) -> dict[str, tuple[tuple[str, ...], float, str]]:
@@ -959,17 +1038,39 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
                      + ", so the larger model's attention scale is not 1/head_dim")
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
-    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    folded = _product_sums(plan, sizes)
-    sums = [m for m in plan.requests.multipliers
-            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"
-            and m.node not in folded]
+    sums = _uncarried_sums(plan, sizes)
     if sums:
         parts.append("graphscale.widen would insert 1/k after " + ", ".join(
             f"{m.node} ({m.why})" for m in sums) + ", which no weight of the larger model can carry")
     parts.append("its architecture may differ from the small model's beyond width; graphscale.widen "
                  "builds the wide model itself")
     return "; ".join(parts)
+
+
+def _uncarried_sums(plan: Plan, sizes: Sizes) -> list[Any]:
+    """The sums after which widen inserts ``1/k`` (its OutputMultiplier requests) that no weight of the
+    larger model carries: all but those folded into a tensor (:func:`_product_sums`)."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    folded = _product_sums(plan, sizes)
+    return [m for m in plan.requests.multipliers
+            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"
+            and m.node not in folded]
+
+
+def _sums_grow_advice(small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
+                      rules: str | Path | list[str | Path] | None, sums: list[str]) -> str:
+    """Whether heads='grow' (head_dim kept) leaves the plain ``sums`` (node names) over axes that do not
+    grow, said as advice: an L2 norm of the query over head_dim, ``q * rsqrt(sum(q**2) + eps)``, is
+    k-fold in the larger model's code and its eps keeps any factor from compensating it exactly."""
+    try:
+        plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads="grow")
+        left = {m.node for m in _uncarried_sums(plan, Sizes(plan, {c.name: 2 for c in plan.width_classes}))}
+    except GraphscaleError:
+        return ""
+    if left & set(sums):
+        return ""
+    return ("; heads='grow' (more heads, head_dim kept) leaves none of these sums over a grown axis: build "
+            "the larger model with the small one's head_dim and more heads, and pass heads='grow'")
 
 
 def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
@@ -1214,7 +1315,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
                      and getattr(plan.node_rule(m.node), "kind", None) != "loss"  # a loss is no attention
-                     and m.node not in folded]
+                     and m.node not in folded and not _plain_sum(plan, nodes[m.node])]
     users_of_param = _params_by_node(plan)
     gain_users = _reads_per_tensor(plan)
     stop = set(users_of_param)
@@ -1331,6 +1432,12 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     # of head_dim are no rows of it): decided at the projection, as for a slice
                     splits.append((tuple(plan.resolution.factors(whole_info.dims[-1])), lo,
                                    lo + sizes.wide(part_dims[k])))
+            if _op_name(node) in _NONLINEAR:  # f(a x) != a f(x): no factor before it reaches the query
+                if blocked is not None:
+                    blocked.append(f"attention {node_name!r}: its query passes through {_op_name(node)} "
+                                   f"at node {node.name!r}, which a factor in the weights before it does not "
+                                   "pass")
+                break
             target = _target(node)
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
