@@ -699,7 +699,9 @@ def _layout_differences(plan: Plan, sizes: Sizes, gm: fx.GraphModule | None) -> 
     from graphscale.infer.values import TensorInfo
 
     pairs = _paired_calls(plan, gm)
-    shapes = {b.name: tuple(v.shape) for _, b in pairs if isinstance(v := b.meta.get("val"), torch.Tensor)}
+    # a data-dependent size (a MoE's tokens per expert) is a SymInt under export: no shape to compare
+    shapes = {b.name: tuple(v.shape) for _, b in pairs if isinstance(v := b.meta.get("val"), torch.Tensor)
+              and all(type(n) is int for n in v.shape)}
     if pairs and not shapes and gm is not None and not plan.captured.kwargs:  # fx: no shapes recorded
         class Shapes(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
