@@ -856,6 +856,46 @@ def _product_sums(plan: Plan, sizes: Sizes) -> dict[str, tuple[str, str, float]]
                     if (p := _param_operand(plan, a)) is not None and reads.get(p, 0) == 1]
         if carriers:
             out[m.node] = (carriers[0], product.name, 1.0 / k)
+    out.update(_picked_tensor_sums(plan, sizes))
+    return out
+
+
+def _picked_tensor(plan: Plan, node: fx.Node) -> str | None:
+    """The tensor of the model that ``node`` takes one position of along an axis (``weight[e]``: aten's
+    ``select``, fx's ``getitem`` with an int), else None."""
+    ins = _node_args(node)
+    picks = _op_name(node) == "select" or (node.target is operator.getitem and len(node.args) == 2
+                                           and isinstance(node.args[1], int))
+    return _param_operand(plan, ins[0]) if picks and len(ins) == 1 else None
+
+
+def _picked_tensor_sums(plan: Plan, sizes: Sizes) -> dict[str, tuple[str, str, float]]:
+    """The contractions over grown axes (a linear, a matmul) whose operand is a slice of a tensor of the
+    model picked by ``select`` (JetMoE's experts: ``F.linear(x_e, self.weight[e])`` over a stacked
+    ``(experts, out, in)`` weight, which the engine sees as data, so widen inserts ``1/k`` after each):
+    where every read of the tensor is such a contraction with one and the same ``1/k``, that factor goes
+    into the tensor whole, as for :func:`_product_sums`. Returns {contraction: (tensor, select node,
+    1/k)}."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    reads = _reads_per_tensor(plan)
+    found: dict[str, list[tuple[str, str, float]]] = {}
+    for m in plan.requests.multipliers:
+        k = math.prod(sizes.mult(d) for d in m.dims)
+        node = nodes[m.node]
+        if k == 1 or m.operand is not None or node.op == "call_module":
+            continue
+        for arg in _node_args(node):
+            picked = arg
+            while _op_name(picked) in _PASS_THROUGH and len(_node_args(picked)) == 1:
+                picked = _node_args(picked)[0]
+            name = _picked_tensor(plan, picked)
+            if name is not None and _readers(picked) == 1:
+                found.setdefault(name, []).append((m.node, picked.name, 1.0 / k))
+    out: dict[str, tuple[str, str, float]] = {}
+    for name, sums in found.items():
+        if len(sums) == reads.get(name, 0) and len({f for _, _, f in sums}) == 1 \
+                and len({s[0] for s in sums}) == len(sums):
+            out.update({node: (name, picked, f) for node, picked, f in sums})
     return out
 
 
@@ -875,9 +915,13 @@ def _plain_sum(plan: Plan, node: fx.Node) -> bool:
 
 def _product_sum_folds(plan: Plan, sizes: Sizes) -> dict[str, tuple[tuple[str, ...], float, str]]:
     """:func:`_product_sums` as folds {tensor: (the product node reading it, 1/k, why)}."""
-    return {name: ((product,), f, f"{node} sums a product with it over axes grown {round(1 / f)}x and the "
-                   "larger model's code does not scale a sum")
-            for node, (name, product, f) in _product_sums(plan, sizes).items()}
+    out: dict[str, tuple[tuple[str, ...], float, str]] = {}
+    for node, (name, reader, f) in _product_sums(plan, sizes).items():
+        readers, _, whys = out.get(name, ((), f, ""))
+        why = f"{node} sums over axes grown {round(1 / f)}x a product with it, which the larger model's " \
+              "code does not scale"
+        out[name] = ((*readers, reader), f, f"{whys}; {why}" if whys else why)
+    return out
 
 
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
@@ -1370,6 +1414,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 normalized = True
                 break
             own = users_of_param.get(node.name)
+            if own is None and _op_name(node) in ("linear", "matmul", "mm", "bmm"):
+                # a projection by one expert's slice of a stacked weight (JetMoE's weight[e]): the rows of
+                # the stacked tensor along the output axis
+                picked = [p for a in _node_args(node) if (p := _picked_tensor(plan, a)) is not None]
+                own = picked[:1] or None
             if node.op == "get_attr":  # the query is a tensor of the model itself (a learned latent query)
                 name = _param_operand(plan, node)
                 if name is None or gain_users.get(name, 0) > 1:
@@ -1434,6 +1483,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     # of head_dim are no rows of it): decided at the projection, as for a slice
                     splits.append((tuple(plan.resolution.factors(whole_info.dims[-1])), lo,
                                    lo + sizes.wide(part_dims[k])))
+            if _op_name(node) in ("index_add", "index_add_") and len(node.args) >= 4 \
+                    and isinstance(node.args[3], fx.Node) and isinstance(node.args[0], fx.Node) \
+                    and _op_name(node.args[0]) in ("zeros", "new_zeros", "zeros_like"):
+                last, node = node, node.args[3]  # rows scattered into zeros (a MoE's tokens): the source
+                continue
             if _op_name(node) in _NONLINEAR:  # f(a x) != a f(x): no factor before it reaches the query
                 if blocked is not None:
                     blocked.append(f"attention {node_name!r}: its query passes through {_op_name(node)} "
