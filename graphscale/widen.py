@@ -1087,7 +1087,8 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
     sums = _uncarried_sums(plan, sizes)
     if sums:
         parts.append("graphscale.widen would insert 1/k after " + ", ".join(
-            f"{m.node} ({m.why})" for m in sums) + ", which no weight of the larger model can carry")
+            f"{m.node} ({m.why})" for m in sums[:6]) + (f" and {len(sums) - 6} more" if len(sums) > 6 else "")
+            + ", which no weight of the larger model can carry")
     parts.append("its architecture may differ from the small model's beyond width; graphscale.widen "
                  "builds the wide model itself")
     return "; ".join(parts)
