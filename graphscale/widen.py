@@ -38,7 +38,7 @@ from graphscale.capture import (
     written_operand,
 )
 from graphscale.derive import ScalingRule
-from graphscale.edits import EditContext, SliceBounds, get_arg, set_module_attrs
+from graphscale.edits import EditContext, OutputMultiplier, SliceBounds, get_arg, set_module_attrs
 from graphscale.errors import GraphscaleError, MultiplierError, SliceFoldWarning, WidthConflictError
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.mupcompat import mup_optimizer_note
@@ -1094,7 +1094,7 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
     return "; ".join(parts)
 
 
-def _uncarried_sums(plan: Plan, sizes: Sizes) -> list[Any]:
+def _uncarried_sums(plan: Plan, sizes: Sizes) -> list[OutputMultiplier]:
     """The sums after which widen inserts ``1/k`` (its OutputMultiplier requests) that no weight of the
     larger model carries: all but those folded into a tensor (:func:`_product_sums`)."""
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
