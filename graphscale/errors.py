@@ -43,6 +43,12 @@ class RuleError(GraphscaleError):
     nothing. The message names the file, the rule and the key."""
 
 
+class UnsavedBufferWarning(UserWarning):
+    """``widen_into`` filled a buffer registered with ``persistent=False`` with a value other than the one
+    the larger model's class computes: the filled model is exact, but no checkpoint carries that buffer,
+    so the model saved and rebuilt from its config is not."""
+
+
 class SliceFoldWarning(UserWarning):
     """A widened model is exact, but a factor was folded onto part of a tensor (a fused q|k|v projection's
     query rows): no per-tensor optimizer can train it like the narrow model, so training pieces refuse it."""

@@ -43,13 +43,14 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from graphscale.errors import GraphscaleError, MultiplierError, WidthConflictError
+from graphscale.errors import GraphscaleError, MultiplierError, UnsavedBufferWarning, WidthConflictError
 from graphscale.record import RECORD_FILE, WideningRecord, save_record
 from graphscale.tolerance import FLOAT32_INSIDE_TOLERANCE, TOLERANCE, float32_reductions
 
@@ -149,7 +150,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
         large.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         _copy_other_files(src_dir, tmp)
         errors = _check_reload(auto, tmp, inputs, causal, torch_dtype, filled,
-                               want if noise_scheme is None else None, tol, large)
+                               want if noise_scheme is None else None, tol, large, heads)
         record.info["check"] = {"relative_error": errors, "tolerance": tol, "dtype": str(torch_dtype)}
         save_record(record, tmp)
         _replace_dir(tmp, out_dir, force)
@@ -210,9 +211,12 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
     if float32_ops:  # e.g. Llama's RMSNorm: the class itself rounds to float32 whatever the weights' dtype
         tol = FLOAT32_INSIDE_TOLERANCE
     try:
-        # large is built here only to be filled: no transactional copy of it
-        record = graphscale.widen_into(small_w, large_w, inputs, attention="auto", rtol=tol, plan=plan,
-                                       transactional=False)
+        # large is built here only to be filled: no transactional copy of it. A buffer no checkpoint
+        # carries is checked where it matters, on the written directory reloaded (_check_reload)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsavedBufferWarning)
+            record = graphscale.widen_into(small_w, large_w, inputs, attention="auto", rtol=tol, plan=plan,
+                                           transactional=False)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
     _add_tied_names(record, large_w)
@@ -591,7 +595,7 @@ def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _check_reload(auto: Any, directory: Path, inputs: tuple, causal: bool, dtype: torch.dtype,
                   filled: torch.Tensor, want: torch.Tensor | None, tol: float,
-                  large: Any) -> dict[str, float]:
+                  large: Any, heads: str) -> dict[str, float]:
     """Load the written directory as a user will, and check it computes what was filled (and the source)."""
     from graphscale.zoo import HFWrapper
 
@@ -610,9 +614,12 @@ def _check_reload(auto: Any, directory: Path, inputs: tuple, causal: bool, dtype
     saved = set(model.state_dict())
     derived = [n for n, b in large.named_buffers() if n not in saved
                and not torch.equal(b, dict(model.named_buffers())[n].to(b.dtype))]
+    # --heads grow keeps head_dim, so only --heads fixed can be the cause the hint names
+    hint = ("(with --heads fixed, a rotary embedding's frequencies follow head_dim); use --heads grow, which "
+            "keeps head_dim" if heads == "fixed" else "; graphscale cannot write this class's widened "
+            "model as a checkpoint: widen it in Python (graphscale.widen) instead")
     reason = (f"buffers {derived} are computed by {type(model).__name__} from the config and not stored in "
-              "the checkpoint, and the widened model needs other values (with --heads fixed, a rotary "
-              "embedding's frequencies follow head_dim); use --heads grow, which keeps head_dim"
+              f"the checkpoint, and the widened model needs other values {hint}"
               if derived else "the reloaded model computes another function")
     raise HFUpscaleError("the written model does not reproduce it (relative error "
                          + ", ".join(f"{k}: {v:.3g}" for k, v in bad.items())

@@ -39,7 +39,13 @@ from graphscale.capture import (
 )
 from graphscale.derive import ScalingRule
 from graphscale.edits import EditContext, OutputMultiplier, SliceBounds, get_arg, set_module_attrs
-from graphscale.errors import GraphscaleError, MultiplierError, SliceFoldWarning, WidthConflictError
+from graphscale.errors import (
+    GraphscaleError,
+    MultiplierError,
+    SliceFoldWarning,
+    UnsavedBufferWarning,
+    WidthConflictError,
+)
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.mupcompat import mup_optimizer_note
 from graphscale.plan import Plan, Sizes, analyze
@@ -457,6 +463,18 @@ def _unsaved_scalars(small: torch.nn.Module, large: torch.nn.Module, record: Wid
     return out
 
 
+def _non_persistent(module: torch.nn.Module, names: Any) -> dict[str, torch.Tensor]:
+    """A copy of each buffer of ``module`` among ``names`` that is registered with ``persistent=False``:
+    a value no checkpoint carries, which the module's class computes again when it is rebuilt."""
+    out: dict[str, torch.Tensor] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for b in getattr(sub, "_non_persistent_buffers_set", ()):
+            name = f"{path}.{b}" if path else b
+            if name in names and isinstance(sub._buffers.get(b), torch.Tensor):
+                out[name] = sub._buffers[b].detach().clone()
+    return out
+
+
 def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for _, t in _named_tensors(module):
@@ -496,6 +514,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     check_shapes(large, record)
     _note_untraced(plan, record, small, "widen_into")
     source = _source_state(plan.captured.gm)
+    own_unsaved = _non_persistent(large, record.params)  # to tell the user which ones the fill changes
 
     blocked: list[str] = []
     q_scales = _query_projections(plan, sizes, blocked)
@@ -633,6 +652,15 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         for name, (a, b) in unsaved.items():
             record.notes.append(f"widen_into: {name} is not saved with the model: the larger model keeps its "
                                 f"own value {b:.6g} (the small one's is {a:.6g})")
+        state_now = dict(_named_tensors(large))
+        changed = [n for n, t in own_unsaved.items() if not torch.equal(state_now[n], t)]
+        if changed:
+            msg = (f"widen_into: {', '.join(changed)} (registered with persistent=False) now differ(s) from "
+                   f"the value {type(large).__name__} computes from its own config, and no state_dict or "
+                   "checkpoint carries it: the filled model is exact, but one saved and rebuilt from its "
+                   "config is not. Keep the model object, or re-assign these buffers after loading")
+            record.notes.append(msg)
+            warnings.warn(msg, UnsavedBufferWarning, stacklevel=3)  # the user's call of widen_into
         record.notes.extend(mup_optimizer_note(small, large, record))
         large.graphscale = record  # type: ignore[assignment]
         return record

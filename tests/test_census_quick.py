@@ -62,13 +62,15 @@ def test_known_good_models_pass_every_check(quick) -> None:
         assert r["width_classes"], entry
 
 
-def test_a_model_without_a_rule_is_listed_with_its_reason(quick) -> None:
+def test_a_failing_model_is_listed_with_its_stage_and_reason(quick) -> None:
     data, _ = quick
-    # BLOOM's GeLUFunction is a custom autograd.Function, which torch.export would keep without its
-    # backward: refused, naming it (after it, ALiBi's aten.baddbmm has no rule yet)
+    # BLOOM analyzes, widens and trains exactly (its GeLUFunction's backward is its forward's derivative,
+    # rules/elementwise.toml), but widen_into cannot fill the model built at 2w: ALiBi's baddbmm carries
+    # the attention scale where the query walk does not look. Listed with that stage, one line
     r = data["results"]["causal/bloom"]
-    assert r["status"] == "fail" and r["stage"] == "analyze"
-    assert "GeLUFunction" in r["reason"] and "\n" not in r["reason"]
+    assert r["status"] == "fail" and r["stage"] == "widen_into", (r["stage"], r["reason"])
+    assert [r["checks"][c] for c in ("oracle", "widen", "train_adamw", "train_sgd")] == ["ok"] * 4
+    assert "does not compute the same function" in r["reason"] and "\n" not in r["reason"]
     census = _census_module()
     classes = dict(census.failure_classes(data["results"]))
     assert any("causal/bloom" in members for members in classes.values())
@@ -81,7 +83,7 @@ def test_readme_section_is_generated_from_the_results(quick) -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "gpt2, llama" in proc.stdout
-    assert "| bloom | analyze: the model calls the custom torch.autograd.Function" in proc.stdout
+    assert "| bloom | widen_into: the larger model does not compute the same function" in proc.stdout
 
 
 def test_oracle_flags_an_axis_that_grows_with_the_config_but_was_not_widened() -> None:
@@ -276,6 +278,18 @@ def test_census_chaos_control_grows_with_the_learning_rate() -> None:
     wild = census._chaos_control(small, x, torch.optim.SGD, {"lr": 30.0, "momentum": 0.9}, 1e-8)
     assert calm < 1e-7 and wild > 1e3 * calm
 
+
+
+def test_census_chaos_control_perturbs_again_after_every_step() -> None:
+    """The control's copy is perturbed after every step, as the wide model's float32 rounding differs at
+    every step: over 30 steps the copy drifts further than one perturbation at the start carries it."""
+    census = _census_module()
+    small, _, x = _mlp_pair()
+    once_a, once_b = census.copy.deepcopy(small), census.copy.deepcopy(small)
+    census._perturb_(once_b, 1e-8, torch.Generator().manual_seed(7))
+    once = census._train(once_a, once_b, x, torch.optim.SGD, {"lr": 1e-3}, plain=True)[1]
+    every = census._chaos_control(small, x, torch.optim.SGD, {"lr": 1e-3}, 1e-8)
+    assert every > 2 * once, (every, once)
 
 def test_oracle_sets_apart_an_axis_the_builder_does_not_scale_by_an_integer() -> None:
     """MobileNetV3's squeeze channels are rounded (64 at w, 120 at 2w): no multiplier can match them,

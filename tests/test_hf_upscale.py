@@ -12,6 +12,7 @@ wide model's mean over twice as many (copied) values rounds differently: relativ
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -251,6 +252,25 @@ def test_refusals_name_heads_grow(tmp_path):
     assert not (tmp_path / "llama-x2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
+
+
+def test_reload_refusal_names_heads_grow_only_where_it_would_help(tmp_path):
+    """The reload check names --heads grow when a config-derived buffer (inv_freq) differs with heads
+    fixed; with heads grow already chosen that hint would send the user in a circle, so it names
+    graphscale.widen instead. The check itself refuses in both cases."""
+    from graphscale.hf import _check_reload
+
+    src = _make_source("llama", tmp_path / "llama")
+    model, _ = _load("llama", src)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    large = copy.deepcopy(model)
+    large.model.rotary_emb.inv_freq.mul_(1.5)  # what the checkpoint cannot carry (non-persistent)
+    filled = _logits(large, ids)
+    for heads, hint, not_hint in (("fixed", "use --heads grow", "graphscale.widen"),
+                                  ("grow", "graphscale.widen", "use --heads grow")):
+        with pytest.raises(GraphscaleError, match="inv_freq") as e:
+            _check_reload(_auto("llama"), src, (ids,), True, torch.float64, filled, None, 1e-10, large, heads)
+        assert hint in str(e.value) and not_hint not in str(e.value), str(e.value)
 
 def test_partial_rotary_upscales_with_the_default_heads(tmp_path):
     """GPT-NeoX's head_dim 8 = rotary 2 | pass 6 cannot grow by one multiplier (the size-1 frequency axis

@@ -117,6 +117,72 @@ def test_autograd_function_with_rule_keeps_its_backward(fn: type, tmp_path: Path
     assert torch.allclose(grads[1], grads[0], atol=1e-12, rtol=0)
 
 
+
+class TanhOwnBackward(torch.autograd.Function):
+    """tanh with its backward written out: exactly the forward's derivative."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class TanhStraightThrough(TanhOwnBackward):
+    """tanh whose backward passes the gradient through: not the forward's derivative."""
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g
+
+
+def _derivative_rule(fn: type, tmp_path: Path) -> Path:
+    rule = tmp_path / "fn.toml"
+    rule.write_text(f'[[rule]]\nname = "{fn.__name__}"\nkind = "elementwise"\nbackward = "derivative"\n'
+                    f'targets = ["{fn.__module__}.{fn.__qualname__}.apply"]\n')
+    return rule
+
+
+def test_a_function_declared_derivative_is_inlined_by_export_and_trains_alike(tmp_path: Path) -> None:
+    """backward = "derivative": export may inline the forward, since autograd's derivative of it is the
+    Function's own backward. Widening is exact, and the wide model's input gradient is the narrow one's."""
+    model = WithFunction(TanhOwnBackward).double()
+    x = _x(4, 3).requires_grad_()
+    rules = _derivative_rule(TanhOwnBackward, tmp_path)
+    wide = graphscale.widen(model, (x,), 2, tracer="export", rules=rules)
+    assert torch.allclose(wide(x), model(x), atol=1e-12, rtol=0)
+    grads = []
+    for m in (model, wide):
+        x.grad = None
+        m(x).square().sum().backward()
+        grads.append(x.grad.clone())
+    assert grads[0].abs().max() > 1e-3 and torch.allclose(grads[1], grads[0], atol=1e-12, rtol=0)
+
+
+def test_a_wrong_derivative_claim_is_refused_naming_the_rule(tmp_path: Path) -> None:
+    """The claim is checked where capture meets the Function: a straight-through backward is not the
+    derivative, and export would drop it, so the rule that says so is named."""
+    model = WithFunction(TanhStraightThrough).double()
+    with pytest.raises(UnsupportedOpError, match="TanhStraightThrough.*differs from the derivative"):
+        graphscale.widen(model, (_x(4, 3),), 2, tracer="export",
+                         rules=_derivative_rule(TanhStraightThrough, tmp_path))
+
+
+def test_the_backward_key_takes_own_or_derivative(tmp_path: Path) -> None:
+    from graphscale.errors import RuleError
+    from graphscale.infer.rulebook import RuleBook
+
+    rule = tmp_path / "bad.toml"
+    rule.write_text('[[rule]]\nname = "x"\nkind = "elementwise"\nbackward = "exact"\n'
+                    'targets = ["torch.tanh"]\n')
+    with pytest.raises(RuleError, match="backward.*'own', 'derivative'"):
+        RuleBook.load(rule)
+
 # -- 3. in-place buffer updates in forward are kept --------------------------------------------------------
 
 

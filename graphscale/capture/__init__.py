@@ -55,6 +55,7 @@ from graphscale.capture.safety import (
     _check_function_rules,
     _check_mutations,
     _refuse_parametrizations,
+    function_rules,
     live_attributes,
     live_nodes,
     parameters_unchanged,
@@ -139,7 +140,8 @@ def _capture_copy(model: torch.nn.Module, args: tuple, kwargs: dict, tracer: Tra
                 + ([f"fx's graph calls {', '.join(calls)}, which no rule covers"] if calls else []))
     private = private_copy(model, share_parameters=True)  # fresh: fx tracing may have changed the first
     try:
-        cap = FRONTENDS["export"].trace(private, args, kwargs)
+        with function_rules(book):  # a custom Function that export may inline (backward = "derivative")
+            cap = FRONTENDS["export"].trace(private, args, kwargs)
     except UnsupportedOpError:
         raise
     except Exception as e:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import operator
 import traceback
@@ -289,24 +290,109 @@ def _apply_replaced_by(apply: Any) -> Iterator[None]:
         torch.autograd.Function.apply = _ORIGINAL_APPLY  # type: ignore[method-assign]
 
 
+#: the rules capture consults while torch.export runs (set by :func:`function_rules`)
+_FUNCTION_RULES: contextvars.ContextVar[RuleBook | None] = contextvars.ContextVar("graphscale_function_rules",
+                                                                                 default=None)
+
+
+@contextlib.contextmanager
+def function_rules(book: RuleBook | None) -> Iterator[None]:
+    """While active, :func:`_functions_refused` lets through a custom Function whose rule says
+    ``backward = "derivative"`` (after checking that claim numerically)."""
+    token = _FUNCTION_RULES.set(book)
+    try:
+        yield
+    finally:
+        _FUNCTION_RULES.reset(token)
+
+
 @contextlib.contextmanager
 def _functions_refused() -> Iterator[None]:
-    """torch.export keeps only a Function's forward: refuse any custom Function it meets."""
-    seen: list[type] = []
+    """torch.export keeps only a Function's forward: refuse any custom Function it meets, unless its rule
+    says its backward is its forward's derivative (``backward = "derivative"``), which a gradient check on
+    random inputs of the shapes met then confirms."""
+    seen: dict[type, tuple] = {}
 
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-        seen.append(cls)
+        seen.setdefault(cls, args)
         return _ORIGINAL_APPLY.__get__(None, cls)(*args, **kwargs)
 
     with _apply_replaced_by(apply):
         yield
-    if seen:
-        raise UnsupportedOpError(
-            f"the model calls the custom torch.autograd.Function {_describe_function(seen[0])}; torch.export "
-            "keeps only its forward and would drop its backward, so the wide model's gradients would be "
-            "wrong. Use tracer='fx' (which keeps Function.apply as one call) and add a rule for it, e.g. "
-            f"[[rule]] name = \"{seen[0].__name__}\", kind = \"elementwise\", "
-            f"targets = [\"{seen[0].__module__}.{seen[0].__qualname__}.apply\"] if it acts elementwise.")
+    book = _FUNCTION_RULES.get()
+    for cls, args in seen.items():
+        rule = book.lookup_function(FunctionCall(cls)) if book is not None else None
+        if rule is None or rule.get("backward") != "derivative":
+            raise UnsupportedOpError(
+                f"the model calls the custom torch.autograd.Function {_describe_function(cls)}; torch.export "
+                "keeps only its forward and would drop its backward, so the wide model's gradients would be "
+                "wrong. Use tracer='fx' (which keeps Function.apply as one call) and add a rule for it, e.g. "
+                f"[[rule]] name = \"{cls.__name__}\", kind = \"elementwise\", "
+                f"targets = [\"{cls.__module__}.{cls.__qualname__}.apply\"] if it acts elementwise; if "
+                "its backward is exactly its forward's derivative, add backward = \"derivative\" to that "
+                "rule and torch.export may inline it.")
+        problem = _derivative_mismatch(cls, args)
+        if problem:
+            raise UnsupportedOpError(
+                f"rule {rule.name!r} ({rule.source}) says the backward of {_describe_function(cls)} is its "
+                f"forward's derivative, but {problem}; remove backward = \"derivative\" from the rule and "
+                "use tracer='fx'")
+
+
+class _PlainContext:
+    """A stand-in ``ctx`` for calling a Function's ``forward`` outside ``apply``."""
+
+    needs_input_grad: tuple = ()
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        self.saved_tensors = tensors
+
+    def mark_dirty(self, *args: Any) -> None: ...
+
+    def mark_non_differentiable(self, *args: Any) -> None: ...
+
+    def set_materialize_grads(self, value: bool) -> None: ...
+
+
+def _derivative_mismatch(cls: type, example: tuple) -> str:
+    """Empty if ``cls``'s own backward equals autograd's derivative of its forward (float64, random inputs
+    of the shapes in ``example``, 1e-8 relative), else what differs."""
+    gen = torch.Generator().manual_seed(0)
+
+    def real(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        if a.is_floating_point():
+            return torch.randn(tuple(a.shape), generator=gen, dtype=torch.float64)
+        return torch.zeros(tuple(a.shape), dtype=a.dtype)
+
+    base = [real(a) for a in example]
+
+    def grads(call: Any) -> list[torch.Tensor | None]:
+        xs = [x.clone().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+              for x in base]
+        out = call(*xs)
+        outs = [o for o in (out if isinstance(out, tuple | list) else (out,))
+                if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        g = torch.Generator().manual_seed(1)
+        seeds = [torch.randn(tuple(o.shape), generator=g, dtype=o.dtype) for o in outs]
+        inputs = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+        return list(torch.autograd.grad(outs, inputs, seeds, allow_unused=True))
+
+    own_setup = getattr(cls, "setup_context", None) is not torch.autograd.Function.setup_context
+    try:
+        custom = grads(lambda *xs: _ORIGINAL_APPLY.__get__(None, cls)(*xs))
+        plain = grads(lambda *xs: cls.forward(*xs) if own_setup else cls.forward(_PlainContext(), *xs))
+    except Exception as e:  # noqa: BLE001 - any failure means the claim cannot be checked
+        return f"the check could not run it ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    for i, (a, b) in enumerate(zip(custom, plain)):
+        if (a is None) != (b is None):
+            return f"one of them gives no gradient for input {i}"
+        if a is not None and b is not None and \
+                not (a - b).abs().max().item() <= 1e-8 * (1 + b.abs().max().item()):
+            return (f"on random inputs its gradient for input {i} differs from the derivative by "
+                    f"{(a - b).abs().max().item():.3g}")
+    return ""
 
 
 def _describe_function(cls: type) -> str:

@@ -129,6 +129,26 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
             growing = [i for i, f in enumerate(factors) if f]
             if len(growing) >= 2 and blocked(children[growing[-1]]):
                 must_grow.update(factors[growing[0]])
+        # a parameter's heads x head_dim axis whose head_dim is fixed by nature (PhiMoE's rotary, whose
+        # frequencies the forward computes from head_dim with arange) could not grow at all with the heads
+        # fixed by the policy: its heads must grow instead, and so in every product over them. head_dim
+        # is told by what attention does with it, a sum over it with no parameter (q . k): not a grouped
+        # query's repeat count (a sinks vector over heads = kv heads x copies), which is never summed
+        summed = {a for r in walk.requests.scales for a in res.atoms(r.dim)}
+        summed |= {a for m in walk.requests.multipliers for d in m.dims for a in res.atoms(d)}
+        for name in params:
+            for d in walk.tensor_dims[name]:
+                children = res.factors(d) if res.tree(d)[0] == "prod" else []
+                if len(children) < 2:
+                    continue
+                inner = leaves(children[-1])
+                # one growing factor before it (the heads): not [heads, head_dim / 2, 2], a complex
+                # rotary's pairs, whose fixed last factor is the pair, not head_dim
+                outer = [[a for a in leaves(f) if a in width] for f in children[:-1]]
+                outer = [f for f in outer if f]
+                if len(outer) == 1 and all(a in fixed and ds.size[a] > 1 for a in inner) \
+                        and summed & set(inner):
+                    must_grow.update(outer[0])
     # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
     concats = [list(node[1]) for name in params for d in walk.tensor_dims[name]
                for node in _sums(res.tree(d))]

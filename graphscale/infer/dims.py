@@ -205,13 +205,18 @@ class DimSystem:
                     changed = True
         return changed
 
-    def _flatten(self, pieces: list[int], defs: dict[int, list[list[int]]], product: bool) -> list[int]:
-        """Expand pieces through their first decomposition of the same kind, down to undivided pieces."""
+    def _flatten(self, pieces: list[int], defs: dict[int, list[list[int]]], product: bool,
+                 expanding: frozenset[int] = frozenset()) -> list[int]:
+        """Expand pieces through their first decomposition of the same kind, down to undivided pieces.
+
+        A piece already being expanded stays whole: decompositions can form a cycle within one pass (A's
+        first factorization reaches B, B's reaches A through a size-1 factor not yet merged), and a
+        coarser piece is still a true factorization, which the next pass refines."""
         out: list[int] = []
         for p in pieces:
             r = self.find(p)
-            if r in defs and defs[r] and r not in defs[r][0]:
-                out.extend(self._flatten(defs[r][0], defs, product))
+            if r in defs and defs[r] and r not in defs[r][0] and r not in expanding:
+                out.extend(self._flatten(defs[r][0], defs, product, expanding | {r}))
             elif not product or self.size[r] != 1:
                 out.append(r)
         return out

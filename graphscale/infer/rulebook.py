@@ -44,7 +44,7 @@ import torch
 
 import graphscale.infer.kinds  # noqa: F401  (registers the kinds and their schemas)
 from graphscale.errors import GraphscaleError, RuleError
-from graphscale.infer.schema import COMMON_KEYS, KINDS, convert
+from graphscale.infer.schema import BACKWARDS, COMMON_KEYS, KINDS, convert
 
 
 @dataclass(frozen=True)
@@ -274,6 +274,8 @@ def _validate(raw: Any, source: str, index: int) -> Rule:
             raise RuleError(f"{where}: key {key!r} is missing (kind {kind_name!r} requires it: {k.doc})")
         if k.default is not None:
             spec[key] = convert(k.type, k.default) if isinstance(k.default, str | list) else k.default
+    if spec.get("backward") not in BACKWARDS:
+        raise RuleError(f"{where}: key 'backward': {spec.get('backward')!r} is not one of {list(BACKWARDS)}")
     if not spec.get("targets") and not spec.get("optional_targets"):
         raise RuleError(f"{where}: key 'targets' is missing or empty; the rule covers no op")
     for t in spec["targets"] + spec["optional_targets"]:

@@ -100,7 +100,13 @@ COMMON_KEYS: Mapping[str, Key] = MappingProxyType({
     "optional_targets": Key("strs", default=(), doc="ops that older torch versions may lack"),
     "module_attrs": Key("attrs", default=MappingProxyType({}),
                         doc="size attributes of a called module, recomputed from its wide tensors"),
+    "backward": Key("str", default="own",
+                    doc="for a custom torch.autograd.Function: 'own' (graphscale keeps the Function whole, "
+                        "under tracer='fx') or 'derivative' (its backward is its forward's derivative, so "
+                        "torch.export may inline the forward; checked numerically where it is met)"),
 })
+#: the values of the common key ``backward``
+BACKWARDS = ("own", "derivative")
 
 KINDS: dict[str, KindSpec] = {}
 

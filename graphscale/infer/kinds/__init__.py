@@ -41,4 +41,5 @@ from graphscale.infer.kinds import (  # noqa: F401
     reductions,
     routing,
     shapes,
+    unfold,
 )
