@@ -38,7 +38,7 @@ from graphscale.capture import (
     written_operand,
 )
 from graphscale.derive import ScalingRule
-from graphscale.edits import EditContext, SliceBounds, get_arg, set_module_attrs
+from graphscale.edits import EditContext, OutputMultiplier, SliceBounds, get_arg, set_module_attrs
 from graphscale.errors import (
     GraphscaleError,
     MultiplierError,
@@ -559,8 +559,11 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     # A constant that the larger model's code computes from its own sizes (an embedding scale
     # sqrt(d_model)) is only looked for when no candidate holds: then it is undone in the op feeding it
     # (the factor small/large in that op's weights, docs/math.md §8) and every candidate is tried again.
-    folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
+    sum_folds = _product_sum_folds(plan, sizes)  # sum(x * w) over grown axes: 1/k in w, at every try
+    folds = dict(sum_folds)
+    constant_folds: dict[str, tuple[tuple[str, ...], float, str]] = {}
     constants: list[tuple[str, Any, float, float, str]] = []
+    large_gm: fx.GraphModule | None = None  # large's graph: captured once no candidate holds, to say why
     unconfirmed: dict[tuple[str, str], float] = {}  # blocked: held on small's weights, not on random ones
     readouts = _readouts(plan, sizes, record)
     for attempt in range(2):
@@ -592,10 +595,17 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             break
         if attempt:
             break
-        constants = _width_dependent_constants(plan, large, example_inputs, set(unsaved))
-        folds = _constant_folds(plan, constants) or {}
-        if not folds:
+        large_gm = _capture_large(plan, large, example_inputs)
+        constants = _width_dependent_constants(plan, large_gm, set(unsaved))
+        constant_folds = _constant_folds(plan, constants) or {}
+        if not constant_folds:
             break
+        folds = dict(sum_folds)
+        for name, (producers, f, why) in constant_folds.items():  # both on one tensor: the product
+            if name in folds:
+                earlier = folds[name]
+                producers, f, why = (*earlier[0], *producers), earlier[1] * f, f"{earlier[2]}; {why}"
+            folds[name] = (producers, f, why)
     if best is not None and errors[best] <= rtol:
         record = records[best[1]]
         fill(best[0], record, source)
@@ -634,7 +644,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
             record.notes.append(f"widen_into: the query carries a further k**{power:g} "
                                 f"({', '.join(sorted({q[0] for q in q_scales}))})")
-        for name, (producers, f, why) in folds.items():
+        for name, (_, f, why) in sum_folds.items():
+            record.notes.append(f"widen_into: {name} carries a further {f:.6g}: {why}")
+        for name, (producers, f, why) in constant_folds.items():
             record.notes.append(f"widen_into: {name} carries a further {f:.6g} for the larger model's own "
                                 f"constant at {why} (its ops {', '.join(producers)} feed them)")
         for name, (a, b) in unsaved.items():
@@ -654,6 +666,18 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         return record
     message = _no_candidate_message(plan, sizes, errors, unavailable, readouts, q_scales, blocked,
                                     unconfirmed)
+    layout = _layout_differences(plan, sizes, large_gm)
+    if layout:  # the root cause, said first
+        message = ("the larger model's graph computes other shapes than the widened small one, at "
+                    + "; ".join(layout[:3]) + (f" and {len(layout) - 3} more ops" if len(layout) > 3 else "")
+                    + ": the two split a width axis into factors that grow differently (head_dim grown "
+                      "where widening grows the heads, or the reverse: see heads=; or a factor of size 1 in "
+                      "the small model, such as one head per group, whose growth its sizes cannot show), so "
+                      "no fill puts the rows where the larger model reads them; use graphscale.widen, whose "
+                      "graph keeps the small model's layout; " + message)
+    sums = [m.node for m in _uncarried_sums(plan, sizes)]
+    if sums and heads == "fixed":
+        message += _sums_grow_advice(small, example_inputs, tracer, rules, sums)
     if unsaved:
         message += ("; " + ", ".join(f"{n} ({a:.6g} in the small model, {b:.6g} in the larger)"
                                      for n, (a, b) in unsaved.items())
@@ -663,8 +687,9 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     if constants:
         shown = [c[4] for c in constants]
         message += ("; the larger model's code computes constants from its own sizes, which "
-                    + ("no weight carries here: " if not folds else "widen_into folded into "
-                       + ", ".join(sorted(folds)) + " (the errors above are with those folds), without "
+                    + ("no weight carries here: " if not constant_folds else "widen_into folded into "
+                       + ", ".join(sorted(constant_folds))
+                       + " (the errors above are with those folds), without "
                        "success: ")
                     + ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
                     + " (e.g. an embedding scale sqrt(d_model)); use graphscale.widen, whose graph keeps the "
@@ -672,29 +697,76 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     raise WidthConflictError(message)
 
 
-def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_inputs: Any,
+def _capture_large(plan: Plan, large: torch.nn.Module, example_inputs: Any) -> fx.GraphModule | None:
+    """``large``'s graph, captured as the small model's was (None where it cannot be): only read when
+    widen_into has failed, to say why."""
+    from graphscale.capture import capture
+
+    try:
+        return capture(large, example_inputs, plan.frontend).gm  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
+        return None
+
+
+def _paired_calls(plan: Plan, gm: fx.GraphModule | None) -> list[tuple[fx.Node, fx.Node]]:
+    """The calls of the small graph and of ``gm`` (the larger model's) paired op by op; empty where the
+    two graphs do not have the same ops in the same order."""
+    calls = ("call_function", "call_method")  # fx keeps x.to(dtype) a method: the scalar's first reader
+    small = [n for n in plan.captured.gm.graph.nodes if n.op in calls]
+    big = [n for n in gm.graph.nodes if n.op in calls] if gm is not None else []
+    if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
+        return []
+    return list(zip(small, big))
+
+
+def _layout_differences(plan: Plan, sizes: Sizes, gm: fx.GraphModule | None) -> list[str]:
+    """The ops where ``gm`` (the larger model's graph) computes a shape other than the widened small graph
+    does, described: the larger model's code then splits a width axis into other factors (CodeGen's
+    ``qkv.reshape(..., mp_num, -1)`` with one head per group in the small model: the groups' factor grows
+    in the plan, the heads per group in the larger model), so no fill puts the rows where it reads them."""
+    from graphscale.infer.values import TensorInfo
+
+    pairs = _paired_calls(plan, gm)
+    # a data-dependent size (a MoE's tokens per expert) is a SymInt under export: no shape to compare
+    shapes = {b.name: tuple(v.shape) for _, b in pairs if isinstance(v := b.meta.get("val"), torch.Tensor)
+              and all(type(n) is int for n in v.shape)}
+    if pairs and not shapes and gm is not None and not plan.captured.kwargs:  # fx: no shapes recorded
+        class Shapes(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                value = super().run_node(n)
+                if isinstance(value, torch.Tensor):
+                    shapes[n.name] = tuple(value.shape)
+                return value
+
+        try:
+            with torch.no_grad():
+                Shapes(gm).run(*plan.captured.args)
+        except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
+            return []
+    out = []
+    for a, b in pairs:
+        info, shape = plan.node_info.get(a.name), shapes.get(b.name)
+        if not isinstance(info, TensorInfo) or shape is None:
+            continue
+        wide = tuple(sizes.wide(d) for d in info.dims)
+        if len(wide) == len(shape) and wide != shape:
+            out.append(f"{a.name} ({_op_name(a)}): widening gives {wide}, the larger model computes {shape}")
+    return out
+
+
+def _width_dependent_constants(plan: Plan, gm: fx.GraphModule | None,
                                unsaved: set[str] | frozenset[str] = frozenset()
                                ) -> list[tuple[str, Any, float, float, str]]:
     """The constants of ``large``'s graph that differ from the small graph's at the same op: numbers its
     code derives from its config's sizes (``embed_scale = sqrt(d_model)``, a ``1/sqrt(hidden)``), as float
     literals, as scalar tensors it creates in forward, or as the scalar buffers ``unsaved`` (not saved
     with the model: each class computes its own). Each is (small node, operand (index or keyword),
-    small value, large value, description). Only read when widen_into has failed; empty when the graphs
-    cannot be paired op by op."""
-    from graphscale.capture import capture
-
-    try:
-        gm = capture(large, example_inputs, plan.frontend).gm  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - diagnostics only: the refusal stands without them
-        return []
-    calls = ("call_function", "call_method")  # fx keeps x.to(dtype) a method: the scalar's first reader
-    small = [n for n in plan.captured.gm.graph.nodes if n.op in calls]
-    big = [n for n in gm.graph.nodes if n.op in calls]
-    if len(small) != len(big) or any(a.target != b.target for a, b in zip(small, big)):
-        return []
+    small value, large value, description) (``gm``: the larger model's graph, from
+    :func:`_capture_large`). Only read when widen_into has failed; empty when the graphs cannot be paired
+    op by op."""
     out: list[tuple[str, Any, float, float, str]] = []
     own = {n for n, _ in _named_tensors(plan.captured.gm)}
-    for a, b in zip(small, big):
+    for a, b in _paired_calls(plan, gm):
         for i, (x, y) in enumerate(zip(a.args, b.args)):
             if isinstance(x, float) and isinstance(y, float) and x != y:
                 out.append((a.name, i, x, y, f"{a.name} argument {i}: {x:.6g} in the small model, {y:.6g} "
@@ -723,6 +795,12 @@ def _width_dependent_constants(plan: Plan, large: torch.nn.Module, example_input
     return out
 
 
+#: Ops the query's factor does not pass (not homogeneous of degree one): the walk stops there
+_NONLINEAR = frozenset({
+    "silu", "silu_", "gelu", "relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "mish",
+    "softplus", "hardswish", "hardsigmoid", "hardtanh", "sigmoid", "tanh", "exp", "expm1", "log", "log1p",
+    "pow", "square", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "softmax", "_softmax", "log_softmax",
+    "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "sign", "reciprocal"})
 _CONSTANT_COPIES = ("lift_fresh_copy", "detach", "detach_", "to", "_to_copy", "clone", "alias")
 _PASS_THROUGH = ("view", "reshape", "transpose", "permute", "contiguous", "clone", "alias", "to", "_to_copy",
                  "type_as", "float", "double", "unsqueeze", "squeeze", "flatten", "dropout", "expand")
@@ -777,6 +855,101 @@ def _constant_folds(plan: Plan, constants: list[tuple[str, Any, float, float, st
                 continue
             folds[p] = ((producer.name,), factor, why)
     return folds or None
+
+
+def _product_sums(plan: Plan, sizes: Sizes) -> dict[str, tuple[str, str, float]]:
+    """The sums over grown axes of a product with a tensor of the model, ``sum(x * w)`` (DiffLlama's
+    ``exp(sum(lambda_q1 * lambda_k1))``, a sum over head_dim): the larger model's code applies no scale to
+    a plain sum, so the whole ``1/k`` that widen inserts after it goes into ``w`` (a whole-tensor fold,
+    docs/math.md §8), which must be read only there, through casts and views, by a product read only by
+    the sum. Returns {sum node: (tensor, product node, 1/k)}; the first such operand of the product is
+    chosen."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    reads = _reads_per_tensor(plan)
+    out: dict[str, tuple[str, str, float]] = {}
+    for m in plan.requests.multipliers:
+        k = math.prod(sizes.mult(d) for d in m.dims)
+        node = nodes[m.node]
+        if k == 1 or getattr(plan.node_rule(m.node), "kind", None) != "reduce" or m.operand is not None \
+                or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        product = node.args[0]
+        while _op_name(product) in _PASS_THROUGH and _readers(product) == 1 and _node_args(product) \
+                and _param_operand(plan, product) is None:
+            product = _node_args(product)[0]
+        operands = _node_args(product)
+        if _target(product) not in _MUL or len(operands) != 2 or _readers(product) != 1:
+            continue
+        carriers = [p for a in operands
+                    if (p := _param_operand(plan, a)) is not None and reads.get(p, 0) == 1]
+        if carriers:
+            out[m.node] = (carriers[0], product.name, 1.0 / k)
+    out.update(_picked_tensor_sums(plan, sizes))
+    return out
+
+
+def _picked_tensor(plan: Plan, node: fx.Node) -> str | None:
+    """The tensor of the model that ``node`` takes one position of along an axis (``weight[e]``: aten's
+    ``select``, fx's ``getitem`` with an int), else None."""
+    ins = _node_args(node)
+    picks = _op_name(node) == "select" or (node.target is operator.getitem and len(node.args) == 2
+                                           and isinstance(node.args[1], int))
+    return _param_operand(plan, ins[0]) if picks and len(ins) == 1 else None
+
+
+def _picked_tensor_sums(plan: Plan, sizes: Sizes) -> dict[str, tuple[str, str, float]]:
+    """The contractions over grown axes (a linear, a matmul) whose operand is a slice of a tensor of the
+    model picked by ``select`` (JetMoE's experts: ``F.linear(x_e, self.weight[e])`` over a stacked
+    ``(experts, out, in)`` weight, which the engine sees as data, so widen inserts ``1/k`` after each):
+    where every read of the tensor is such a contraction with one and the same ``1/k``, that factor goes
+    into the tensor whole, as for :func:`_product_sums`. Returns {contraction: (tensor, select node,
+    1/k)}."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    reads = _reads_per_tensor(plan)
+    found: dict[str, list[tuple[str, str, float]]] = {}
+    for m in plan.requests.multipliers:
+        k = math.prod(sizes.mult(d) for d in m.dims)
+        node = nodes[m.node]
+        if k == 1 or m.operand is not None or node.op == "call_module":
+            continue
+        for arg in _node_args(node):
+            picked = arg
+            while _op_name(picked) in _PASS_THROUGH and len(_node_args(picked)) == 1:
+                picked = _node_args(picked)[0]
+            name = _picked_tensor(plan, picked)
+            if name is not None and _readers(picked) == 1:
+                found.setdefault(name, []).append((m.node, picked.name, 1.0 / k))
+    out: dict[str, tuple[str, str, float]] = {}
+    for name, sums in found.items():
+        if len(sums) == reads.get(name, 0) and len({f for _, _, f in sums}) == 1 \
+                and len({s[0] for s in sums}) == len(sums):
+            out.update({node: (name, picked, f) for node, picked, f in sums})
+    return out
+
+
+def _plain_sum(plan: Plan, node: fx.Node) -> bool:
+    """Whether ``node`` is a sum (a reduction) of anything but the product of two different operands: a sum
+    of squares (an L2 norm's ``(x * x).sum(-1)``, nGPT's ``x.pow(2).sum(-1)``) is no attention, and no
+    attention convention can compensate it (the larger model's code scales no sum)."""
+    if getattr(plan.node_rule(node.name), "kind", None) != "reduce" or not node.args \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    operand = node.args[0]
+    while _op_name(operand) in _PASS_THROUGH and _node_args(operand):
+        operand = _node_args(operand)[0]
+    factors = _node_args(operand)
+    return _target(operand) not in _MUL or len(factors) != 2 or factors[0] is factors[1]
+
+
+def _product_sum_folds(plan: Plan, sizes: Sizes) -> dict[str, tuple[tuple[str, ...], float, str]]:
+    """:func:`_product_sums` as folds {tensor: (the product node reading it, 1/k, why)}."""
+    out: dict[str, tuple[tuple[str, ...], float, str]] = {}
+    for node, (name, reader, f) in _product_sums(plan, sizes).items():
+        readers, _, whys = out.get(name, ((), f, ""))
+        why = f"{node} sums over axes grown {round(1 / f)}x a product with it, which the larger model's " \
+              "code does not scale"
+        out[name] = ((*readers, reader), f, f"{whys}; {why}" if whys else why)
+    return out
 
 
 def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[str, int, int, int, int]],
@@ -939,15 +1112,40 @@ def _no_candidate_message(plan: Plan, sizes: Sizes, errors: dict[tuple[str, str]
                      + ", so the larger model's attention scale is not 1/head_dim")
     for name, why in unavailable.items():
         parts.append(f"readout {name!r} could not be built: {why}")
-    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    sums = [m for m in plan.requests.multipliers
-            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"]
+    sums = _uncarried_sums(plan, sizes)
     if sums:
         parts.append("graphscale.widen would insert 1/k after " + ", ".join(
-            f"{m.node} ({m.why})" for m in sums) + ", which no weight of the larger model can carry")
+            f"{m.node} ({m.why})" for m in sums[:6]) + (f" and {len(sums) - 6} more" if len(sums) > 6 else "")
+            + ", which no weight of the larger model can carry")
     parts.append("its architecture may differ from the small model's beyond width; graphscale.widen "
                  "builds the wide model itself")
     return "; ".join(parts)
+
+
+def _uncarried_sums(plan: Plan, sizes: Sizes) -> list[OutputMultiplier]:
+    """The sums after which widen inserts ``1/k`` (its OutputMultiplier requests) that no weight of the
+    larger model carries: all but those folded into a tensor (:func:`_product_sums`)."""
+    nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
+    folded = _product_sums(plan, sizes)
+    return [m for m in plan.requests.multipliers
+            if math.prod(sizes.mult(d) for d in m.dims) != 1 and nodes[m.node].op != "call_module"
+            and m.node not in folded]
+
+
+def _sums_grow_advice(small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
+                      rules: str | Path | list[str | Path] | None, sums: list[str]) -> str:
+    """Whether heads='grow' (head_dim kept) leaves the plain ``sums`` (node names) over axes that do not
+    grow, said as advice: an L2 norm of the query over head_dim, ``q * rsqrt(sum(q**2) + eps)``, is
+    k-fold in the larger model's code and its eps keeps any factor from compensating it exactly."""
+    try:
+        plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads="grow")
+        left = {m.node for m in _uncarried_sums(plan, Sizes(plan, {c.name: 2 for c in plan.width_classes}))}
+    except GraphscaleError:
+        return ""
+    if left & set(sums):
+        return ""
+    return ("; heads='grow' (more heads, head_dim kept) leaves none of these sums over a grown axis: build "
+            "the larger model with the small one's head_dim and more heads, and pass heads='grow'")
 
 
 def _compensate_shared_uses(plan: Plan, sizes: Sizes, record: WideningRecord,
@@ -1188,9 +1386,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
     contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.requests.scales]
+    folded = _product_sums(plan, sizes)  # a sum of products with a tensor: folded whole, no attention
     contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
-                     and getattr(plan.node_rule(m.node), "kind", None) != "loss"]  # a loss is no attention
+                     and getattr(plan.node_rule(m.node), "kind", None) != "loss"  # a loss is no attention
+                     and m.node not in folded and not _plain_sum(plan, nodes[m.node])]
     users_of_param = _params_by_node(plan)
     gain_users = _reads_per_tensor(plan)
     stop = set(users_of_param)
@@ -1223,8 +1423,9 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             continue
         node = nodes[node_name].args[0]
         segment: tuple[int, int] | None = None
-        pick: tuple[tuple, int] | None = None  # (axis tree, position) of an unbind/select on the way
+        picks: list[tuple[tuple, int]] = []  # (axis tree, position) of each unbind/select on the way
         cut: tuple | None = None  # (factors, wide start, stop) of a slice on the way, or (factors, why not)
+        splits: list[tuple] = []  # (factors, wide start, stop) of each part of a split on the way
         # ("mul" | "add", tensor, node, s), attention side first; s: the constant of a gain written s + w
         affine: list[tuple[str, str, fx.Node, float]] = []
         normalized = False
@@ -1242,6 +1443,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 normalized = True
                 break
             own = users_of_param.get(node.name)
+            if own is None and _op_name(node) in ("linear", "matmul", "mm", "bmm"):
+                # a projection by one expert's slice of a stacked weight (JetMoE's weight[e]): the rows of
+                # the stacked tensor along the output axis
+                picked = [p for a in _node_args(node) if (p := _picked_tensor(plan, a)) is not None]
+                own = picked[:1] or None
             if node.op == "get_attr":  # the query is a tensor of the model itself (a learned latent query)
                 name = _param_operand(plan, node)
                 if name is None or gain_users.get(name, 0) > 1:
@@ -1253,6 +1459,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 own = [name]
             if own is not None:
                 info = plan.node_info[node.name]
+                # a position picked of an axis that is no factor of this output (a time step of a
+                # recurrence, xLSTM's q[:, :, t]) picks no rows of it; the one nearest the projection counts
+                relevant = [p for p in picks if isinstance(info, TensorInfo)
+                            and _axis_has(plan, info.dims[-1], p[0])]
+                pick = relevant[-1] if relevant else None
                 if cut is not None and pick is None and segment is None and isinstance(info, TensorInfo) \
                         and tuple(plan.resolution.factors(info.dims[-1])) == cut[0]:
                     if isinstance(cut[1], str):  # the slice took part of this output, but not whole parts
@@ -1260,6 +1471,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                             blocked.append(f"attention {node_name!r}: {cut[1]}")
                         break
                     segment = (cut[1], cut[2])  # rows of this output (Phi-3's qkv[..., :q_size])
+                own_axis = tuple(plan.resolution.factors(info.dims[-1])) \
+                    if isinstance(info, TensorInfo) else ()
+                matching = [c[1:] for c in splits if c[0] == own_axis]
+                if matching and segment is None:
+                    segment = matching[-1]  # the part of a split of this very output (GPT-2's c_attn)
                 if pick is not None:
                     segment = _picked_rows(plan, sizes, node, pick, segment)
                     if segment is None:
@@ -1280,16 +1496,33 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             picked = _pick(plan, node)
             if cut is None:
                 cut = _slice_rows(plan, sizes, node, slices.get(node.name, []))
-            if picked is not None and pick is None and segment is None:
-                pick = picked
+            if picked is not None:
+                picks.append(picked)
             elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 parts = plan.node_info.get(node.args[0].name)
+                whole = _node_args(node.args[0])
+                whole_info = plan.node_info.get(whole[0].name) if whole else None
                 if isinstance(parts, tuple) and isinstance(node.args[1], int) \
-                        and all(isinstance(p, TensorInfo) for p in parts):
+                        and all(isinstance(p, TensorInfo) for p in parts) \
+                        and isinstance(whole_info, TensorInfo):
                     k = node.args[1]
                     part_dims = [p.dims[-1] for p in parts]
                     lo = sum(sizes.wide(d) for d in part_dims[:k])
-                    segment = (lo, lo + sizes.wide(part_dims[k]))
+                    # rows of a projection only if the split axis is its output axis (a rotary's halves
+                    # of head_dim are no rows of it): decided at the projection, as for a slice
+                    splits.append((tuple(plan.resolution.factors(whole_info.dims[-1])), lo,
+                                   lo + sizes.wide(part_dims[k])))
+            if _op_name(node) in ("index_add", "index_add_") and len(node.args) >= 4 \
+                    and isinstance(node.args[3], fx.Node) and isinstance(node.args[0], fx.Node) \
+                    and _op_name(node.args[0]) in ("zeros", "new_zeros", "zeros_like"):
+                last, node = node, node.args[3]  # rows scattered into zeros (a MoE's tokens): the source
+                continue
+            if _op_name(node) in _NONLINEAR:  # f(a x) != a f(x): no factor before it reaches the query
+                if blocked is not None:
+                    blocked.append(f"attention {node_name!r}: its query passes through {_op_name(node)} "
+                                   f"at node {node.name!r}, which a factor in the weights before it does not "
+                                   "pass")
+                break
             target = _target(node)
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             if not tensor_args and node.args and isinstance(node.args[0], (list, tuple)):
@@ -1475,6 +1708,21 @@ def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int
     if not leading or wide % n:
         return None
     return pick[1] * (wide // n), (pick[1] + 1) * (wide // n)
+
+
+def _in_tree(tree: tuple, within: tuple) -> bool:
+    """Whether the resolution tree ``tree`` is ``within`` or one of its subtrees."""
+    return tree == within or any(isinstance(t, tuple) and _in_tree(tree, t) for t in within)
+
+
+def _axis_has(plan: Plan, dim: int, tree: tuple) -> bool:
+    """Whether the axis with resolution ``tree`` is a factor (or part) of ``dim`` in any of the ways the
+    engine knows ``dim`` (its tree, and every product it is: timm's BEiT qkv axis is both three bias parts
+    and ``3 x heads x head_dim``). A position picked of an axis that is none (a time step of a recurrence,
+    xLSTM's ``q[:, :, t]``) picks no rows of a projection's output."""
+    res = plan.resolution
+    return _in_tree(tree, res.tree(dim)) or any(
+        _in_tree(tree, res.tree(f)) for fs in res.prods.get(res.root(dim), []) for f in fs)
 
 
 def _norm_weight(plan: Plan, node: fx.Node) -> str | None:

@@ -154,3 +154,76 @@ def test_an_attention_the_output_does_not_depend_on_takes_no_fold() -> None:
     assert all(torch.equal(v, before[k]) for k, v in large.dead.state_dict().items())  # its own, kept
     with torch.no_grad():
         assert rel_error(large(x), small(x)) <= 1e-12
+
+
+class RotaryHalvesAttention(torch.nn.Module):
+    """A query whose rotary splits head_dim into halves with ``chunk`` (GPT-OSS's ``_apply_rotary_emb``):
+    the halves are parts of head_dim, not of the projection's rows."""
+
+    def __init__(self, width: int, heads: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.heads, self.head_dim = heads, width // heads
+        self.emb = torch.nn.Linear(3, width)
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.out = torch.nn.Linear(width, 2)
+        self.double()
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        angle = torch.arange(x.shape[-2], dtype=x.dtype)[:, None] * 0.3
+        cos, sin = angle.cos(), angle.sin()
+        first, second = torch.chunk(x, 2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, c = h.shape
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v)
+        return self.out(a.transpose(1, 2).reshape(b, t, c))
+
+
+class StepwiseAttention(torch.nn.Module):
+    """Attention read one time step at a time (xLSTM's recurrent step: ``q[:, :, t]``, a ``select`` of the
+    time axis), scaled by this model's own 1/sqrt(head_dim)."""
+
+    def __init__(self, width: int, heads: int = 2, steps: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(width)
+        self.heads, self.head_dim, self.steps = heads, width // heads, steps
+        self.emb = torch.nn.Linear(3, width)
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.out = torch.nn.Linear(width, 2)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, c = h.shape
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        steps = []
+        for i in range(self.steps):
+            scores = (q[:, :, i].unsqueeze(2) @ k[:, :, : i + 1].transpose(-1, -2)) * self.head_dim ** -0.5
+            steps.append(scores.softmax(-1) @ v[:, :, : i + 1])
+        a = torch.cat(steps, dim=2)
+        return self.out(a.transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("model", [RotaryHalvesAttention, StepwiseAttention],
+                         ids=["rotary-chunk", "time-step"])
+def test_a_split_or_select_of_another_axis_is_no_cut_of_the_query_rows(model: type, tracer: str) -> None:
+    # Before, the walk took the rotary's chunk of head_dim for a split of q's rows and folded k**-0.5 into
+    # rows 0:4 of 16 only (GPT-OSS: 1.6e-4), and took the time step for a pick of a fused axis and tried
+    # only 'mup' (xLSTM: 2.1e-2): no candidate was exact
+    small, large = model(8), model(16)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    record = graphscale.widen_into(small, large, (x,), tracer=tracer)  # type: ignore[arg-type]
+    assert any("attention='standard'" in n for n in record.notes)
+    # the whole query carries k**-0.5 beyond the copy scale the key has
+    ratio = record["q.weight"].copy_scale / record["k.weight"].copy_scale
+    assert ratio == pytest.approx(2 ** -0.5, rel=1e-12)
+    assert record["q.bias"].copy_scale == pytest.approx(2 ** -0.5, rel=1e-12)
+    assert not record["q.weight"].slice_folds
+    with torch.no_grad():
+        assert rel_error(large(x), small(x)) <= 1e-12
+    assert _trains_alike(small, large) <= 1e-9
