@@ -433,3 +433,42 @@ def test_concatenated_parts_that_cannot_grow_alike_are_fixed_together() -> None:
     plan = graphscale.analyze(model, (_x(2, 3, 4, 4),))
     assert "cannot grow alike" in plan.classification.lookup("stem.weight[0]").reason
     _exact(model, (_x(2, 3, 4, 4),), plan=plan)
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's shifted windows: tokens laid out (B, H, W, C) rolled along height and width; ``dims``:
+    what to roll along (the channels, or None: the flattened tensor, are not replication-invariant)."""
+
+    def __init__(self, dims: tuple[int, ...] | int | None = (1, 2)) -> None:
+        super().__init__()
+        self.dims = dims
+        self.embed, self.mlp, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.dims is None:
+            h = torch.roll(h, 3)
+        elif isinstance(self.dims, int):
+            h = h.roll(1, self.dims)
+        else:
+            h = torch.roll(h, shifts=(-1, -1), dims=self.dims)
+        h = h + self.mlp(torch.relu(h))
+        h = torch.roll(h, shifts=(1, 1), dims=(1, 2)) if self.dims == (1, 2) else h
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_roll_over_spatial_axes_widens_exactly(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = ShiftedWindows()
+    wide = _exact(model, (_x(2, 4, 4, 3),), tracer)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("dims", [-1, None])
+def test_roll_over_a_width_axis_is_refused(tracer: str, dims: int | None) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(graphscale.GraphscaleError, match="not replication-invariant.*roll"):
+        graphscale.widen(ShiftedWindows(dims).double().eval(), (_x(2, 4, 4, 3),), 2, tracer=tracer)
+
