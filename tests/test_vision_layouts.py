@@ -472,3 +472,41 @@ def test_roll_over_a_width_axis_is_refused(tracer: str, dims: int | None) -> Non
     with pytest.raises(graphscale.GraphscaleError, match="not replication-invariant.*roll"):
         graphscale.widen(ShiftedWindows(dims).double().eval(), (_x(2, 4, 4, 3),), 2, tracer=tracer)
 
+
+class WeightStandardized(nn.Module):
+    """NFNet's ScaledStdConv2d: each filter standardized over its fan-in by a batch norm with batch
+    statistics (no running statistics), after a plain conv + BatchNorm2d (running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(self.b.weight.reshape(1, 4, -1), None, None, training=True,
+                                           momentum=0.0, eps=1e-6).reshape_as(self.b.weight)
+        h = torch.relu(self.bn(self.a(x)))
+        return torch.nn.functional.conv2d(h, w, self.b.bias, padding=1).mean((2, 3))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_batch_statistics_over_a_width_axis_are_refused(tracer: str) -> None:
+    """Widening the standardized filters' fan-in changes their mean and variance (the copies are rescaled):
+    the output would grow ~2x. A clear refusal naming the node, never a wrong model."""
+    torch.manual_seed(0)
+    model = WeightStandardized().double().eval()
+    with torch.no_grad():
+        for p in model.bn.parameters():
+            p.normal_()
+    with pytest.raises(graphscale.GraphscaleError, match="batch_norm.*batch statistics"):
+        graphscale.widen(model, (_x(2, 3, 6, 6),), 2, tracer=tracer)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_batch_norm_with_running_statistics_still_widens_exactly(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].running_mean.normal_()
+    _exact(model, (_x(2, 3, 6, 6),), tracer)

@@ -239,3 +239,28 @@ def kind_conv(ctx: Call) -> Info:
         ds.fix(d, "a spatial axis of a convolution output")
     lead = (x.dims[0],) if batched else ()
     return TensorInfo(lead + (out_c,) + spatial, shape)
+
+
+@kind("batch_norm", check=_check_einsum,
+      pattern=Key("pattern", required=True, doc="the axes of each operand and of the output"),
+      operands=Key("refs", doc="the operands, in pattern order (function targets)"),
+      module_operands=Key("refs", doc="the operands of a module target (param:weight...)"),
+      training=Key("ref", default="training", doc="the flag that makes it use batch statistics"),
+      running_mean=Key("ref", default="running_mean",
+                       doc="the running statistics; without them it uses batch statistics"))
+def kind_batch_norm(ctx: Call) -> Info:
+    """Batch norm: per-channel like ``einsum`` with the pattern. With batch statistics (training, or no
+    running statistics) it also normalizes over every axis but the channels (axis 1); the mean and variance
+    over a widened axis are not those of the narrow one (a weight standardized over its fan-in, whose
+    copies are rescaled: NFNet's ScaledStdConv2d), so such an axis is refused."""
+    out = kind_einsum(ctx)
+    training = ctx.value(ctx.spec("training"), False)
+    no_stats = ctx.has(ctx.spec("running_mean")) and ctx.value(ctx.spec("running_mean")) is None
+    if training is True or no_stats:
+        info = ctx.tensor("input")
+        for k, d in enumerate(info.dims):
+            if k != 1:
+                ctx.requests.refusals.append(Refusal(
+                    ctx.node.name, d, f"{ctx.rule.name} with batch statistics normalizes over it (axis {k}), "
+                    "and the mean and variance over a widened axis differ from the narrow ones"))
+    return out
