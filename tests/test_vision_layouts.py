@@ -6,6 +6,7 @@ caches tensors during forward, traced twice."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -510,3 +511,56 @@ def test_batch_norm_with_running_statistics_still_widens_exactly(tracer: str) ->
         model[1].running_var.uniform_(0.5, 2)
         model[1].running_mean.normal_()
     _exact(model, (_x(2, 3, 6, 6),), tracer)
+
+
+class LookupTableBias(nn.Module):
+    """timm MaxViT's 'bias_tf' relative-position bias: a (heads, 2S-1, 2S-1) table contracted by einsum
+    with one-hot lookup buffers along each of its two relative axes, added to attention logits."""
+
+    def __init__(self, heads: int = 2, size: int = 3) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, 2 * size - 1, 2 * size - 1))
+        idx = torch.arange(size)
+        lookup = nn.functional.one_hot(idx[:, None] - idx[None, :] + size - 1, 2 * size - 1).float()
+        self.register_buffer("h_lookup", lookup)
+        self.register_buffer("w_lookup", lookup.clone())
+        self.qk, self.head, self.heads = nn.Linear(4, 8), nn.Linear(8, 3), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        t = torch.einsum("nhw,ixh->nixw", self.table, self.h_lookup)
+        bias = torch.einsum("nixw,jyw->nijxy", t, self.w_lookup).reshape(self.heads, n, n)
+        q = self.qk(x).view(b, n, self.heads, -1).transpose(1, 2)
+        a = (q @ q.transpose(-1, -2) + bias).softmax(-1)
+        return self.head((a @ q).transpose(1, 2).reshape(b, n, -1)).mean(1)
+
+
+class WeightProduct(nn.Module):
+    """Two parameters contracted with each other (a factored weight a @ b)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.einsum("ij,jk->ik", self.a, self.b)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("case", ["lookup", "product"])
+def test_an_axis_contracted_between_two_weights_is_compensated_once(tracer: str, case: str) -> None:
+    """Both weights carry the contracted axis; only one may carry the 1/k (both did: the table's bias came
+    out halved, the product a quarter), in widening and in training."""
+    torch.manual_seed(0)
+    model, x = (LookupTableBias(), _x(2, 9, 4)) if case == "lookup" else (WeightProduct(), _x(2, 4))
+    wide = _exact(model, (x,), tracer)
+    narrow = copy.deepcopy(model)
+    n_opt = torch.optim.SGD(narrow.parameters(), lr=0.05)
+    w_opt = graphscale.mup_optimizer(wide, torch.optim.SGD, lr=0.05)
+    for _ in range(3):
+        for m, opt in ((narrow, n_opt), (wide, w_opt)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), torch.tensor([0, 1])).backward()
+            opt.step()
+    with torch.no_grad():
+        assert (wide(x) - narrow(x)).abs().max().item() <= 1e-12

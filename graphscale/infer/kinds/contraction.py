@@ -118,10 +118,15 @@ def _einsum_core(ctx: Call, operands: list[tuple[str, Any, Loc | None]], pattern
     param_ops = [p for p in present if p[2].param is not None and (weights is None or p[0] in weights)]
     activation = next((p for p in present if p not in param_ops), None)
     act_loc = activation[4] if activation is not None else None
-    for _, _, info, axes, _ in param_ops:
+    # a contracted axis shared by several weights (two parameters multiplied, a table contracted with a
+    # lookup buffer: timm MaxViT's relative-position bias) is summed once: only one of them may carry the
+    # compensating 1/k, else the sum shrinks by 1/k per extra weight. The last in operand order takes it
+    # (x @ W's weight; a @ b's b), the others keep their copies equal along it.
+    owner = {x: i for i, (_, _, _, axes, _) in enumerate(param_ops) for x in axes if x in contracted}
+    for i, (_, _, info, axes, _) in enumerate(param_ops):
         name, param_axes = info.param  # type: ignore[misc]
         fan_in = tuple(sorted({param_axes[j] for j, x in enumerate(axes)
-                               if x in contracted and param_axes[j] is not None}))
+                               if x in contracted and owner[x] == i and param_axes[j] is not None}))
         ctx.requests.uses.append(ParamUse(name, ctx.node.name, fan_in, act_loc))  # type: ignore[arg-type]
     absorbed = {x for _, _, _, axes, _ in param_ops for x in axes}
     free = tuple(letters[x] for x in contracted if x not in absorbed)
