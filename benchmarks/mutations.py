@@ -99,8 +99,8 @@ MUTATIONS: list[Mutation] = [
       "torch.var's default (no correction given) is unbiased, hence refused; only correction=0 or "
       "unbiased=False is exact"),
     M("infer-along-never-refuses", "graphscale/infer/kinds/reductions.py",
-      'if d is not None and ctx.spec("mode") == "forbid":',
-      'if d is None and ctx.spec("mode") == "forbid":',
+      '    if ctx.spec("mode") == "forbid":\n        everything',
+      '    if ctx.spec("mode") == "never":\n        everything',
       ("tests/test_refusals.py",),
       "kind 'along' (softmax, cumsum) must refuse its width axis"),
     M("infer-index-mode-ignored", "graphscale/infer/kinds/reductions.py",

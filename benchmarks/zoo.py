@@ -38,7 +38,11 @@ in order, in float64 (each check recorded):
    computes in float32). When only the second fails, a control trains the narrow model against a copy
    of itself whose weights are perturbed by the first-step difference (relative, random), at the start
    and again after every step: if the model alone drifts at least as far, the check passes as
-   ``ok (within the control: ...)`` with both figures; otherwise it fails.
+   ``ok (within the control: ...)`` with both figures; otherwise it fails. A model whose forward caches
+   tensors it computed from its parameters in plain attributes (timm's LeViT caches its attention biases
+   in eval mode) is no function of its parameters once they change: its narrow reference is then
+   ``widen(..., 1)``, the captured function of its parameters the wide model is built from (the result's
+   ``train_reference`` says so).
 
    Protocol log. 2026-12-01 (before the full rerun): SGD lr 0.05 -> 0.01 and the first-step bound
    added. At 0.05 the narrow models' own loss rises (gemma 4.94 -> 8.0 in 15 steps), and in that
@@ -60,6 +64,11 @@ in order, in float64 (each check recorded):
    narrow copy again after every step, by the same relative size, not only once at the start. The wide
    model's float32 rounding differs from the narrow one's at every step, so a single perturbation
    understated what rounding alone does. The first-step bound, which catches a wrong law, is unchanged.
+
+Where heads='fixed' grows the heads of one attention (its head_dim cannot grow: XCiT's attention over
+channels) and head_dim of another, no config describes both: the checks then run with heads='grow' (the
+result's ``heads``), as graphscale's own refusal of such a config advises. The 2w model is run once before
+the oracle compares it (a buffer a forward sets lazily, ConViT's rel_indices, has its size only then).
 
 A model that cannot be built tiny (or whose forward fails) is listed as ``not built: reason``; one that
 torch.fx and torch.export cannot capture as ``not exported: reason``. Any graphscale call over 10 s is
@@ -343,69 +352,270 @@ def hf_entries(group: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Vision: torchvision and timm at small sizes. Each entry: (library, builder, kwargs at width w); "w"
-# scales as in the HF table; None as kwargs means the builder has no width argument (the oracle and
-# widen_into are then "n/a" and only widen and training are checked).
+# Vision: torchvision and timm at small sizes. Each entry: (builder, kwargs, image size). The kwargs shrink
+# the model to a small member of its family (fewer blocks, narrow channels), so that widening x2 and
+# training in float64 take seconds, not minutes. In the kwargs, "w" scales as in the HF table ("w/64f": a
+# float, w / 64); a dict with a "call" key is that callable's result (a config object of the library:
+# {"call": "module.attr", "args": [...], **kwargs}, resolved after scaling); "obj:module.attr" is that
+# object itself (a block class). An entry whose kwargs mention "w" is built at w and 2w (the oracle and
+# widen_into run); one whose kwargs do not is fixed-size (the oracle and widen_into are "n/a"). Image
+# sizes are the smallest each architecture's downsampling and windows allow.
 
-TV: dict[str, tuple[str, dict[str, Any] | None]] = {
-    "resnet18": ("resnet18", None), "resnet50": ("resnet50", {"width_per_group": "2w"}),
-    "wide_resnet50_2": ("wide_resnet50_2", None), "resnext50_32x4d": ("resnext50_32x4d", None),
-    "vgg11_bn": ("vgg11_bn", None), "alexnet": ("alexnet", None), "squeezenet1_1": ("squeezenet1_1", None),
-    "densenet121": ("densenet121", None),
-    "mobilenet_v2": ("mobilenet_v2", {"width_mult": "w/32"}),
-    "mobilenet_v3_small": ("mobilenet_v3_small", {"width_mult": "w/32"}),
-    "mnasnet0_5": ("mnasnet0_5", None),
-    "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", None),
-    "efficientnet_b0": ("efficientnet_b0", None), "efficientnet_v2_s": ("efficientnet_v2_s", None),
-    "regnet_y_400mf": ("regnet_y_400mf", None), "convnext_tiny": ("convnext_tiny", None),
+_TVM = "torchvision.models."
+_TV_CNB = _TVM + "convnext.CNBlockConfig"
+TV: dict[str, tuple[str, dict[str, Any], int]] = {
+    "resnet18": ("class:ResNet", {"block": f"obj:{_TVM}resnet.BasicBlock", "layers": [1, 1, 1, 1]}, 32),
+    "resnet50": ("class:ResNet", {"block": f"obj:{_TVM}resnet.Bottleneck", "layers": [1, 1, 1, 1],
+                                  "width_per_group": "w/2"}, 32),
+    "wide_resnet50_2": ("class:ResNet", {"block": f"obj:{_TVM}resnet.Bottleneck", "layers": [1, 1, 1, 1],
+                                         "width_per_group": "w"}, 32),
+    "resnext50_32x4d": ("class:ResNet", {"block": f"obj:{_TVM}resnet.Bottleneck", "layers": [1, 1, 1, 1],
+                                         "groups": 8, "width_per_group": "w/8"}, 32),
+    "squeezenet1_1": ("squeezenet1_1", {}, 32),
+    "densenet121": ("class:DenseNet", {"growth_rate": "w/2", "block_config": [2, 2, 2, 2],
+                                       "num_init_features": "w", "bn_size": 2}, 32),
+    "mobilenet_v2": ("class:MobileNetV2", {"width_mult": "w/64f", "inverted_residual_setting": [
+        [1, 16, 1, 1], [6, 24, 1, 2], [6, 32, 1, 2], [6, 64, 1, 2], [6, 96, 1, 1], [6, 160, 1, 2],
+        [6, 320, 1, 1]], "round_nearest": 8}, 32),
+    "mobilenet_v3_small": ("mobilenet_v3_small", {"width_mult": "w/32f"}, 32),
+    "mnasnet0_5": ("class:MNASNet", {"alpha": "w/64f"}, 32),
+    "shufflenet_v2_x0_5": ("class:ShuffleNetV2", {"stages_repeats": [2, 1, 1],
+                                                  "stages_out_channels": [24, "w", "2w", "4w", "8w"]}, 32),
+    "efficientnet_b0": ("class:EfficientNet", {
+        "inverted_residual_setting": {"call": _TVM + "efficientnet._efficientnet_conf",
+                                      "args": ["efficientnet_b0"], "width_mult": "w/32f",
+                                      "depth_mult": 0.25, "item": 0},
+        "dropout": 0.2, "stochastic_depth_prob": 0.2}, 32),
+    "efficientnet_v2_s": ("class:EfficientNet", {"inverted_residual_setting": [
+        {"call": _TVM + "efficientnet.FusedMBConvConfig", "args": [1, 3, 1, "w/2", "w/2", 1]},
+        {"call": _TVM + "efficientnet.FusedMBConvConfig", "args": [4, 3, 2, "w/2", "w", 1]},
+        {"call": _TVM + "efficientnet.MBConvConfig", "args": [4, 3, 2, "w", "2w", 1]},
+        {"call": _TVM + "efficientnet.MBConvConfig", "args": [6, 3, 2, "2w", "4w", 2]}],
+        "dropout": 0.2, "stochastic_depth_prob": 0.2, "last_channel": "8w"}, 32),
+    "regnet_y_400mf": ("class:RegNet", {"block_params": {
+        "call": _TVM + "regnet.BlockParams", "depths": [1, 1, 2, 1], "widths": ["w", "2w", "4w", "8w"],
+        "group_widths": ["w/4"] * 4, "bottleneck_multipliers": [1.0] * 4, "strides": [2] * 4,
+        "se_ratio": 0.25}}, 32),
+    "convnext_tiny": ("class:ConvNeXt", {"block_setting": [
+        {"call": _TV_CNB, "args": ["w", "2w", 1]}, {"call": _TV_CNB, "args": ["2w", "4w", 1]},
+        {"call": _TV_CNB, "args": ["4w", "8w", 2]}, {"call": _TV_CNB, "args": ["8w", None, 1]}],
+        "stochastic_depth_prob": 0.1}, 32),
     "vit_b_16": ("class:VisionTransformer", {"image_size": 32, "patch_size": 8, "num_layers": 2,
-                                             "num_heads": 4, "hidden_dim": "w", "mlp_dim": "2w"}),
-    "swin_t": ("swin_t", None), "swin_v2_t": ("swin_v2_t", None), "maxvit_t": ("maxvit_t", None),
-    "googlenet": ("googlenet", {"aux_logits": False, "init_weights": True}),
+                                             "num_heads": 4, "hidden_dim": "w", "mlp_dim": "2w"}, 32),
+    "swin_t": ("class:SwinTransformer", {"patch_size": [2, 2], "embed_dim": "w", "depths": [2, 1, 1, 1],
+                                         "num_heads": [2, 2, 4, 4], "window_size": [4, 4],
+                                         "stochastic_depth_prob": 0.2}, 32),
+    "swin_v2_t": ("class:SwinTransformer", {
+        "patch_size": [2, 2], "embed_dim": "w", "depths": [2, 1, 1, 1], "num_heads": [2, 2, 4, 4],
+        "window_size": [4, 4], "stochastic_depth_prob": 0.2,
+        "block": f"obj:{_TVM}swin_transformer.SwinTransformerBlockV2",
+        "downsample_layer": f"obj:{_TVM}swin_transformer.PatchMergingV2"}, 32),
+    "maxvit_t": ("class:MaxVit", {"input_size": [64, 64], "stem_channels": "w/2", "partition_size": 2,
+                                  "block_channels": ["w/2", "w", "2w", "4w"], "block_layers": [1, 1, 1, 1],
+                                  "head_dim": "w/4", "stochastic_depth_prob": 0.2}, 64),
+    "googlenet": ("googlenet", {"aux_logits": False, "init_weights": True}, 32),
 }
-# timm: (model name, kwargs at width w). Names are real timm architectures; sizes are shrunk by kwargs
-# where the family takes them, otherwise the smallest variant is used at a small image size.
-TIMM: dict[str, tuple[str, dict[str, Any] | None]] = {
+# Left out: torchvision's alexnet and vgg*: their classifier is a fixed Linear(256*6*6 | 512*7*7, 4096) and
+# Linear(4096, 4096) that no constructor argument shrinks (60M-130M parameters, 4x that widened); timm's
+# VGG (below) is the same architecture with mlp_ratio shrinking that head.
+
+_EFF = "timm.models.efficientnet."
+_MIX = "timm.models.mlp_mixer."
+TIMM: dict[str, tuple[str, dict[str, Any], int]] = {
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
-                                     "num_heads": 4}),
+                                     "num_heads": 4}, 32),
     "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
-                                       "num_heads": 4}),
+                                       "num_heads": 4}, 32),
     "beit": ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
-                                       "num_heads": 4}),
+                                       "num_heads": 4}, 32),
     "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "patch_size": 7, "embed_dim": "w", "depth": 2,
-                                         "num_heads": 4}),
+                                         "num_heads": 4}, 28),
     "cait": ("cait_xxs24_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
-                                "num_heads": 4}),
+                                "num_heads": 4}, 32),
     "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, "patch_size": 16, "embed_dim": "w", "depth": 2,
-                                      "num_heads": 4}),
-    "levit": ("levit_128s", None),
-    "coat": ("coat_lite_tiny", None),
-    "pit": ("pit_ti_224", None),
-    "twins": ("twins_svt_small", None),
-    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 56, "embed_dim": "w", "depths": [1, 1, 1, 1],
-                                              "num_heads": [2, 2, 4, 4]}),
-    "convnext": ("convnext_atto", {"dims": ["w", "2w", "4w", "8w"], "depths": [1, 1, 1, 1]}),
-    "convnextv2": ("convnextv2_atto", {"dims": ["w", "2w", "4w", "8w"], "depths": [1, 1, 1, 1]}),
-    "resnet": ("resnet18", None), "resnetv2": ("resnetv2_50", None), "resnest": ("resnest14d", None),
-    "regnet": ("regnetx_002", None), "rexnet": ("rexnet_100", None),
-    "efficientnet": ("efficientnet_b0", None),
-    "mobilenetv3": ("mobilenetv3_small_050", None), "mobilenetv2": ("mobilenetv2_050", None),
-    "ghostnet": ("ghostnet_050", None), "mixnet": ("mixnet_s", None), "mnasnet": ("mnasnet_small", None),
-    "fbnet": ("fbnetc_100", None), "hrnet": ("hrnet_w18_small", None), "dla": ("dla34", None),
-    "dpn": ("dpn68", None), "densenet": ("densenet121", None), "vgg": ("vgg11", None),
-    "inception_v3": ("inception_v3", None), "xception": ("xception41", None),
+                                      "num_heads": 4}, 32),
+    "levit": ("levit_128s", {"img_size": 64, "embed_dim": ["2w", "3w", "4w"], "key_dim": "w/4",
+                             "num_heads": [2, 3, 4], "depth": [1, 1, 1]}, 64),
+    "coat": ("coat_lite_tiny", {"img_size": 32, "embed_dims": ["w", "2w", "4w", "4w"],
+                                "serial_depths": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2]}, 32),
+    "pit": ("pit_ti_224", {"img_size": 32, "patch_size": 8, "stride": 4, "base_dims": ["w/4"] * 3,
+                           "depth": [1, 1, 1], "heads": [2, 4, 8], "mlp_ratio": 2}, 32),
+    "twins": ("twins_svt_small", {"img_size": 64, "embed_dims": ["w", "2w", "4w", "8w"],
+                                  "num_heads": [1, 2, 4, 8], "depths": [1, 1, 1, 1], "wss": [4, 4, 2, 2],
+                                  "sr_ratios": [4, 2, 1, 1], "mlp_ratios": [2, 2, 2, 2]}, 64),
+    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "window_size": 4,
+                                              "embed_dim": "w", "depths": [1, 1, 1, 1],
+                                              "num_heads": [2, 2, 4, 4]}, 32),
+    "convnext": ("convnext_atto", {"dims": ["w", "2w", "4w", "8w"], "depths": [1, 1, 1, 1]}, 32),
+    "convnextv2": ("convnextv2_atto", {"dims": ["w", "2w", "4w", "8w"], "depths": [1, 1, 1, 1]}, 32),
+    # the stem's fixed 64 channels differ from layer 1's at w and at 2w: both have its downsample shortcut
+    "resnet": ("resnet18", {"layers": [1, 1, 1, 1], "channels": ["w/2", "w", "2w", "4w"]}, 32),
+    "resnetv2": ("resnetv2_50", {"layers": [1, 1, 1, 1], "channels": ["2w", "4w", "8w", "16w"],
+                                 "stem_chs": "w"}, 32),
+    # base_width stays 64: the group width is channels x base_width / 64, which would grow as w^2
+    "resnest": ("resnest14d", {"channels": ["w", "2w", "4w", "8w"], "stem_width": "w/2"}, 32),
+    "regnet": ("regnetx_002", {"depth": 7}, 32),
+    # fixed-size: its channel counts are rounded fractions of the width, never twice those at w
+    "rexnet": ("rexnet_100", {"width_mult": 1.0, "depth_mult": 0.25}, 32),
+    "efficientnet": (f"class:{_EFF}_gen_efficientnet", {"variant": "efficientnet_b0",
+                                                        "channel_multiplier": "w/32f",
+                                                        "depth_multiplier": 0.25}, 32),
+    "mobilenetv3": ("class:timm.models.mobilenetv3._gen_mobilenet_v3",
+                    {"variant": "mobilenetv3_small_050", "channel_multiplier": "w/64f"}, 32),
+    "mobilenetv2": (f"class:{_EFF}_gen_mobilenet_v2", {"variant": "mobilenetv2_050",
+                                                       "channel_multiplier": "w/64f",
+                                                       "depth_multiplier": 0.3}, 32),
+    "ghostnet": ("class:timm.models.ghostnet._create_ghostnet", {"variant": "ghostnet_050",
+                                                                 "width": "w/64f"}, 32),
+    # fixed-size: its mixed-kernel convolutions split channels into near-equal groups (200 -> 66, 66, 68),
+    # which at 2w are no doubles of those at w
+    "mixnet": (f"class:{_EFF}_gen_mixnet_s", {"variant": "mixnet_s", "channel_multiplier": 0.5}, 32),
+    "mnasnet": (f"class:{_EFF}_gen_mnasnet_small", {"variant": "mnasnet_small",
+                                                    "channel_multiplier": "w/64f"}, 32),
+    "fbnet": (f"class:{_EFF}_gen_fbnetc", {"variant": "fbnetc_100", "channel_multiplier": "w/64f"}, 32),
+    # stage 1's Bottleneck outputs 4 x its channels: at w/2 that is the stem's fixed 64 at w but not at 2w,
+    # and the block's downsample shortcut exists only at 2w (hrnet_w18_small's 32 -> 128, as here)
+    "hrnet": ("class:timm.models.hrnet.HighResolutionNet", {"cfg": {
+        "stem_width": "w", "stage1": {"num_modules": 1, "num_branches": 1, "block_type": "BOTTLENECK",
+                                      "num_blocks": [1], "num_channels": ["w"], "fuse_method": "SUM"},
+        "stage2": {"num_modules": 1, "num_branches": 2, "block_type": "BASIC", "num_blocks": [1, 1],
+                   "num_channels": ["w/2", "w"], "fuse_method": "SUM"},
+        "stage3": {"num_modules": 1, "num_branches": 3, "block_type": "BASIC", "num_blocks": [1, 1, 1],
+                   "num_channels": ["w/2", "w", "2w"], "fuse_method": "SUM"},
+        "stage4": {"num_modules": 1, "num_branches": 4, "block_type": "BASIC", "num_blocks": [1, 1, 1, 1],
+                   "num_channels": ["w/2", "w", "2w", "4w"], "fuse_method": "SUM"}}}, 32),
+    "dla": ("dla34", {"levels": [1, 1, 1, 1, 1, 1], "channels": ["w/4", "w/4", "w/2", "w", "2w", "4w"]}, 32),
+    # fixed-size: its dual paths concatenate a residual width the builder fixes (64 x 2^stage) with a dense
+    # width that grows, so the 2w model widens only part of each axis
+    "dpn": ("dpn68", {"num_init_features": 16, "k_r": 64, "groups": 8, "k_sec": [1, 1, 1, 1],
+                      "inc_sec": [16, 32, 32, 64]}, 32),
+    "densenet": ("densenet121", {"growth_rate": "w/2", "block_config": [2, 2, 2, 2]}, 32),
+    "vgg": ("class:timm.models.vgg.VGG", {"cfg": ["w/2", "M", "w", "M", "2w", "2w", "M", "4w", "4w", "M",
+                                                  "4w", "4w", "M"], "mlp_ratio": "w/2048f"}, 32),
+    "xception": ("xception41", {"block_cfg": [
+        {"in_chs": 64, "out_chs": "2w", "stride": 2}, {"in_chs": "2w", "out_chs": "4w", "stride": 2},
+        {"in_chs": "4w", "out_chs": "4w", "stride": 1},
+        {"in_chs": "4w", "out_chs": ["4w", "8w", "8w"], "stride": 2},
+        {"in_chs": "8w", "out_chs": ["8w", "8w", "16w"], "stride": 1, "no_skip": True,
+         "start_with_relu": False}]}, 32),
     "mlp_mixer": ("class:timm.models.mlp_mixer.MlpMixer", {"img_size": 32, "patch_size": 8,
-                                                            "embed_dim": "w", "num_blocks": 2}),
-    "resmlp": ("resmlp_12_224", None), "gmlp": ("gmlp_ti16_224", None),
-    "poolformer": ("poolformer_s12", None), "convmixer": ("convmixer_768_32", None),
-    "crossvit": ("crossvit_tiny_240", None), "maxvit": ("maxvit_tiny_tf_224", None),
-    "efficientformer": ("efficientformer_l1", None), "mobilevit": ("mobilevit_xxs", None),
-    "edgenext": ("edgenext_xx_small", None), "cspnet": ("cspresnet50", None),
-    "selecsls": ("selecsls42", None),
-    "tresnet": ("tresnet_m", None), "nfnet": ("nf_resnet26", None), "repvgg": ("repvgg_a0", None),
-    "convit": ("convit_tiny", None), "tnt": ("tnt_s_patch16_224", None),
+                                                            "embed_dim": "w", "num_blocks": 2}, 32),
+    # resmlp_12_224, gmlp_ti16_224, poolformer_s12 and convmixer_768_32 pass their sizes and our kwargs in one
+    # dict() (duplicate keys): their classes, with the variants' other arguments
+    "resmlp": (f"class:{_MIX}MlpMixer", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "num_blocks": 2,
+                                         "mlp_ratio": 4, "block_layer": f"obj:{_MIX}ResBlock",
+                                         "norm_layer": f"obj:{_MIX}Affine"}, 32),
+    "gmlp": (f"class:{_MIX}MlpMixer", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "num_blocks": 2,
+                                       "mlp_ratio": 6, "block_layer": f"obj:{_MIX}SpatialGatingBlock",
+                                       "mlp_layer": "obj:timm.layers.GatedMlp"}, 32),
+    "poolformer": ("class:timm.models.metaformer.MetaFormer", {
+        "depths": [1, 1, 1, 1], "dims": ["w", "2w", "4w", "8w"], "downsample_norm": None,
+        "mlp_act": "obj:torch.nn.GELU", "mlp_bias": True,
+        "norm_layers": "obj:timm.models.metaformer.GroupNorm1",
+        "layer_scale_init_values": 1e-5, "res_scale_init_values": None, "use_mlp_head": False}, 32),
+    "convmixer": ("class:timm.models.convmixer.ConvMixer", {
+        "dim": "w", "depth": 2, "kernel_size": 3, "patch_size": 4, "act_layer": "obj:torch.nn.ReLU"}, 32),
+    "crossvit": ("crossvit_tiny_240", {"img_size": 32, "img_scale": [1.0, 1.0], "patch_size": [8, 16],
+                                       "embed_dim": ["w", "2w"], "depth": [[1, 1, 0]], "num_heads": [2, 2],
+                                       "mlp_ratio": [2, 2, 1]}, 32),
+    "maxvit": ("maxvit_tiny_tf_224", {"img_size": 64, "embed_dim": ["w/2", "w", "2w", "4w"],
+                                      "depths": [1, 1, 1, 1], "stem_width": "w/2",
+                                      "transformer_dim_head": "w/4"}, 64),
+    "efficientformer": ("efficientformer_l1", {"depths": [1, 1, 1, 1],
+                                               "embed_dims": ["w", "2w", "4w", "8w"]}, 224),
+    "mobilevit": ("mobilevit_xxs", {"blocks": [
+        {"call": "timm.models.mobilevit._inverted_residual_block", "d": 1, "c": "w/2", "s": 1, "br": 2.0},
+        {"call": "timm.models.mobilevit._inverted_residual_block", "d": 1, "c": "w", "s": 2, "br": 2.0},
+        {"call": "timm.models.mobilevit._mobilevit_block", "d": 1, "c": "2w", "s": 2,
+         "transformer_dim": "2w", "transformer_depth": 1, "patch_size": 2, "br": 2.0}],
+        "stem_chs": "w/2", "num_features": "4w"}, 32),
+    "edgenext": ("edgenext_xx_small", {"depths": [1, 1, 1, 1], "dims": ["w", "2w", "4w", "8w"],
+                                       "heads": [4, 4, 4, 4]}, 32),
+    "cspnet": ("cspresnet50", {"stem": {"call": "timm.models.cspnet.CspStemCfg", "out_chs": "w",
+                                        "kernel_size": 7, "stride": 4, "pool": "max"},
+                               "stages": {"call": "timm.models.cspnet.CspStagesCfg", "depth": [1, 1, 1, 1],
+                                          "out_chs": ["w", "2w", "4w", "8w"], "stride": (1, 2),
+                                          "expand_ratio": 2.0, "bottle_ratio": 0.5, "cross_linear": True}},
+               32),
+    "selecsls": ("class:timm.models.selecsls.SelecSls", {"cfg": {
+        "block": "obj:timm.models.selecsls.SelecSlsBlock",
+        "features": [[32, 0, "w", "w", True, 2], ["w", "w", "w", "2w", False, 1],
+                     ["2w", 0, "2w", "2w", True, 2], ["2w", "2w", "2w", "4w", False, 1]],
+        "head": [["4w", "8w", 3, 2], ["8w", "8w", 1, 1]], "num_features": "8w",
+        "feature_info": []}}, 32),
+    "tresnet": ("tresnet_m", {"layers": [1, 1, 1, 1], "width_factor": "w/64f"}, 32),
+    "nfnet": ("nf_resnet26", {"depths": [1, 1, 1, 1], "channels": ["2w", "4w", "8w", "16w"],
+                              "stem_chs": "w"}, 32),
+    "repvgg": ("repvgg_a0", {"blocks": {"call": "timm.models.byobnet._rep_vgg_bcfg", "d": [1, 1, 1, 1],
+                                        "wf": ["w/128f", "w/128f", "w/128f", "w/64f"]},
+                             "stem_chs": "w"}, 32),
+    "convit": ("convit_tiny", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "depth": 2,
+                               "num_heads": 4, "local_up_to_layer": 1}, 32),
+    "tnt": ("tnt_s_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": "w", "inner_dim": "w/4",
+                                  "depth": 2, "num_heads_outer": 2, "num_heads_inner": 2}, 32),
 }
-VISION_IMAGE = 32
+# Left out: timm's inception_v3 (its Inception blocks fix every channel count; 24M parameters, no size
+# argument).
+
+
+# The heads-grown oracle for vision (see HF_PER_HEAD): these kwargs are per-head sizes, kept at the head
+# width, and these are head counts, multiplied instead.
+VISION_PER_HEAD = {"key_dim", "head_dim", "transformer_dim_head", "base_dims"}
+VISION_HEAD_COUNTS = {"num_heads", "heads", "num_heads_outer", "num_heads_inner"}
+
+
+def _vision_kwargs(kwargs: dict[str, Any], w: int, head_w: int | None = None) -> dict[str, Any]:
+    """The builder's kwargs at width ``w``; with ``head_w``, the heads-grown variant: the per-head sizes
+    (``VISION_PER_HEAD``) at ``head_w`` and the head counts (``VISION_HEAD_COUNTS``) times ``w / head_w``."""
+    if head_w is None:
+        return _resolve(kwargs, w)
+    if w % head_w:
+        raise ValueError(f"no heads-grown variant at width {w} (head width {head_w})")
+    if not VISION_HEAD_COUNTS & set(kwargs):
+        # the builder fixes the head counts and per-head sizes (EfficientFormer's attention): its 2w model
+        # keeps them, and graphscale's growing heads there are extra classes
+        return _resolve(kwargs, w)
+
+    def grown(v: Any) -> Any:
+        return [grown(x) for x in v] if isinstance(v, list | tuple) else v * (w // head_w)
+
+    return {k: _resolve(v, head_w) if k in VISION_PER_HEAD else grown(v) if k in VISION_HEAD_COUNTS
+            else _resolve(v, w) for k, v in kwargs.items()}
+
+
+def _mentions_w(value: Any) -> bool:
+    """Whether a table value scales with the width (some string in it is a "w" expression)."""
+    if isinstance(value, dict):
+        return any(_mentions_w(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_mentions_w(v) for v in value)
+    return isinstance(value, str) and re.fullmatch(r"(\d*)w(?:/(\d+)f?)?", value) is not None
+
+
+def _import_obj(path: str) -> Any:
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _resolve(value: Any, w: int) -> Any:
+    """A table value at width ``w``: "w" expressions scaled, "obj:" named objects and "call" dicts
+    built (see the table's comment)."""
+    if isinstance(value, dict):
+        spec = {k: _resolve(v, w) for k, v in value.items()}
+        if "call" not in spec:
+            return spec
+        fn, args, item = _import_obj(spec.pop("call")), spec.pop("args", []), spec.pop("item", None)
+        out = fn(*args, **spec)
+        return out if item is None else out[item]
+    if isinstance(value, list | tuple):
+        return type(value)(_resolve(v, w) for v in value)
+    if isinstance(value, str) and value.startswith("obj:"):
+        return _import_obj(value.removeprefix("obj:"))
+    if isinstance(value, str):
+        m = re.fullmatch(r"(\d*)w/(\d+)f", value)
+        if m:
+            return int(m.group(1) or 1) * w / int(m.group(2))
+    return _scale(value, w)
 
 
 def _stub_torchvision_ops() -> None:
@@ -466,12 +676,15 @@ def _stub_torchvision_ops() -> None:
 _TV_LIB: Any = None
 
 
-def build_vision(lib: str, name: str, w: int | None) -> tuple[Any, tuple]:
+def build_vision(lib: str, name: str, w: int | None, head_w: int | None = None) -> tuple[Any, tuple]:
+    """``(float64 model in eval mode, (image,))`` of one vision entry at width ``w`` (None: the entry is
+    fixed-size; its kwargs are resolved at ``WIDTH``, which they do not mention); ``head_w``: the
+    heads-grown variant (``_vision_kwargs``)."""
     import torch
 
     table = TV if lib == "torchvision" else TIMM
-    arch, kwargs = table[name]
-    kw = {k: _scale(v, w) for k, v in (kwargs or {}).items()} if w is not None else {}
+    arch, kwargs, size = table[name]
+    kw = _vision_kwargs(kwargs, WIDTH if w is None else w, head_w)
     torch.manual_seed(0)
     if lib == "torchvision":
         import torchvision
@@ -480,33 +693,33 @@ def build_vision(lib: str, name: str, w: int | None) -> tuple[Any, tuple]:
             model = getattr(torchvision.models, arch.removeprefix("class:"))(num_classes=10, **kw)
         else:
             model = torchvision.models.get_model(arch, weights=None, num_classes=10, **kw)
-        size = 32 if "vit" not in name and "swin" not in name and "maxvit" not in name else 224
-        size = kw.get("image_size", size)
     else:
         import timm
 
-        if arch.startswith("class:"):  # the class itself, where every named variant pins the sizes
-            module, _, cls = arch.removeprefix("class:").rpartition(".")
-            model = getattr(importlib.import_module(module), cls)(num_classes=10, **kw)
-            cfg = {}
+        if arch.startswith("class:"):  # the class (or generator) itself, where the named variant pins sizes
+            model = _import_obj(arch.removeprefix("class:"))(num_classes=10, **kw)
         else:
             model = timm.create_model(arch, pretrained=False, num_classes=10, **kw)
-            cfg = model.pretrained_cfg
-        size = kw.get("img_size", cfg.get("input_size", (3, 224, 224))[-1])
-        if kwargs is None and not cfg.get("fixed_input_size", False):
-            size = 64
     from graphscale import zoo
 
     zoo._randomize_affine_(model, torch.Generator().manual_seed(0))
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # a batch of 2: with batch 1, torch 2.13's CPU batch-norm backward in eval mode is wrong for a gradient
+    # that arrives channels-last with the batch stride of a token layout (a BatchNorm2d output flattened
+    # and transposed to tokens: LeViT's and XCiT's convolutional stems), so the narrow and the widened
+    # model would be trained on different wrong gradients
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return model.double().eval(), (x,)
 
 
+def _vision_has_width(entry: str) -> bool:
+    lib, name = entry.split("/", 1)
+    return _mentions_w((TV if lib == "torchvision" else TIMM)[name][1])
+
+
 def vision_entries() -> list[str]:
-    """Models shrunk by width arguments first: the fixed-size ones (millions of parameters, widened x2
-    and trained in float64) take minutes each on a loaded machine."""
+    """Models shrunk by width arguments first, then the fixed-size ones."""
     entries = [f"torchvision/{n}" for n in TV] + [f"timm/{n}" for n in TIMM]
-    sized = [e for e in entries if (TV if e.startswith("torchvision/") else TIMM)[e.split("/", 1)[1]][1]]
+    sized = [e for e in entries if _vision_has_width(e)]
     return sized + [e for e in entries if e not in sized]
 
 
@@ -690,6 +903,24 @@ OPTIMIZERS = {
 CHECKS = ["oracle", "widen", "widen_into", *OPTIMIZERS]
 
 
+def _forward_state(model: Any) -> dict[str, int]:
+    """The tensors a model keeps in plain attributes (not parameters, buffers or submodules; in dicts and
+    lists one level down), by where they are, as ids: what a forward changed there it caches."""
+    import torch
+
+    out = {}
+    for mod_name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value) \
+                if isinstance(value, list | tuple) else [(None, value)]
+            for sub, v in items:
+                if isinstance(v, torch.Tensor):
+                    out[f"{mod_name}.{key}" + (f"[{sub!r}]" if sub is not None else "")] = id(v)
+    return out
+
+
 def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dict[str, Any]:
     """Run every check on one model; see the module doc. Returns the JSON-ready result."""
     import torch
@@ -720,8 +951,14 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
 
     try:
         small, inputs = timed("build", lambda: build(WIDTH if has_width else None))
+        before = _forward_state(small)
         with torch.no_grad():
             out = small(*inputs)
+        after = _forward_state(small)
+        # a forward that caches tensors computed from the parameters (timm's LeViT caches its attention
+        # biases in eval mode) keeps using them after an optimizer step: the narrow model is then no
+        # function of its parameters, and training it is no reference for the widened one
+        cached = sorted(k for k, v in after.items() if before.get(k) != v)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the forward returns {type(out).__name__}, not a tensor")
         res["params"] = sum(p.numel() for p in small.parameters())
@@ -738,6 +975,21 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
         fail("analyze", "fail", _reason(e, "analyze"))
         res["tracebacks"] = dict(_TRACEBACKS)
         return res
+    heads = "fixed"
+    grown, kept = plan.classification.heads_grown, plan.classification.head_dim_grown
+    if has_width and grown and kept:
+        # heads='fixed' grows the heads of one attention (its head_dim cannot grow: XCiT's attention over
+        # channels) and head_dim of another (its class attention); one config cannot describe both, so
+        # every check runs with heads='grow', as graphscale's refusal of such a config advises
+        heads = "grow"
+        res["heads"] = (f"grow (heads='fixed' grows the heads at {grown[0]} but head_dim at {kept[0]}; one "
+                        "config cannot describe both)")
+        try:
+            plan = timed("analyze", lambda: graphscale.analyze(small, inputs, heads="grow"))
+        except Exception as e:
+            fail("analyze", "fail", f"heads='grow': {_reason(e, 'analyze')}")
+            res["tracebacks"] = dict(_TRACEBACKS)
+            return res
     f32 = _computes_in_float32(plan.captured.gm)
     tol, train_tol = (TOL_F32, TRAIN_TOL_F32) if f32 else (TOL_F64, TRAIN_TOL_F64)
     res.update(frontend=plan.frontend, float32_inside=f32, tolerance=tol,
@@ -751,9 +1003,10 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
     large = None
     oracle_note = ""
     if has_width:
-        # the oracle follows the plan's head policy: where it grows heads (head_dim cannot grow as one),
-        # the 2w model keeps the per-head sizes and doubles the head counts instead
+        # the oracle follows the plan's head policy: where it grows heads (head_dim cannot grow as one,
+        # or heads='grow'), the 2w model keeps the per-head sizes and doubles the head counts instead
         grown, kept = plan.classification.heads_grown, plan.classification.head_dim_grown
+        grown = grown or (["every attention (heads='grow')"] if heads == "grow" else [])
         res["oracle"] = "2w, heads grown (per-head sizes kept at w)" if grown else "2w"
         if grown:
             oracle_note = " (oracle: 2w with the heads grown, per-head sizes kept at w)"
@@ -762,6 +1015,8 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
                 raise ValueError(f"the plan grows the heads at {grown[0]} but head_dim at {kept[0]}; one "
                                  "config cannot describe both")
             large, _ = build(2 * WIDTH, WIDTH) if grown else build(2 * WIDTH)
+            with torch.no_grad():  # a buffer a forward sets lazily (ConViT's rel_indices) gets its size
+                large(*inputs)
         except Exception as e:
             checks["oracle"] = f"fail: the 2w model does not build{oracle_note}: {_reason(e, 'oracle')}"
     else:
@@ -780,7 +1035,7 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
                 # (MultiplierError naming the tensor); widen's x2 is still checked against the w model
                 checks["oracle"] += f" ({len(rounded)} axes rounded by the builder, e.g. {rounded[0]})"
                 try:
-                    graphscale.widen_into(small, large, inputs)
+                    graphscale.widen_into(small, large, inputs, heads=heads)
                     checks["widen_into"] = f"fail: filled a 2w model whose {rounded[0]}"
                 except graphscale.GraphscaleError as e:
                     checks["widen_into"] = ("n/a (the builder's 2w model is no integer widening; refused "
@@ -795,7 +1050,7 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
             checks["widen"] = f"fail: the wide model does not run: {_reason(e, 'widen')}"
     if large is not None and "widen_into" not in checks:
         try:
-            timed("widen_into", lambda: graphscale.widen_into(small, large, inputs))
+            timed("widen_into", lambda: graphscale.widen_into(small, large, inputs, heads=heads))
             with torch.no_grad():
                 err = _rel(large(*inputs), small(*inputs))
             res["widen_into_error"] = err
@@ -803,12 +1058,22 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
                                     else f"fail: output differs by {err:.3g} (tolerance {tol:g})")
         except Exception as e:
             checks["widen_into"] = f"fail: {_reason(e, 'widen_into')}"
+    reference = small
+    if cached and wide is not None:
+        # train the narrow model as graphscale captured it (widen x1: the function of its parameters the
+        # wide model is built from) instead of the caching module
+        try:
+            reference = graphscale.widen(small, inputs, 1, plan=plan)
+            res["train_reference"] = (f"widen x1 (the model's forward caches {cached[0]}"
+                                      + (f" and {len(cached) - 1} more" if len(cached) > 1 else "") + ")")
+        except Exception as e:
+            res["train_reference"] = f"the model itself (widen x1 failed: {_reason(e, 'train_reference')})"
     for key, (opt_name, hp) in OPTIMIZERS.items():
         if wide is None or checks.get("widen", "").startswith("fail: the wide"):
             checks[key] = "not run (no wide model)"
             continue
         try:
-            narrow_c, wide_c = copy.deepcopy(small), copy.deepcopy(wide)
+            narrow_c, wide_c = copy.deepcopy(reference), copy.deepcopy(wide)
             wide_c.graphscale = wide.graphscale
             opt_cls = getattr(torch.optim, opt_name)
             first, err = timed(key, lambda n=narrow_c, w=wide_c, o=opt_cls, h=hp: _train(n, w, inputs, o, h))
@@ -820,7 +1085,7 @@ def check_model(build: Callable[..., tuple[Any, tuple]], has_width: bool) -> dic
             else:
                 # the narrow model's own sensitivity: if it carries a perturbation of the first-step
                 # size at least as far, the difference is its chaos, not a wrong law
-                control = _chaos_control(small, inputs, opt_cls, hp, max(first, 1e-16))
+                control = _chaos_control(reference, inputs, opt_cls, hp, max(first, 1e-16))
                 res[f"{key}_control"] = control
                 verdict = "ok (within the control" if err <= control else "fail: diverged beyond the control"
                 checks[key] = (f"{verdict}: {err:.3g} after {TRAIN_STEPS} steps, {first:.2g} after the "
@@ -848,14 +1113,10 @@ def _builder(entry: str) -> tuple[Callable[..., tuple[Any, tuple]], bool]:
     group, name = entry.split("/", 1)
     if group in ("causal", "encoder", "seq2seq"):
         return (lambda w, head_w=None: build_hf(group, name, w, head_w)), True
-    table = TV if group == "torchvision" else TIMM
-
     def vision(w: int | None, head_w: int | None = None) -> tuple[Any, tuple]:
-        if head_w is not None:
-            raise ValueError(f"{entry} has no heads-grown variant (its builder takes one width)")
-        return build_vision(group, name, w)
+        return build_vision(group, name, w, head_w)
 
-    return vision, table[name][1] is not None
+    return vision, _vision_has_width(entry)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -6,6 +6,7 @@ caches tensors during forward, traced twice."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -433,3 +434,133 @@ def test_concatenated_parts_that_cannot_grow_alike_are_fixed_together() -> None:
     plan = graphscale.analyze(model, (_x(2, 3, 4, 4),))
     assert "cannot grow alike" in plan.classification.lookup("stem.weight[0]").reason
     _exact(model, (_x(2, 3, 4, 4),), plan=plan)
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's shifted windows: tokens laid out (B, H, W, C) rolled along height and width; ``dims``:
+    what to roll along (the channels, or None: the flattened tensor, are not replication-invariant)."""
+
+    def __init__(self, dims: tuple[int, ...] | int | None = (1, 2)) -> None:
+        super().__init__()
+        self.dims = dims
+        self.embed, self.mlp, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.dims is None:
+            h = torch.roll(h, 3)
+        elif isinstance(self.dims, int):
+            h = h.roll(1, self.dims)
+        else:
+            h = torch.roll(h, shifts=(-1, -1), dims=self.dims)
+        h = h + self.mlp(torch.relu(h))
+        h = torch.roll(h, shifts=(1, 1), dims=(1, 2)) if self.dims == (1, 2) else h
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_roll_over_spatial_axes_widens_exactly(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = ShiftedWindows()
+    wide = _exact(model, (_x(2, 4, 4, 3),), tracer)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("dims", [-1, None])
+def test_roll_over_a_width_axis_is_refused(tracer: str, dims: int | None) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(graphscale.GraphscaleError, match="not replication-invariant.*roll"):
+        graphscale.widen(ShiftedWindows(dims).double().eval(), (_x(2, 4, 4, 3),), 2, tracer=tracer)
+
+
+class WeightStandardized(nn.Module):
+    """NFNet's ScaledStdConv2d: each filter standardized over its fan-in by a batch norm with batch
+    statistics (no running statistics), after a plain conv + BatchNorm2d (running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(self.b.weight.reshape(1, 4, -1), None, None, training=True,
+                                           momentum=0.0, eps=1e-6).reshape_as(self.b.weight)
+        h = torch.relu(self.bn(self.a(x)))
+        return torch.nn.functional.conv2d(h, w, self.b.bias, padding=1).mean((2, 3))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_batch_statistics_over_a_width_axis_are_refused(tracer: str) -> None:
+    """Widening the standardized filters' fan-in changes their mean and variance (the copies are rescaled):
+    the output would grow ~2x. A clear refusal naming the node, never a wrong model."""
+    torch.manual_seed(0)
+    model = WeightStandardized().double().eval()
+    with torch.no_grad():
+        for p in model.bn.parameters():
+            p.normal_()
+    with pytest.raises(graphscale.GraphscaleError, match="batch_norm.*batch statistics"):
+        graphscale.widen(model, (_x(2, 3, 6, 6),), 2, tracer=tracer)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_batch_norm_with_running_statistics_still_widens_exactly(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].running_mean.normal_()
+    _exact(model, (_x(2, 3, 6, 6),), tracer)
+
+
+class LookupTableBias(nn.Module):
+    """timm MaxViT's 'bias_tf' relative-position bias: a (heads, 2S-1, 2S-1) table contracted by einsum
+    with one-hot lookup buffers along each of its two relative axes, added to attention logits."""
+
+    def __init__(self, heads: int = 2, size: int = 3) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, 2 * size - 1, 2 * size - 1))
+        idx = torch.arange(size)
+        lookup = nn.functional.one_hot(idx[:, None] - idx[None, :] + size - 1, 2 * size - 1).float()
+        self.register_buffer("h_lookup", lookup)
+        self.register_buffer("w_lookup", lookup.clone())
+        self.qk, self.head, self.heads = nn.Linear(4, 8), nn.Linear(8, 3), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        t = torch.einsum("nhw,ixh->nixw", self.table, self.h_lookup)
+        bias = torch.einsum("nixw,jyw->nijxy", t, self.w_lookup).reshape(self.heads, n, n)
+        q = self.qk(x).view(b, n, self.heads, -1).transpose(1, 2)
+        a = (q @ q.transpose(-1, -2) + bias).softmax(-1)
+        return self.head((a @ q).transpose(1, 2).reshape(b, n, -1)).mean(1)
+
+
+class WeightProduct(nn.Module):
+    """Two parameters contracted with each other (a factored weight a @ b)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.einsum("ij,jk->ik", self.a, self.b)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("case", ["lookup", "product"])
+def test_an_axis_contracted_between_two_weights_is_compensated_once(tracer: str, case: str) -> None:
+    """Both weights carry the contracted axis; only one may carry the 1/k (both did: the table's bias came
+    out halved, the product a quarter), in widening and in training."""
+    torch.manual_seed(0)
+    model, x = (LookupTableBias(), _x(2, 9, 4)) if case == "lookup" else (WeightProduct(), _x(2, 4))
+    wide = _exact(model, (x,), tracer)
+    narrow = copy.deepcopy(model)
+    n_opt = torch.optim.SGD(narrow.parameters(), lr=0.05)
+    w_opt = graphscale.mup_optimizer(wide, torch.optim.SGD, lr=0.05)
+    for _ in range(3):
+        for m, opt in ((narrow, n_opt), (wide, w_opt)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), torch.tensor([0, 1])).backward()
+            opt.step()
+    with torch.no_grad():
+        assert (wide(x) - narrow(x)).abs().max().item() <= 1e-12

@@ -118,10 +118,15 @@ def _einsum_core(ctx: Call, operands: list[tuple[str, Any, Loc | None]], pattern
     param_ops = [p for p in present if p[2].param is not None and (weights is None or p[0] in weights)]
     activation = next((p for p in present if p not in param_ops), None)
     act_loc = activation[4] if activation is not None else None
-    for _, _, info, axes, _ in param_ops:
+    # a contracted axis shared by several weights (two parameters multiplied, a table contracted with a
+    # lookup buffer: timm MaxViT's relative-position bias) is summed once: only one of them may carry the
+    # compensating 1/k, else the sum shrinks by 1/k per extra weight. The last in operand order takes it
+    # (x @ W's weight; a @ b's b), the others keep their copies equal along it.
+    owner = {x: i for i, (_, _, _, axes, _) in enumerate(param_ops) for x in axes if x in contracted}
+    for i, (_, _, info, axes, _) in enumerate(param_ops):
         name, param_axes = info.param  # type: ignore[misc]
         fan_in = tuple(sorted({param_axes[j] for j, x in enumerate(axes)
-                               if x in contracted and param_axes[j] is not None}))
+                               if x in contracted and owner[x] == i and param_axes[j] is not None}))
         ctx.requests.uses.append(ParamUse(name, ctx.node.name, fan_in, act_loc))  # type: ignore[arg-type]
     absorbed = {x for _, _, _, axes, _ in param_ops for x in axes}
     free = tuple(letters[x] for x in contracted if x not in absorbed)
@@ -239,3 +244,28 @@ def kind_conv(ctx: Call) -> Info:
         ds.fix(d, "a spatial axis of a convolution output")
     lead = (x.dims[0],) if batched else ()
     return TensorInfo(lead + (out_c,) + spatial, shape)
+
+
+@kind("batch_norm", check=_check_einsum,
+      pattern=Key("pattern", required=True, doc="the axes of each operand and of the output"),
+      operands=Key("refs", doc="the operands, in pattern order (function targets)"),
+      module_operands=Key("refs", doc="the operands of a module target (param:weight...)"),
+      training=Key("ref", default="training", doc="the flag that makes it use batch statistics"),
+      running_mean=Key("ref", default="running_mean",
+                       doc="the running statistics; without them it uses batch statistics"))
+def kind_batch_norm(ctx: Call) -> Info:
+    """Batch norm: per-channel like ``einsum`` with the pattern. With batch statistics (training, or no
+    running statistics) it also normalizes over every axis but the channels (axis 1); the mean and variance
+    over a widened axis are not those of the narrow one (a weight standardized over its fan-in, whose
+    copies are rescaled: NFNet's ScaledStdConv2d), so such an axis is refused."""
+    out = kind_einsum(ctx)
+    training = ctx.value(ctx.spec("training"), False)
+    no_stats = ctx.has(ctx.spec("running_mean")) and ctx.value(ctx.spec("running_mean")) is None
+    if training is True or no_stats:
+        info = ctx.tensor("input")
+        for k, d in enumerate(info.dims):
+            if k != 1:
+                ctx.requests.refusals.append(Refusal(
+                    ctx.node.name, d, f"{ctx.rule.name} with batch statistics normalizes over it (axis {k}), "
+                    "and the mean and variance over a widened axis differ from the narrow ones"))
+    return out

@@ -6,7 +6,6 @@ from graphscale.infer.call import Call
 from graphscale.infer.kinds._common import (
     _check_choice,
     _dims_arg,
-    _norm_dim,
 )
 from graphscale.infer.kinds.elementwise import kind_elementwise
 from graphscale.infer.schema import Key, kind
@@ -65,13 +64,18 @@ def kind_reduce(ctx: Call) -> Info:
 
 @kind("along", check=_check_choice("mode", ("forbid", "allow")), input=Key("ref", default="input"),
       dim=Key("ref", default="dim"), mode=Key("str", default="forbid", doc="forbid or allow"),
-      why=Key("str", default="along it is not replication-invariant", doc="the refusal's reason"))
+      why=Key("str", default="along it is not replication-invariant", doc="the refusal's reason"),
+      none_is_all=Key("bool", default=False,
+                      doc="dim None means every axis (torch.roll of the flattened tensor), not none"))
 def kind_along(ctx: Call) -> Info:
-    """An op along one axis that keeps the shape (softmax, cumsum): refused if that axis is width."""
+    """An op along one axis, or several (``dim`` a list: torch.roll's dims), that keeps the shape
+    (softmax, cumsum, roll): refused if such an axis is width."""
     info = ctx.tensor(ctx.spec("input"))
     d = ctx.value(ctx.spec("dim"))
-    if d is not None and ctx.spec("mode") == "forbid":
-        k = _norm_dim(int(d), len(info.dims))
-        ctx.requests.refusals.append(Refusal(ctx.node.name, info.dims[k],
-                                             f"{ctx.rule.name} {ctx.spec('why')}"))
+    if ctx.spec("mode") == "forbid":
+        everything = ctx.spec("none_is_all") and (d is None or (isinstance(d, list | tuple) and not d))
+        along = range(len(info.dims)) if everything else _dims_arg(d, len(info.dims)) or []
+        for k in along:
+            ctx.requests.refusals.append(Refusal(ctx.node.name, info.dims[k],
+                                                 f"{ctx.rule.name} {ctx.spec('why')}"))
     return TensorInfo(info.dims, tuple(ctx.result.shape))
