@@ -1385,9 +1385,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     from graphscale.infer.values import SizeInfo, TensorInfo
 
     nodes = {n.name: n for n in plan.captured.gm.graph.nodes}
-    contractions: list[tuple[str, int]] = [(a.node, a.dim) for a in plan.requests.scales]
+    # (attention, head_dim, where its query is: None for the first operand; the product's operand where
+    # the op adds another term, ALiBi's baddbmm(bias, q, k))
+    contractions: list[tuple[str, int, Any]] = [(a.node, a.dim, None) for a in plan.requests.scales]
     folded = _product_sums(plan, sizes)  # a sum of products with a tensor: folded whole, no attention
-    contractions += [(m.node, m.dims[0]) for m in plan.requests.multipliers
+    contractions += [(m.node, m.dims[0], m.operand) for m in plan.requests.multipliers
                      if nodes[m.node].op != "call_module" and len(nodes[m.node].args) >= 2
                      and getattr(plan.node_rule(m.node), "kind", None) != "loss"  # a loss is no attention
                      and m.node not in folded and not _plain_sum(plan, nodes[m.node])]
@@ -1398,7 +1400,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     # an attention the output does not depend on (EncoderDecoder's encoder when the decoder has no
     # cross-attention) needs no factor: its tensors are left to the larger model
     live = live_nodes(plan.captured.gm)
-    contractions = [(c, d) for c, d in contractions if nodes[c] in live]
+    contractions = [c for c in contractions if nodes[c[0]] in live]
     slices: dict[str, list[SliceBounds]] = {}  # the engine's wide bounds of each slice, by node
     for bound in plan.requests.slices:
         slices.setdefault(bound.node, []).append(bound)
@@ -1417,11 +1419,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     found.append((pname, ax, lo, hi, m, offset))
         return found
 
-    for node_name, dim in contractions:
+    for node_name, dim, query_at in contractions:
         m = sizes.mult(dim)
         if m == 1:
             continue
-        node = nodes[node_name].args[0]
+        node = nodes[node_name].args[0] if query_at is None else get_arg(nodes[node_name], query_at)
         segment: tuple[int, int] | None = None
         picks: list[tuple[tuple, int]] = []  # (axis tree, position) of each unbind/select on the way
         cut: tuple | None = None  # (factors, wide start, stop) of a slice on the way, or (factors, why not)
