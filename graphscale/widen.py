@@ -1478,14 +1478,22 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 matching = [c[1:] for c in splits if c[0] == own_axis]
                 if matching and segment is None:
                     segment = matching[-1]  # the part of a split of this very output (GPT-2's c_attn)
+                blocks: list[tuple[int, int]] = []  # the query's rows, one block per head if strided
                 if pick is not None:
-                    segment = _picked_rows(plan, sizes, node, pick, segment)
-                    if segment is None:
+                    picked_blocks = _picked_rows(plan, sizes, node, pick, segment)
+                    if not picked_blocks:
                         if blocked is not None:
                             blocked.append(f"attention {node_name!r}: its query is position {pick[1]} of "
-                                           f"an axis that is not the leading factor of {node.name!r}'s "
-                                           "output, so its rows there are strided")
+                                           f"an axis that is no fixed factor of {node.name!r}'s output, "
+                                           "so no rows of it hold the query alone")
                         break
+                    if len(picked_blocks) == 1:
+                        segment = picked_blocks[0]
+                    else:
+                        blocks = picked_blocks
+                if blocks:  # BLOOM's heads x (q | k | v) x head_dim: each head's query rows
+                    out.extend(r for b in blocks for r in rows(own, node, b, m))
+                    break
                 out.extend(rows(own, node, segment, m))
                 assembled, why = _concatenated_bias_rows(plan, sizes, node, segment, m)
                 if why is not None:
@@ -1658,14 +1666,25 @@ def _slice_rows(plan: Plan, sizes: Sizes, node: fx.Node, bounds: list[SliceBound
 
 def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:
     """``(tree of the axis, position)`` where ``node`` takes one position of an axis: a part of
-    ``unbind`` (timm's ``q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``) or a
-    ``select``; None otherwise."""
+    ``unbind`` (timm's ``q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``), a
+    ``select``, or fx's index with one int (``fused[..., 0, :]``); None otherwise."""
     source, axis, index = None, None, None
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         unbind = node.args[0]
         if "unbind" in str(_target(unbind)) and unbind.args and isinstance(unbind.args[0], fx.Node):
             source, index = unbind.args[0], node.args[1]
             axis = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+        elif isinstance(node.args[1], tuple):  # fx's x[..., i, :]: one int, every other entry whole
+            entries = node.args[1]
+            ints = [i for i, e in enumerate(entries) if type(e) is int]
+            whole = all(type(e) is int or e is Ellipsis or e == slice(None) for e in entries)
+            ellipsis = [i for i, e in enumerate(entries) if e is Ellipsis]
+            source_info = plan.node_info.get(node.args[0].name)
+            if len(ints) == 1 and whole and len(ellipsis) <= 1 and hasattr(source_info, "dims"):
+                at = ints[0]
+                ndim = len(source_info.dims)  # type: ignore[union-attr]
+                source, index = node.args[0], entries[at]
+                axis = at if not ellipsis or ellipsis[0] > at else ndim - (len(entries) - at)
     elif "select" in str(_target(node)) and len(node.args) == 3 and isinstance(node.args[0], fx.Node):
         source, axis, index = node.args
     if source is None or not isinstance(axis, int) or not isinstance(index, int):
@@ -1680,10 +1699,12 @@ def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:
 
 
 def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int],
-                 segment: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The wide rows of ``node``'s output axis that position ``pick[1]`` of the picked axis covers, where
-    that axis is the leading factor of the output axis (the ``3`` of a fused ``3 x heads x head_dim``);
-    None where it is another factor (the rows would be strided) or a segment was already taken.
+                 segment: tuple[int, int] | None) -> list[tuple[int, int]] | None:
+    """The wide rows of ``node``'s output axis that position ``pick[1]`` of the picked axis covers, as
+    blocks ``(start, stop)``: one block where that axis is the leading factor of the output axis (the
+    ``3`` of a fused ``3 x heads x head_dim``), one per index of the factors before it where it is
+    another (BLOOM's ``heads x 3 x head_dim``: the query's rows of each head). None where the picked axis
+    grows or is no factor of the output, or a segment was already taken.
 
     The output axis may be resolved as a concatenation of equal parts that is also reshaped into
     ``n x rest`` (timm's BEiT adds ``cat(q_bias, k_bias, v_bias)`` to its fused projection): position
@@ -1707,9 +1728,16 @@ def _picked_rows(plan: Plan, sizes: Sizes, node: fx.Node, pick: tuple[tuple, int
         leading = (len(factors) == 1 and len(parts) == n
                    and len({sizes.record_tree(q) for q in parts}) == 1
                    and any(res.factors(f[0])[0] == pick[0] for f in products if f))
-    if not leading or wide % n:
+    if leading:
+        return [(pick[1] * (wide // n), (pick[1] + 1) * (wide // n))] if not wide % n else None
+    if pick[0] not in factors[1:]:
         return None
-    return pick[1] * (wide // n), (pick[1] + 1) * (wide // n)
+    j = list(factors).index(pick[0])
+    before = math.prod(AxisReplication(sizes.record_tree(f)).wide_size for f in factors[:j])
+    inner = math.prod(AxisReplication(sizes.record_tree(f)).wide_size for f in factors[j + 1:])
+    if before * n * inner != wide:
+        return None
+    return [(o * n * inner + pick[1] * inner, o * n * inner + (pick[1] + 1) * inner) for o in range(before)]
 
 
 def _in_tree(tree: tuple, within: tuple) -> bool:

@@ -1,0 +1,43 @@
+"""A fused q|k|v projection laid out per head, ``heads x 3 x head_dim`` (BLOOM's query_key_value): with
+heads='fixed' the query's rows are one block per head, not one leading block. widen_into folds the query's
+``k**-0.5`` into each head's block, fills the model built at twice the width exactly, and marks the partial
+fold (SliceFoldWarning) as for any fused projection; the key and value rows keep their copy scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphscale
+from graphscale.errors import SliceFoldWarning
+
+
+class PerHeadFused(nn.Module):
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.emb, self.out = nn.Linear(3, d), nn.Linear(d, 2)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        fused = self.qkv(h).view(b, t, self.heads, 3, self.head_dim)
+        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])  # fx indexes fused[..., 0, :]; export selects
+def test_a_per_head_fused_query_is_folded_head_by_head(tracer: str):
+    torch.manual_seed(0)
+    small, large = PerHeadFused(8).double(), PerHeadFused(16).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.warns(SliceFoldWarning):
+        record = graphscale.widen_into(small, large, (x,), tracer=tracer)
+    with torch.no_grad():
+        assert (large(x) - small(x)).abs().max().item() < 1e-12
+    # 2 heads of 8 wide rows each: the query's rows are 0:8 and 24:32 of the 48, never the k or v rows
+    folds = {(lo, hi) for axis, lo, hi, *_ in record.params["qkv.weight"].slice_folds}
+    assert folds == {(0, 8), (24, 32)}
