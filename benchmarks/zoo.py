@@ -123,7 +123,7 @@ TRAIN_TOL_F64, TRAIN_TOL_F32 = 1e-8, 1e-4
 TRAIN_STEPS = 30
 SLOW_S = 10.0
 WALL_FACTOR = 4  # a model is stopped after --timeout seconds of CPU, or this many times that of wall time
-QUICK = ["causal/gpt2", "causal/llama", "encoder/bert", "causal/bloom"]
+QUICK = ["causal/gpt2", "causal/llama", "encoder/bert", "causal/bloom", "encoder/fnet"]
 
 # ------------------------------------------------------------------------------------------------------
 # Hugging Face: one generic tiny config; values "w", "2w", "w/4" scale with the width.
