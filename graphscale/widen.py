@@ -1423,7 +1423,10 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         m = sizes.mult(dim)
         if m == 1:
             continue
-        node = nodes[node_name].args[0] if query_at is None else get_arg(nodes[node_name], query_at)
+        if query_at is not None:
+            node = get_arg(nodes[node_name], query_at)
+        else:  # the first tensor operand: torch.einsum's first argument is its equation
+            node = next((a for a in nodes[node_name].args if isinstance(a, fx.Node)), None)
         segment: tuple[int, int] | None = None
         picks: list[tuple[tuple, int]] = []  # (axis tree, position) of each unbind/select on the way
         cut: tuple | None = None  # (factors, wide start, stop) of a slice on the way, or (factors, why not)
@@ -1559,7 +1562,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
             if len(out) == before and blocked is not None and len(blocked) == reasons:
                 # no tensor found, and no reason known: the query may still need a factor, so this is no
                 # attention that can be skipped (a walk that took the wrong operand ends here too)
-                where = node.name if isinstance(node, fx.Node) else last.name
+                where = node.name if isinstance(node, fx.Node) else \
+                    last.name if isinstance(last, fx.Node) else node_name
                 blocked.append(f"attention {node_name!r}: its query could not be followed back to a tensor "
                                f"of the model (the walk stopped at {where})")
             continue
