@@ -643,7 +643,11 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
             if partial:
                 _mark_slice_folds(plan, record, partial, power, small, example_inputs, tracer, rules, heads)
             record.notes.append(f"widen_into: the query carries a further k**{power:g} "
-                                f"({', '.join(sorted({q[0] for q in q_scales}))})")
+                                f"({', '.join(sorted({q[0] for q in q_scales if q[4] >= 1}))})")
+            undone = sorted({q[0] for q in q_scales if q[4] < 1})
+            if undone:
+                record.notes.append(f"widen_into: {', '.join(undone)} carry its inverse, k**{-power:g}, "
+                                    "where another reader multiplies the query by their output")
         for name, (_, f, why) in sum_folds.items():
             record.notes.append(f"widen_into: {name} carries a further {f:.6g}: {why}")
         for name, (producers, f, why) in constant_folds.items():
@@ -1270,8 +1274,9 @@ def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict
 _ATTENTION_POWER: dict[str, float] = {"standard": -0.5, "mup": 0.0, "fixed": -1.0}
 
 #: Where the query's factor goes: (tensor, axis, wide start, wide stop, head_dim multiplier, s), rows
-#: start:stop of the axis; s is the constant of a gain written as s + w (Gemma 3's q-norm), else 0.
-QueryFold = tuple[str, int, int, int, int, float]
+#: start:stop of the axis; s is the constant of a gain written as s + w (Gemma 3's q-norm), else 0. The
+#: multiplier is 1/k where the tensor undoes the factor for another reader of the query.
+QueryFold = tuple[str, int, int, int, float, float]
 
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor,
         torch.ops.aten.mul_.Tensor}
@@ -1401,6 +1406,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     # cross-attention) needs no factor: its tensors are left to the larger model
     live = live_nodes(plan.captured.gm)
     contractions = [c for c in contractions if nodes[c[0]] in live]
+    attentions = {nodes[c[0]] for c in contractions}  # a query two attentions read is folded for both
     slices: dict[str, list[SliceBounds]] = {}  # the engine's wide bounds of each slice, by node
     for bound in plan.requests.slices:
         slices.setdefault(bound.node, []).append(bound)
@@ -1435,10 +1441,13 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         affine: list[tuple[str, str, fx.Node, float]] = []
         normalized = False
         before, reasons = len(out), len(blocked) if blocked is not None else 0
-        last = node
+        last, start = node, node
+        walked: list[fx.Node] = []  # the query's way back, attention side first
+        whole_from = 0  # walked[:whole_from + 1] hold only the query (before a pick, split or slice of it)
         for _ in range(64):
             if not isinstance(node, fx.Node):
                 break
+            walked.append(node)
             if getattr(plan.node_rule(node.name), "kind", None) in ("layer_norm", "group_norm"):
                 # y = norm(x) * w + b: w and b carry the factor, as a projection's weight and bias do
                 own = users_of_param.get(node.name, [])
@@ -1497,6 +1506,14 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 if blocks:  # BLOOM's heads x (q | k | v) x head_dim: each head's query rows
                     out.extend(r for b in blocks for r in rows(own, node, b, m))
                     break
+                # another reader of the query on its way (ConvBERT's key_conv * q, CoaT's q * conv(v))
+                # gets the factor too: the weights producing its other operand carry the inverse
+                found = len(walked) if not (picks or splits or cut or blocks or segment) else whole_from + 1
+                side, why = _side_compensations(plan, sizes, start, walked[:found], attentions, m, live)
+                if why is not None:
+                    if blocked is not None:
+                        blocked.append(f"attention {node_name!r}: {why}")
+                    break
                 out.extend(rows(own, node, segment, m))
                 assembled, why = _concatenated_bias_rows(plan, sizes, node, segment, m)
                 if why is not None:
@@ -1505,10 +1522,13 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                     break
                 out.extend(assembled)
                 out.extend(r for a in affine if a[0] == "add" for r in rows([a[1]], a[2], None, m))
+                out.extend(side)
                 break
             picked = _pick(plan, node)
             if cut is None:
                 cut = _slice_rows(plan, sizes, node, slices.get(node.name, []))
+            if not (picks or splits or cut) and (picked is not None or node.target is operator.getitem):
+                whole_from = len(walked) - 1  # this node selects the query: it and those before hold it alone
             if picked is not None:
                 picks.append(picked)
             elif node.target is operator.getitem and isinstance(node.args[0], fx.Node):
@@ -1594,6 +1614,79 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 f"{unique[(name, axis, lo, hi)][0]} and by {m}: no one factor folded into it suits both; use "
                 "graphscale.widen, which scales each attention in the graph")
     return [(*key, *value) for key, value in unique.items()]
+
+
+def _side_compensations(plan: Plan, sizes: Sizes, start: fx.Node, way: list[fx.Node],
+                        attentions: set[fx.Node], m: int, live: set[fx.Node]
+                        ) -> tuple[list[QueryFold], str | None]:
+    """The folds that undo the query's factor where another reader of the query uses it: each reader of a
+    node on ``way`` (the query's way back from the attention's operand ``start``, as far as it holds only
+    the query) that neither leads into the query nor is an attention must be a product with a
+    tensor another op of the model produces (through views), read only there: that op's weights and bias
+    carry the inverse factor, ``1/m`` in place of ``m``. Returns the folds, or why none can."""
+    from graphscale.infer.values import SizeInfo, TensorInfo
+
+    into_query: set[str] = set()  # every node the query is computed from (a rotary's halves included)
+    todo = [start]
+    while todo:
+        x = todo.pop()
+        if x.name not in into_query:
+            into_query.add(x.name)
+            todo.extend(x.all_input_nodes)
+    users_of_param = _params_by_node(plan)
+    folds: list[QueryFold] = []
+    for n in way:
+        info = plan.node_info.get(n.name)
+        for user in n.users:
+            value = plan.node_info.get(user.name)
+            sizes_only = isinstance(value, SizeInfo) or (isinstance(value, tuple) and value
+                                                         and all(isinstance(v, SizeInfo) for v in value))
+            if user in attentions or user.name in into_query or user not in live or sizes_only:
+                continue  # x.shape, x.size(): no value of the query
+            head = plan.resolution.root(info.dims[-1])
+            prev, mul = n, user  # through views and slices of other axes (CoaT's q[:, :, 1:]) to the product
+            while _target(mul) not in _MUL:
+                value = plan.node_info.get(mul.name)
+                if not (_op_name(mul) in _PASS_THROUGH or mul.target is operator.getitem) \
+                        or len(mul.users) != 1 or not isinstance(value, TensorInfo) \
+                        or plan.resolution.root(value.dims[-1]) != head:
+                    return [], (f"its query is also read by {user.name!r}, where its further factor would "
+                                "change the function (no product with a tensor whose weights could undo it)")
+                prev, mul = mul, next(iter(mul.users))
+            others = [a for a in _node_args(mul) if a is not prev]
+            if len(others) != 1:
+                return [], f"its query is also read by {user.name!r}, a product of the query with itself"
+            # the other factor's producers: through views to ops with weights, the parts of a cat each
+            producers, todo = [], [others[0]]
+            while todo:
+                x = todo.pop()
+                if x.name in users_of_param:
+                    producers.append(x)
+                elif "cat" in _op_name(x) and x.args and isinstance(x.args[0], (list, tuple)) \
+                        and _readers(x) == 1:
+                    todo.extend(a for a in x.args[0] if isinstance(a, fx.Node))
+                elif _op_name(x) in _PASS_THROUGH and _readers(x) == 1 and _node_args(x):
+                    todo.append(_node_args(x)[0])
+                else:
+                    return [], (f"its query is also read by {mul.name!r}, and the other factor there is not "
+                                "the output of ops with weights of their own")
+            tree = plan.resolution.tree(info.dims[-1])
+            for producer in producers:
+                # weights shared by several such readers (CoaT's one crpe per stage, called by each block)
+                # get the same inverse from each; the filled model's output check judges any other use
+                params = users_of_param[producer.name]
+                if _readers(producer) != 1:
+                    return [], (f"its query is also read by {mul.name!r}, and {producer.name!r}, whose "
+                                "weights would undo its factor there, is read elsewhere too")
+                for pname in params:
+                    pname = plan.canonical(pname)
+                    axes = [ax for ax, d in enumerate(plan.tensor_dims[pname]) if _axis_has(plan, d, tree)]
+                    if len(axes) != 1:
+                        return [], (f"its query is also read by {mul.name!r}, and {pname} has no one axis "
+                                    "along the query's to undo its factor on")
+                    wide = sizes.wide(plan.tensor_dims[pname][axes[0]])
+                    folds.append((pname, axes[0], 0, wide, 1.0 / m, 0.0))
+    return folds, None
 
 
 def _concatenated_bias_rows(plan: Plan, sizes: Sizes, node: fx.Node, segment: tuple[int, int] | None,
