@@ -1407,6 +1407,19 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     live = live_nodes(plan.captured.gm)
     contractions = [c for c in contractions if nodes[c[0]] in live]
     attentions = {nodes[c[0]] for c in contractions}  # a query two attentions read is folded for both
+    # every node some attention's query is computed from, back to its projection (a rotary's halves, each
+    # time step of a recurrence that picks q[:, :, t]): a reader among them is no side reader, since its
+    # attention folds the same. Not past an op with weights: before it lies the previous layer
+    queries: set[str] = set()
+    todo = [a for c in contractions for a in ([get_arg(nodes[c[0]], c[2])] if c[2] is not None
+                                               else nodes[c[0]].all_input_nodes[:1])]
+    with_weights = set(_params_by_node(plan))
+    while todo:
+        x = todo.pop()
+        if isinstance(x, fx.Node) and x.name not in queries:
+            queries.add(x.name)
+            if x.name not in with_weights:
+                todo.extend(x.all_input_nodes)
     slices: dict[str, list[SliceBounds]] = {}  # the engine's wide bounds of each slice, by node
     for bound in plan.requests.slices:
         slices.setdefault(bound.node, []).append(bound)
@@ -1441,7 +1454,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
         affine: list[tuple[str, str, fx.Node, float]] = []
         normalized = False
         before, reasons = len(out), len(blocked) if blocked is not None else 0
-        last, start = node, node
+        last = node
         walked: list[fx.Node] = []  # the query's way back, attention side first
         whole_from = 0  # walked[:whole_from + 1] hold only the query (before a pick, split or slice of it)
         for _ in range(64):
@@ -1509,7 +1522,7 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 # another reader of the query on its way (ConvBERT's key_conv * q, CoaT's q * conv(v))
                 # gets the factor too: the weights producing its other operand carry the inverse
                 found = len(walked) if not (picks or splits or cut or blocks or segment) else whole_from + 1
-                side, why = _side_compensations(plan, sizes, start, walked[:found], attentions, m, live)
+                side, why = _side_compensations(plan, sizes, queries, walked[:found], attentions, m, live)
                 if why is not None:
                     if blocked is not None:
                         blocked.append(f"attention {node_name!r}: {why}")
@@ -1616,23 +1629,17 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     return [(*key, *value) for key, value in unique.items()]
 
 
-def _side_compensations(plan: Plan, sizes: Sizes, start: fx.Node, way: list[fx.Node],
+def _side_compensations(plan: Plan, sizes: Sizes, into_query: set[str], way: list[fx.Node],
                         attentions: set[fx.Node], m: int, live: set[fx.Node]
                         ) -> tuple[list[QueryFold], str | None]:
     """The folds that undo the query's factor where another reader of the query uses it: each reader of a
-    node on ``way`` (the query's way back from the attention's operand ``start``, as far as it holds only
-    the query) that neither leads into the query nor is an attention must be a product with a
+    node on ``way`` (the query's way back from the attention, as far as it holds only the query) that
+    neither leads into a query (``into_query``: the nodes the attentions' queries are computed from) nor
+    is an attention must be a product with a
     tensor another op of the model produces (through views), read only there: that op's weights and bias
     carry the inverse factor, ``1/m`` in place of ``m``. Returns the folds, or why none can."""
     from graphscale.infer.values import SizeInfo, TensorInfo
 
-    into_query: set[str] = set()  # every node the query is computed from (a rotary's halves included)
-    todo = [start]
-    while todo:
-        x = todo.pop()
-        if x.name not in into_query:
-            into_query.add(x.name)
-            todo.extend(x.all_input_nodes)
     users_of_param = _params_by_node(plan)
     folds: list[QueryFold] = []
     for n in way:
