@@ -1771,13 +1771,15 @@ def _slice_rows(plan: Plan, sizes: Sizes, node: fx.Node, bounds: list[SliceBound
 def _pick(plan: Plan, node: fx.Node) -> tuple[tuple, int] | None:
     """``(tree of the axis, position)`` where ``node`` takes one position of an axis: a part of
     ``unbind`` (timm's ``q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``), a
-    ``select``, or fx's index with one int (``fused[..., 0, :]``); None otherwise."""
+    ``select``, or fx's index with one int (``qkv[0]``, ``fused[..., 0, :]``); None otherwise."""
     source, axis, index = None, None, None
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         unbind = node.args[0]
         if "unbind" in str(_target(unbind)) and unbind.args and isinstance(unbind.args[0], fx.Node):
             source, index = unbind.args[0], node.args[1]
             axis = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+        elif type(node.args[1]) is int and hasattr(plan.node_info.get(node.args[0].name), "dims"):
+            source, axis, index = node.args[0], 0, node.args[1]  # fx's qkv[0] of a tensor: its leading axis
         elif isinstance(node.args[1], tuple):  # fx's x[..., i, :]: one int, every other entry whole
             entries = node.args[1]
             ints = [i for i, e in enumerate(entries) if type(e) is int]

@@ -41,3 +41,34 @@ def test_a_per_head_fused_query_is_folded_head_by_head(tracer: str):
     # 2 heads of 8 wide rows each: the query's rows are 0:8 and 24:32 of the 48, never the k or v rows
     folds = {(lo, hi) for axis, lo, hi, *_ in record.params["qkv.weight"].slice_folds}
     assert folds == {(0, 8), (24, 32)}
+
+
+class LeadingThree(nn.Module):
+    """timm's fused layout, ``qkv.reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)``, with the query
+    taken as ``qkv[0]`` (CaiT): the other parts are read from the same tensor, and are no readers of the
+    query."""
+
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.emb, self.out = nn.Linear(3, d), nn.Linear(d, 2)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        qkv = self.qkv(h).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.head_dim ** -0.5, qkv[1], qkv[2]
+        att = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_an_indexed_leading_part_is_the_query_and_the_other_parts_are_no_side_readers():
+    torch.manual_seed(0)
+    small, large = LeadingThree(8).double(), LeadingThree(16).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.warns(SliceFoldWarning):
+        record = graphscale.widen_into(small, large, (x,), tracer="fx")
+    with torch.no_grad():
+        assert (large(x) - small(x)).abs().max().item() < 1e-12
+    assert {(lo, hi) for _, lo, hi, *_ in record.params["qkv.weight"].slice_folds} == {(0, 16)}
