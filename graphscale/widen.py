@@ -1635,15 +1635,17 @@ def _side_compensations(plan: Plan, sizes: Sizes, into_query: set[str], way: lis
     """The folds that undo the query's factor where another reader of the query uses it: each reader of a
     node on ``way`` (the query's way back from the attention, as far as it holds only the query) that
     neither leads into a query (``into_query``: the nodes the attentions' queries are computed from) nor
-    is an attention must be a product with a
-    tensor another op of the model produces (through views), read only there: that op's weights and bias
-    carry the inverse factor, ``1/m`` in place of ``m``. Returns the folds, or why none can."""
+    is an attention must be a product with a tensor that ops of the model produce (through views and the
+    parts of a ``cat``), each read only there: their weights and biases carry the inverse factor, ``1/m``
+    in place of ``m``. Returns the folds, or why none can."""
     from graphscale.infer.values import SizeInfo, TensorInfo
 
     users_of_param = _params_by_node(plan)
     folds: list[QueryFold] = []
     for n in way:
         info = plan.node_info.get(n.name)
+        if not isinstance(info, TensorInfo):  # parts of a split or unbind: the pick after them is on the way
+            continue
         for user in n.users:
             value = plan.node_info.get(user.name)
             sizes_only = isinstance(value, SizeInfo) or (isinstance(value, tuple) and value
