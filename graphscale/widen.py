@@ -452,26 +452,24 @@ def _unsaved_scalars(small: torch.nn.Module, large: torch.nn.Module, record: Wid
     checkpoint carries them, so a filled value would not survive a save and reload."""
     large_buffers = dict(large.named_buffers(remove_duplicate=False))
     out: dict[str, tuple[float, float]] = {}
-    for path, module in small.named_modules(remove_duplicate=False):
-        for b in getattr(module, "_non_persistent_buffers_set", ()):
-            name = f"{path}.{b}" if path else b
-            mine, theirs = module._buffers.get(b), large_buffers.get(name)
-            if name in record.params and isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) \
-                    and mine.numel() == theirs.numel() == 1 and mine.is_floating_point() \
-                    and mine.item() != theirs.item():
-                out[name] = (float(mine.item()), float(theirs.item()))
+    for name, mine in _non_persistent(small, record.params, copy=False).items():
+        theirs = large_buffers.get(name)
+        if isinstance(theirs, torch.Tensor) and mine.numel() == theirs.numel() == 1 \
+                and mine.is_floating_point() and mine.item() != theirs.item():
+            out[name] = (float(mine.item()), float(theirs.item()))
     return out
 
 
-def _non_persistent(module: torch.nn.Module, names: Any) -> dict[str, torch.Tensor]:
-    """A copy of each buffer of ``module`` among ``names`` that is registered with ``persistent=False``:
-    a value no checkpoint carries, which the module's class computes again when it is rebuilt."""
+def _non_persistent(module: torch.nn.Module, names: Any, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Each buffer of ``module`` among ``names`` that is registered with ``persistent=False`` (a copy, or
+    the buffer itself with ``copy=False``): a value no checkpoint carries, which the module's class
+    computes again when it is rebuilt."""
     out: dict[str, torch.Tensor] = {}
     for path, sub in module.named_modules(remove_duplicate=False):
         for b in getattr(sub, "_non_persistent_buffers_set", ()):
             name = f"{path}.{b}" if path else b
             if name in names and isinstance(sub._buffers.get(b), torch.Tensor):
-                out[name] = sub._buffers[b].detach().clone()
+                out[name] = sub._buffers[b].detach().clone() if copy else sub._buffers[b]
     return out
 
 
@@ -1413,12 +1411,11 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
     queries: set[str] = set()
     todo = [a for c in contractions for a in ([get_arg(nodes[c[0]], c[2])] if c[2] is not None
                                                else nodes[c[0]].all_input_nodes[:1])]
-    with_weights = set(_params_by_node(plan))
     while todo:
         x = todo.pop()
         if isinstance(x, fx.Node) and x.name not in queries:
             queries.add(x.name)
-            if x.name not in with_weights:
+            if x.name not in stop:
                 todo.extend(x.all_input_nodes)
     slices: dict[str, list[SliceBounds]] = {}  # the engine's wide bounds of each slice, by node
     for bound in plan.requests.slices:
@@ -1522,7 +1519,8 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
                 # another reader of the query on its way (ConvBERT's key_conv * q, CoaT's q * conv(v))
                 # gets the factor too: the weights producing its other operand carry the inverse
                 found = len(walked) if not (picks or splits or cut or blocks or segment) else whole_from + 1
-                side, why = _side_compensations(plan, sizes, queries, walked[:found], attentions, m, live)
+                side, why = _side_compensations(plan, sizes, queries, walked[:found], attentions, m, live,
+                                                users_of_param)
                 if why is not None:
                     if blocked is not None:
                         blocked.append(f"attention {node_name!r}: {why}")
@@ -1630,17 +1628,16 @@ def _query_projections(plan: Plan, sizes: Sizes, blocked: list[str] | None = Non
 
 
 def _side_compensations(plan: Plan, sizes: Sizes, into_query: set[str], way: list[fx.Node],
-                        attentions: set[fx.Node], m: int, live: set[fx.Node]
-                        ) -> tuple[list[QueryFold], str | None]:
+                        attentions: set[fx.Node], m: int, live: set[fx.Node],
+                        users_of_param: dict[str, list[str]]) -> tuple[list[QueryFold], str | None]:
     """The folds that undo the query's factor where another reader of the query uses it: each reader of a
     node on ``way`` (the query's way back from the attention, as far as it holds only the query) that
     neither leads into a query (``into_query``: the nodes the attentions' queries are computed from) nor
     is an attention must be a product with a tensor that ops of the model produce (through views and the
     parts of a ``cat``), each read only there: their weights and biases carry the inverse factor, ``1/m``
-    in place of ``m``. Returns the folds, or why none can."""
+    in place of ``m`` (``users_of_param``: :func:`_params_by_node`). Returns the folds, or why none can."""
     from graphscale.infer.values import SizeInfo, TensorInfo
 
-    users_of_param = _params_by_node(plan)
     folds: list[QueryFold] = []
     for n in way:
         info = plan.node_info.get(n.name)
