@@ -316,3 +316,15 @@ def trains_alike(small: nn.Module, large: nn.Module, draw, steps: int = 5,
         with torch.no_grad():
             worst = max(worst, rel_error(large(xb), small(xb)))
     return worst
+
+
+def split_heads(y: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """``(batch, time, heads * head_dim)`` -> ``(batch, heads, time, head_dim)``, the sizes written out as a
+    model's own code writes them (the small attentions of the widen_into tests)."""
+    return y.view(y.shape[0], y.shape[1], heads, head_dim).transpose(1, 2)
+
+
+def merge_heads(a: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads, time, head_dim)`` -> ``(batch, time, heads * head_dim)`` (:func:`split_heads`
+    undone)."""
+    return a.transpose(1, 2).reshape(a.shape[0], a.shape[2], -1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import graphscale
+from tests.helpers import merge_heads, split_heads
 
 
 class RopeInForward(nn.Module):
@@ -21,12 +22,9 @@ class RopeInForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
-        b, t, _ = h.shape
+        t = h.shape[1]
 
-        def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        q, k, v = (split_heads(p(h), self.heads, self.head_dim) for p in (self.q, self.k, self.v))
         inv_freq = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
         angles = torch.arange(t, dtype=x.dtype)[:, None] * inv_freq[None, :]
         cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
@@ -36,7 +34,7 @@ class RopeInForward(nn.Module):
             return y * cos + torch.cat([-y2, y1], -1) * sin
 
         att = torch.softmax(rotate(q) @ rotate(k).transpose(-1, -2) / self.head_dim ** 0.5, -1)
-        return self.out(h + self.o((att @ v).transpose(1, 2).reshape(b, t, -1)))
+        return self.out(h + self.o(merge_heads(att @ v)))
 
 
 def test_heads_grow_where_the_forward_fixes_head_dim_and_the_larger_model_is_filled():
@@ -69,14 +67,10 @@ class ConvOnValues(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
-        b, t, _ = h.shape
 
-        def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        q, k, v = (split_heads(p(h), self.heads, self.head_dim) for p in (self.q, self.k, self.v))
         att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v + self.conv(v)
-        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)))
+        return self.out(h + self.o(merge_heads(att)))
 
 
 def test_heads_grow_where_a_convolution_fixes_the_values_head_dim():

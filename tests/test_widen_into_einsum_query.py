@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import graphscale
+from tests.helpers import merge_heads, split_heads
 
 
 class EinsumAttention(nn.Module):
@@ -20,15 +21,11 @@ class EinsumAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
-        b, t, _ = h.shape
 
-        def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        q, k, v = (split_heads(p(h), self.heads, self.head_dim) for p in (self.q, self.k, self.v))
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / self.head_dim ** 0.5
         ctx = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, -1), v)
-        return self.out(h + self.o(ctx.transpose(1, 2).reshape(b, t, -1)))
+        return self.out(h + self.o(merge_heads(ctx)))
 
 
 def test_widen_into_finds_the_query_of_an_einsum_attention():

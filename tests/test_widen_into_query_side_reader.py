@@ -12,6 +12,7 @@ from torch import nn
 
 import graphscale
 from graphscale.errors import GraphscaleError
+from tests.helpers import merge_heads, split_heads
 
 
 class SideReader(nn.Module):
@@ -24,16 +25,12 @@ class SideReader(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
-        b, t, _ = h.shape
         q_flat = self.q(h)
 
-        def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = split(q_flat), split(self.k(h)), split(self.v(h))
+        q, k, v = (split_heads(y, self.heads, self.head_dim) for y in (q_flat, self.k(h), self.v(h)))
         att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
         side = q_flat * self.gate(h) if self.how == "product" else q_flat + h  # the other reader
-        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)) + self.mix(side))
+        return self.out(h + self.o(merge_heads(att)) + self.mix(side))
 
 
 def test_the_inverse_factor_goes_into_the_other_operands_weights():

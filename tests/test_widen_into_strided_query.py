@@ -11,6 +11,7 @@ from torch import nn
 
 import graphscale
 from graphscale.errors import SliceFoldWarning
+from tests.helpers import merge_heads
 
 
 class PerHeadFused(nn.Module):
@@ -26,7 +27,7 @@ class PerHeadFused(nn.Module):
         fused = self.qkv(h).view(b, t, self.heads, 3, self.head_dim)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
         att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
-        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)))
+        return self.out(h + self.o(merge_heads(att)))
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])  # fx indexes fused[..., 0, :]; export selects
@@ -60,7 +61,7 @@ class LeadingThree(nn.Module):
         qkv = self.qkv(h).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.head_dim ** -0.5, qkv[1], qkv[2]
         att = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
-        return self.out(h + self.o(att.transpose(1, 2).reshape(b, t, -1)))
+        return self.out(h + self.o(merge_heads(att)))
 
 
 def test_an_indexed_leading_part_is_the_query_and_the_other_parts_are_no_side_readers():
