@@ -51,4 +51,5 @@ class UnsavedBufferWarning(UserWarning):
 
 class SliceFoldWarning(UserWarning):
     """A widened model is exact, but a factor was folded onto part of a tensor (a fused q|k|v projection's
-    query rows): no per-tensor optimizer can train it like the narrow model, so training pieces refuse it."""
+    query rows): ``mup_optimizer`` trains it block by block, but an optimizer with one lr per tensor would
+    not train it like the narrow model."""

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from graphscale.capture import Captured, Tracer, capture, live_attributes, parameters_unchanged
 from graphscale.derive import ScalingRule, derive_rules
 from graphscale.edits import Edit
-from graphscale.errors import MultiplierError, UnsupportedOpError
+from graphscale.errors import MultiplierError, UnsupportedOpError, WidthConflictError
 from graphscale.infer.classes import Classes, HeadsPolicy, WidthClass, classify
-from graphscale.infer.dims import Resolution
+from graphscale.infer.dims import Resolution, leaves
 from graphscale.infer.engine import Walk, walk_graph
 from graphscale.infer.rulebook import Rule, RuleBook
 from graphscale.infer.values import Info, Requests
@@ -210,6 +211,55 @@ class Plan:
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def multipliers_from(self, state: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Each width class's multiplier, read off a larger model's tensors (``state``, by name): from an
+        axis that is the class alone, or -- for a class that is only ever a part or factor of an axis (a
+        state size concatenated with other parts) -- solved from an axis whose other classes are known by
+        then. A size no integer multiplier gives is refused (``MultiplierError``).
+
+        Example:
+            >>> plan = analyze(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
+            ...                (torch.randn(1, 2),))
+            >>> plan.multipliers_from({"0.weight": torch.zeros(12, 2), "1.weight": torch.zeros(1, 12)})
+            {'0.weight[0]': 3}
+        """
+        res = self.resolution
+        by_atom = {c.atom: c for c in self.width_classes}
+        known: dict[int, int] = {}
+        axes = [(name, i, res.tree(d), int(state[name].shape[i]))
+                for name, dims in self.tensor_dims.items() if name in state and state[name].dim() == len(dims)
+                for i, d in enumerate(dims)]
+        problems: dict[int, str] = {}
+        progress, joint = True, False
+        while len(known) < len(by_atom):
+            if not progress:
+                if joint:
+                    break
+                joint = True  # stuck: let the classes of one axis share a multiplier, as one part grows
+            progress = False
+            for name, axis, tree, large_size in axes:
+                unknown = {a for a in leaves(tree) if a in by_atom and a not in known}
+                if not unknown or (len(unknown) > 1 and not joint):
+                    continue
+                atom = min(unknown)
+                m = _solve_multiplier(tree, atom, known, large_size, res.ds.size, together=unknown)
+                if m is None:
+                    small_size = _tree_size(tree, known, res.ds.size)
+                    part = "" if tree[0] == "atom" else \
+                        f" for any multiplier of its part {by_atom[atom].name}"
+                    problems.setdefault(atom, f"{name}[{axis}]: the larger model's size {large_size} is not "
+                                              f"an integer multiple of the small model's {small_size}{part}")
+                    continue
+                known.update(dict.fromkeys(unknown, m))
+                progress, joint = True, False
+                break
+        for atom, c in by_atom.items():
+            if atom not in known:
+                if atom in problems:
+                    raise MultiplierError(problems[atom])
+                raise WidthConflictError(f"the larger model has no tensor to read class {c.name!r} from")
+        return {c.name: known[a] for a, c in by_atom.items()}
+
 
 class Sizes:
     """Numeric sizes and multipliers of dimensions under one choice of class multipliers.
@@ -241,8 +291,19 @@ class Sizes:
         return AxisReplication(self.record_tree(self.res.tree(d)))
 
     def mult(self, d: int) -> int:
-        """Dimension ``d``'s multiplier (1 if it does not grow)."""
-        return self.axis(d).multiplier
+        """Dimension ``d``'s multiplier (1 if it does not grow). A concatenation whose parts grow by
+        different multipliers has none: an op that needs one there (a sum over it, which one inserted
+        factor cannot keep; a shape entry) is refused. Parameters' own axes may be such concatenations
+        (their blocks carry their own factors, ``ParamScaling.blocks``), which the record reads via
+        :meth:`axis`, not here."""
+        axis = self.axis(d)
+        if _mixed(axis.tree):
+            raise MultiplierError(
+                "an op of the graph needs one multiplier for the axis "
+                f"{self.res.ds.origin[self.res.root(d)]} (size {axis.narrow_size} -> {axis.wide_size}), "
+                "whose concatenated parts would grow by different multipliers (a sum over it, a "
+                "reshape): give the classes of its parts the same multiplier")
+        return axis.multiplier
 
     def wide(self, d: int) -> int:
         """Dimension ``d``'s wide size."""
@@ -251,6 +312,41 @@ class Sizes:
     def class_multipliers(self) -> dict[str, int]:
         """Width class name -> multiplier (the argument of :meth:`Plan.substitute`)."""
         return {c.name: self.atom_mult[c.atom] for c in self.plan.width_classes}
+
+
+def _tree_size(tree: tuple, mult: dict[int, int], size: dict[int, int]) -> int:
+    """The size of a resolution tree with each atom multiplied by ``mult`` (1 where absent)."""
+    if tree[0] == "atom":
+        return size[tree[1]] * mult.get(tree[1], 1)
+    parts = [_tree_size(c, mult, size) for c in tree[1]]
+    return math.prod(parts) if tree[0] == "prod" else sum(parts)
+
+
+def _solve_multiplier(tree: tuple, atom: int, known: dict[int, int], target: int,
+                      size: dict[int, int], together: set[int] | None = None) -> int | None:
+    """The integer multiplier of ``atom`` (and of the atoms ``together`` with it) that gives ``tree`` the
+    size ``target`` (the others at ``known``), or None; the size grows with it, so the search stops once
+    it passes ``target``."""
+    def at(m: int) -> int:
+        return _tree_size(tree, {**known, **dict.fromkeys(together or {atom}, m)}, size)
+
+    m = 1
+    while True:
+        got = at(m)
+        if got == target:
+            return m
+        if got > target or got == at(m + 1):
+            return None
+        m += 1
+
+
+def _mixed(tree: tuple) -> bool:
+    """Whether a record tree has a concatenation whose parts grow by different multipliers."""
+    if tree[0] == "atom":
+        return False
+    if tree[0] == "sum" and len({AxisReplication(c).multiplier for c in tree[1]}) > 1:
+        return True
+    return any(_mixed(c) for c in tree[1])
 
 
 def _check_k(k: Any, what: str) -> int:

@@ -19,12 +19,14 @@ import builtins
 import copy
 import functools
 import inspect
+import itertools
 import json
+import math
 import os
 import pickle
 import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,8 +44,13 @@ METADATA_KEY = "graphscale"
 RECORD_FORMAT = "graphscale-widening-record"
 RECORD_VERSION = 1
 #: The version written when some tensor has ``slice_folds``: a reader of version 1 would ignore them and
-#: train that tensor silently wrong, so it must refuse the file instead. This graphscale reads both.
+#: train that tensor silently wrong, so it must refuse the file instead.
 RECORD_VERSION_SLICE_FOLDS = 2
+#: The version written when some tensor concatenates parts that grow by different multipliers (its
+#: blocks have different ``(c, M)``, :meth:`ParamScaling.blocks`): an older reader would train it with one
+#: factor. This graphscale reads all three.
+RECORD_VERSION_MIXED_PARTS = 3
+READABLE_VERSIONS = (RECORD_VERSION, RECORD_VERSION_SLICE_FOLDS, RECORD_VERSION_MIXED_PARTS)
 
 
 class RecordFileError(GraphscaleError, ValueError):
@@ -102,6 +109,17 @@ class AxisReplication:
         return self.wide_size == self.narrow_size
 
 
+def _flat_parts(tree: tuple) -> list[tuple]:
+    """The parts of a concatenation, concatenations inside it opened (their parts are contiguous too).
+
+    >>> _flat_parts(("sum", (("atom", 2, 2), ("sum", (("atom", 3, 1), ("atom", 1, 1))))))
+    [('atom', 2, 2), ('atom', 3, 1), ('atom', 1, 1)]
+    """
+    if tree[0] != "sum":
+        return [tree]
+    return [p for c in tree[1] for p in _flat_parts(c)]
+
+
 def _size(tree: tuple, wide: bool) -> int:
     kind = tree[0]
     if kind == "atom":
@@ -136,6 +154,17 @@ def _index(tree: tuple) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Block:
+    """A box of a wide tensor whose elements share one ``(c, M)``: ``index`` selects it (one slice per
+    leading axis; ``()`` is the whole tensor). See :meth:`ParamScaling.blocks`."""
+
+    index: tuple[slice, ...]
+    copy_scale: float
+    total_mult: float
+    fan_in_mult: float
+
+
+@dataclass(frozen=True)
 class ParamScaling:
     """The derived rule of one wide parameter or buffer, relative to its source (see module doc).
 
@@ -146,8 +175,13 @@ class ParamScaling:
 
     ``slice_folds`` lists factors folded onto only PART of the tensor, beyond ``c``: ``(axis, start, stop,
     factor, why)`` says wide indices ``start:stop`` of ``axis`` carry a further ``factor`` (the query rows of
-    a fused q|k|v projection with ``heads="fixed"``). The function stays exact, but no per-tensor optimizer
-    can train such a tensor like the narrow one (docs/math.md §8), so the train-time pieces refuse it.
+    a fused q|k|v projection with ``heads="fixed"``). The function stays exact, and such a tensor trains
+    like the narrow one only blockwise (docs/math.md §8): see :meth:`blocks`.
+
+    ``copy_scale``, ``total_mult`` and ``fan_in_mult`` are those of the tensor's first block. An axis that
+    concatenates parts growing by different multipliers (Mamba's ``x_proj`` rows ``dt | B | C`` when only
+    ``dt_rank`` grows) makes blocks of their own ``M`` (and ``c``, where the axis is summed), which
+    :meth:`blocks` lists with ``slice_folds``' boxes; :meth:`widen` applies them.
 
     ``shift`` is a constant added after scaling: the wide tensor is ``c E(w) + shift``. A gain written as
     ``s + w`` (Gemma's ``1 + w``) that carries a factor ``f`` needs ``s + w' = f (s + w)``, so
@@ -173,6 +207,101 @@ class ParamScaling:
     @property
     def fan_out_mult(self) -> int:
         return self.total_mult // self.fan_in_mult
+
+    def blocks(self, folds: bool = True) -> tuple[Block, ...]:
+        """The boxes of the wide tensor that share one ``(c, M, m_in)``, covering it: one box ``()`` for a
+        tensor copied uniformly. A concatenated axis whose parts grow by different multipliers cuts the
+        tensor at its parts (each part's multiplier relative to the first part's scales ``M``, and ``m_in``
+        where the axis is summed, whose inverse scales ``c``); ``slice_folds`` cut it at their rows and
+        multiply their ``c`` (only with ``folds``; :meth:`widen` leaves them out, because the folds are
+        already in the values that ``widen_into`` wrote).
+
+        Example:
+            >>> parts = AxisReplication(("sum", (("atom", 2, 2), ("atom", 3, 1))))   # grows 2x | kept
+            >>> s = ParamScaling("x_proj", "x_proj", (5, 4), (7, 8), (parts, AxisReplication.atomic(4, 2)),
+            ...                  0.5, 4, 2, fan_in_axes=(1,))
+            >>> [(b.index, b.copy_scale, b.total_mult) for b in s.blocks()]
+            [((slice(0, 4, None),), 0.5, 4.0), ((slice(4, 7, None),), 0.5, 2.0)]
+        """
+        cuts: list[list[tuple[int, int, float, float]]] = []  # per axis: (lo, hi, ratio, fold)
+        for axis, rep in enumerate(self.axes):
+            wide = self.wide_shape[axis]
+            edges = {0, wide}
+            parts: list[tuple[int, int, float]] = []  # (lo, hi, multiplier relative to the first part)
+            if rep is not None and rep.tree[0] == "sum":
+                pieces = _flat_parts(rep.tree)
+                ms = [AxisReplication(c).multiplier for c in pieces]
+                if len(set(ms)) > 1:
+                    lo = 0
+                    for child, m in zip(pieces, ms):
+                        hi = lo + _size(child, wide=True)
+                        parts.append((lo, hi, m / ms[0]))
+                        edges |= {lo, hi}
+                        lo = hi
+            axis_folds = [(lo, hi, f) for a, lo, hi, f, _ in self.slice_folds if a == axis] if folds else []
+            for lo, hi, _ in axis_folds:
+                edges |= {lo, hi}
+            bounds = sorted(edges)
+            cuts.append([(lo, hi,
+                          next((r for plo, phi, r in parts if plo <= lo and hi <= phi), 1.0),
+                          math.prod(f for flo, fhi, f in axis_folds if flo <= lo and hi <= fhi))
+                         for lo, hi in zip(bounds, bounds[1:])])
+        if all(len(c) <= 1 for c in cuts):
+            return (Block((), float(self.copy_scale), float(self.total_mult), float(self.fan_in_mult)),)
+        last = max(i for i, c in enumerate(cuts) if len(c) > 1)
+        out = []
+        for combo in itertools.product(*cuts[:last + 1]):
+            ratio = math.prod(r for _, _, r, _ in combo)
+            ratio_in = math.prod(combo[i][2] for i in self.fan_in_axes if i <= last)
+            fold = math.prod(f for *_, f in combo)
+            out.append(Block(tuple(slice(lo, hi) for lo, hi, _, _ in combo),
+                             float(self.copy_scale) / ratio_in * fold, float(self.total_mult) * ratio,
+                             float(self.fan_in_mult) * ratio_in))
+        return tuple(out)
+
+    def block_scaling(self, block: Block) -> ParamScaling | None:
+        """``block`` as a :class:`ParamScaling` of its own (its shapes, axes, ``(c, M)``), for the pieces
+        that need a block's copy structure (noise, init); ``None`` where a cut falls inside a part of a
+        concatenation (a fold on per-head rows), which no axis tree describes.
+
+        Example:
+            >>> parts = AxisReplication(("sum", (("atom", 2, 2), ("atom", 3, 1))))
+            >>> s = ParamScaling("x", "x", (5, 4), (7, 4), (parts, None), 1.0, 2, 1)
+            >>> b = s.block_scaling(s.blocks()[1])
+            >>> b.narrow_shape, b.wide_shape, b.total_mult, b.axes   # the kept part: copied once
+            ((3, 4), (3, 4), 1, (None, None))
+        """
+        axes, narrow, wide = list(self.axes), list(self.narrow_shape), list(self.wide_shape)
+        for axis, cut in enumerate(block.index):
+            if cut == slice(0, self.wide_shape[axis]):
+                continue
+            rep = self.axes[axis]
+            children = _flat_parts(rep.tree) if rep is not None and rep.tree[0] == "sum" else ()
+            lo, picked = 0, []
+            for child in children:
+                hi = lo + _size(child, wide=True)
+                if cut.start <= lo and hi <= cut.stop:
+                    picked.append(child)
+                elif lo < cut.stop and cut.start < hi:
+                    return None  # the cut splits this part
+                lo = hi
+            if not picked:
+                return None
+            tree = picked[0] if len(picked) == 1 else ("sum", tuple(picked))
+            axes[axis] = None if _size(tree, False) == _size(tree, True) else AxisReplication(tree)
+            narrow[axis], wide[axis] = _size(tree, False), _size(tree, True)
+        return replace(self, narrow_shape=tuple(narrow), wide_shape=tuple(wide), axes=tuple(axes),
+                       copy_scale=block.copy_scale, total_mult=round(block.total_mult),
+                       fan_in_mult=round(block.fan_in_mult), slice_folds=())
+
+    def is_blockwise(self) -> bool:
+        """Whether the tensor's blocks differ in ``(c, M)`` (see :meth:`blocks`)."""
+        return len({(b.copy_scale, b.total_mult) for b in self.blocks()}) > 1
+
+    def has_mixed_parts(self) -> bool:
+        """Whether an axis concatenates parts that grow by different multipliers."""
+        return any(b.total_mult != self.total_mult or b.copy_scale != self.copy_scale
+                   for b in self.blocks(folds=False))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with every field (axis trees as nested lists); :meth:`from_dict` inverts it."""
@@ -247,6 +376,15 @@ class ParamScaling:
         if out is not None and tuple(out.shape) != tuple(self.wide_shape):
             raise ValueError(f"{self.name}: out has shape {tuple(out.shape)}, the wide shape is "
                              f"{self.wide_shape}")
+        parts = [b for b in self.blocks(folds=False) if b.copy_scale != self.copy_scale]
+        if parts and narrow.is_floating_point():
+            # a summed axis whose parts grow differently: each part carries its own 1/m_in
+            wide = self.replicate(narrow).mul_(self.copy_scale)
+            for b in parts:
+                wide[b.index].mul_(b.copy_scale / self.copy_scale)
+            if self.shift:
+                wide.add_(self.shift)
+            return wide if out is None else out.copy_(wide)
         scale = self.copy_scale != 1.0 and narrow.is_floating_point()
         plain = [a.plain_multiplier() if a is not None and not a.is_identity() else 1 for a in self.axes]
         if (all(plain) and len(plain) == narrow.dim() and any(k > 1 for k in plain)
@@ -319,7 +457,8 @@ class WideningRecord:
         """A JSON-ready dict of the whole record, tagged with its format and version."""
         return {
             "format": RECORD_FORMAT,
-            "version": RECORD_VERSION_SLICE_FOLDS if any(p.slice_folds for p in self.params.values())
+            "version": RECORD_VERSION_MIXED_PARTS if any(p.has_mixed_parts() for p in self.params.values())
+            else RECORD_VERSION_SLICE_FOLDS if any(p.slice_folds for p in self.params.values())
             else RECORD_VERSION,
             "multipliers": {k: int(v) for k, v in self.multipliers.items()},
             "frontend": self.frontend, "notes": list(self.notes), "info": dict(self.info),
@@ -332,10 +471,10 @@ class WideningRecord:
         if not isinstance(d, dict) or d.get("format") != RECORD_FORMAT:
             raise RecordFileError(f"{where} is not a graphscale widening record (no format "
                                   f"{RECORD_FORMAT!r}); write it with graphscale.save_record")
-        if d.get("version") not in (RECORD_VERSION, RECORD_VERSION_SLICE_FOLDS):
+        if d.get("version") not in READABLE_VERSIONS:
             raise RecordFileError(f"{where} has record version {d.get('version')!r}; this graphscale reads "
-                                  f"versions {RECORD_VERSION} and {RECORD_VERSION_SLICE_FOLDS}: upgrade "
-                                  "graphscale or re-save the record")
+                                  f"versions {', '.join(map(str, READABLE_VERSIONS))}: upgrade graphscale or "
+                                  "re-save the record")
         try:
             params = {str(n): ParamScaling.from_dict(p) for n, p in d["params"].items()}
             return WideningRecord(params, {str(k): int(v) for k, v in d["multipliers"].items()},

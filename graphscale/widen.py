@@ -293,16 +293,19 @@ def _scaling(plan: Plan, rule: ScalingRule, name: str, source: str, axes: tuple,
         is_buffer=rule.is_buffer, role=rule.role)
 
 
-def _check_uniform(name: str, axis: int, tree: tuple) -> None:
+def _check_uniform(name: str, axis: int, tree: tuple, top: bool = True) -> None:
+    """Refuse an axis whose parts grow by different multipliers where they are no contiguous rows: an
+    axis that is a concatenation (of concatenations) at its top level is cut into blocks of their own
+    ``(c, M)`` (``ParamScaling.blocks``), but inside a product (per head) the blocks would interleave."""
     if tree[0] == "sum":
         ms = {AxisReplication(c).multiplier for c in tree[1]}
-        if len(ms) > 1:
+        if len(ms) > 1 and not top:
             raise MultiplierError(
-                f"{name}[{axis}] concatenates parts that would grow by different multipliers {sorted(ms)}; "
-                "give the classes of its parts the same multiplier")
+                f"{name}[{axis}] concatenates, inside a product (per head), parts that would grow by "
+                f"different multipliers {sorted(ms)}; give the classes of its parts the same multiplier")
     if tree[0] in ("sum", "prod"):
         for c in tree[1]:
-            _check_uniform(name, axis, c)
+            _check_uniform(name, axis, c, top=top and tree[0] == "sum")
 
 
 def _source_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -363,7 +366,11 @@ def _rewrite_graph(graph: fx.Graph, plan: Plan, sizes: Sizes, root: dict[str, An
     """Apply the plan's graph edits (:mod:`graphscale.edits`) to the copied graph, in order."""
     ctx = EditContext(graph, plan, sizes, get_frontend(plan.frontend), root)
     for edit in plan.edits:
-        edit.apply(ctx)
+        try:
+            edit.apply(ctx)
+        except MultiplierError as e:  # Sizes.mult: a concatenation whose parts grow differently
+            node = getattr(edit, "node", None)
+            raise MultiplierError(f"node {node!r} ({type(edit).__name__}): {e}" if node else str(e)) from e
 
 
 def check_shapes(large: torch.nn.Module, record: WideningRecord) -> None:
@@ -490,7 +497,7 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         raise GraphscaleError("plan= was made from a different model than the small one passed to "
                               "widen_into; analyze it (graphscale.analyze(small, inputs)) and pass that plan")
     state = dict(_named_tensors(large))
-    mults = _multipliers_from_shapes(plan, state)
+    mults = plan.multipliers_from(state)
     sizes = Sizes(plan, mults)
     check_memory(plan, sizes)
     if rtol is None:
@@ -958,7 +965,8 @@ def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[st
                       power: float, small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
                       rules: str | Path | list[str | Path] | None, heads: HeadsPolicy) -> None:
     """Record the query's k**power folded onto part of a fused tensor (``slice_folds``) and warn once: the
-    result is exact, but no per-tensor optimizer trains it like the narrow model (docs/math.md §8)."""
+    result is exact, and ``mup_optimizer`` trains it block by block, but an optimizer with one factor per
+    tensor would not train it like the narrow model (docs/math.md §8)."""
     grow = _grow_alternative(small, example_inputs, tracer, rules) if heads == "fixed" else \
         "heads='grow' was asked for, yet head_dim grows here"
     convention = "standard attention (1/sqrt(head_dim)" if power == -0.5 else \
@@ -974,10 +982,10 @@ def _mark_slice_folds(plan: Plan, record: WideningRecord, partial: list[tuple[st
                             f"{m}**{power:g} that its copy scale does not show")
     names = ", ".join(sorted({p[0] for p in partial}))
     warnings.warn(f"graphscale: the widened model is exact, but {names} carry the query's k**{power:g} on "
-                  "part of the tensor only (a fused q|k|v projection with heads='fixed'), so no per-tensor "
-                  "optimizer can train it like the narrow model: mup_optimizer, transfer_optimizer_state "
-                  f"and clip_grad_norm_ refuse it; {grow}", SliceFoldWarning,
-                  stacklevel=4)
+                  "part of the tensor only (a fused q|k|v projection with heads='fixed'): train it with "
+                  "graphscale.mup_optimizer (and its transfer_optimizer_state and clip_grad_norm_), which "
+                  "step those rows as a block of their own; an optimizer with one lr per tensor would train "
+                  f"it unlike the narrow model; {grow}", SliceFoldWarning, stacklevel=4)
 
 
 def _grow_alternative(small: torch.nn.Module, example_inputs: Any, tracer: Tracer,
@@ -987,12 +995,12 @@ def _grow_alternative(small: torch.nn.Module, example_inputs: Any, tracer: Trace
         plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads="grow")
         left = _query_projections(plan, Sizes(plan, {c.name: 2 for c in plan.width_classes}))
     except GraphscaleError as e:
-        return f"heads='grow' is not possible for this model ({e}), so it cannot be trained equivalently"
+        return f"heads='grow' is not possible for this model ({e})"
     if left:
         return ("heads='grow' does not help here: head_dim still grows with it "
-                f"({', '.join(sorted({q[0] for q in left}))}), so it cannot be trained equivalently")
-    return ("heads='grow' (more heads, head_dim kept: nothing folded) widens it so that it trains "
-            "equivalently")
+                f"({', '.join(sorted({q[0] for q in left}))})")
+    return ("heads='grow' (more heads, head_dim kept: nothing folded) widens it so that any optimizer "
+            "trains it equivalently")
 
 
 def _candidate(record: WideningRecord) -> WideningRecord:
@@ -1249,21 +1257,6 @@ def _max_rel(got: Any, want: Any) -> float:
         return float("inf")
     return max(((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
                for a, b in zip(g, w))
-
-
-def _multipliers_from_shapes(plan: Plan, state: dict[str, torch.Tensor]) -> dict[str, int]:
-    mults: dict[str, int] = {}
-    for c in plan.width_classes:
-        name, _, rest = c.name.partition("[")
-        axis = int(rest.split("]")[0])
-        if name not in state:
-            raise WidthConflictError(f"the larger model has no tensor {name!r} to read class {c.name!r} from")
-        small_size, large_size = plan.tensor_shapes[name][axis], state[name].shape[axis]
-        if large_size % small_size:
-            raise MultiplierError(f"{name}[{axis}]: the larger model's size {large_size} is not an integer "
-                                  f"multiple of the small model's {small_size}")
-        mults[c.name] = large_size // small_size
-    return mults
 
 
 #: The candidate attention conventions of widen_into: the power of head_dim's multiplier k folded into the
@@ -1889,7 +1882,7 @@ def relative_record(model: torch.nn.Module, example_inputs: Any, base: torch.nn.
     if isinstance(base, torch.nn.Module):
         plan = analyze(base, example_inputs, tracer=tracer, rules=rules, heads=heads)
         state = dict(_named_tensors(model))
-        mults = _multipliers_from_shapes(plan, state)
+        mults = plan.multipliers_from(state)
         record = build_record(plan, Sizes(plan, mults), mults)
         for name in plan.unused_tensors():
             record.params.pop(name, None)

@@ -150,9 +150,12 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
                 if len(outer) == 1 and all(a in fixed and ds.size[a] > 1 for a in inner) \
                         and (summed & set(inner) or len(walk.tensor_dims[name]) >= 2):
                     must_grow.update(outer[0])
-    # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier)
-    concats = [list(node[1]) for name in params for d in walk.tensor_dims[name]
-               for node in _sums(res.tree(d))]
+    # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier),
+    # unless the concatenation is only ever a parameter's whole axis: its parts are then contiguous blocks
+    # of rows, each trained with its own factors (docs/math.md §8)
+    trees = [res.tree(d) for name in params for d in walk.tensor_dims[name]]
+    concats = [list(node[1]) for tree in trees for node in _sums(tree)
+               if not _only_whole_axes(node, trees, res)]
     changed = True
     while changed:
         changed = False
@@ -247,6 +250,14 @@ def _joint_parts_notes(walk: Walk, res: Resolution, params: list[str], width: se
                      + (f", and the buffers over them ({', '.join(buffers)}) are repeated with them"
                         if buffers else ""))
     return notes
+
+
+def _only_whole_axes(node: tuple, trees: list[tuple], res: Resolution) -> bool:
+    """Whether the concatenation ``node`` is the whole tree of every parameter axis it is in and is in no
+    product (per head: its blocks would interleave)."""
+    if any(tree != node and _contains(tree, node) for tree in trees):
+        return False
+    return not any(_contains(res.tree(root), node) for root in res.prods)
 
 
 def _can_grow_whole(tree: tuple, width: set[int]) -> bool:

@@ -239,37 +239,37 @@ def like_parameter(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SliceFoldError(RecordError):
-    """A tensor carries a factor folded onto part of it (``ParamScaling.slice_folds``): no per-tensor
-    optimizer, state transfer or clipping can treat it like the narrow model's tensor."""
+    """A tensor whose blocks need different ``(c, M)`` (a fold on part of it, or parts that grow by
+    different multipliers) where a piece cannot treat the blocks as tensors of their own."""
 
 
-def refuse_slice_folds(scalings: Mapping[str, ParamScaling], what: str) -> None:
-    """Raise :class:`SliceFoldError` naming every tensor with ``slice_folds``, the fold and what works.
-
-    Each ``ParamScaling`` has one copy scale ``c``, and the μP laws give each hyperparameter one factor in
-    ``c`` per tensor; rows carrying a further factor need another one, which torch's optimizers, their
-    state and the gradient norm cannot express per tensor (docs/math.md §8). Training on would be silently
-    wrong, so it is refused.
+def tensor_blocks(name: str, p: torch.Tensor, s: ParamScaling, what: str) -> list[tuple[torch.Tensor,
+                                                                                        ParamScaling]]:
+    """``[(p, s)]``, or for a tensor whose blocks differ in ``(c, M)`` each block as a view of ``p`` with
+    its own scaling (:meth:`ParamScaling.block_scaling`): the pieces that act per tensor (noise, init)
+    then act per block. A block no axis tree describes (a fold on per-head rows) is refused, naming it.
 
     Example:
-        >>> s = ParamScaling("w", "w", (6, 2), (12, 2), (None, None), 1.0, 2, 1,
-        ...                  slice_folds=((0, 0, 4, 0.5 ** 0.5, "the query's further 2**-0.5"),))
-        >>> try:
-        ...     refuse_slice_folds({"w": s}, "mup_optimizer")
-        ... except SliceFoldError as e:
-        ...     print(str(e)[:61])
-        mup_optimizer cannot train w (indices 0:4 of axis 0: x0.7071)
+        >>> from graphscale.record import AxisReplication
+        >>> parts = AxisReplication(("sum", (("atom", 2, 2), ("atom", 3, 1))))
+        >>> s = ParamScaling("x", "x", (5, 4), (7, 4), (parts, None), 1.0, 2, 1)
+        >>> [(tuple(v.shape), b.total_mult) for v, b in tensor_blocks("x", torch.zeros(7, 4), s, "noise")]
+        [((4, 4), 2), ((3, 4), 1)]
     """
-    folds = [(name, axis, lo, hi, f, why) for name, s in scalings.items()
-             for axis, lo, hi, f, why in s.slice_folds]
-    if not folds:
-        return
-    where = ", ".join(f"{name} (indices {lo}:{hi} of axis {axis}: x{f:.4g})"
-                      for name, axis, lo, hi, f, _ in folds)
-    whys = "; ".join(dict.fromkeys(why for *_, why in folds))
-    raise SliceFoldError(f"{what} cannot train {where} like the narrow model: those indices carry a factor "
-                         "beyond the tensor's copy scale, and a per-tensor optimizer has one factor per "
-                         f"tensor. The fold: {whys}")
+    if not s.is_blockwise():
+        return [(p, s)]
+    out = []
+    for b in s.blocks():
+        own = s.block_scaling(b)
+        if own is None:
+            box = ", ".join(f"{i.start}:{i.stop}" for i in b.index)
+            raise SliceFoldError(
+                f"{what} cannot treat {name}[{box}] as a tensor of its own: that block "
+                f"(c={b.copy_scale:.4g}, M={b.total_mult:g}) cuts through a part of a concatenation (a fold "
+                f"on per-head rows), so its copies have no axis description. Apply {what} before folding "
+                "(graphscale.widen keeps the factor in the graph), or use heads='grow', which folds nothing")
+        out.append((p[b.index], own))
+    return out
 
 
 def _strip_wrapper_prefixes(name: str) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 
 from graphscale import laws
 from graphscale.record import WideningRecord
-from graphscale.train._common import refuse_slice_folds, resolve_record, scalings_for
+from graphscale.train._common import resolve_record, scalings_for
 
 
 def clip_grad_norm_(
@@ -37,6 +37,7 @@ def clip_grad_norm_(
     have (see the module doc), so ``torch.nn.utils.clip_grad_norm_(narrow.parameters(), m)`` on the narrow
     model and ``clip_grad_norm_(wide, m)`` on its zero-noise widening clip identically. Each parameter's
     norm is weighted with its own ``(c, M)`` from the record (``model.graphscale`` unless ``record=``).
+    A tensor whose blocks have different ``(c, M)`` (``ParamScaling.blocks``) is weighted block by block.
     Parameters without a gradient are skipped; tied parameters count once. Under DDP every process holds
     the same averaged gradients; under FSDP2 (``fully_shard``) each gradient is a sharded ``DTensor``,
     and DTensor's own norm and multiply reduce across the shards and scale each process's shard
@@ -50,19 +51,20 @@ def clip_grad_norm_(
     record = resolve_record(model, record)
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     scalings = scalings_for(named, record)
-    refuse_slice_folds(scalings, "clip_grad_norm_")
     p_ = float(norm_type)
     if not named:
         return torch.tensor(0.0)
     norms = []
     for name, p in named:
-        s = scalings[name]
-        m = float(s.total_mult)
-        cm = 1.0 / laws.gradient(float(s.copy_scale), m)  # g = (cM) g' on each copy
-        raw = torch.linalg.vector_norm(p.grad.detach(), p_)
-        # ||g||_p**p = (cM)**p / M * ||g'||_p**p; for p = inf the max is unchanged by copying.
-        weight = cm if math.isinf(p_) else cm * m ** (-1.0 / p_)
-        norms.append(raw * weight)
+        # each block of the tensor (one, unless its parts grow differently or carry folds) with its (c, M)
+        for b in scalings[name].blocks():
+            m = b.total_mult
+            cm = 1.0 / laws.gradient(b.copy_scale, m)  # g = (cM) g' on each copy
+            grad = p.grad.detach()
+            raw = torch.linalg.vector_norm(grad[b.index] if b.index else grad, p_)  # DTensor: no ()
+            # ||g||_p**p = (cM)**p / M * ||g'||_p**p; for p = inf the max is unchanged by copying.
+            weight = cm if math.isinf(p_) else cm * m ** (-1.0 / p_)
+            norms.append(raw * weight)
     device = named[0][1].grad.device
     total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p_)
     if error_if_nonfinite and (total.isnan() or total.isinf()):

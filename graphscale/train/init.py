@@ -23,7 +23,7 @@ from torch import nn
 
 from graphscale.laws import INIT_STD_POWER
 from graphscale.record import WideningRecord
-from graphscale.train._common import resolve_record, scalings_for
+from graphscale.train._common import resolve_record, scalings_for, tensor_blocks
 from graphscale.train.noise import weight_kind
 
 
@@ -68,8 +68,8 @@ def mup_init_(
     scalings = scalings_for(named, record)
     base_params = dict(base.named_parameters(remove_duplicate=False)) if isinstance(base, nn.Module) else {}
     with torch.no_grad():
-        for name, p in named:
-            s = scalings[name]
+        # a tensor whose blocks differ in (c, M) is initialised block by block (views of it)
+        for p, s in [pair for n, t in named for pair in tensor_blocks(n, t, scalings[n], "mup_init_")]:
             kind = weight_kind(s)
             if kind is None:
                 continue  # vectors and fixed tensors: as constructed

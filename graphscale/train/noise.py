@@ -43,7 +43,7 @@ from torch import nn
 from graphscale.errors import GraphscaleError
 from graphscale.laws import weight_role
 from graphscale.record import ParamScaling, WideningRecord
-from graphscale.train._common import scalings_for
+from graphscale.train._common import scalings_for, tensor_blocks
 
 WeightKind = Literal["input", "hidden", "output"]
 
@@ -127,7 +127,9 @@ def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generato
 def _named_scalings(module: nn.Module, record: WideningRecord) -> list[tuple[torch.Tensor, ParamScaling]]:
     named = list(module.named_parameters())
     scalings = scalings_for(named, record)
-    return [(p, scalings[n]) for n, p in named if p.is_floating_point()]
+    # a tensor whose blocks differ in (c, M) gets noise block by block (views), each as a tensor of its own
+    return [pair for n, p in named if p.is_floating_point()
+            for pair in tensor_blocks(n, p, scalings[n], "noise")]
 
 
 def _fmt(x: float) -> str:

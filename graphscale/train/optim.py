@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,7 +39,6 @@ from graphscale.train._common import (
     OptimizerFamilyError,
     RecordError,
     RecordLike,
-    refuse_slice_folds,
     resolve_record,
     scalings_for,
 )
@@ -240,13 +240,107 @@ def mup_optimizer(
     if foreign:
         raise RecordError(f"params= holds tensors that are not parameters of the model: {', '.join(foreign)}")
     by_name = scalings_for(((names[id(p)], p) for p in used), record)
-    refuse_slice_folds(by_name, "mup_optimizer")
     scalings = {id(p): by_name[names[id(p)]] for p in used}
+    blocks = _shadow_blocks(groups, scalings, names)
 
     defaults = {**constructor_defaults(optimizer_cls), **hparams}
     new_groups = mup_param_groups(groups, scalings, defaults=defaults, family=fam,
                                   optimizer_cls=optimizer_cls)
-    return fill_initial_state_(optimizer_cls(new_groups, **hparams))
+    if not blocks:
+        return fill_initial_state_(optimizer_cls(new_groups, **hparams))
+    opt = _blockwise_class(optimizer_cls)(new_groups, **hparams)
+    opt.graphscale_blocks = blocks
+    opt.register_step_pre_hook(_copy_into_blocks)
+    opt.register_step_post_hook(_copy_out_of_blocks)
+    return fill_initial_state_(opt)
+
+
+#: One block of a tensor whose blocks need different factors: the parameter, the block's index in it, and
+#: the leaf tensor the optimizer steps in its place (docs/math.md §8).
+ShadowBlock = tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]
+
+
+def _shadow_blocks(groups: list[dict[str, Any]], scalings: dict[int, ParamScaling],
+                   names: Mapping[int, str]) -> list[ShadowBlock]:
+    """Replace, in ``groups`` (in place), every parameter whose blocks differ in ``(c, M)`` by one leaf
+    tensor per block, and give each the block's scaling in ``scalings``: the optimizer then steps each
+    block with its own factors. The optimizers whose laws are in the table update each element from its
+    own gradient and state, so stepping a block on its own is exactly stepping it inside the tensor."""
+    out: list[ShadowBlock] = []
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            s = scalings[id(p)]
+            if not s.is_blockwise():
+                params.append(p)
+                continue
+            if type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor:
+                raise RecordError(
+                    f"{names[id(p)]} needs its blocks trained with different factors ({_describe(s)}), which "
+                    f"mup_optimizer does by stepping each block as a tensor of its own; a {type(p).__name__} "
+                    "parameter (FSDP2's DTensor) cannot be cut so. Train it unsharded, or widen with one "
+                    "multiplier for every class (graphscale.widen), which gives one factor per tensor")
+            for b in s.blocks():
+                shadow = p.detach()[b.index].clone().requires_grad_(True)
+                scalings[id(shadow)] = replace(s, copy_scale=b.copy_scale, total_mult=b.total_mult,
+                                               fan_in_mult=b.fan_in_mult, slice_folds=())
+                out.append((p, b.index, shadow))
+                params.append(shadow)
+        group["params"] = params
+    return out
+
+
+def _describe(s: ParamScaling) -> str:
+    return ", ".join(f"{_box(b.index)}: c={b.copy_scale:.4g}, M={b.total_mult:g}" for b in s.blocks())
+
+
+def _box(index: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{i.start}:{i.stop}" for i in index) + "]"
+
+
+def _copy_into_blocks(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Step pre-hook: each block's leaf tensor takes its parameter's current values and gradient."""
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")  # torch passes (optimizer, *args)
+    if closure is not None:
+        raise RecordError("this optimizer steps some parameters block by block (mup_optimizer), so it cannot "
+                          "call a closure inside step(): call loss.backward() yourself, then step()")
+    with torch.no_grad():
+        for p, index, shadow in optimizer.graphscale_blocks:
+            shadow.copy_(p[index])
+            shadow.grad = None if p.grad is None else p.grad[index].clone()
+
+
+def _copy_out_of_blocks(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Step post-hook: each block's stepped values go back into its parameter."""
+    with torch.no_grad():
+        for p, index, shadow in optimizer.graphscale_blocks:
+            p[index].copy_(shadow)
+
+
+_BLOCKWISE: dict[type, type] = {}
+
+
+def _blockwise_class(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``optimizer_cls`` whose ``zero_grad`` also clears the gradients of the parameters it steps block
+    by block (their blocks' leaf tensors are what its param groups hold). Still an ``optimizer_cls``."""
+    cls = _BLOCKWISE.get(optimizer_cls)
+    if cls is None:
+        def zero_grad(self: Any, set_to_none: bool = True) -> None:
+            optimizer_cls.zero_grad(self, set_to_none)
+            for p in {id(p): p for p, _, _ in self.graphscale_blocks}.values():
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad = p.grad.detach()
+                    p.grad.zero_()
+
+        cls = type(optimizer_cls.__name__, (optimizer_cls,), {
+            "zero_grad": zero_grad, "__module__": __name__,
+            "__doc__": f"{optimizer_cls.__name__} stepping some parameters block by block (mup_optimizer)."})
+        _BLOCKWISE[optimizer_cls] = cls
+    return cls
 
 
 def fill_initial_state_(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ optimizer advance the narrow one's clock. Any other entry is refused, naming the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,6 @@ from graphscale.train._common import (
     RecordError,
     RecordLike,
     like_parameter,
-    refuse_slice_folds,
     resolve_record,
     scalings_for,
     source_optimizer,
@@ -106,10 +106,13 @@ def transfer_optimizer_state(
     """
     record = resolve_record(wide, record)
     small_opt, small = source_optimizer(small, small_opt), unwrap_module(small)  # saved dicts; wrappers
-    in_opt = {id(p) for g in wide_opt.param_groups for p in g["params"]}
+    # a parameter stepped block by block (mup_optimizer, docs/math.md §8) is in no group: its blocks are
+    blocks_of: dict[int, list[tuple[tuple[slice, ...], torch.Tensor]]] = {}
+    for p, index, shadow in getattr(wide_opt, "graphscale_blocks", ()):
+        blocks_of.setdefault(id(p), []).append((index, shadow))
+    in_opt = {id(p) for g in wide_opt.param_groups for p in g["params"]} | set(blocks_of)
     wide_named = [(n, p) for n, p in wide.named_parameters() if id(p) in in_opt]
     scalings = scalings_for(wide_named, record)
-    refuse_slice_folds(scalings, "transfer_optimizer_state")
     # remove_duplicate=False: a source named by its tied alias must still resolve.
     small_params = dict(small.named_parameters(remove_duplicate=False))
     missing = sorted({s.source for s in scalings.values() if s.source not in small_params})
@@ -122,16 +125,37 @@ def transfer_optimizer_state(
                                                                     {**wide_opt.defaults, **group})
         optimizer_family(type(wide_opt), fam)  # validates the name
         family_of_param.update({id(p): fam for p in group["params"]})
+    for pid, shadows in blocks_of.items():
+        family_of_param[pid] = family_of_param[id(shadows[0][1])]
     for name, p in wide_named:
         s = scalings[name]
         src = small_params[s.source]
         if src not in small_opt.state:  # `in`, not indexing: indexing a defaultdict would mutate small_opt
-            wide_opt.state.pop(p, None)
+            for t in [p, *(shadow for _, shadow in blocks_of.get(id(p), ()))]:
+                wide_opt.state.pop(t, None)
             continue
         src_state = small_opt.state[src]
         if tuple(src.shape) != tuple(s.narrow_shape):
             raise RecordError(
                 f"{s.source} has shape {tuple(src.shape)} but the record expects {tuple(s.narrow_shape)}"
             )
+        if id(p) in blocks_of:
+            by_box = {_box(b.index): b for b in s.blocks()}
+            for index, shadow in blocks_of[id(p)]:
+                b = by_box[_box(index)]
+                block = replace(s, copy_scale=b.copy_scale, total_mult=b.total_mult, slice_folds=())
+                entries = {k: widen_state_entry(k, v, block, p, family=family_of_param[id(p)])
+                           for k, v in src_state.items()}
+                wide_opt.state[shadow] = {k: v[index].clone() if _like(v, p) else v
+                                          for k, v in entries.items()}
+            continue
         wide_opt.state[p] = {k: widen_state_entry(k, v, s, p, family=family_of_param[id(p)])
                              for k, v in src_state.items()}
+
+
+def _like(value: Any, p: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape)
+
+
+def _box(index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((i.start, i.stop) for i in index)  # slices are not hashable
