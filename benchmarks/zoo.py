@@ -779,6 +779,7 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any,
     (Mamba's x_proj: dt_rank | state | state, the state size an extra class) is held to the 2w size of
     its other parts rather than missed."""
     from graphscale.capture import live_attributes
+    from graphscale.errors import GraphscaleError
 
     small_s, large_s = _state(small), _state(large)
     gm = plan.captured.gm
@@ -809,6 +810,12 @@ def _oracle(plan: Any, record: Any, small: Any, large: Any,
                 except KeyError:
                     extra.add(f"{name}[{ax}]")
     width = {c.name for c in plan.width_classes}
+    # a class that is only ever a part of a concatenated axis (Mamba-2's state in conv1d's x | B | C) has
+    # no axis of its own to compare: the multipliers that make the 2w model's sizes say which stay at 1
+    try:
+        extra |= {n for n, m in plan.multipliers_from(large_s).items() if m == 1}
+    except GraphscaleError:
+        pass  # no integer multipliers make the 2w model: the comparison below names the axes
     sizes = plan.sizes({n: 1 if n in extra else 2 for n in width}) if extra & width else None
     for name, ax, a, b, c in compared:
         if a == b:
