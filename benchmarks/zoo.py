@@ -64,6 +64,29 @@ in order, in float64 (each check recorded):
    narrow copy again after every step, by the same relative size, not only once at the start. The wide
    model's float32 rounding differs from the narrow one's at every step, so a single perturbation
    understated what rounding alone does. The first-step bound, which catches a wrong law, is unchanged.
+   2026-12-02, later (written before any run under it; seen before it: 8 causal models fail only by
+   float32-sized figures that come from their own float32 casts, CPM-Ant's widen 3.4e-6, Gemma 4 text's
+   and unified text's first AdamW step 7.6e-6 and 1.5e-5, and Qwen3-Next, Qwen3.5, Qwen3.5-text,
+   FlexOlmo and xLSTM's SGD beyond the control; an experiment with those casts kept in float64 gave
+   ~1e-13): a float64 instrument for them. A model whose captured graph casts to float32 and whose
+   every failing check fails by a figure under the float32 bounds (an output difference of widen or
+   widen_into, a first-step difference, a 30-step difference beyond the control; not a crash, a refusal
+   or the oracle) is checked a second time, every check the same way, with its float32 casts promoted to
+   float64. The models are built as written (the same weights and buffers); from their first forward on
+   (capture, widen, widen_into, training, every forward of the narrow and wide models) a
+   TorchFunctionMode (``promote_float32``) rewrites every float32 dtype a call names to float64
+   (``.float()``, ``.to(torch.float32)`` or ``dtype=``, ``.type(...)``, ``type_as``/``to`` a float32
+   tensor, factories with ``dtype=torch.float32``), and the default dtype is float64, so a tensor a
+   forward creates without a dtype is float64 too. The second run is held to the float64 bounds, 1e-10
+   for widen, widen_into and the first step and 1e-8 over 30 steps, WITHOUT the chaos control: in float64
+   no rounding is left for a control to explain. It fails if float32 remains: a float32 dtype in the
+   captured graph where torch.export wrote it (``_computes_in_float32``), or any node of the captured
+   graph (export's or fx's, whose ``.float()`` runs at run time under the mode) that computed a float32
+   tensor in the analysis run. The model passes if the second run passes: its result keeps both runs'
+   checks and figures (``float64_rerun``, ``as_written``), its cell says "ok with float32 casts run in
+   float64 (as written: ...)", and the counts keep the models that pass as written and those that pass
+   only so apart. If the second run fails too, the model fails with the second run's stage and reason.
+   Only models that fail as written are run twice; nothing else changes.
 
 Where heads='fixed' grows the heads of one attention (its head_dim cannot grow: XCiT's attention over
 channels) and head_dim of another, no config describes both: the checks then run with heads='grow' (the
