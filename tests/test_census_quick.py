@@ -309,3 +309,95 @@ def test_oracle_sets_apart_an_axis_the_builder_does_not_scale_by_an_integer() ->
     grown = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6))
     missed, _, _ = census._oracle(plan, wide.graphscale, small, grown, rounded)
     assert missed and missed[0].startswith("2.")
+
+
+class _Float32Norm(torch.nn.Module):
+    """A float64 model whose own code casts to float32 (an RMSNorm as Hugging Face writes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+        self.gain = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        var = h.float().pow(2).mean(-1, keepdim=True)
+        h = (h.to(torch.float32) * torch.rsqrt(var + 1e-6)).to(x.dtype)
+        return self.out(self.gain * h)
+
+
+def _float32_norm(w: int | None = None) -> tuple[torch.nn.Module, tuple]:
+    torch.manual_seed(0)
+    return _Float32Norm().double(), (torch.randn(5, 4, dtype=torch.float64),)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_promotion_runs_the_float32_casts_in_float64_and_the_graph_keeps_none(tracer: str) -> None:
+    """The float64 rerun's mode: ``.float()`` and ``.to(torch.float32)`` of a float64 input give float64
+    inside it and float32 outside; a graph captured inside it computes no float32 (fx's ``.float()`` runs
+    at run time, under the mode), while the same graph captured as written does."""
+    import graphscale
+
+    census = _census_module()
+    x = torch.randn(3, dtype=torch.float64)
+
+    class Casts(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (x.float(), x.to(torch.float32), x.to(dtype=torch.float32),
+                    torch.ones(2, dtype=torch.float32))
+
+    assert {t.dtype for t in Casts()(x)} == {torch.float32}
+    with census.promote_float32() as mode:
+        assert {t.dtype for t in Casts()(x)} == {torch.float64}
+        assert mode.as_written(lambda: torch.ones(1))().dtype == torch.float32  # building stays as written
+    assert torch.get_default_dtype() == torch.float32 and Casts()(x)[0].dtype == torch.float32
+    model, inputs = _float32_norm()
+    with census.promote_float32():
+        plan = graphscale.analyze(model, inputs, tracer=tracer)
+        assert census._float32_left(plan) == []
+        assert model(*inputs).dtype == torch.float64
+    assert census._float32_left(graphscale.analyze(model, inputs, tracer=tracer))
+
+
+def test_a_model_failing_the_float32_bounds_is_ok_only_if_the_float64_rerun_passes(monkeypatch) -> None:
+    """A model that fails the float32 bounds by a figure is ok only through a passing float64 rerun, and is
+    counted and listed apart; when the rerun fails too (a wrong law), or float32 remains in it, it fails."""
+    import graphscale
+
+    census = _census_module()
+    monkeypatch.setattr(census, "TOL_F32", 1e-30)  # the as-written run now fails by figures
+    r = census.check_model(_float32_norm, False)
+    assert r["status"] == "ok" and r["as_written"]["status"] == "fail"
+    assert r["float64_rerun"]["status"] == "ok"
+    assert r["checks"]["widen"].startswith("fail: output differs by")  # the figures as written are kept
+    assert census._worst(r["float64_rerun"]) <= census.TOL_F64
+    summary = census.summarize({"causal/norm": r})["causal"]
+    assert (summary["ok"], summary["ok_as_written"], summary["ok_float64_rerun"]) == (1, 0, 1)
+    section = census.readme_section({"causal/norm": r})
+    assert "exact:** (none)." in section and "as written they fail):** norm (there: worst" in section
+    assert f"| norm | {census.PROMOTED_OK} (there: worst" in census.markdown({"causal/norm": r}, {})
+
+    # a wrong law fails the rerun too: the model fails, with the rerun's reason
+    monkeypatch.setattr(graphscale, "mup_optimizer", lambda model, cls, **kw: cls(model.parameters(), **kw))
+    r = census.check_model(_float32_norm, False)
+    assert r["status"] == "fail" and r["stage"] == "train_adamw", (r["stage"], r["reason"])
+    assert r["reason"].startswith("with float32 casts run in float64: differs by")
+    assert census.summarize({"causal/norm": r})["causal"]["ok"] == 0
+    monkeypatch.undo()
+
+    # float32 the mode cannot reach (a float32 buffer kept as built) fails the rerun, not passes it
+    monkeypatch.setattr(census, "TOL_F32", 1e-30)
+
+    class Float32Buffer(_Float32Norm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * self.scale
+
+    def with_float32_buffer(w: int | None = None) -> tuple[torch.nn.Module, tuple]:
+        torch.manual_seed(0)
+        model = Float32Buffer().double()
+        model.register_buffer("scale", torch.full((3,), 0.5, dtype=torch.float32))
+        return model, (torch.randn(5, 4, dtype=torch.float64),)
+
+    r = census.check_model(with_float32_buffer, False)
+    assert r["status"] == "fail" and r["stage"] == "promotion", (r["stage"], r["reason"])
+    assert "float32 remains" in r["reason"]
