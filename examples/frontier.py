@@ -16,7 +16,8 @@ for all:
 
 Total compute counts the small model's training and every tuning run (each arm runs the whole lr grid).
 
-Usage: ``python examples/frontier.py --task mlp|gpt [--quick | --full] [--seeds 0,1,2,3] [--out DIR]``.
+Usage: ``python examples/frontier.py --task mlp|gpt [--quick | --mid | --full] [--seeds 0,1,2,3]
+[--out DIR]``.
 Each seed is saved as it finishes (``<out>/seeds/seed<N>.json``); the summary (``results.json``,
 ``frontier.png``) aggregates every seed file in the folder with the same settings.
 """
@@ -64,7 +65,8 @@ class Settings:
 
 
 def settings(task: str, mode: str) -> Settings:
-    """The settings of ``task`` ("mlp" or "gpt") in ``mode`` ("quick", "default" or "full")."""
+    """The settings of ``task`` ("mlp" or "gpt") in ``mode`` ("quick", "default", "mid" (GPT only) or
+    "full")."""
     if task == "mlp":
         if mode == "quick":
             return Settings("mlp", n=16, small_steps=60, budgets=(20, 40), lrs=(2e-3, 8e-3), warmup=4,
@@ -81,6 +83,11 @@ def settings(task: str, mode: str) -> Settings:
             return Settings("gpt", n=8, small_steps=40, budgets=(20, 40), lrs=(4e-3, 1.6e-2), warmup=4,
                             noise=("symmetric_relative", 1.0), naive_noise=0.03,
                             data=dict(eval_batches=1, batch=8, block_size=16))
+        if mode == "mid":  # the largest 2 cores afford in one session (protocol log, 2026-12-02)
+            return Settings("gpt", n=64, small_steps=400, budgets=(100, 200, 400),
+                            lrs=(2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), warmup=20,
+                            noise=("symmetric_relative", 1.0), naive_noise=0.03,
+                            data=dict(n_layer=4, n_head=4, batch=16, block_size=64, eval_batches=8))
         if mode == "full":  # the issue's size: 128 -> 256, 4 layers
             return Settings("gpt", n=128, small_steps=2000, budgets=(500, 1000, 2000),
                             lrs=(1e-3, 2e-3, 4e-3, 8e-3), warmup=40,
@@ -317,12 +324,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--task", choices=("mlp", "gpt"), required=True)
         p.add_argument("--full", action="store_true", help="the larger sizes (up to an hour per task)")
+        p.add_argument("--mid", action="store_true",
+                       help="GPT 64 -> 128, 4 layers: the largest this 2-core machine affords (~1 hour)")
         p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds (split, init, batches)")
         p.add_argument("--rerun", action="store_true", help="rerun seeds already saved")
         p.add_argument("--summarize-only", action="store_true", help="only aggregate the saved seeds")
 
     args = C.parse_args(argv, NAME, __doc__, add_args)
-    mode = "quick" if args.quick else "full" if args.full else "default"
+    mode = "quick" if args.quick else "full" if args.full else "mid" if args.mid else "default"
+    if mode == "mid" and args.task != "gpt":
+        raise SystemExit("--mid is a GPT size; the MLP has --full")
     s = settings(args.task, mode)
     out = args.out if args.out != C.RESULTS_DIR / NAME else C.RESULTS_DIR / NAME / args.task / (
         "" if mode == "default" else mode)
