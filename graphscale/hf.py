@@ -97,7 +97,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     renamed at the end). Returns ``out``. See the module doc for every step.
 
     ``stream``: ``True`` widens tensor by tensor without loading the model (memory bounded by a few wide
-    tensors and one wide layer, see :mod:`graphscale.hf_stream` for what it verifies), ``False`` loads,
+    tensors and one narrow layer, see :mod:`graphscale.hf_stream` for what it verifies), ``False`` loads,
     fills and reloads the whole model, ``None`` (the default) streams when the source weights exceed
     ``STREAM_ABOVE`` bytes (1 GiB). ``progress`` shows a progress bar with bytes/s on stderr while
     streaming (``None``: only when stderr is a terminal). Both paths write the same bytes.
