@@ -51,6 +51,7 @@ from typing import Any, Literal
 import torch
 
 from graphscale.errors import GraphscaleError, MultiplierError, UnsavedBufferWarning, WidthConflictError
+from graphscale.on_use import OnUse
 from graphscale.record import RECORD_FILE, WideningRecord, save_record
 from graphscale.tolerance import FLOAT32_INSIDE_TOLERANCE, TOLERANCE, float32_reductions
 
@@ -96,7 +97,7 @@ def upscale(src: str | os.PathLike[str], multiplier: int = 2, out: str | os.Path
     renamed at the end). Returns ``out``. See the module doc for every step.
 
     ``stream``: ``True`` widens tensor by tensor without loading the model (memory bounded by a few wide
-    tensors and one wide layer, see :mod:`graphscale.hf_stream` for what it verifies), ``False`` loads,
+    tensors and one narrow layer, see :mod:`graphscale.hf_stream` for what it verifies), ``False`` loads,
     fills and reloads the whole model, ``None`` (the default) streams when the source weights exceed
     ``STREAM_ABOVE`` bytes (1 GiB). ``progress`` shows a progress bar with bytes/s on stderr while
     streaming (``None``: only when stderr is a terminal). Both paths write the same bytes.
@@ -179,9 +180,11 @@ class _Widened:
 
 
 def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multiplier: int, heads: str,
-                  torch_dtype: torch.dtype, seq_len: int) -> _Widened:
+                  torch_dtype: torch.dtype, seq_len: int, on_use: OnUse | None = None) -> _Widened:
     """Analyze the loaded ``small``, rewrite its config and fill the class built from it with
-    :func:`graphscale.widen_into` (no noise). The streamed path runs this on a model of fewer layers."""
+    :func:`graphscale.widen_into` (no noise). The streamed path runs this on a model of fewer layers, with
+    ``on_use``: the large model's parameters are then made only while an op reads them (widen_into's doc),
+    and its forward runs inside ``with on_use:``."""
     causal = kind == "causal"
     ids = torch.randint(0, config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
     inputs = (ids,)
@@ -216,7 +219,7 @@ def _widen_loaded(tf: Any, auto: Any, kind: str, config: Any, small: Any, multip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnsavedBufferWarning)
             record = graphscale.widen_into(small_w, large_w, inputs, attention="auto", rtol=tol, plan=plan,
-                                           transactional=False)
+                                           transactional=False, on_use=on_use)
     except (MultiplierError, WidthConflictError) as e:
         raise _with_heads_hint(e, heads) from e
     _add_tied_names(record, large_w)

@@ -3,7 +3,7 @@
 :func:`graphscale.hf.upscale` calls :func:`stream_upscale` with ``stream=True`` (or by default when the source
 weights exceed ``graphscale.hf.STREAM_ABOVE`` bytes). It writes the same files as the in-memory path
 (shards, index, ``config.json``, ``generation_config.json``: bitwise, tested on tiny models), with memory
-bounded by a few wide tensors plus one wide layer, whatever the depth.
+bounded by a few wide tensors plus the narrow one-layer proxy, whatever the depth (see **Memory**).
 
 **Where each tensor's recipe comes from.** Widening a tensor is ``c * E(W)`` (replicate each width index
 of every axis, times the copy scale ``c``), plus the factors :func:`graphscale.widen_into` folds into
@@ -25,7 +25,8 @@ merges with others or splits (Mixtral's per-expert tensors) is refused.
 1. the proxy (real layer 0, embeddings and head) widened in memory computes the source proxy's logits
    within the dtype's tolerance (as the in-memory path checks the whole model);
 2. every streamed tensor that the proxy holds (embeddings, layer 0, final norm, head) is bitwise equal to
-   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly;
+   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly
+   (the two are compared by the SHA-256 digest of their bytes, made one after the other);
 3. a second one-layer model made of the checkpoint's **last** layer (plus embeddings and head), read back
    from the written files, computes the source's logits for that layer within the tolerance (skipped with
    noise, which changes the function);
@@ -35,6 +36,15 @@ merges with others or splits (Mixtral's per-expert tensors) is refused.
 Not verified: the function of the full-depth wide model, and the values of layers 1 .. L-2 beyond being
 written by the same per-tensor recipe as layers 0 and L-1 (a full check needs the memory streaming avoids;
 run ``stream=False`` where it fits).
+
+**Memory.** No phase holds a wide layer. The wide proxy's parameters are never all in memory:
+:func:`~graphscale.widen_into` hands them to an :class:`~graphscale.on_use.OnUse`, which makes each (as
+the fill writes it) only while an op of the proxy's forward reads it and drops it when an op reads
+another, for every candidate convention widen_into tries and for check 1; check 2 makes one at a time.
+The two models of check 3 read each parameter from its file the same way. What stays is the narrow
+one-layer proxy (``1/k**2`` of a wide layer) until check 2 is done. Writing holds one source tensor and
+its wide tensor; after each tensor, freed heap goes back to the system (glibc's ``malloc_trim``), so the
+resident memory follows the live tensors rather than glibc's thresholds.
 
 Files are read with ``pread`` and written with ``pwrite`` (no ``mmap``: mapped pages count as the process's
 memory), in the safetensors layout that ``save_pretrained`` writes (same sharding, header, tensor order),
@@ -49,6 +59,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -64,6 +76,7 @@ import torch
 
 from graphscale import hf
 from graphscale.hf import HFUpscaleError
+from graphscale.on_use import OnUse
 from graphscale.record import ParamScaling, WideningRecord, save_record
 
 __all__ = ["TensorEntry", "read_header", "read_tensor", "stream_upscale", "write_safetensors"]
@@ -220,14 +233,30 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
 def _release_memory() -> None:
     """Free what reference cycles hold (fx graphs) and hand freed heap back to the system (glibc), so that
     the streaming phase starts from the runtime's size, not from the proxy's."""
-    import ctypes
     import gc
 
     gc.collect()
+    _trim()
+
+
+def _trim() -> None:
+    """Hand the heap's free memory back to the system (glibc's ``malloc_trim``). glibc serves a tensor below
+    its mmap threshold (which grows up to 32 MB as large blocks are freed) from the heap and keeps it once
+    freed; run after each tensor, the resident memory then follows the tensors alive, not the history of
+    their sizes."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    import ctypes
+
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused by later allocations instead
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: freed memory is reused by later allocations instead
+        return None
 
 
 def _peak_rss(reset: bool = False) -> int | None:
@@ -330,19 +359,47 @@ def _layer_stacks(meta: torch.nn.Module, config: Any) -> _Layers:
     return _Layers(count, paths)
 
 
-def _load_proxy(auto: Any, pconfig: Any, dtype: torch.dtype, read: Any) -> torch.nn.Module:
-    """The class built from ``pconfig`` with every stored tensor replaced by ``read(proxy name, shape)``."""
+@dataclass(frozen=True)
+class _Reader:
+    """A proxy's stored tensors, read from ``store`` (checkpoint names): those of the proxy's layer 0 from
+    layer ``layer``, the first ``rows`` rows of a cut vocabulary axis, floating point cast to ``dtype``."""
+
+    store: dict[str, TensorEntry]
+    layers: _Layers
+    layer: int
+    rows: dict[str, int]
+    dtype: torch.dtype
+
+    def entry(self, pname: str) -> TensorEntry | None:
+        """Where ``pname`` is stored; None for a tensor that is not (a non-persistent buffer the class
+        computes, or a tied name)."""
+        return self.store.get(self.layers.to_real(pname, self.layer))
+
+    def __call__(self, pname: str) -> torch.Tensor:
+        e = self.entry(pname)
+        assert e is not None, pname
+        t = read_tensor(e, rows=self.rows.get(pname))
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+
+def _load_proxy(auto: Any, pconfig: Any, dtype: torch.dtype, read: _Reader, on_use: OnUse | None = None
+                ) -> torch.nn.Module:
+    """The class built from ``pconfig`` with every stored tensor read by ``read``; with ``on_use``, each
+    floating-point parameter is read only while an op reads it (run the model inside ``with on_use:``), so
+    that the model holds one parameter at a time besides its buffers."""
     model = hf._build(auto, pconfig, dtype)  # every stored tensor is read next: no random init first
     seen: set[int] = set()
     with torch.no_grad():
         for name, t in hf._named(model).items():
-            if id(t) in seen:
+            if id(t) in seen or read.entry(name) is None:
                 continue
-            value = read(name, tuple(t.shape))
-            if value is not None:
-                seen.add(id(t))
-                t.copy_(value)
+            seen.add(id(t))
+            if on_use is not None and isinstance(t, torch.nn.Parameter) and t.is_floating_point():
+                on_use.add(t, functools.partial(read, name))
+            else:
+                t.copy_(read(name))
     hf._initialize_rest(model, seen)  # what is not stored (non-persistent buffers): as the class makes it
+    _trim()  # the tensors read and copied: their memory is not the model's
     return model
 
 
@@ -411,17 +468,11 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     pnamed = {n: tuple(t.shape) for n, t in hf._named(pmeta).items()}
     rows = _cut_axes(pnamed, named, layers, config, vocab)
 
-    def source_reader(layer: int) -> Any:
-        def read(pname: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-            e = entries.get(layers.to_real(pname, layer))
-            if e is None:
-                return None  # not stored: a non-persistent buffer the class computes, or a tied name
-            t = read_tensor(e, rows=rows.get(pname))
-            return t.to(dtype) if t.is_floating_point() else t
-        return read
-
-    small = _load_proxy(auto, first_proxy, dtype, source_reader(0))
-    w = hf._widen_loaded(tf, auto, kind, first_proxy, small, multiplier, heads, dtype, seq_len)
+    small = _load_proxy(auto, first_proxy, dtype, _Reader(entries, layers, 0, rows, dtype))
+    # the wide proxy holds no layer: each of its parameters is made (from the narrow proxy, as widen_into
+    # fills it) only while an op reads it, and dropped when an op reads another
+    on_use = OnUse(release=_trim)
+    w = hf._widen_loaded(tf, auto, kind, first_proxy, small, multiplier, heads, dtype, seq_len, on_use)
     del small
     wide_fields = {f: new for f, (_, new) in w.changed.items()}
     if {"num_hidden_layers", "vocab_size"} & set(wide_fields):
@@ -442,18 +493,16 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     if w.float32_ops:
         record.notes.append(f"the class computes parts in float32 ({', '.join(w.float32_ops[:4])}): outputs "
                             f"checked to relative {w.tol:g}, not float64's {hf.TOLERANCE[torch.float64]:g}")
-    with torch.no_grad():
+    with torch.no_grad(), on_use:
         proxy_error = hf._max_rel(w.large_w(*w.inputs), w.want)
     if not proxy_error <= w.tol:
         raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")
-    # check 2 now, on the proxy's wide tensors alone: the write phase then holds no proxy tensor. The rest
-    # of the proxy (the narrow model, the plan with its copies in reference cycles) goes first
-    proxy_wide, tol, inputs, causal = hf._named(w.large), w.tol, w.inputs, w.causal
-    del w
-    _release_memory()
-    _check_against_proxy(items, proxy_wide, rows)
-    del proxy_wide
+    # check 2 now: the write phase then holds no proxy tensor (the narrow model, the plan with its copies in
+    # reference cycles)
+    _check_against_proxy(items, hf._named(w.large), rows, on_use)
+    tol, inputs, causal = w.tol, w.inputs, w.causal
+    del w, on_use
     _release_memory()
     phase("proxy")
 
@@ -765,6 +814,7 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             _pwrite_all(fds[fname], _tensor_bytes(wide), offset)
             progress.update(_wide_nbytes(item))
             del wide
+            _trim()  # the next tensor starts from the runtime's memory, whatever glibc kept of this one
             left[fname] -= 1
             if not left[fname]:  # a shard is complete: flush it now, so the disk works while we compute
                 os.fsync(fds[fname])
@@ -781,19 +831,34 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
     return shards
 
 
-def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], rows: dict[str, int]) -> None:
+def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], rows: dict[str, int],
+                         on_use: OnUse) -> None:
     """Check 2 of the doc: every key the proxy holds (layer 0, the tensors outside the layers) comes out of
     its streamed recipe bitwise as widen_into filled it into the proxy (a cut vocabulary axis: its first
-    rows, read alone)."""
+    rows, read alone). A parameter of the proxy is made by ``on_use`` after the streamed value is gone: the
+    two are compared by the SHA-256 digest of their bytes, so that one wide tensor exists at a time."""
     for item in items:
         filled = proxy.get(item.proxy_name) if item.proxy_name is not None else None
         if filled is None:
             continue
         got = _widen_one(item, rows.get(item.proxy_name))
-        if got.shape != filled.shape or not torch.equal(got, filled.detach().to(got.dtype)):
+        if filled in on_use:
+            digest = _digest(got)
+            del got
+            _trim()
+            same = digest == _digest(on_use.value(filled))
+        else:
+            same = got.shape == filled.shape and torch.equal(got, filled.detach().to(got.dtype))
+            del got
+        _trim()
+        if not same:
             raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
                                  "one-layer proxy; use stream=False (--no-stream) and report this")
-        del got
+
+
+def _digest(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bytes]:
+    """``t``'s dtype, shape and the SHA-256 digest of its bytes: equal for bitwise equal tensors."""
+    return t.dtype, tuple(t.shape), hashlib.sha256(_tensor_bytes(t)).digest()
 
 
 def _check_written(tmp: Path, shards: dict[str, dict[str, str]], items: list[_Item],
@@ -827,20 +892,15 @@ def _check_last_layer(auto: Any, config: Any, new_config: Any, wide_meta: torch.
         written.update(read_header(f))
     written = _class_names(wide_meta, written, tmp)  # as from_pretrained reads them
 
-    def reader(store: dict[str, TensorEntry]) -> Any:
-        def read(pname: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-            e = store.get(layers.to_real(pname, last))
-            if e is None:
-                return None
-            t = read_tensor(e, rows=rows.get(pname))
-            return t.to(dtype) if t.is_floating_point() else t
-        return read
-
-    narrow = _load_proxy(auto, _proxy_config(config, layers, last, vocab), dtype, reader(entries))
-    with torch.no_grad():
+    # each model holds one parameter at a time (read from its file while an op reads it), not a layer
+    narrow_use, wide_use = OnUse(release=_trim), OnUse(release=_trim)
+    narrow = _load_proxy(auto, _proxy_config(config, layers, last, vocab), dtype,
+                         _Reader(entries, layers, last, rows, dtype), narrow_use)
+    with torch.no_grad(), narrow_use:
         want = HFWrapper(narrow, causal).eval()(*inputs)
     del narrow
-    wide = _load_proxy(auto, _proxy_config(new_config, layers, last, vocab), dtype, reader(written))
-    with torch.no_grad():
+    wide = _load_proxy(auto, _proxy_config(new_config, layers, last, vocab), dtype,
+                       _Reader(written, layers, last, rows, dtype), wide_use)
+    with torch.no_grad(), wide_use:
         got = HFWrapper(wide, causal).eval()(*inputs)
     return hf._max_rel(got, want)

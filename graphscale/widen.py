@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import operator
 import warnings
@@ -48,6 +50,7 @@ from graphscale.errors import (
 )
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.mupcompat import mup_optimizer_note
+from graphscale.on_use import OnUse
 from graphscale.plan import Plan, Sizes, analyze
 from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
 from graphscale.tolerance import exactness_tolerance
@@ -388,7 +391,8 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
                tracer: Tracer = "auto", rules: str | Path | list[str | Path] | None = None,
                heads: HeadsPolicy = "fixed", outputs: Literal["fixed", "width"] = "fixed",
                attention: Literal["auto", "standard", "mup", "fixed"] = "auto", rtol: float | None = None,
-               plan: Plan | None = None, transactional: bool = True) -> WideningRecord:
+               plan: Plan | None = None, transactional: bool = True, on_use: OnUse | None = None
+               ) -> WideningRecord:
     """Fill ``large`` (the same architecture built wider by the user) with the exact widened weights.
 
     Transactional: if anything fails (a shape, the output check, an exception in ``large``'s forward),
@@ -410,6 +414,12 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
     instead; a normalization without a gain cannot carry it, and only ``"mup"`` is tried.
     ``plan`` is ``graphscale.analyze(small, example_inputs, ...)`` if the caller already made it (it is
     then not made again; the engine options are the plan's).
+    ``on_use`` (an :class:`~graphscale.on_use.OnUse`; needs ``transactional=False``): ``large``'s
+    floating-point parameters are not written but handed to ``on_use``, which makes each from ``small``'s
+    (as the fill would write it, with the conventions being tried, then the chosen ones) only while an op
+    of ``large``'s forward reads it: widen_into then holds one op's wide parameters at a time, not
+    ``large``'s. Afterwards ``with on_use:`` runs ``large`` and ``on_use.value(p)`` makes one parameter
+    (its buffers are written as usual).
     ``small`` is never modified; ``large``'s parameters and buffers are overwritten in place. Returns the
     record, also attached as ``large.graphscale``.
 
@@ -420,10 +430,13 @@ def widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: A
         >>> widen_into(small, large, (x,)).multipliers
         {'0.weight[0]': 2}
     """
+    if on_use is not None and transactional:
+        raise ValueError("widen_into(on_use=...) hands large's parameters to on_use, which a failure cannot "
+                         "restore: pass transactional=False")
     saved = [(t, t.detach().clone()) for t in _unique_tensors(large)] if transactional else []
     try:
         return _widen_into(small, large, example_inputs, tracer=tracer, rules=rules, heads=heads,
-                           outputs=outputs, attention=attention, rtol=rtol, plan=plan)
+                           outputs=outputs, attention=attention, rtol=rtol, plan=plan, on_use=on_use)
     except BaseException:
         with torch.no_grad():
             for t, value in saved:
@@ -490,7 +503,7 @@ def _unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: Any, *, tracer: Tracer,
                 rules: str | Path | list[str | Path] | None, heads: HeadsPolicy,
                 outputs: Literal["fixed", "width"], attention: Literal["auto", "standard", "mup", "fixed"],
-                rtol: float | None, plan: Plan | None = None) -> WideningRecord:
+                rtol: float | None, plan: Plan | None = None, on_use: OnUse | None = None) -> WideningRecord:
     if plan is None:
         plan = analyze(small, example_inputs, tracer=tracer, rules=rules, heads=heads, outputs=outputs)
     elif plan.captured.source is not small:
@@ -499,7 +512,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     state = dict(_named_tensors(large))
     mults = plan.multipliers_from(state)
     sizes = Sizes(plan, mults)
-    check_memory(plan, sizes)
+    if on_use is None:  # with on_use, one op's wide tensors exist at a time, not all of them
+        check_memory(plan, sizes)
     if rtol is None:
         rtol = exactness_tolerance(plan, sizes)
     record = build_record(plan, sizes, mults)
@@ -531,21 +545,52 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
     args, kwargs = plan.captured.args, plan.captured.kwargs
 
     q_names = {q[0] for q in q_scales}
+    # on_use: large's floating-point parameters that the record fills are made when read, by made()
+    lazy = {id(t): t for name in record.params if isinstance(t := state[name], torch.nn.Parameter)
+            and t.is_floating_point()} if on_use is not None else {}
+    current: list[Any] = []  # the last fill's convention, record and source: what made() makes
+
+    def fold(att: str, axis: int, lo: int, hi: int, m: int, offset: float, t: torch.Tensor) -> None:
+        """The query factor of attention convention ``att`` on the rows lo:hi of ``t``'s ``axis``."""
+        f = m ** _ATTENTION_POWER[att]
+        rows = t.narrow(axis, lo, hi - lo).mul_(f)
+        if offset:  # a gain s + w: s + w' = f (s + w)
+            rows.add_((f - 1) * offset)
 
     def fill(att: str, rec: WideningRecord, src: dict[str, torch.Tensor], only: set[str] | None = None
              ) -> None:
         """Widen ``src`` by ``rec`` straight into ``large`` (``only``: just those tensors), then fold the
-        query factor of attention convention ``att``. One wide tensor exists besides ``large`` at a time."""
+        query factor of attention convention ``att``. One wide tensor exists besides ``large`` at a time.
+        With on_use, large's parameters are left to made(), with the recipes as they are now (the record
+        changes afterwards: a whole query's factor moves into its copy scale)."""
+        current[:] = [att, dict(rec.params), src]
         with torch.no_grad():
             for name, s in rec.params.items():
-                if only is None or name in only:
+                if (only is None or name in only) and id(state[name]) not in lazy:
                     s.widen(src[plan.canonical(name)].detach(), out=state[name])
             if _ATTENTION_POWER[att] and q_scales:
                 for name, axis, lo, hi, m, offset in q_scales:
-                    f = m ** _ATTENTION_POWER[att]
-                    rows = state[name].narrow(axis, lo, hi - lo).mul_(f)
-                    if offset:  # a gain s + w: s + w' = f (s + w)
-                        rows.add_((f - 1) * offset)
+                    if id(state[name]) not in lazy:
+                        fold(att, axis, lo, hi, m, offset, state[name])
+
+    def made(t: torch.Tensor) -> torch.Tensor:
+        """What fill() writes into ``t`` (one of ``lazy``), bitwise: the last fill's record and convention."""
+        att, params, src = current
+        names = [name for name in params if state[name] is t]  # tied: the last one's write stays
+        if not names:
+            raise GraphscaleError(f"widen_into(on_use=...): no recipe fills a parameter of shape "
+                                  f"{tuple(t.shape)} in this candidate; please report this")
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        params[names[-1]].widen(src[plan.canonical(names[-1])].detach(), out=out)
+        if _ATTENTION_POWER[att] and q_scales:
+            for name, axis, lo, hi, m, offset in q_scales:
+                if state[name] is t:
+                    fold(att, axis, lo, hi, m, offset, out)
+        return out
+
+    if on_use is not None:
+        for t in lazy.values():
+            on_use.add(t, functools.partial(made, t))
 
     def errors_on(src_model: torch.nn.Module, src: dict[str, torch.Tensor],
                   records: dict[str, WideningRecord]) -> dict[tuple[str, str], float]:
@@ -557,7 +602,8 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
                 # the first convention fills every tensor; the next ones refill only the query tensors
                 # that the previous fold multiplied
                 fill(att, rec, src, only=q_names if i else None)
-                with torch.no_grad(), preserved_buffers(large):
+                with (torch.no_grad(), preserved_buffers(large),
+                      on_use if on_use is not None else contextlib.nullcontext()):
                     out[(att, ro)] = _max_rel(large(*args, **kwargs), want)
         return out
 

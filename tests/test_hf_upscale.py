@@ -373,6 +373,43 @@ def test_streamed_llama_writes_the_in_memory_bytes(upscaled, tmp_path, monkeypat
                                                               "layer 1 read back"}
 
 
+def test_streamed_models_hold_one_wide_tensor_at_a_time(upscaled, tmp_path, monkeypatch):
+    """What bounds the streamed path's memory by a few wide tensors, not by a wide layer (README: peak RSS
+    of upscale): the one-layer wide proxy that widen_into fills and checks 1 and 2 run, and both models of
+    the last-layer check, hold no layer. Every parameter of theirs is made by an OnUse only while an op
+    reads it, one op's parameters at a time (Llama: one parameter per op), and after widen_into the wide
+    proxy's parameters hold one element each. The files are still bitwise the in-memory path's."""
+    from graphscale import hf
+    from graphscale.on_use import OnUse
+
+    src, dst = upscaled["llama"]
+    made: list[OnUse] = []
+    wide_proxy: list[torch.nn.Module] = []
+    init, widen_loaded = OnUse.__init__, hf._widen_loaded
+
+    def spy_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    def spy_widen(*args, **kwargs):
+        w = widen_loaded(*args, **kwargs)
+        wide_proxy.append(w.large)
+        return w
+
+    monkeypatch.setattr(OnUse, "__init__", spy_init)
+    monkeypatch.setattr(hf, "_widen_loaded", spy_widen)
+    out = upscale(src, 2, out=tmp_path / "llama-x2", heads="grow", stream=True, max_shard_size=SHARD)
+    _same_files(dst, out)
+    assert len(made) == 3  # the wide proxy; the last layer's narrow and wide models (check 3)
+    for on_use in made:
+        assert on_use.made > 0 and 0 < on_use.peak_bytes <= on_use.largest_bytes
+    (large,) = wide_proxy
+    params = list(large.parameters())
+    assert params and all(p.untyped_storage().nbytes() == p.element_size() for p in params)
+    layer = sum(p.nbytes for p in large.model.layers[0].parameters())
+    assert made[0].largest_bytes < layer  # one op's tensors are less than a layer's
+
+
 _KILLED = r"""
 import sys, time
 from pathlib import Path

@@ -254,3 +254,41 @@ def test_widen_into_fills_state_the_forward_only_writes(tracer: str) -> None:
     x = torch.randn(6, 3, dtype=torch.float64)
     graphscale.widen_into(small, large, (x,), tracer=tracer)
     assert torch.equal(large.ema, small.ema.repeat_interleave(2))
+
+
+@pytest.mark.filterwarnings("ignore::graphscale.errors.SliceFoldWarning")
+@pytest.mark.parametrize(("builder", "small_kw", "large_kw"),
+                         [("hf_bert", dict(hidden=32, intermediate=64), dict(hidden=64, intermediate=128)),
+                          ("hf_gpt2", dict(n_embd=32), dict(n_embd=64))], ids=["hf_bert", "hf_gpt2"])
+def test_widen_into_on_use_holds_one_op_of_wide_parameters_and_makes_the_filled_values(
+        builder: str, small_kw: dict, large_kw: dict) -> None:
+    """widen_into(on_use=OnUse()) writes no parameter of large: each holds one element, and is made (as the
+    fill writes it) only while an op reads it, so that the candidates' forwards hold one op's wide
+    parameters at a time, never the model's. The record is the eager one's; every parameter made alone is
+    bitwise the eager fill's (BERT's query factor folded whole into its copy scale, GPT-2's into part of
+    the fused q|k|v rows; both tie the readout); the forward under ``with on_use:`` gives the eager
+    model's outputs bitwise. The streamed upscale's memory bound rests on this (graphscale.hf_stream)."""
+    from graphscale.on_use import OnUse
+
+    if builder.startswith("hf_"):
+        pytest.importorskip("transformers")
+    small, inputs = _double(*getattr(zoo, builder)(**small_kw))
+    eager, _ = _double(*getattr(zoo, builder)(**large_kw))
+    lazy = copy.deepcopy(eager)
+    want = graphscale.widen_into(small, eager, inputs)
+    on_use = OnUse()
+    with pytest.raises(ValueError, match="transactional=False"):
+        graphscale.widen_into(small, lazy, inputs, on_use=on_use)
+    got = graphscale.widen_into(small, lazy, inputs, transactional=False, on_use=on_use)
+    assert got.params == want.params and got.multipliers == want.multipliers
+    assert any("query carries a further" in n for n in got.notes)
+    one_op = max(sum(p.nbytes for p in m.parameters(recurse=False)) for m in lazy.modules())
+    assert on_use.made > 0 and 0 < on_use.peak_bytes <= one_op < sum(p.nbytes for p in lazy.parameters())
+    for (name, p), (_, q) in zip(lazy.named_parameters(), eager.named_parameters(), strict=True):
+        assert p.untyped_storage().nbytes() == p.element_size(), f"{name} holds memory"
+        assert torch.equal(on_use.value(p), q), name
+    with torch.no_grad(), on_use:
+        out = lazy(*inputs)
+    with torch.no_grad():
+        assert torch.equal(out, eager(*inputs))
+    assert all(p.isnan().all() for p in lazy.parameters())  # dropped again: a read outside gives NaN
