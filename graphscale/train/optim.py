@@ -217,6 +217,15 @@ def mup_optimizer(
     With zero noise, training the wide model with this optimizer reproduces the narrow model trained with
     ``optimizer_cls(narrow.parameters(), **hparams)`` to rounding error, step after step.
 
+    A tensor whose blocks need different factors (``ParamScaling.blocks``: a fold on a fused projection's
+    query rows, a concatenation whose parts grow differently) is stepped block by block: its param group
+    entries are one leaf tensor per block (``optimizer.graphscale_blocks`` lists them), into which step
+    hooks copy the parameter's values and gradient and out of which they copy the result, and
+    ``zero_grad`` clears the parameter's gradient too. That is exact for optimizers that update every
+    element from its own gradient, state and value, as every family in the table of laws does; a
+    ``step(closure)`` is refused for such an optimizer (the closure would compute the gradient after the
+    copy).
+
     Example:
         >>> wide = graphscale.widen(model, (x,), multiplier=4)          # doctest: +SKIP
         >>> opt = mup_optimizer(wide, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)  # doctest: +SKIP
