@@ -36,12 +36,13 @@ def pm(m: float, h: float, digits: int = 3) -> str:
     return f"{m:.{digits}f}" if h is None or not math.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
-def frontier_table(r: dict[str, Any], task: str) -> str:
-    """The frontier table of one task: every arm's test loss (mean ± 95 % interval over seeds) per budget."""
+def frontier_table(r: dict[str, Any], task: str, flag: str = "") -> str:
+    """The frontier table of one task (run with ``flag``, e.g. ``--mid``): every arm's test loss (mean ±
+    95 % interval over seeds) per budget."""
     s = r["settings"]
     w = r["widths"]
     lines = [f"**{TASK_NAME[task]}, {w['small']} -> {w['wide']}** "
-             f"(`python examples/frontier.py --task {task}`; "
+             f"(`python examples/frontier.py --task {task}{' ' + flag if flag else ''}`; "
              f"seeds {', '.join(map(str, r['seeds']))}; small model {s['small_steps']} steps, its test loss "
              f"{pm(*r['small_test'])}; lr grid {', '.join(f'{x:g}' for x in s['lrs'])}; "
              f"{sum(r['seconds_per_seed']):.0f} s of wall time in all on the shared machine):", "",
@@ -123,11 +124,12 @@ def transfer_table(r: dict[str, Any], task: str) -> str:
 def section(results: Path = RESULTS) -> str:
     """The whole generated block (every task whose results exist)."""
     parts = []
-    for task in ("gpt", "mlp"):
-        f = results / "frontier" / task / "results.json"
+    for task, mode in (("gpt", "mid"), ("gpt", ""), ("mlp", "")):  # the largest size first
+        f = results / "frontier" / task / mode / "results.json"
         if f.exists():
-            parts.append(frontier_table(json.loads(f.read_text()), task))
-            parts.append(f"![frontier {task}](examples/results/frontier/{task}/frontier.png)")
+            parts.append(frontier_table(json.loads(f.read_text()), task, f"--{mode}" if mode else ""))
+            where, alt = (f"{task}/{mode}/", f"{task} {mode}") if mode else (f"{task}/", task)
+            parts.append(f"![frontier {alt}](examples/results/frontier/{where}frontier.png)")
     for task in ("mlp", "gpt"):
         f = results / "transfer" / task / "results.json"
         if f.exists():
