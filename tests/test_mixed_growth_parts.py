@@ -168,3 +168,29 @@ def test_a_sum_over_parts_growing_differently_is_refused_naming_the_node():
     wide = graphscale.widen(small, (idx,), multiplier=2, plan=plan)
     with torch.no_grad():
         assert (wide(idx) - small(idx)).abs().max() <= 1e-13
+
+
+def test_blocks_see_what_grad_scaler_and_accumulation_do_to_the_gradient():
+    """The blocks' gradients are views of the parameter's: GradScaler's unscale_ (which reads the param
+    groups) and two accumulated backwards reach the blocks, and the pair stays equivalent."""
+    torch.manual_seed(0)
+    small, large = SelectiveMix(8, 2).double(), SelectiveMix(16, 4).double()
+    idx = torch.randint(0, VOCAB, (3, 6))
+    record = graphscale.widen_into(small, large, (idx,))
+    hp = {"lr": 0.05, "momentum": 0.9}
+    pairs = [(small, torch.optim.SGD(small.parameters(), **hp)),
+             (large, graphscale.mup_optimizer(large, torch.optim.SGD, record=record, **hp))]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in pairs]
+    gen, worst = torch.Generator().manual_seed(1), 0.0
+    for _ in range(6):
+        batches = [torch.randint(0, VOCAB, (3, 6), generator=gen) for _ in range(2)]
+        for (model, opt), scaler in zip(pairs, scalers):
+            opt.zero_grad()
+            for ids in batches:  # two micro-batches accumulate into one step
+                scaler.scale(_loss(model, ids)).backward()
+            scaler.step(opt)
+            scaler.update()
+        with torch.no_grad():
+            ids = batches[0]
+            worst = max(worst, float((large(ids) - small(ids)).abs().max() / small(ids).abs().max()))
+    assert worst <= TOL, worst

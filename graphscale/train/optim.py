@@ -25,7 +25,9 @@ by the law of its coupling, which is what keeps a zero-noise widened model *exac
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -219,12 +221,12 @@ def mup_optimizer(
 
     A tensor whose blocks need different factors (``ParamScaling.blocks``: a fold on a fused projection's
     query rows, a concatenation whose parts grow differently) is stepped block by block: its param group
-    entries are one leaf tensor per block (``optimizer.graphscale_blocks`` lists them), into which step
-    hooks copy the parameter's values and gradient and out of which they copy the result, and
-    ``zero_grad`` clears the parameter's gradient too. That is exact for optimizers that update every
-    element from its own gradient, state and value, as every family in the table of laws does; a
-    ``step(closure)`` is refused for such an optimizer (the closure would compute the gradient after the
-    copy).
+    entries are one leaf tensor per block (``optimizer.graphscale_blocks`` lists them). Their gradients are
+    views of the parameter's from the moment backward writes it (so clipping the parameter's gradient, or
+    ``GradScaler`` unscaling the groups', acts on both); a step hook copies the parameter's values into
+    them and another copies the result back; ``zero_grad`` clears the parameter's gradient too. That is
+    exact for optimizers that update every element from its own gradient, state and value, as every
+    family in the table of laws does. ``step(closure)`` is refused for such an optimizer.
 
     Example:
         >>> wide = graphscale.widen(model, (x,), multiplier=4)          # doctest: +SKIP
@@ -261,6 +263,13 @@ def mup_optimizer(
     opt.graphscale_blocks = blocks
     opt.register_step_pre_hook(_copy_into_blocks)
     opt.register_step_post_hook(_copy_out_of_blocks)
+    # the blocks' gradients are views of the parameter's, made as soon as backward writes it: what acts on
+    # the param groups' gradients before step (GradScaler's unscale_) acts on the parameter's, and what
+    # acts on the parameter's (clip_grad_norm_) on the blocks'
+    ref = weakref.ref(opt)
+    handles = [p.register_post_accumulate_grad_hook(functools.partial(_view_block_grads, ref))
+               for p in {id(p): p for p, _, _ in blocks}.values()]
+    weakref.finalize(opt, _remove_hooks, handles)
     return fill_initial_state_(opt)
 
 
@@ -307,8 +316,23 @@ def _box(index: tuple[slice, ...]) -> str:
     return "[" + ", ".join(f"{i.start}:{i.stop}" for i in index) + "]"
 
 
+def _view_block_grads(ref: weakref.ref, p: torch.Tensor) -> None:
+    """After backward accumulates ``p``'s gradient: its blocks' gradients become views of it."""
+    optimizer = ref()
+    if optimizer is not None:
+        for q, index, shadow in optimizer.graphscale_blocks:
+            if q is p:
+                shadow.grad = None if p.grad is None else p.grad[index]
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+
+
 def _copy_into_blocks(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Step pre-hook: each block's leaf tensor takes its parameter's current values and gradient."""
+    """Step pre-hook: each block's leaf tensor takes its parameter's current values, and its gradient is
+    a view of the parameter's (again: a gradient set by hand is picked up too)."""
     closure = args[1] if len(args) > 1 else kwargs.get("closure")  # torch passes (optimizer, *args)
     if closure is not None:
         raise RecordError("this optimizer steps some parameters block by block (mup_optimizer), so it cannot "
@@ -316,7 +340,7 @@ def _copy_into_blocks(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dic
     with torch.no_grad():
         for p, index, shadow in optimizer.graphscale_blocks:
             shadow.copy_(p[index])
-            shadow.grad = None if p.grad is None else p.grad[index].clone()
+            shadow.grad = None if p.grad is None else p.grad[index]
 
 
 def _copy_out_of_blocks(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
