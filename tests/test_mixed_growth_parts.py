@@ -14,6 +14,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import graphscale
@@ -194,3 +196,53 @@ def test_blocks_see_what_grad_scaler_and_accumulation_do_to_the_gradient():
             ids = batches[0]
             worst = max(worst, float((large(ids) - small(ids)).abs().max() / small(ids).abs().max()))
     assert worst <= TOL, worst
+
+
+class PackedParts(nn.Module):
+    """A packed projection whose parts (each its own width class) are split apart, each read by its own
+    linear, and the first two concatenated again into one more linear (a summed axis of mixed parts)."""
+
+    def __init__(self, d_in: int, d: int, parts: tuple[int, ...]) -> None:
+        super().__init__()
+        self.parts = parts
+        self.fc_in = nn.Linear(d_in, d)
+        self.packed = nn.Linear(d, sum(parts))
+        self.heads = nn.ModuleList(nn.Linear(a, d) for a in parts)
+        self.mix = nn.Linear(parts[0] + parts[1], d)
+        self.readout = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc_in(x))
+        pieces = [torch.tanh(p) for p in torch.split(self.packed(h), list(self.parts), dim=-1)]
+        y = h + sum(head(p) for head, p in zip(self.heads, pieces)) + self.mix(torch.cat(pieces[:2], -1))
+        return self.readout(torch.tanh(y))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(parts=st.lists(st.integers(1, 4), min_size=2, max_size=3), data=st.data(),
+       opt=st.sampled_from([0, 1]))
+def test_random_packed_parts_at_random_multipliers_widen_and_train_exactly(parts, data, opt):
+    """Every class at its own multiplier in {1, 2, 3}: the packed weight's rows and the mixer's columns
+    are blocks of different (c, M); widen is exact and mup_optimizer trains it like the narrow model."""
+    cls, hp = [(torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
+               (torch.optim.AdamW, {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.1})][opt]
+    torch.manual_seed(len(parts))
+    narrow = PackedParts(3, 4, tuple(parts)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)  # the batch of training: an export graph keeps its size
+    plan = graphscale.analyze(narrow, (x,))
+    mults = {c.name: data.draw(st.sampled_from([1, 2, 3]), label=c.name) for c in plan.width_classes}
+    wide = graphscale.widen(narrow, (x,), multiplier=mults, plan=plan)
+    with torch.no_grad():
+        assert (wide(x) - narrow(x)).abs().max() <= 1e-12
+    n_opt, w_opt = cls(narrow.parameters(), **hp), graphscale.mup_optimizer(wide, cls, **hp)
+    gen, worst = torch.Generator().manual_seed(0), 0.0
+    for _ in range(20):
+        xb = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+        target = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+        for model, o in ((narrow, n_opt), (wide, w_opt)):
+            o.zero_grad()
+            F.mse_loss(model(xb), target).backward()
+            o.step()
+        with torch.no_grad():
+            worst = max(worst, float((wide(xb) - narrow(xb)).abs().max() / narrow(xb).abs().max()))
+    assert worst <= TOL, (parts, mults, worst)
