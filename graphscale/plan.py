@@ -226,9 +226,9 @@ class Plan:
         res = self.resolution
         by_atom = {c.atom: c for c in self.width_classes}
         known: dict[int, int] = {}
-        axes = [(name, i, res.tree(d), int(state[name].shape[i]))
+        axes = [(name, i, tree, int(state[name].shape[i]), set(leaves(tree)) & by_atom.keys())
                 for name, dims in self.tensor_dims.items() if name in state and state[name].dim() == len(dims)
-                for i, d in enumerate(dims)]
+                for i, d in enumerate(dims) for tree in [res.tree(d)]]
         problems: dict[int, str] = {}
         progress, joint = True, False
         while len(known) < len(by_atom):
@@ -237,8 +237,8 @@ class Plan:
                     break
                 joint = True  # stuck: let the classes of one axis share a multiplier, as one part grows
             progress = False
-            for name, axis, tree, large_size in axes:
-                unknown = {a for a in leaves(tree) if a in by_atom and a not in known}
+            for name, axis, tree, large_size, atoms in axes:
+                unknown = atoms - known.keys()
                 if not unknown or (len(unknown) > 1 and not joint):
                     continue
                 atom = min(unknown)
@@ -252,7 +252,6 @@ class Plan:
                     continue
                 known.update(dict.fromkeys(unknown, m))
                 progress, joint = True, False
-                break
         for atom, c in by_atom.items():
             if atom not in known:
                 if atom in problems:
@@ -297,7 +296,7 @@ class Sizes:
         (their blocks carry their own factors, ``ParamScaling.blocks``), which the record reads via
         :meth:`axis`, not here."""
         axis = self.axis(d)
-        if _mixed(axis.tree):
+        if axis.is_mixed():
             raise MultiplierError(
                 "an op of the graph needs one multiplier for the axis "
                 f"{self.res.ds.origin[self.res.root(d)]} (size {axis.narrow_size} -> {axis.wide_size}), "
@@ -338,15 +337,6 @@ def _solve_multiplier(tree: tuple, atom: int, known: dict[int, int], target: int
         if got > target or got == at(m + 1):
             return None
         m += 1
-
-
-def _mixed(tree: tuple) -> bool:
-    """Whether a record tree has a concatenation whose parts grow by different multipliers."""
-    if tree[0] == "atom":
-        return False
-    if tree[0] == "sum" and len({AxisReplication(c).multiplier for c in tree[1]}) > 1:
-        return True
-    return any(_mixed(c) for c in tree[1])
 
 
 def _check_k(k: Any, what: str) -> int:

@@ -108,6 +108,14 @@ class AxisReplication:
     def is_identity(self) -> bool:
         return self.wide_size == self.narrow_size
 
+    def is_mixed(self) -> bool:
+        """Whether some concatenation in the axis has parts that grow by different multipliers.
+
+        >>> AxisReplication(("sum", (("atom", 2, 2), ("atom", 3, 1)))).is_mixed()
+        True
+        """
+        return _mixed(self.tree)
+
 
 def _flat_parts(tree: tuple) -> list[tuple]:
     """The parts of a concatenation, concatenations inside it opened (their parts are contiguous too).
@@ -118,6 +126,14 @@ def _flat_parts(tree: tuple) -> list[tuple]:
     if tree[0] != "sum":
         return [tree]
     return [p for c in tree[1] for p in _flat_parts(c)]
+
+
+def _mixed(tree: tuple) -> bool:
+    if tree[0] == "atom":
+        return False
+    if tree[0] == "sum" and len({AxisReplication(c).multiplier for c in tree[1]}) > 1:
+        return True
+    return any(_mixed(c) for c in tree[1])
 
 
 def _size(tree: tuple, wide: bool) -> int:
@@ -223,41 +239,7 @@ class ParamScaling:
             >>> [(b.index, b.copy_scale, b.total_mult) for b in s.blocks()]
             [((slice(0, 4, None),), 0.5, 4.0), ((slice(4, 7, None),), 0.5, 2.0)]
         """
-        cuts: list[list[tuple[int, int, float, float]]] = []  # per axis: (lo, hi, ratio, fold)
-        for axis, rep in enumerate(self.axes):
-            wide = self.wide_shape[axis]
-            edges = {0, wide}
-            parts: list[tuple[int, int, float]] = []  # (lo, hi, multiplier relative to the first part)
-            if rep is not None and rep.tree[0] == "sum":
-                pieces = _flat_parts(rep.tree)
-                ms = [AxisReplication(c).multiplier for c in pieces]
-                if len(set(ms)) > 1:
-                    lo = 0
-                    for child, m in zip(pieces, ms):
-                        hi = lo + _size(child, wide=True)
-                        parts.append((lo, hi, m / ms[0]))
-                        edges |= {lo, hi}
-                        lo = hi
-            axis_folds = [(lo, hi, f) for a, lo, hi, f, _ in self.slice_folds if a == axis] if folds else []
-            for lo, hi, _ in axis_folds:
-                edges |= {lo, hi}
-            bounds = sorted(edges)
-            cuts.append([(lo, hi,
-                          next((r for plo, phi, r in parts if plo <= lo and hi <= phi), 1.0),
-                          math.prod(f for flo, fhi, f in axis_folds if flo <= lo and hi <= fhi))
-                         for lo, hi in zip(bounds, bounds[1:])])
-        if all(len(c) <= 1 for c in cuts):
-            return (Block((), float(self.copy_scale), float(self.total_mult), float(self.fan_in_mult)),)
-        last = max(i for i, c in enumerate(cuts) if len(c) > 1)
-        out = []
-        for combo in itertools.product(*cuts[:last + 1]):
-            ratio = math.prod(r for _, _, r, _ in combo)
-            ratio_in = math.prod(combo[i][2] for i in self.fan_in_axes if i <= last)
-            fold = math.prod(f for *_, f in combo)
-            out.append(Block(tuple(slice(lo, hi) for lo, hi, _, _ in combo),
-                             float(self.copy_scale) / ratio_in * fold, float(self.total_mult) * ratio,
-                             float(self.fan_in_mult) * ratio_in))
-        return tuple(out)
+        return _blocks(self, folds)
 
     def block_scaling(self, block: Block) -> ParamScaling | None:
         """``block`` as a :class:`ParamScaling` of its own (its shapes, axes, ``(c, M)``), for the pieces
@@ -422,6 +404,46 @@ class ParamScaling:
                                       include_self=False)
                 out = out.index_select(dim, first)
         return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _blocks(scaling: ParamScaling, folds: bool) -> tuple[Block, ...]:
+    """:meth:`ParamScaling.blocks`, cached: clipping asks for every parameter's blocks at every step."""
+    cuts: list[list[tuple[int, int, float, float]]] = []  # per axis: (lo, hi, ratio, fold)
+    for axis, rep in enumerate(scaling.axes):
+        wide = scaling.wide_shape[axis]
+        edges = {0, wide}
+        parts: list[tuple[int, int, float]] = []  # (lo, hi, multiplier relative to the first part)
+        if rep is not None and rep.tree[0] == "sum":
+            pieces = _flat_parts(rep.tree)
+            ms = [AxisReplication(c).multiplier for c in pieces]
+            if len(set(ms)) > 1:
+                lo = 0
+                for child, m in zip(pieces, ms):
+                    hi = lo + _size(child, wide=True)
+                    parts.append((lo, hi, m / ms[0]))
+                    edges |= {lo, hi}
+                    lo = hi
+        axis_folds = [(lo, hi, f) for a, lo, hi, f, _ in scaling.slice_folds if a == axis] if folds else []
+        for lo, hi, _ in axis_folds:
+            edges |= {lo, hi}
+        bounds = sorted(edges)
+        cuts.append([(lo, hi,
+                      next((r for plo, phi, r in parts if plo <= lo and hi <= phi), 1.0),
+                      math.prod(f for flo, fhi, f in axis_folds if flo <= lo and hi <= fhi))
+                     for lo, hi in zip(bounds, bounds[1:])])
+    if all(len(c) <= 1 for c in cuts):
+        return (Block((), float(scaling.copy_scale), float(scaling.total_mult), float(scaling.fan_in_mult)),)
+    last = max(i for i, c in enumerate(cuts) if len(c) > 1)
+    out = []
+    for combo in itertools.product(*cuts[:last + 1]):
+        ratio = math.prod(r for _, _, r, _ in combo)
+        ratio_in = math.prod(combo[i][2] for i in scaling.fan_in_axes if i <= last)
+        fold = math.prod(f for *_, f in combo)
+        out.append(Block(tuple(slice(lo, hi) for lo, hi, _, _ in combo),
+                         float(scaling.copy_scale) / ratio_in * fold, float(scaling.total_mult) * ratio,
+                         float(scaling.fan_in_mult) * ratio_in))
+    return tuple(out)
 
 
 @dataclass
