@@ -140,9 +140,11 @@ def transfer_optimizer_state(
                 f"{s.source} has shape {tuple(src.shape)} but the record expects {tuple(s.narrow_shape)}"
             )
         if id(p) in blocks_of:
-            by_box = {_box(b.index): b for b in s.blocks()}
             for index, shadow in blocks_of[id(p)]:
-                b = by_box[_box(index)]
+                b = next((b for b in s.blocks() if b.index == index), None)
+                if b is None:
+                    raise RecordError(f"{name}: the optimizer steps a block {index} that the record's blocks "
+                                      "do not have; build the optimizer with the same record")
                 block = replace(s, copy_scale=b.copy_scale, total_mult=b.total_mult, slice_folds=())
                 entries = {k: widen_state_entry(k, v, block, p, family=family_of_param[id(p)])
                            for k, v in src_state.items()}
@@ -156,6 +158,3 @@ def transfer_optimizer_state(
 def _like(value: Any, p: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape)
 
-
-def _box(index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((i.start, i.stop) for i in index)  # slices are not hashable
