@@ -153,7 +153,7 @@ def _classify(walk: Walk, res: Resolution, heads: HeadsPolicy, outputs: Literal[
     # parts of one concatenated parameter axis must grow alike (widen copies them with one multiplier),
     # unless the concatenation is only ever a parameter's whole axis: its parts are then contiguous blocks
     # of rows, each trained with its own factors (docs/math.md §8)
-    trees = [res.tree(d) for name in params for d in walk.tensor_dims[name]]
+    trees = list(dict.fromkeys(res.tree(d) for name in params for d in walk.tensor_dims[name]))
     concats = [list(node[1]) for tree in trees for node in _sums(tree)
                if not _only_whole_axes(node, trees, res)]
     changed = True
