@@ -78,7 +78,7 @@ print("VmHWM_KB", hwm)
 """
 
 _COPY = r"""
-import json, os, sys, torch
+import json, os, sys, time, torch
 sys.path.insert(0, sys.argv[4])
 from graphscale.hf_stream import read_header, read_tensor, _layout, _pwrite_all, _tensor_bytes
 src, dst, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -97,6 +97,13 @@ for k, e in entries.items():
         shards.append(cur); cur, size = [], 0
     cur.append(k); size += n
 shards.append(cur)
+spent = dict.fromkeys(("read and widen", "pwrite", "fsync"), 0.0)  # as upscale's record splits its writing
+clock = time.perf_counter()
+def lap(what):
+    global clock
+    now = time.perf_counter()
+    spent[what] += now - clock
+    clock = now
 for i, keys in enumerate(shards):
     prefix, offsets = _layout({k: (entries[k].dtype, wide(entries[k].shape)) for k in keys}, {"format": "pt"})
     fd = os.open(os.path.join(dst, f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"),
@@ -107,10 +114,14 @@ for i, keys in enumerate(shards):
         for d, s in enumerate(t.shape):
             if s != vocab:
                 t = t.repeat_interleave(2, dim=d)
+        lap("read and widen")
         _pwrite_all(fd, _tensor_bytes(t), offsets[k])
         del t
+        lap("pwrite")
     os.fsync(fd)
     os.close(fd)
+    lap("fsync")
+print("SPLIT", json.dumps({k: round(v, 3) for k, v in spent.items()}))
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print("VmHWM_KB", hwm)
 """
@@ -168,6 +179,7 @@ def main() -> None:
         runs: dict[str, list[tuple[float, int]]] = {"upscale": [], "copy": []}
         wide_bytes = largest = 0
         phases: dict[int, dict] = {}
+        copy_splits: dict[int, dict] = {}
         for i in range(args.repeats):
             for kind in ("upscale", "copy"):
                 dst = work / f"{kind}-{i}"
@@ -186,10 +198,16 @@ def main() -> None:
                     wide_bytes, largest = _dir_bytes(dst), _largest_tensor(dst)
                     info = json.loads((dst / "graphscale.json").read_text())["info"]["stream"]
                     phases[i] = info
-                    print(f"  phases (s): {info['seconds']}; peak RSS per phase (GB): "
+                    print(f"  phases (s): {info['seconds']}; writing (s): {info.get('write_seconds')}; peak "
+                          "RSS per phase (GB): "
                           + str({k: round(v / 1e9, 2) for k, v in info.get("peak_rss_bytes", {}).items()}))
                     if i == 0:
                         print("\n".join("  " + line for line in out.splitlines()[:3]))
+                else:
+                    split = json.loads(next(line.split(" ", 1)[1] for line in out.splitlines()
+                                            if line.startswith("SPLIT ")))
+                    copy_splits[i] = split
+                    print(f"  copy's writing (s): {split}")
                 print(f"run {i} {kind:8s} {wall:7.1f} s  peak RSS {hwm / 1e9:.2f} GB", flush=True)
                 shutil.rmtree(dst)
         best = {k: min(w for w, _ in v) for k, v in runs.items()}
@@ -202,7 +220,8 @@ def main() -> None:
             "upscale_s": best["upscale"], "copy_s": best["copy"], "ratio": best["upscale"] / best["copy"],
             "upscale_peak_rss": peak, "copy_peak_rss": max(h for _, h in runs["copy"]),
             "peak_over_source_plus_wide": peak / (src_bytes + wide_bytes),
-            "peak_over_largest_wide_tensor": peak / largest, "phases": phases, "runtime_rss": runtime,
+            "peak_over_largest_wide_tensor": peak / largest, "phases": phases,
+            "copy_write_seconds": copy_splits, "runtime_rss": runtime,
             "peak_above_runtime_over_largest_wide_tensor": (peak - runtime) / largest,
         }
         print(f"upscale {best['upscale']:.1f} s vs copy {best['copy']:.1f} s (min of {args.repeats}): "

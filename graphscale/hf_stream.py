@@ -23,10 +23,10 @@ merges with others or splits (Mixtral's per-expert tensors) is refused.
 **What is verified in streamed mode** (before the temporary directory is renamed to ``out``):
 
 1. the proxy (real layer 0, embeddings and head) widened in memory computes the source proxy's logits
-   within the dtype's tolerance (as the in-memory path checks the whole model);
+   within the dtype's tolerance (as the in-memory path checks the whole model; the figure is
+   :func:`~graphscale.widen_into`'s own measure of the fill it keeps);
 2. every streamed tensor that the proxy holds (embeddings, layer 0, final norm, head) is bitwise equal to
-   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly
-   (the two are compared by the SHA-256 digest of their bytes, made one after the other);
+   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly;
 3. a second one-layer model made of the checkpoint's **last** layer (plus embeddings and head), read back
    from the written files, computes the source's logits for that layer within the tolerance (skipped with
    noise, which changes the function);
@@ -40,7 +40,8 @@ run ``stream=False`` where it fits).
 **Memory.** No phase holds a wide layer. The wide proxy's parameters are never all in memory:
 :func:`~graphscale.widen_into` hands them to an :class:`~graphscale.on_use.OnUse`, which makes each (as
 the fill writes it) only while an op of the proxy's forward reads it and drops it when an op reads
-another, for every candidate convention widen_into tries and for check 1; check 2 makes one at a time.
+another, for every candidate convention widen_into tries; check 2 makes one at a time, beside the
+streamed tensor it is compared with.
 The two models of check 3 read each parameter from its file the same way. What stays is the narrow
 one-layer proxy (``1/k**2`` of a wide layer) until check 2 is done. Writing holds one source tensor and
 its wide tensor; after each tensor, freed heap goes back to the system (glibc's ``malloc_trim``), so the
@@ -60,7 +61,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -493,8 +493,9 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     if w.float32_ops:
         record.notes.append(f"the class computes parts in float32 ({', '.join(w.float32_ops[:4])}): outputs "
                             f"checked to relative {w.tol:g}, not float64's {hf.TOLERANCE[torch.float64]:g}")
-    with torch.no_grad(), on_use:
-        proxy_error = hf._max_rel(w.large_w(*w.inputs), w.want)
+    # check 1: widen_into measured the fill it keeps on the proxy's example inputs (and refuses one outside
+    # the tolerance); a forward of its own would make every wide tensor of the layer again for the same figure
+    proxy_error = w.record.info["output_error"]
     if not proxy_error <= w.tol:
         raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")
@@ -511,10 +512,11 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     try:
         tmp.mkdir()
         _write_non_weights(wide_meta, tmp)
+        write_split: dict[str, float] = {}
         shards = _write_weights(tmp, items, wide_meta, max_shard_size, noise, seed,
                                 _Progress(sum(_wide_nbytes(i) for i in items),
-                                          sys.stderr.isatty() if progress is None else progress))
-        _release_memory()
+                                          sys.stderr.isatty() if progress is None else progress), write_split)
+        _trim()  # writing makes no reference cycles: no collection needed, as after the proxy
         phase("write")
         hf._copy_other_files(src_dir, tmp)
         _check_written(tmp, shards, items, wide_named)
@@ -530,8 +532,8 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         record.info["check"] = {"relative_error": errors, "tolerance": tol, "dtype": str(dtype),
                                 "streamed": True}
         phase("check")
-        record.info["stream"] = {"seconds": seconds, "peak_rss_bytes": peak, "proxy_vocab": vocab,
-                                 "layers": layers.count}
+        record.info["stream"] = {"seconds": seconds, "write_seconds": write_split, "peak_rss_bytes": peak,
+                                 "proxy_vocab": vocab, "layers": layers.count}
         save_record(record, tmp)
         hf._replace_dir(tmp, out_dir, force)
     except BaseException:
@@ -775,9 +777,11 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
 
 
 def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
-                   seed: int, progress: _Progress) -> dict[str, dict[str, str]]:
+                   seed: int, progress: _Progress, split_seconds: dict[str, float] | None = None
+                   ) -> dict[str, dict[str, str]]:
     """Write every wide tensor into shards laid out as save_pretrained would, under the names it writes
-    (:func:`_saved_names`); returns file -> {name written: the class's name}."""
+    (:func:`_saved_names`); returns file -> {name written: the class's name}. ``split_seconds`` receives
+    the wall time spent reading and widening, writing (``pwrite``) and flushing (``fsync``)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     by_key = {i.key: i for i in items}
@@ -804,21 +808,35 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             shards[fname] = {saved_as[k]: k for k in keys}
         gen = torch.Generator().manual_seed(seed) if noise is not None else None
         left = {fname: len(names) for fname, names in shards.items()}  # tensors still to write per shard
+        spent = dict.fromkeys(("read and widen", "pwrite", "fsync"), 0.0)
+        clock = time.perf_counter()
+
+        def lap(what: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            spent[what] += now - clock
+            clock = now
+
         for item in items:
             wide = _widen_one(item)
             if noise is not None and item.is_param and wide.is_floating_point():
                 holder = torch.nn.Module()
                 holder.p = torch.nn.Parameter(wide, requires_grad=False)
                 noise.apply(holder, WideningRecord({"p": replace(item.scaling, name="p")}, {}), gen)
+            lap("read and widen")
             fname, offset = where[item.key]
             _pwrite_all(fds[fname], _tensor_bytes(wide), offset)
             progress.update(_wide_nbytes(item))
             del wide
             _trim()  # the next tensor starts from the runtime's memory, whatever glibc kept of this one
+            lap("pwrite")
             left[fname] -= 1
             if not left[fname]:  # a shard is complete: flush it now, so the disk works while we compute
                 os.fsync(fds[fname])
                 os.close(fds.pop(fname))
+                lap("fsync")
+        if split_seconds is not None:
+            split_seconds.update({k: round(v, 3) for k, v in spent.items()})
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -835,30 +853,22 @@ def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], row
                          on_use: OnUse) -> None:
     """Check 2 of the doc: every key the proxy holds (layer 0, the tensors outside the layers) comes out of
     its streamed recipe bitwise as widen_into filled it into the proxy (a cut vocabulary axis: its first
-    rows, read alone). A parameter of the proxy is made by ``on_use`` after the streamed value is gone: the
-    two are compared by the SHA-256 digest of their bytes, so that one wide tensor exists at a time."""
+    rows, read alone). A parameter of the proxy is made by ``on_use`` for the comparison: two wide tensors
+    of a layer exist at a time (the proxy's vocabulary is cut), as the write phase holds a source tensor
+    and its wide one."""
     for item in items:
         filled = proxy.get(item.proxy_name) if item.proxy_name is not None else None
         if filled is None:
             continue
         got = _widen_one(item, rows.get(item.proxy_name))
-        if filled in on_use:
-            digest = _digest(got)
-            del got
-            _trim()
-            same = digest == _digest(on_use.value(filled))
-        else:
-            same = got.shape == filled.shape and torch.equal(got, filled.detach().to(got.dtype))
-            del got
+        want = on_use.value(filled) if filled in on_use else filled.detach().to(got.dtype)
+        # equal shapes and dtypes first: torch.equal would broadcast, or promote a dtype
+        same = got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+        del got, want
         _trim()
         if not same:
             raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
                                  "one-layer proxy; use stream=False (--no-stream) and report this")
-
-
-def _digest(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bytes]:
-    """``t``'s dtype, shape and the SHA-256 digest of its bytes: equal for bitwise equal tensors."""
-    return t.dtype, tuple(t.shape), hashlib.sha256(_tensor_bytes(t)).digest()
 
 
 def _check_written(tmp: Path, shards: dict[str, dict[str, str]], items: list[_Item],
