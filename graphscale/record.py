@@ -145,6 +145,37 @@ def _size(tree: tuple, wide: bool) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
+def _atom_factors(tree: tuple) -> tuple[tuple[int, int], ...] | None:
+    """``((size, multiplier), ...)``, outermost first, such that the axis's wide index is row-major over
+    ``size_i x multiplier_i`` and reads narrow index ``(n_1, n_2, ...)``: an atom; a product of such axes;
+    a concatenation whose parts all repeat each index adjacently ``k`` times (the same ``k``: the whole is
+    then one such atom). None for any other concatenation (parts that grow differently, or products).
+
+    >>> _atom_factors(("prod", (("atom", 16, 2), ("sum", (("atom", 64, 1), ("atom", 64, 1))))))
+    ((16, 2), (128, 1))
+    >>> _atom_factors(("sum", (("atom", 4, 3), ("atom", 2, 3))))
+    ((6, 3),)
+    >>> _atom_factors(("sum", (("atom", 4, 3), ("atom", 2, 1)))) is None
+    True
+    """
+    if tree[0] == "atom":
+        return ((int(tree[1]), int(tree[2])),)
+    parts: list[tuple[tuple[int, int], ...]] = []
+    for child in tree[1]:
+        factors = _atom_factors(child)
+        if factors is None:
+            return None
+        # an axis that copies nothing is one factor of its size (a part of a concatenation like any atom)
+        parts.append(((_prod([n for n, _ in factors]), 1),) if all(k == 1 for _, k in factors) else factors)
+    if tree[0] == "prod":
+        return tuple(x for factors in parts for x in factors)
+    ks = {factors[0][1] for factors in parts}
+    if all(len(factors) == 1 for factors in parts) and len(ks) == 1:
+        return ((sum(factors[0][0] for factors in parts), ks.pop()),)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
 def _plain_multiplier(tree: tuple) -> int | None:
     n, wide = _size(tree, wide=False), _size(tree, wide=True)
     k = wide // n
@@ -318,18 +349,31 @@ class ParamScaling:
             shift=float(d.get("shift", 0.0)),
         )
 
+    def _broadcast(self, narrow: torch.Tensor) -> tuple[list[int], list[int]] | None:
+        """``(view, expand)`` shapes such that ``narrow.reshape(view).expand(expand)`` is ``E(narrow)`` laid
+        out as the wide tensor, where every axis is fixed or a product of atoms (heads x head_dim with the
+        heads grown: each narrow index block repeats as a whole); None where an axis concatenates parts."""
+        if len(self.axes) != narrow.dim():
+            return None
+        view_shape: list[int] = []
+        expand_shape: list[int] = []
+        for size, axis in zip(narrow.shape, self.axes):
+            factors = [(size, 1)] if axis is None else _atom_factors(axis.tree)
+            if factors is None:
+                return None
+            for n, k in factors:  # wide index n_i * k_i + r_i of each factor reads narrow index n_i
+                view_shape += [n, 1]
+                expand_shape += [n, k]
+        return view_shape, expand_shape
+
     def replicate(self, narrow: torch.Tensor) -> torch.Tensor:
         """``E(narrow)``: copy every width index adjacently, no rescale. Returns a new tensor."""
-        plain = [a.plain_multiplier() if a is not None and not a.is_identity() else 1 for a in self.axes]
-        if all(plain) and len(plain) == narrow.dim():
-            # Every axis is plain repetition: one broadcast view and one copy (repeat_interleave per axis
-            # would write the tensor once per widened axis).
-            view_shape, expand_shape = [], []
-            for size, k in zip(narrow.shape, plain):
-                view_shape += [size, 1]
-                expand_shape += [size, k]
-            out = narrow.reshape(view_shape).expand(expand_shape).reshape(self.wide_shape)
-            return out if any(k > 1 for k in plain) else out.clone()  # reshape copied unless nothing grew
+        pattern = self._broadcast(narrow)
+        if pattern is not None:
+            # one broadcast view and one copy (repeat_interleave or index_select per axis would write the
+            # tensor once per widened axis)
+            out = narrow.reshape(pattern[0]).expand(pattern[1]).reshape(self.wide_shape)
+            return out if out.data_ptr() != narrow.data_ptr() else out.clone()  # nothing grew: a view
         out = narrow
         for dim, axis in enumerate(self.axes):
             if axis is not None and not axis.is_identity():
@@ -368,16 +412,13 @@ class ParamScaling:
                 wide.add_(self.shift)
             return wide if out is None else out.copy_(wide)
         scale = self.copy_scale != 1.0 and narrow.is_floating_point()
-        plain = [a.plain_multiplier() if a is not None and not a.is_identity() else 1 for a in self.axes]
-        if (all(plain) and len(plain) == narrow.dim() and any(k > 1 for k in plain)
+        pattern = self._broadcast(narrow)
+        if (pattern is not None and pattern[0] != pattern[1]
                 and (out is None or (out.dtype == narrow.dtype and out.is_contiguous()))):
             # One pass: write c * narrow straight into the wide tensor through a broadcast view (scaling
             # the narrow tensor first and then copying would read and write memory twice). Elementwise
             # the same product x * c as below, so bitwise the same result.
-            view_shape, expand_shape = [], []
-            for size, k in zip(narrow.shape, plain):
-                view_shape += [size, 1]
-                expand_shape += [size, k]
+            view_shape, expand_shape = pattern
             wide = out if out is not None else torch.empty(self.wide_shape, dtype=narrow.dtype,
                                                            device=narrow.device)
             src = narrow.reshape(view_shape).expand(expand_shape)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,24 @@ def _bench():
 
 
 def _reference(s: ParamScaling, narrow: torch.Tensor) -> torch.Tensor:
-    """The formula before the one-pass write: scale the narrow tensor, then replicate it."""
+    """The formula before the one-pass write: scale the narrow tensor, then replicate it, axis by axis by
+    each axis's index map (independent of the broadcast views that widen and replicate use)."""
     if s.copy_scale != 1.0 and narrow.is_floating_point():
         narrow = narrow * s.copy_scale
-    return s.replicate(narrow)
+    out = narrow.clone()
+    for dim, axis in enumerate(s.axes):
+        if axis is not None:
+            out = out.index_select(dim, axis.index())
+    return out.contiguous()
 
 
 ATOM = AxisReplication.atomic
 QKV = AxisReplication(("sum", (("atom", 4, 3), ("atom", 4, 3), ("atom", 4, 3))))  # fused q|k|v, plain
 HEADS = AxisReplication(("prod", (("atom", 2, 1), ("atom", 3, 2))))  # head_dim grows: not plain
+GROWN_HEADS = AxisReplication(("prod", (("atom", 3, 2), ("atom", 4, 1))))  # heads grow: blocks repeat
+BOTH = AxisReplication(("prod", (("atom", 2, 3), ("atom", 3, 2))))  # heads and head_dim grow
+ROTARY = AxisReplication(("prod", (("atom", 3, 2), ("sum", (("atom", 2, 1), ("atom", 2, 1))))))  # halves
+MIXED = AxisReplication(("sum", (("atom", 2, 2), ("atom", 3, 1))))  # parts that grow differently
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64])
@@ -56,6 +66,11 @@ HEADS = AxisReplication(("prod", (("atom", 2, 1), ("atom", 3, 2))))  # head_dim 
     ((None, ATOM(6, 4)), 0.25),
     ((QKV, ATOM(6, 2)), 0.5),
     ((HEADS, None), 1 / 7),
+    ((GROWN_HEADS, ATOM(5, 2)), 0.5),
+    ((ATOM(2, 2), BOTH), 1 / 6),
+    ((QKV, GROWN_HEADS), 0.5),
+    ((ROTARY, ATOM(3, 2)), 0.5),
+    ((MIXED, None), 1.0),
     ((None, None), 0.1),
 ])
 def test_one_pass_widen_is_bitwise_the_two_pass_formula(dtype: torch.dtype, axes: tuple,
@@ -70,6 +85,10 @@ def test_one_pass_widen_is_bitwise_the_two_pass_formula(dtype: torch.dtype, axes
     assert got.stride() == want.stride()
     assert torch.equal(got, want)
     assert got.data_ptr() != narrow.data_ptr()
+    into = torch.full(wide_shape, 7, dtype=dtype)
+    assert s.widen(narrow, out=into) is into and torch.equal(into, want)  # written into a given tensor
+    assert torch.equal(s.replicate(narrow), _reference(replace(s, copy_scale=1.0), narrow))
+    assert s.replicate(narrow).data_ptr() != narrow.data_ptr()
     if narrow.is_floating_point() and scale != 1.0 and any(a is not None for a in axes):
         assert not torch.equal(got, s.replicate(narrow))  # the scale is applied
 
