@@ -103,6 +103,9 @@ class OptimizerFamily:
     hyperparameter (Adagrad's ``sum`` from ``initial_accumulator_value``), so it is re-filled with the
     group's scaled value. ``refine``: picks another family from the hyperparameters (``Adam`` with
     ``decoupled_weight_decay=True`` follows ``"adamw"``). ``describes``: the law in a sentence, for errors.
+    ``elementwise``: the update of each element reads only that element's gradient, state and value (every
+    family registered here); only such a family can step a tensor whose blocks need different factors
+    (``ParamScaling.blocks``) block by block, so :func:`graphscale.mup_optimizer` refuses the others there.
     """
 
     name: str
@@ -112,6 +115,7 @@ class OptimizerFamily:
     state: Mapping[str, Law] = field(default_factory=dict)
     state_init: Mapping[str, str] = field(default_factory=dict)
     refine: Callable[[Mapping[str, Any]], str] | None = None
+    elementwise: bool = False
 
     def hparam_factors(self, c: Any, M: Any) -> dict[str, Any]:
         """Every hyperparameter factor at ``(c, M)``, in table order.
@@ -144,7 +148,8 @@ def register_family(family: OptimizerFamily, *, replace: bool = False) -> Optimi
 
     Example:
         >>> lion = OptimizerFamily("lion-like", "sign of a momentum: lr' = lr c",
-        ...                        hparams={"lr": normalised_lr}, state={"exp_avg": gradient})
+        ...                        hparams={"lr": normalised_lr}, state={"exp_avg": gradient},
+        ...                        elementwise=True)
         >>> register_family(lion).name
         'lion-like'
         >>> del FAMILIES["lion-like"]
@@ -159,25 +164,29 @@ register_family(OptimizerFamily(
     "sgd", "update proportional to the gradient, L2 weight decay added to the gradient",
     classes=(torch.optim.SGD,),
     hparams={"lr": sgd_lr, "weight_decay": coupled_wd},
-    state={"momentum_buffer": gradient}))
+    state={"momentum_buffer": gradient},
+    elementwise=True))
 register_family(OptimizerFamily(
     "adam", "update normalised entrywise, L2 weight decay added to the gradient",
     classes=(torch.optim.Adam,),
     hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": coupled_wd},
     state={"exp_avg": gradient, "exp_avg_sq": gradient_squared, "max_exp_avg_sq": gradient_squared},
-    refine=lambda hp: "adamw" if hp.get("decoupled_weight_decay", False) else "adam"))
+    refine=lambda hp: "adamw" if hp.get("decoupled_weight_decay", False) else "adam",
+    elementwise=True))
 register_family(OptimizerFamily(
     "adamw", "update normalised entrywise, decoupled weight decay p <- p(1 - lr*wd)",
     classes=(torch.optim.AdamW,),
     hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": decoupled_wd},
-    state={"exp_avg": gradient, "exp_avg_sq": gradient_squared, "max_exp_avg_sq": gradient_squared}))
+    state={"exp_avg": gradient, "exp_avg_sq": gradient_squared, "max_exp_avg_sq": gradient_squared},
+    elementwise=True))
 
 register_family(OptimizerFamily(
     "rmsprop", "update normalised by a running RMS of the gradient, L2 weight decay added to the gradient",
     classes=(torch.optim.RMSprop,),
     hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": coupled_wd},
     # the momentum buffer accumulates g / (sqrt(v) + eps), already in update units: copied unchanged
-    state={"square_avg": gradient_squared, "grad_avg": gradient, "momentum_buffer": unchanged}))
+    state={"square_avg": gradient_squared, "grad_avg": gradient, "momentum_buffer": unchanged},
+    elementwise=True))
 
 register_family(OptimizerFamily(
     "adagrad", "update normalised by the root of the summed squared gradients, L2 weight decay added",
@@ -187,7 +196,8 @@ register_family(OptimizerFamily(
     hparams={"lr": normalised_lr, "eps": normalised_eps, "weight_decay": coupled_wd,
              "initial_accumulator_value": gradient_squared},
     state={"sum": gradient_squared},
-    state_init={"sum": "initial_accumulator_value"}))
+    state_init={"sum": "initial_accumulator_value"},
+    elementwise=True))
 
 
 def family_of(optimizer_cls: type, family: str | None = None,

@@ -10,6 +10,7 @@ tensor of its own, state transfer and clipping go block by block; one factor per
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,6 +129,43 @@ def test_zero_grad_clears_the_gradient_of_a_tensor_stepped_in_blocks():
     assert not large.x_proj.weight.grad.any()
     with pytest.raises(graphscale.GraphscaleError, match="closure"):
         wo.step(lambda: _loss(large, idx))
+
+
+class RowNormalizedSGD(torch.optim.Optimizer):
+    """An update that reads a whole tensor (each row's gradient divided by the row's norm): stepping a
+    block of rows on its own normalizes over other elements than stepping the tensor."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad.reshape(len(p.grad), -1) if p.dim() else p.grad.reshape(1, 1)
+                    p.add_((g / (g.norm() + 1e-12)).reshape(p.shape), alpha=-group["lr"])
+
+
+def test_a_family_not_registered_as_elementwise_is_refused_where_blocks_are_stepped_apart():
+    """Blockwise stepping is exact only for elementwise updates: a registered family that does not say
+    it is one is refused, naming the tensors, where a model has blocks, and accepted where it has none."""
+    from graphscale import laws
+
+    small, large, idx, record = _pair()
+    family = laws.OptimizerFamily("row-normalized-test", "update normalised over the tensor: lr' = lr c",
+                                  classes=(RowNormalizedSGD,), hparams={"lr": laws.normalised_lr})
+    laws.register_family(family)
+    try:
+        with pytest.raises(graphscale.GraphscaleError, match=r"mix\.weight, x_proj\.weight need\(s\) blocks.*"
+                                                          r"elementwise=True"):
+            graphscale.mup_optimizer(large, RowNormalizedSGD, record=record, lr=0.1)
+        plain = graphscale.widen(small, (idx,), multiplier=2)  # one multiplier: no blocks
+        assert not getattr(graphscale.mup_optimizer(plain, RowNormalizedSGD, lr=0.1), "graphscale_blocks", [])
+        laws.register_family(replace(family, elementwise=True), replace=True)  # the user's word for it
+        assert graphscale.mup_optimizer(large, RowNormalizedSGD, record=record, lr=0.1).graphscale_blocks
+    finally:
+        del laws.FAMILIES["row-normalized-test"]
 
 
 def test_noise_treats_each_block_as_a_tensor_of_its_own():

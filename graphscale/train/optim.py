@@ -226,7 +226,8 @@ def mup_optimizer(
     ``GradScaler`` unscaling the groups', acts on both); a step hook copies the parameter's values into
     them and another copies the result back; ``zero_grad`` clears the parameter's gradient too. That is
     exact for optimizers that update every element from its own gradient, state and value, as every
-    family in the table of laws does. ``step(closure)`` is refused for such an optimizer.
+    family in the table of laws does (``OptimizerFamily.elementwise``); a family not registered as one is
+    refused for such a tensor. ``step(closure)`` is refused for such an optimizer.
 
     Example:
         >>> wide = graphscale.widen(model, (x,), multiplier=4)          # doctest: +SKIP
@@ -234,8 +235,8 @@ def mup_optimizer(
     """
     record = resolve_record(model, record, base=base, example_inputs=example_inputs)
     fam = optimizer_family(optimizer_cls, family, hparams) if family is not None else None
-    if fam is None:
-        optimizer_family(optimizer_cls, None, hparams)  # refuse an unknown class before doing any work
+    # refuses an unknown class before doing any work
+    law = laws.FAMILIES[fam if fam is not None else optimizer_family(optimizer_cls, None, hparams)]
 
     names = {id(p): n for n, p in model.named_parameters()}
     if params is None:
@@ -253,6 +254,17 @@ def mup_optimizer(
     by_name = scalings_for(((names[id(p)], p) for p in used), record)
     scalings = {id(p): by_name[names[id(p)]] for p in used}
     blocks = _shadow_blocks(groups, scalings, names)
+    if blocks and not law.elementwise:
+        cut = sorted({names[id(p)] for p, _, _ in blocks})
+        raise OptimizerFamilyError(
+            f"{', '.join(cut)} need(s) blocks trained with different factors ({cut[0]}: "
+            f"{_describe(by_name[cut[0]])}), which mup_optimizer does by stepping each block as a tensor of "
+            "its own: exact only for an optimizer whose update of each element reads that element's "
+            f"gradient, state and value, and family {law.name!r} is not registered as one. If "
+            f"{getattr(optimizer_cls, '__name__', 'the optimizer')} is, register its family with "
+            "OptimizerFamily(..., elementwise=True); otherwise widen without blocks: heads='grow' where a "
+            "fused q|k|v projection carries the query's fold, one multiplier for every class where the "
+            "parts of a concatenation grow differently")
 
     defaults = {**constructor_defaults(optimizer_cls), **hparams}
     new_groups = mup_param_groups(groups, scalings, defaults=defaults, family=fam,
