@@ -24,6 +24,7 @@ from graphscale.errors import (
     UnsupportedOpError,
     WidthConflictError,
 )
+from graphscale.fill import widen_into
 from graphscale.plan import Plan, analyze
 from graphscale.record import (
     AxisReplication,
@@ -46,7 +47,7 @@ from graphscale.train import (
 )
 from graphscale.train import noise as noise
 from graphscale.verify import VerifyReport, verify
-from graphscale.widen import relative_record, widen, widen_into
+from graphscale.widen import relative_record, widen
 
 __all__ = [
     "AxisReplication", "GraphscaleError", "ModelSpecError", "MultiplierError", "ParamScaling", "Plan",
