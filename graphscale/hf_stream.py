@@ -26,7 +26,8 @@ merges with others or splits (Mixtral's per-expert tensors) is refused.
    within the dtype's tolerance (as the in-memory path checks the whole model; the figure is
    :func:`~graphscale.widen_into`'s own measure of the fill it keeps);
 2. every streamed tensor that the proxy holds (embeddings, layer 0, final norm, head) is bitwise equal to
-   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly;
+   what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly
+   (the two are compared by the SHA-256 digest of their bytes, made one after the other);
 3. a second one-layer model made of the checkpoint's **last** layer (plus embeddings and head), read back
    from the written files, computes the source's logits for that layer within the tolerance (skipped with
    noise, which changes the function);
@@ -40,8 +41,7 @@ run ``stream=False`` where it fits).
 **Memory.** No phase holds a wide layer. The wide proxy's parameters are never all in memory:
 :func:`~graphscale.widen_into` hands them to an :class:`~graphscale.on_use.OnUse`, which makes each (as
 the fill writes it) only while an op of the proxy's forward reads it and drops it when an op reads
-another, for every candidate convention widen_into tries; check 2 makes one at a time, beside the
-streamed tensor it is compared with.
+another, for every candidate convention widen_into tries; check 2 makes one at a time.
 The two models of check 3 read each parameter from its file the same way. What stays is the narrow
 one-layer proxy (``1/k**2`` of a wide layer) until check 2 is done. Writing holds one source tensor and
 its wide tensor; after each tensor, freed heap goes back to the system (glibc's ``malloc_trim``), so the
@@ -61,6 +61,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -853,22 +854,31 @@ def _check_against_proxy(items: list[_Item], proxy: dict[str, torch.Tensor], row
                          on_use: OnUse) -> None:
     """Check 2 of the doc: every key the proxy holds (layer 0, the tensors outside the layers) comes out of
     its streamed recipe bitwise as widen_into filled it into the proxy (a cut vocabulary axis: its first
-    rows, read alone). A parameter of the proxy is made by ``on_use`` for the comparison: two wide tensors
-    of a layer exist at a time (the proxy's vocabulary is cut), as the write phase holds a source tensor
-    and its wide one."""
+    rows, read alone). A parameter of the proxy is made by ``on_use`` after the streamed value is gone: the
+    two are compared by the SHA-256 digest of their bytes, so that one wide tensor exists at a time (two
+    would raise the peak above the memory bound on a small model, where the narrow proxy weighs most)."""
     for item in items:
         filled = proxy.get(item.proxy_name) if item.proxy_name is not None else None
         if filled is None:
             continue
         got = _widen_one(item, rows.get(item.proxy_name))
-        want = on_use.value(filled) if filled in on_use else filled.detach().to(got.dtype)
-        # equal shapes and dtypes first: torch.equal would broadcast, or promote a dtype
-        same = got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
-        del got, want
+        if filled in on_use:
+            digest = _digest(got)
+            del got
+            _trim()
+            same = digest == _digest(on_use.value(filled))
+        else:
+            same = got.shape == filled.shape and torch.equal(got, filled.detach().to(got.dtype))
+            del got
         _trim()
         if not same:
             raise HFUpscaleError(f"{item.key}: the streamed recipe gives other values than widen_into on the "
                                  "one-layer proxy; use stream=False (--no-stream) and report this")
+
+
+def _digest(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bytes]:
+    """``t``'s dtype, shape and the SHA-256 digest of its bytes: equal for bitwise equal tensors."""
+    return t.dtype, tuple(t.shape), hashlib.sha256(_tensor_bytes(t)).digest()
 
 
 def _check_written(tmp: Path, shards: dict[str, dict[str, str]], items: list[_Item],

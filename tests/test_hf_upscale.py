@@ -19,6 +19,7 @@ import math
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -396,10 +397,30 @@ def test_streamed_models_hold_one_wide_tensor_at_a_time(upscaled, tmp_path, monk
         wide_proxy.append(w.large)
         return w
 
+    # a streamed tensor (written, or compared in check 2) is gone before any parameter is made: check 2
+    # compares the two by digest, not side by side
+    from graphscale import hf_stream
+
+    streamed: list[weakref.ref] = []
+    overlaps: list[int] = []
+    widen_one, value = hf_stream._widen_one, OnUse.value
+
+    def spy_widen_one(*args, **kwargs):
+        t = widen_one(*args, **kwargs)
+        streamed.append(weakref.ref(t))
+        return t
+
+    def spy_value(self, param):
+        overlaps.extend(i for i, r in enumerate(streamed) if r() is not None)
+        return value(self, param)
+
     monkeypatch.setattr(OnUse, "__init__", spy_init)
+    monkeypatch.setattr(OnUse, "value", spy_value)
+    monkeypatch.setattr(hf_stream, "_widen_one", spy_widen_one)
     monkeypatch.setattr(hf, "_widen_loaded", spy_widen)
     out = upscale(src, 2, out=tmp_path / "llama-x2", heads="grow", stream=True, max_shard_size=SHARD)
     _same_files(dst, out)
+    assert streamed and not overlaps
     assert len(made) == 3  # the wide proxy; the last layer's narrow and wide models (check 3)
     for on_use in made:
         assert on_use.made > 0 and 0 < on_use.peak_bytes <= on_use.largest_bytes
