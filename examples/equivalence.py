@@ -54,6 +54,11 @@ def compare(s: F.Settings, seed: int, small_lr: float, lrs: Sequence[float], dty
             continued = copy.deepcopy(base)
             b = P.run_wsd(continued, C.plain_optimizer(continued, lr, 0.0), data, s.budgets,
                           warmup=s.warmup, decay_frac=s.decay_frac, seed=post_seed)
+            # the control: (b) again from weights one rounding step away (each times 1 +- eps), to show
+            # how far training at this lr carries a rounding-level difference by itself
+            nudged = perturbed(base, seed)
+            b2 = P.run_wsd(nudged, C.plain_optimizer(nudged, lr, 0.0), data, s.budgets,
+                           warmup=s.warmup, decay_frac=s.decay_frac, seed=post_seed)
             upscaled = C.upscale(base, data.example_inputs, s.k, 0.0, s.noise[0], seed=seed)
             if next(upscaled.parameters()).dtype != dtype:
                 raise SystemExit(f"the upscaled model is {next(upscaled.parameters()).dtype}, not {dtype}")
@@ -61,11 +66,31 @@ def compare(s: F.Settings, seed: int, small_lr: float, lrs: Sequence[float], dty
                           warmup=s.warmup, decay_frac=s.decay_frac, seed=post_seed)
             out[f"{lr:g}"] = {
                 str(bud): dict(continued=b["budgets"][bud], zero_noise=d["budgets"][bud],
-                               gap={k: d["budgets"][bud][k] - b["budgets"][bud][k] for k in KEYS})
+                               continued_nudged=b2["budgets"][bud],
+                               gap={k: d["budgets"][bud][k] - b["budgets"][bud][k] for k in KEYS},
+                               nudged_gap={k: b2["budgets"][bud][k] - b["budgets"][bud][k] for k in KEYS})
                 for bud in s.budgets}
         return dict(small_val=small["budgets"][s.small_steps]["val"], lrs=out)
     finally:
         torch.set_default_dtype(before)
+
+
+def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with every weight times ``1 + s * eps`` (``s`` a random sign, ``eps`` the dtype's
+    machine epsilon): the same function up to one rounding step per weight.
+
+    >>> m = torch.nn.Linear(2, 2)
+    >>> d = (perturbed(m, 0).weight - m.weight) / m.weight
+    >>> bool((d.abs() <= torch.finfo(d.dtype).eps).all()), bool((d != 0).any())
+    (True, True)
+    """
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed + 104729)
+    with torch.no_grad():
+        for p in out.parameters():
+            sign = torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1
+            p.mul_(1 + sign * torch.finfo(p.dtype).eps)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -98,12 +123,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - t0
     print(f"(d) zero-noise upscaled - (b) small continued, {args.task} {mode}, seed {args.seed} "
           f"(small lr {small_lr:g}); loss differences in nats:")
-    print("| lr | budget | " + " | ".join(f"{dt} {k}" for dt in result["dtypes"] for k in KEYS) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in result["dtypes"] for _ in KEYS) + " |")
+    print("and, as a control, (b') - (b): (b) from weights one rounding step away (`perturbed`).")
+    cols = [(dt, gap, k) for dt in result["dtypes"] for gap in ("gap", "nudged_gap") for k in ("val", "test")]
+    label = {"gap": "(d) - (b)", "nudged_gap": "(b') - (b)"}
+    print("| lr | budget | " + " | ".join(f"{dt} {label[g]} {k}" for dt, g, k in cols) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
     for lr in (f"{x:g}" for x in lrs):
         for bud in (str(b) for b in s.budgets):
-            cells = [f"{result['dtypes'][dt]['lrs'][lr][bud]['gap'][k]:.1e}" for dt in result["dtypes"]
-                     for k in KEYS]
+            cells = [f"{result['dtypes'][dt]['lrs'][lr][bud][g][k]:.1e}" for dt, g, k in cols]
             print(f"| {lr} | {bud} | " + " | ".join(cells) + " |")
     out = args.out if args.out != C.RESULTS_DIR / NAME else C.RESULTS_DIR / NAME / args.task / mode
     P.save(result, out / f"seed{args.seed}.json")
