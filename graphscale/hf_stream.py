@@ -809,7 +809,13 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             shards[fname] = {saved_as[k]: k for k in keys}
         gen = torch.Generator().manual_seed(seed) if noise is not None else None
         left = {fname: len(names) for fname, names in shards.items()}  # tensors still to write per shard
-        spent = dict.fromkeys(("read and widen", "pwrite", "fsync"), 0.0)
+        if noise is None:
+            # each shard front to back, as its bytes lie (safetensors sorts a file's tensors by name), so
+            # that writes, and the reads of a source sharded alike, go forward through each file. Noise
+            # draws in the class's order, so it keeps that order
+            shard_rank = {fname: i for i, fname in enumerate(shards)}
+            items = sorted(items, key=lambda i: (shard_rank[where[i.key][0]], where[i.key][1]))
+        spent = dict.fromkeys(("read and widen", "pwrite", "free", "fsync"), 0.0)
         clock = time.perf_counter()
 
         def lap(what: str) -> None:
@@ -827,10 +833,11 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             lap("read and widen")
             fname, offset = where[item.key]
             _pwrite_all(fds[fname], _tensor_bytes(wide), offset)
+            lap("pwrite")
             progress.update(_wide_nbytes(item))
             del wide
             _trim()  # the next tensor starts from the runtime's memory, whatever glibc kept of this one
-            lap("pwrite")
+            lap("free")
             left[fname] -= 1
             if not left[fname]:  # a shard is complete: flush it now, so the disk works while we compute
                 os.fsync(fds[fname])
