@@ -352,7 +352,8 @@ class ParamScaling:
     def _broadcast(self, narrow: torch.Tensor) -> tuple[list[int], list[int]] | None:
         """``(view, expand)`` shapes such that ``narrow.reshape(view).expand(expand)`` is ``E(narrow)`` laid
         out as the wide tensor, where every axis is fixed or a product of atoms (heads x head_dim with the
-        heads grown: each narrow index block repeats as a whole); None where an axis concatenates parts."""
+        heads grown: each narrow index block repeats as a whole); None where an axis concatenates parts
+        that repeat differently (:func:`_atom_factors`)."""
         if len(self.axes) != narrow.dim():
             return None
         view_shape: list[int] = []
