@@ -517,7 +517,7 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
         shards = _write_weights(tmp, items, wide_meta, max_shard_size, noise, seed,
                                 _Progress(sum(_wide_nbytes(i) for i in items),
                                           sys.stderr.isatty() if progress is None else progress), write_split)
-        _trim()  # writing makes no reference cycles: no collection needed, as after the proxy
+        _trim()  # writing makes no reference cycles (the proxy's fx graphs did): trimming the heap is enough
         phase("write")
         hf._copy_other_files(src_dir, tmp)
         _check_written(tmp, shards, items, wide_named)
@@ -782,7 +782,8 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
                    ) -> dict[str, dict[str, str]]:
     """Write every wide tensor into shards laid out as save_pretrained would, under the names it writes
     (:func:`_saved_names`); returns file -> {name written: the class's name}. ``split_seconds`` receives
-    the wall time spent reading and widening, writing (``pwrite``) and flushing (``fsync``)."""
+    the wall time spent reading and widening (and adding noise), writing (``pwrite``), freeing each
+    tensor and flushing (``fsync``)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     by_key = {i.key: i for i in items}
