@@ -8,7 +8,8 @@ exact arithmetic the two compute the same function at every step. In float32 the
 script reruns that comparison for one seed at chosen learning rates in float32 and in float64, from a
 small model trained the frontier's way in each dtype: if the gap is the amplification of float32 rounding
 by training, it shrinks by orders of magnitude in float64; if widening or the optimizer were wrong, it
-would not.
+would not. The control (b') is (b) from the small model's weights each moved by one rounding step: how
+far training at that lr carries a rounding-level difference by itself.
 
 Usage: ``python examples/equivalence.py --task gpt --mid [--seed 0] [--lrs 0.016,0.032]`` (``--quick``:
 the tiny GPT, seconds). Writes ``results/equivalence/<task>/<mode>/seed<N>.json`` and prints a table.
@@ -38,8 +39,8 @@ KEYS = ("stable_val", "val", "test")
 
 def compare(s: F.Settings, seed: int, small_lr: float, lrs: Sequence[float], dtype: torch.dtype
             ) -> dict[str, Any]:
-    """(b) and (d) at every budget of ``s`` and every lr of ``lrs``, in ``dtype``: their losses and the
-    differences (d) - (b)."""
+    """(b), (d) and the control (b') at every budget of ``s`` and every lr of ``lrs``, in ``dtype``: their
+    losses and the differences (d) - (b) and (b') - (b)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

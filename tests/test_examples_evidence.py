@@ -98,6 +98,9 @@ def test_equivalence_quick_zero_noise_tracks_the_small_model_to_float64_rounding
                  for g in per_budget["gap"].values()] for dt, d in r["dtypes"].items()}
     assert all(len(v) == 2 * 2 * 3 for v in gaps.values())  # 2 lrs x 2 budgets x 3 losses
     assert max(gaps["float64"]) < 1e-10 and max(gaps["float32"]) < 1e-4
+    nudged = [abs(g) for per_lr in r["dtypes"]["float64"]["lrs"].values() for per_budget in per_lr.values()
+              for g in per_budget["nudged_gap"].values()]
+    assert len(nudged) == 12 and max(nudged) < 1e-10  # the control: a rounding step stays one here
 
 
 def test_transfer_quick_regret_on_val_is_never_negative_and_a_wider_target_costs_more(
