@@ -339,9 +339,6 @@ def _widen_into(small: torch.nn.Module, large: torch.nn.Module, example_inputs: 
         conventions = ([f"attention={best[0]!r}"] if q_scales else []) + [f"readout={best[1]!r}"]
         record.notes.append(f"widen_into: {', '.join(conventions)}, max relative output error "
                             f"{errors[best]:.2g}")
-        # the measured error itself: the streamed upscale reports it as its check of the proxy, rather than
-        # making every wide tensor again for one more forward of the same fill
-        record.info["output_error"] = float(errors[best])
         if best[1] == "own" and readouts["untied"]:
             record.notes.append("widen_into: the larger model's code divides its readout input by its own "
                                 f"width multiplier ({', '.join(readouts['untied'])} copied without 1/k)")

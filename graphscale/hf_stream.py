@@ -23,8 +23,7 @@ merges with others or splits (Mixtral's per-expert tensors) is refused.
 **What is verified in streamed mode** (before the temporary directory is renamed to ``out``):
 
 1. the proxy (real layer 0, embeddings and head) widened in memory computes the source proxy's logits
-   within the dtype's tolerance (as the in-memory path checks the whole model; the figure is
-   :func:`~graphscale.widen_into`'s own measure of the fill it keeps);
+   within the dtype's tolerance (as the in-memory path checks the whole model);
 2. every streamed tensor that the proxy holds (embeddings, layer 0, final norm, head) is bitwise equal to
    what :func:`~graphscale.widen_into` filled into the proxy, so the recipes are taken over correctly
    (the two are compared by the SHA-256 digest of their bytes, made one after the other);
@@ -41,7 +40,7 @@ run ``stream=False`` where it fits).
 **Memory.** No phase holds a wide layer. The wide proxy's parameters are never all in memory:
 :func:`~graphscale.widen_into` hands them to an :class:`~graphscale.on_use.OnUse`, which makes each (as
 the fill writes it) only while an op of the proxy's forward reads it and drops it when an op reads
-another, for every candidate convention widen_into tries; check 2 makes one at a time.
+another, for every candidate convention widen_into tries and for check 1; check 2 makes one at a time.
 The two models of check 3 read each parameter from its file the same way. What stays is the narrow
 one-layer proxy (``1/k**2`` of a wide layer) until check 2 is done. Writing holds one source tensor and
 its wide tensor; after each tensor, freed heap goes back to the system (glibc's ``malloc_trim``), so the
@@ -494,9 +493,9 @@ def stream_upscale(tf: Any, auto: Any, kind: str, config: Any, src_dir: Path, ou
     if w.float32_ops:
         record.notes.append(f"the class computes parts in float32 ({', '.join(w.float32_ops[:4])}): outputs "
                             f"checked to relative {w.tol:g}, not float64's {hf.TOLERANCE[torch.float64]:g}")
-    # check 1: widen_into measured the fill it keeps on the proxy's example inputs (and refuses one outside
-    # the tolerance); a forward of its own would make every wide tensor of the layer again for the same figure
-    proxy_error = w.record.info["output_error"]
+    # check 1 by the same measure as check 3 (widen_into's own, |d| / (1 + |want|), is another)
+    with torch.no_grad(), on_use:
+        proxy_error = hf._max_rel(w.large_w(*w.inputs), w.want)
     if not proxy_error <= w.tol:
         raise HFUpscaleError(f"the one-layer proxy widened in memory misses the source by {proxy_error:.3g} "
                              f"(allowed {w.tol:g}); use stream=False (--no-stream)")

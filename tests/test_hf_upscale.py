@@ -376,7 +376,7 @@ def test_streamed_llama_writes_the_in_memory_bytes(upscaled, tmp_path, monkeypat
 
 def test_streamed_models_hold_one_wide_tensor_at_a_time(upscaled, tmp_path, monkeypatch):
     """What bounds the streamed path's memory by a few wide tensors, not by a wide layer (README: peak RSS
-    of upscale): the one-layer wide proxy that widen_into fills and checks, and check 2 reads, and both
+    of upscale): the one-layer wide proxy that widen_into fills and checks 1 and 2 read, and both
     models of the last-layer check, hold no layer. Every parameter of theirs is made by an OnUse only while
     an op reads it, one op's parameters at a time (Llama: one parameter per op), and after widen_into the
     wide proxy's parameters hold one element each. The files are still bitwise the in-memory path's."""

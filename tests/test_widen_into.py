@@ -41,11 +41,8 @@ def test_widen_into_is_exact(builder: str, small_kw: dict, large_kw: dict, tol: 
     record = graphscale.widen_into(small, large, inputs)
     assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())  # small untouched
     with torch.no_grad():
-        error = _rel(large(*inputs), small(*inputs))
-    assert error <= tol
+        assert _rel(large(*inputs), small(*inputs)) <= tol
     assert large.graphscale is record and max(record.multipliers.values()) > 1
-    # the error widen_into reports (the streamed upscale's check of its proxy) is this measurement
-    assert math.isclose(record.info["output_error"], error, rel_tol=1e-6, abs_tol=1e-300)
 
 
 def test_widen_into_multipliers_read_off_shapes_are_per_class() -> None:
