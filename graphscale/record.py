@@ -374,7 +374,7 @@ class ParamScaling:
             # one broadcast view and one copy (repeat_interleave or index_select per axis would write the
             # tensor once per widened axis)
             out = narrow.reshape(pattern[0]).expand(pattern[1]).reshape(self.wide_shape)
-            return out if out.data_ptr() != narrow.data_ptr() else out.clone()  # nothing grew: a view
+            return out if pattern[0] != pattern[1] else out.clone()  # nothing grew: reshape gave a view
         out = narrow
         for dim, axis in enumerate(self.axes):
             if axis is not None and not axis.is_identity():
