@@ -42,9 +42,12 @@ run ``stream=False`` where it fits).
 the fill writes it) only while an op of the proxy's forward reads it and drops it when an op reads
 another, for every candidate convention widen_into tries and for check 1; check 2 makes one at a time.
 The two models of check 3 read each parameter from its file the same way. What stays is the narrow
-one-layer proxy (``1/k**2`` of a wide layer) until check 2 is done. Writing holds one source tensor and
-its wide tensor; after each tensor, freed heap goes back to the system (glibc's ``malloc_trim``), so the
-resident memory follows the live tensors rather than glibc's thresholds.
+one-layer proxy (``1/k**2`` of a wide layer) until check 2 is done. Writing overlaps the disk with widening: a
+writer thread writes each wide tensor while the next ones are read and widened, but only as long as the
+wide tensors waiting to be written plus the next tensor's work (source, cast, wide) fit in the largest
+single tensor's work, so writing never holds more than writing one tensor at a time would at its peak.
+After each tensor, freed heap goes back to the system (glibc's ``malloc_trim``), so the resident memory
+follows the live tensors rather than glibc's thresholds.
 
 Files are read with ``pread`` and written with ``pwrite`` (no ``mmap``: mapped pages count as the process's
 memory), in the safetensors layout that ``save_pretrained`` writes (same sharding, header, tensor order),
@@ -59,6 +62,8 @@ Example:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -776,13 +781,29 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
         wide_meta.generation_config.save_pretrained(str(tmp))
 
 
+def _work_nbytes(item: _Item) -> int:
+    """The bytes widening ``item`` holds at once: its source tensor, its cast (if the dtype changes) and its
+    wide tensor."""
+    numel = 1
+    for x in item.src.shape:
+        numel *= x
+    cast = numel * item.dtype.itemsize if item.src.dtype != item.dtype and item.dtype.is_floating_point else 0
+    return item.src.nbytes + cast + _wide_nbytes(item)
+
+
 def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size: str | int, noise: Any,
                    seed: int, progress: _Progress, split_seconds: dict[str, float] | None = None
                    ) -> dict[str, dict[str, str]]:
     """Write every wide tensor into shards laid out as save_pretrained would, under the names it writes
-    (:func:`_saved_names`); returns file -> {name written: the class's name}. ``split_seconds`` receives
-    the wall time spent reading and widening (and adding noise), writing (``pwrite``), freeing each
-    tensor and flushing (``fsync``)."""
+    (:func:`_saved_names`); returns file -> {name written: the class's name}.
+
+    A writer thread writes each wide tensor (``pwrite``, then frees it; ``fsync`` and close a shard once it is
+    complete) while this thread reads and widens the next ones, so that widening overlaps the disk. Memory
+    stays that of writing one tensor at a time: the next tensor is widened only while the wide tensors
+    waiting to be written plus its own work (:func:`_work_nbytes`) fit in the largest single tensor's work;
+    otherwise this thread waits for the writer first. ``split_seconds`` receives, for this thread, the wall
+    time spent reading and widening (and adding noise) and waiting for the writer, and for the writer, the
+    time spent in ``pwrite``, freeing and ``fsync``."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     by_key = {i.key: i for i in items}
@@ -815,34 +836,48 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
             # draws in the class's order, so it keeps that order
             shard_rank = {fname: i for i, fname in enumerate(shards)}
             items = sorted(items, key=lambda i: (shard_rank[where[i.key][0]], where[i.key][1]))
-        spent = dict.fromkeys(("read and widen", "pwrite", "free", "fsync"), 0.0)
-        clock = time.perf_counter()
+        spent = dict.fromkeys(("read and widen", "waiting for the writer", "pwrite", "free", "fsync"), 0.0)
 
-        def lap(what: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            spent[what] += now - clock
-            clock = now
-
-        for item in items:
-            wide = _widen_one(item)
-            if noise is not None and item.is_param and wide.is_floating_point():
-                holder = torch.nn.Module()
-                holder.p = torch.nn.Parameter(wide, requires_grad=False)
-                noise.apply(holder, WideningRecord({"p": replace(item.scaling, name="p")}, {}), gen)
-            lap("read and widen")
+        def write(item: _Item, box: list[torch.Tensor]) -> None:  # runs in the writer thread
+            t0 = time.perf_counter()
             fname, offset = where[item.key]
+            wide = box.pop()
             _pwrite_all(fds[fname], _tensor_bytes(wide), offset)
-            lap("pwrite")
+            t1 = time.perf_counter()
             progress.update(_wide_nbytes(item))
             del wide
             _trim()  # the next tensor starts from the runtime's memory, whatever glibc kept of this one
-            lap("free")
+            t2 = time.perf_counter()
             left[fname] -= 1
             if not left[fname]:  # a shard is complete: flush it now, so the disk works while we compute
                 os.fsync(fds[fname])
                 os.close(fds.pop(fname))
-                lap("fsync")
+            spent["pwrite"] += t1 - t0
+            spent["free"] += t2 - t1
+            spent["fsync"] += time.perf_counter() - t2
+
+        budget = max((_work_nbytes(i) for i in items), default=0)
+        queued: collections.deque[tuple[concurrent.futures.Future[None], int]] = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="graphscale-write") as writer:
+            for item in items:
+                t0 = time.perf_counter()
+                while queued and sum(n for _, n in queued) + _work_nbytes(item) > budget:
+                    queued.popleft()[0].result()  # re-raises the writer's error here
+                t1 = time.perf_counter()
+                wide = _widen_one(item)
+                if noise is not None and item.is_param and wide.is_floating_point():
+                    holder = torch.nn.Module()
+                    holder.p = torch.nn.Parameter(wide, requires_grad=False)
+                    noise.apply(holder, WideningRecord({"p": replace(item.scaling, name="p")}, {}), gen)
+                    del holder
+                queued.append((writer.submit(write, item, [wide]), _wide_nbytes(item)))
+                del wide  # the writer holds the only reference, and drops it once written
+                spent["waiting for the writer"] += t1 - t0
+                spent["read and widen"] += time.perf_counter() - t1
+            t0 = time.perf_counter()
+            while queued:
+                queued.popleft()[0].result()
+            spent["waiting for the writer"] += time.perf_counter() - t0
         if split_seconds is not None:
             split_seconds.update({k: round(v, 3) for k, v in spent.items()})
     finally:

@@ -431,6 +431,52 @@ def test_streamed_models_hold_one_wide_tensor_at_a_time(upscaled, tmp_path, monk
     assert made[0].largest_bytes < layer  # one op's tensors are less than a layer's
 
 
+def test_streamed_writing_overlaps_within_one_tensors_memory(upscaled, tmp_path, monkeypatch):
+    """The writer thread writes while the next tensors are widened (with a slow disk, widening runs ahead of
+    it), but a tensor is widened only while the wide tensors waiting to be written plus its own work
+    (source, cast, wide bytes) fit in the largest single tensor's work: writing holds no more memory than
+    writing one tensor at a time would. The files are still bitwise the in-memory path's."""
+    import time
+
+    from graphscale import hf_stream
+
+    src, dst = upscaled["llama"]
+    alive: list[tuple[weakref.ref, int]] = []  # wide tensors of the write phase, with their bytes
+    held: list[tuple[int, int]] = []  # at each tensor widened: the waiting wide tensors' bytes, its work
+    works: list[int] = []
+    widen_one, pwrite_all = hf_stream._widen_one, hf_stream._pwrite_all
+    write_weights = hf_stream._write_weights
+
+    def spy_write_weights(tmp, items, *args, **kwargs):
+        works.extend(hf_stream._work_nbytes(i) for i in items)
+        return write_weights(tmp, items, *args, **kwargs)
+
+    def spy_widen_one(item, rows=None):
+        if works and rows is None:  # the write phase (check 2's calls come before it)
+            waiting = sum(n for r, n in alive if r() is not None)
+            held.append((waiting, hf_stream._work_nbytes(item)))
+            t = widen_one(item, rows)
+            alive.append((weakref.ref(t), t.nbytes))
+            return t
+        return widen_one(item, rows)
+
+    def slow_pwrite_all(fd, data, offset):
+        time.sleep(0.02)
+        pwrite_all(fd, data, offset)
+
+    monkeypatch.setattr(hf_stream, "_write_weights", spy_write_weights)
+    monkeypatch.setattr(hf_stream, "_widen_one", spy_widen_one)
+    monkeypatch.setattr(hf_stream, "_pwrite_all", slow_pwrite_all)
+    out = upscale(src, 2, out=tmp_path / "llama-x2", heads="grow", stream=True, max_shard_size=SHARD)
+    _same_files(dst, out)
+    assert len(held) == len(works)
+    assert max(waiting + work for waiting, work in held) <= max(works)
+    assert any(waiting > 0 for waiting, _ in held)  # it does overlap: widened while another waits
+    record = json.loads((out / "graphscale.json").read_text())
+    assert set(record["info"]["stream"]["write_seconds"]) == {"read and widen", "waiting for the writer",
+                                                               "pwrite", "free", "fsync"}
+
+
 _KILLED = r"""
 import sys, time
 from pathlib import Path
