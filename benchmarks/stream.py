@@ -184,6 +184,10 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to build the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait before each run, so that every run starts with the memory the "
+                         "last one freed given back (a VM that reports free pages to its host faults them in "
+                         "again, slowly: a run that writes sooner after the last one exits writes faster)")
     args = ap.parse_args()
     spec = dict(SIZES[args.size])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -215,6 +219,7 @@ def main() -> None:
             # after a heavy writer, and the first writer after an idle spell is slowest)
             for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
                 dst = work / f"{kind}-{i}"
+                time.sleep(args.settle)
                 if kind == "upscale":
                     cmd = [sys.executable, "-c", _UPSCALE, "upscale", str(src), "--multiplier", "2",
                            "--heads", "grow", "--stream", "--max-shard-size", spec["shard"],
@@ -248,7 +253,8 @@ def main() -> None:
         # the runtime: a process that imports what upscale imports, and nothing else (min of 3)
         runtime = min(_run([sys.executable, "-c", _RUNTIME], env)[1] for _ in range(3))
         figures = {
-            "size": args.size, "parameters": n_params, "dtype": spec["dtype"], "source_bytes": src_bytes,
+            "size": args.size, "settle_s": args.settle, "parameters": n_params, "dtype": spec["dtype"],
+            "source_bytes": src_bytes,
             "wide_bytes": wide_bytes, "largest_wide_tensor_bytes": largest, "runs": runs,
             "upscale_s": best["upscale"], "copy_s": best["copy"], "ratio": best["upscale"] / best["copy"],
             "copy_overlap_s": best["copy-overlap"],
