@@ -620,13 +620,26 @@ def attach_record(module: torch.nn.Module, record: WideningRecord) -> None:
         cls.__reduce__ = _reduce_keeping_record  # type: ignore[method-assign]
     else:  # pragma: no cover - a torch whose GraphModules share a class: its own preservation hook
         module.meta.setdefault("_user_preserved_attributes", {})["graphscale"] = record
+    if resolve_string_annotations(module.graph):
+        module.recompile()
+
+
+def resolve_string_annotations(graph: torch.fx.Graph) -> bool:
+    """Replace every node's string type annotation by the class it names (or ``None``); returns whether
+    any was changed (a ``GraphModule`` then needs ``recompile()``). Call it on a graph before building its
+    module to spare :func:`attach_record` a second code generation.
+
+    Example:
+        >>> g = torch.fx.Graph(); x = g.placeholder("x", type_expr="torch.Tensor"); _ = g.output(x)
+        >>> resolve_string_annotations(g), x.type is torch.Tensor, resolve_string_annotations(g)
+        (True, True, False)
+    """
     changed = False
-    for node in module.graph.nodes:
+    for node in graph.nodes:
         if isinstance(node.type, str):
             node.type = _named_type(node.type)
             changed = True
-    if changed:
-        module.recompile()
+    return changed
 
 
 def _deepcopy_keeping_record(self: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.fx.GraphModule:

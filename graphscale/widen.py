@@ -43,7 +43,13 @@ from graphscale.errors import (
 )
 from graphscale.infer.classes import HeadsPolicy
 from graphscale.plan import Plan, Sizes, analyze
-from graphscale.record import AxisReplication, ParamScaling, WideningRecord, attach_record
+from graphscale.record import (
+    AxisReplication,
+    ParamScaling,
+    WideningRecord,
+    attach_record,
+    resolve_string_annotations,
+)
 
 
 def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[str, int] = 2, *,
@@ -98,10 +104,13 @@ def widen(model: torch.nn.Module, example_inputs: Any, multiplier: int | dict[st
         graph = copy.deepcopy(gm.graph)
     root = _wide_root(gm, graph, plan, sizes, wide_tensors)
     _rewrite_graph(graph, plan, sizes, root)
+    resolve_string_annotations(graph)  # before the module's code is generated: attach_record needn't again
     wide = fx.GraphModule(root, graph, class_name=f"Wide{type(model).__name__}")
-    wide.graph.eliminate_dead_code(is_impure_node=_keep_node)
+    # after the module is built (it copies every attribute the graph reads, dead or not); the code is
+    # generated again only if a node went
+    if wide.graph.eliminate_dead_code(is_impure_node=_keep_node):
+        wide.recompile()
     wide.graph.lint()
-    wide.recompile()
     wide.train(model.training)
     attach_record(wide, record)  # as .graphscale, kept by deepcopy/pickle (see graphscale.record)
     if noise is not None:
