@@ -366,7 +366,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, tracer: Tracer = "au
     book = rules if isinstance(rules, RuleBook) else RuleBook.load(rules)
     cap = capture(model, example_inputs, tracer, book)
     with parameters_unchanged(model, "the width walk"):  # the graph shares the model's weights
-        walk = walk_graph(cap.gm, cap.flat_inputs, book)
+        walk = walk_graph(cap.gm, cap.flat_inputs, book, meta=cap.frontend == "fx")
     res = walk.ds.resolve()
     classes = classify(walk, res, heads=heads, outputs=outputs)
     for key, new in (names or {}).items():

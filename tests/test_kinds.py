@@ -184,8 +184,8 @@ def test_einsum_call_reads_the_equation() -> None:
 
 
 def test_a_data_dependent_graph_is_walked_with_real_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake tensors cannot run a boolean mask (its size depends on the data); the walk falls back to the
-    real values instead of failing, and describes the masked result by its real shape."""
+    """Meta and fake tensors cannot run a boolean mask (its size depends on the data); the walk falls back
+    to the real values instead of failing, and describes the masked result by its real shape."""
     import graphscale.infer.engine as engine
 
     modes: list[str] = []
@@ -198,7 +198,7 @@ def test_a_data_dependent_graph_is_walked_with_real_values(monkeypatch: pytest.M
     monkeypatch.setattr(engine, "_walk", spy)
     x = torch.tensor([[1.0, -1.0, 2.0], [-3.0, 4.0, 5.0]])
     w = walk(lambda m, x: x[x > 0], x)
-    assert modes == ["FakeTensorMode", "nullcontext"]
+    assert modes == ["device", "FakeTensorMode", "nullcontext"]  # meta, fake, real
     (out,) = [i for n, i in w.info.items() if n.startswith("getitem")]
     assert out.shape == (4,)
 

@@ -8,6 +8,8 @@ with like.
   (``nn.Embedding(max_norm=...)``) gets weights of its own; a forward that writes its weights while traced
   is refused by name.
 - ``widen_into(plan=...)`` fills the large model exactly as without the plan.
+- the width walk of an fx graph runs on meta tensors first: every built-in fx example's plan (a BatchNorm
+  CNN among them) is the one the fake-tensor walk makes, as JSON; export graphs go to fake tensors.
 - benchmarks/run.py's copy baseline makes bitwise the tensors ``graphscale.widen`` makes, and README's
   table is the one the script prints from the committed results.
 """
@@ -166,6 +168,33 @@ def test_widen_into_with_a_plan_fills_the_same_weights() -> None:
     other, _ = zoo.gpt(n_embd=32, n_layer=1)
     with pytest.raises(GraphscaleError, match="different model"):
         graphscale.widen_into(other, large_b, inputs, plan=plan)
+
+
+@pytest.mark.parametrize("name", list(zoo.EXAMPLES))
+def test_the_meta_walk_makes_the_fake_walks_plan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphscale.infer.engine as engine
+
+    model, inputs = zoo.EXAMPLES[name]()
+    modes: list[str] = []
+    walk = engine._walk
+
+    def spy(gm, inputs, book, mode):  # noqa: ANN001, ANN202
+        modes.append(type(mode).__name__)
+        return walk(gm, inputs, book, mode)
+
+    monkeypatch.setattr(engine, "_walk", spy)
+    plan = graphscale.analyze(model, inputs)
+    meta = plan.to_json()
+    assert modes == (["device"] if plan.frontend == "fx" else ["FakeTensorMode"])  # meta ran through
+
+    def no_meta(t: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("meta walk disabled")
+
+    monkeypatch.setattr(engine, "_meta_stand_in", no_meta)
+    modes.clear()
+    fake = graphscale.analyze(model, inputs).to_json()
+    assert modes == ["FakeTensorMode"]
+    assert meta == fake
 
 
 def test_benchmark_baseline_makes_the_tensors_widen_makes() -> None:
