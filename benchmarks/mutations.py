@@ -128,6 +128,12 @@ MUTATIONS: list[Mutation] = [
       "        if hit:", "        if False:",
       ("tests/test_refusals.py",),
       "a refusal over a width class must raise UnsupportedOpError naming the node"),
+    M("infer-meta-stand-in-names-dtype", "graphscale/infer/engine.py",
+      '    m = torch.empty_like(t, device="meta")',
+      '    m = torch.empty(t.shape, dtype=t.dtype, device="meta")',
+      ("tests/test_census_quick.py::test_a_model_failing_the_float32_bounds_is_ok_only_if_the_float64_rerun_passes",),
+      "the meta walk's stand-ins keep each tensor's dtype under a caller's torch-function mode (the census's "
+      "float32 promotion would otherwise hide a float32 buffer)"),
     # -- derive: the one table of laws (graphscale/laws.py) that derive, plan and the optimizer all read ----
     # A law mutated here changes the plan and the optimizer alike, so the guards are tests that hold the
     # factors to hand-derived values or train narrow and wide side by side.
@@ -271,6 +277,10 @@ MUTATIONS: list[Mutation] = [
       "    order = sorted(n for n, _ in [*meta.named_parameters(), *meta.named_buffers()])",
       ("tests/test_hf_upscale.py::test_noise_is_reproducible_from_the_seed",),
       "streamed noise draws in the class's parameter order, as the in-memory path (same seed, same bytes)"),
+    M("stream-writer-ungated", "graphscale/hf_stream.py",
+      "        budget = max((_work_nbytes(i) for i in items), default=0)", "        budget = 1 << 62",
+      ("tests/test_hf_upscale.py::test_streamed_writing_overlaps_within_one_tensors_memory",),
+      "the writer thread may run behind widening only within the largest tensor's memory"),
 ]
 
 
