@@ -129,8 +129,8 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_refusals.py",),
       "a refusal over a width class must raise UnsupportedOpError naming the node"),
     M("infer-meta-stand-in-names-dtype", "graphscale/infer/engine.py",
-      '    m = torch.empty_like(t, device="meta")',
-      '    m = torch.empty(t.shape, dtype=t.dtype, device="meta")',
+      '    m = torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)',
+      '    m = torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)',
       ("tests/test_census_quick.py::test_a_model_failing_the_float32_bounds_is_ok_only_if_the_float64_rerun_passes",),
       "the meta walk's stand-ins keep each tensor's dtype under a caller's torch-function mode (the census's "
       "float32 promotion would otherwise hide a float32 buffer)"),

@@ -67,6 +67,7 @@ import concurrent.futures
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -746,10 +747,7 @@ def _full_record(proxy: WideningRecord, named: dict[str, torch.Tensor], layers: 
 
 
 def _wide_nbytes(item: _Item) -> int:
-    n = item.dtype.itemsize
-    for x in item.scaling.wide_shape:
-        n *= x
-    return n
+    return math.prod(item.scaling.wide_shape) * item.dtype.itemsize
 
 
 def _widen_one(item: _Item, rows: int | None = None) -> torch.Tensor:
@@ -784,10 +782,7 @@ def _write_non_weights(wide_meta: Any, tmp: Path) -> None:
 def _work_nbytes(item: _Item) -> int:
     """The bytes widening ``item`` holds at once: its source tensor, its cast (if the dtype changes) and its
     wide tensor."""
-    numel = 1
-    for x in item.src.shape:
-        numel *= x
-    cast = numel * item.dtype.itemsize if item.src.dtype != item.dtype and item.dtype.is_floating_point else 0
+    cast = math.prod(item.src.shape) * item.dtype.itemsize if item.src.dtype != item.dtype else 0
     return item.src.nbytes + cast + _wide_nbytes(item)
 
 
@@ -860,8 +855,8 @@ def _write_weights(tmp: Path, items: list[_Item], wide_meta: Any, max_shard_size
         queued: collections.deque[tuple[concurrent.futures.Future[None], int]] = collections.deque()
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="graphscale-write") as writer:
             for item in items:
-                t0 = time.perf_counter()
-                while queued and sum(n for _, n in queued) + _work_nbytes(item) > budget:
+                t0, need = time.perf_counter(), _work_nbytes(item)
+                while queued and sum(n for _, n in queued) + need > budget:
                     queued.popleft()[0].result()  # re-raises the writer's error here
                 t1 = time.perf_counter()
                 wide = _widen_one(item)

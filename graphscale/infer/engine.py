@@ -255,12 +255,10 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook, *, me
         ((4, 3), True)
     """
     if meta:
-        try:
+        with contextlib.suppress(Exception):  # the fake walk below gives the same shapes, or the error
             stand_ins = [_meta_stand_in(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
             with _tensors_replaced(gm, _meta_stand_in, buffers=True):
                 return _walk(gm, stand_ins, book, torch.device("meta"))
-        except Exception:  # noqa: S110 - the fake walk below gives the same shapes, or the error to report
-            pass
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -279,10 +277,8 @@ def walk_graph(gm: fx.GraphModule, flat_inputs: list[Any], book: RuleBook, *, me
 def _meta_stand_in(t: torch.Tensor) -> torch.Tensor:
     """``t``'s shape, strides and dtype on the meta device; a parameter stays a parameter. (``empty_like``
     names no dtype, which a torch-function mode of the caller's could rewrite: a float32 buffer stays one.)"""
-    m = torch.empty_like(t, device="meta")
-    if isinstance(t, torch.nn.Parameter):
-        return torch.nn.Parameter(m, requires_grad=t.requires_grad)
-    return m.requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex() else m
+    m = torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+    return torch.nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else m
 
 
 @contextlib.contextmanager
