@@ -8,8 +8,9 @@ with like.
   (``nn.Embedding(max_norm=...)``) gets weights of its own; a forward that writes its weights while traced
   is refused by name.
 - ``widen_into(plan=...)`` fills the large model exactly as without the plan.
-- the width walk of an fx graph runs on meta tensors first: every built-in fx example's plan (a BatchNorm
-  CNN among them) is the one the fake-tensor walk makes, as JSON; export graphs go to fake tensors.
+- the width walk of an fx graph runs on meta tensors first: the plan of every built-in example that fx
+  traces (a BatchNorm CNN among them) is the one the fake-tensor walk makes, as JSON; export graphs
+  (nn.MultiheadAttention's, Hugging Face's) go to fake tensors directly.
 - benchmarks/run.py's copy baseline makes bitwise the tensors ``graphscale.widen`` makes, and README's
   table is the one the script prints from the committed results.
 """
@@ -170,22 +171,30 @@ def test_widen_into_with_a_plan_fills_the_same_weights() -> None:
         graphscale.widen_into(other, large_b, inputs, plan=plan)
 
 
-@pytest.mark.parametrize("name", list(zoo.EXAMPLES))
-def test_the_meta_walk_makes_the_fake_walks_plan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _walk_modes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The mode of every walk ``analyze`` runs from now on, in order: device (meta), FakeTensorMode, or
+    nullcontext (real values)."""
     import graphscale.infer.engine as engine
 
-    model, inputs = zoo.EXAMPLES[name]()
     modes: list[str] = []
     walk = engine._walk
 
-    def spy(gm, inputs, book, mode):  # noqa: ANN001, ANN202
+    def spy(gm: torch.fx.GraphModule, inputs: list, book: object, mode: object) -> object:
         modes.append(type(mode).__name__)
         return walk(gm, inputs, book, mode)
 
     monkeypatch.setattr(engine, "_walk", spy)
+    return modes
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "gpt-sdpa"])
+def test_the_meta_walk_makes_the_fake_walks_plan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphscale.infer.engine as engine
+
+    model, inputs = zoo.EXAMPLES[name]()
+    modes = _walk_modes(monkeypatch)
     plan = graphscale.analyze(model, inputs)
-    meta = plan.to_json()
-    assert modes == (["device"] if plan.frontend == "fx" else ["FakeTensorMode"])  # meta ran through
+    assert plan.frontend == "fx" and modes == ["device"]  # the meta walk ran through
 
     def no_meta(t: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("meta walk disabled")
@@ -194,7 +203,16 @@ def test_the_meta_walk_makes_the_fake_walks_plan(name: str, monkeypatch: pytest.
     modes.clear()
     fake = graphscale.analyze(model, inputs).to_json()
     assert modes == ["FakeTensorMode"]
-    assert meta == fake
+    assert plan.to_json() == fake
+
+
+@pytest.mark.parametrize("name", ["mha", "hf-gpt2"])
+def test_an_exported_graph_is_walked_on_fake_tensors_directly(name: str, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """An ATen graph from torch.export names its devices: a meta walk would fail at its first factory."""
+    model, inputs = zoo.EXAMPLES[name]()
+    modes = _walk_modes(monkeypatch)
+    assert graphscale.analyze(model, inputs).frontend == "export" and modes == ["FakeTensorMode"]
 
 
 def test_benchmark_baseline_makes_the_tensors_widen_makes() -> None:
