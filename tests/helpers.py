@@ -287,6 +287,22 @@ def walk_fn(fn, *xs: torch.Tensor, tracer: str = "fx", **modules: nn.Module):
     return walk_graph(cap.gm, cap.flat_inputs, book)
 
 
+def record_walk_modes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The mode of every width walk run from now on, in order: ``device`` (meta tensors),
+    ``FakeTensorMode`` or ``nullcontext`` (real values)."""
+    import graphscale.infer.engine as engine
+
+    modes: list[str] = []
+    walk = engine._walk
+
+    def spy(gm: torch.fx.GraphModule, inputs: list, book: object, mode: object) -> object:
+        modes.append(type(mode).__name__)
+        return walk(gm, inputs, book, mode)
+
+    monkeypatch.setattr(engine, "_walk", spy)
+    return modes
+
+
 def same_dim(w, a: int, b: int) -> bool:
     """Whether dimensions ``a`` and ``b`` of walk ``w`` are one."""
     return w.ds.find(a) == w.ds.find(b)

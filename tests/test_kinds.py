@@ -13,7 +13,7 @@ from graphscale.capture import capture
 from graphscale.infer.engine import Walk, walk_graph
 from graphscale.infer.rulebook import RuleBook
 from graphscale.infer.values import Opaque, SizeInfo, TensorInfo
-from tests.helpers import Fn, same_dim, walk_fn
+from tests.helpers import Fn, record_walk_modes, same_dim, walk_fn
 
 BOOK = RuleBook.load()
 
@@ -186,16 +186,7 @@ def test_einsum_call_reads_the_equation() -> None:
 def test_a_data_dependent_graph_is_walked_with_real_values(monkeypatch: pytest.MonkeyPatch) -> None:
     """Meta and fake tensors cannot run a boolean mask (its size depends on the data); the walk falls back
     to the real values instead of failing, and describes the masked result by its real shape."""
-    import graphscale.infer.engine as engine
-
-    modes: list[str] = []
-    real_walk = engine._walk
-
-    def spy(gm: torch.fx.GraphModule, inputs: list, book: RuleBook, mode: object) -> Walk:
-        modes.append(type(mode).__name__)
-        return real_walk(gm, inputs, book, mode)
-
-    monkeypatch.setattr(engine, "_walk", spy)
+    modes = record_walk_modes(monkeypatch)
     x = torch.tensor([[1.0, -1.0, 2.0], [-3.0, 4.0, 5.0]])
     w = walk(lambda m, x: x[x > 0], x)
     assert modes == ["device", "FakeTensorMode", "nullcontext"]  # meta, fake, real

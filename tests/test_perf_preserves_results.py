@@ -30,6 +30,7 @@ import graphscale
 from graphscale import zoo
 from graphscale.errors import GraphscaleError
 from graphscale.record import AxisReplication, ParamScaling
+from tests.helpers import record_walk_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,28 +172,12 @@ def test_widen_into_with_a_plan_fills_the_same_weights() -> None:
         graphscale.widen_into(other, large_b, inputs, plan=plan)
 
 
-def _walk_modes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The mode of every walk ``analyze`` runs from now on, in order: device (meta), FakeTensorMode, or
-    nullcontext (real values)."""
-    import graphscale.infer.engine as engine
-
-    modes: list[str] = []
-    walk = engine._walk
-
-    def spy(gm: torch.fx.GraphModule, inputs: list, book: object, mode: object) -> object:
-        modes.append(type(mode).__name__)
-        return walk(gm, inputs, book, mode)
-
-    monkeypatch.setattr(engine, "_walk", spy)
-    return modes
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "gpt-sdpa"])
 def test_the_meta_walk_makes_the_fake_walks_plan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import graphscale.infer.engine as engine
 
     model, inputs = zoo.EXAMPLES[name]()
-    modes = _walk_modes(monkeypatch)
+    modes = record_walk_modes(monkeypatch)
     plan = graphscale.analyze(model, inputs)
     assert plan.frontend == "fx" and modes == ["device"]  # the meta walk ran through
 
@@ -211,7 +196,7 @@ def test_an_exported_graph_is_walked_on_fake_tensors_directly(name: str, monkeyp
                                                               ) -> None:
     """An ATen graph from torch.export names its devices: a meta walk would fail at its first factory."""
     model, inputs = zoo.EXAMPLES[name]()
-    modes = _walk_modes(monkeypatch)
+    modes = record_walk_modes(monkeypatch)
     assert graphscale.analyze(model, inputs).frontend == "export" and modes == ["FakeTensorMode"]
 
 
